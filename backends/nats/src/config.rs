@@ -1,0 +1,199 @@
+//! `nats://` / `tls://` URL parsing and the names busbar uses on JetStream.
+
+use std::fmt;
+use std::time::Duration;
+
+use busbar_core::{redact_url, Error, ErrorKind, Result};
+
+use crate::BACKEND;
+
+/// How to authenticate.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Auth {
+    /// No credentials.
+    None,
+    /// User and password from the URL.
+    UserPassword(String, String),
+    /// A token (the URL's user part when there is no password).
+    Token(String),
+    /// A `.creds` file (URL option `creds`).
+    CredsFile(String),
+}
+
+impl fmt::Debug for Auth {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Auth::None => f.write_str("None"),
+            Auth::UserPassword(u, _) => write!(f, "UserPassword({u:?}, ***)"),
+            Auth::Token(_) => f.write_str("Token(***)"),
+            Auth::CredsFile(p) => write!(f, "CredsFile({p:?})"),
+        }
+    }
+}
+
+/// Configuration of a [`crate::NatsBus`].
+///
+/// URL: `nats://[user:password@|token@]host:port[?options]`, or `tls://...` to require TLS.
+/// Options: `partitions` (subjects per new topic, default 8), `retention` (messages kept per
+/// topic stream, default 1,000,000), `lease_ttl_ms` (partition lease, default 6000),
+/// `creds` (path of a `.creds` file), `name` (client name).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NatsConfig {
+    /// `host:port` of the server.
+    pub server: String,
+    /// Whether TLS is required (`tls://`).
+    pub tls: bool,
+    /// Credentials.
+    pub auth: Auth,
+    /// Partitions of a topic created by this client.
+    pub partitions: u32,
+    /// Messages kept per topic stream.
+    pub retention: i64,
+    /// Partition lease TTL.
+    pub lease_ttl: Duration,
+    /// Client name shown by the server.
+    pub name: String,
+}
+
+fn config_error(msg: String) -> Error {
+    Error::new(ErrorKind::Config, msg).with_backend(BACKEND)
+}
+
+impl NatsConfig {
+    /// Parses a `nats://` or `tls://` URL.
+    pub fn from_url(url: &str) -> Result<Self> {
+        let parsed = url::Url::parse(url)
+            .map_err(|e| config_error(format!("invalid NATS URL {}: {e}", redact_url(url))))?;
+        let tls = match parsed.scheme() {
+            "nats" => false,
+            "tls" => true,
+            other => {
+                return Err(config_error(format!(
+                    "expected a nats:// or tls:// URL, got scheme {other:?}"
+                )))
+            }
+        };
+        let host = parsed
+            .host_str()
+            .filter(|h| !h.is_empty())
+            .ok_or_else(|| config_error(format!("the NATS URL {} has no host", redact_url(url))))?;
+        let port = parsed.port().unwrap_or(4222);
+        let user = percent_decode(parsed.username());
+        let auth = match (user.is_empty(), parsed.password()) {
+            (true, _) => Auth::None,
+            (false, Some(p)) => Auth::UserPassword(user, percent_decode(p)),
+            (false, None) => Auth::Token(user),
+        };
+        let mut cfg = Self {
+            server: format!("{host}:{port}"),
+            tls,
+            auth,
+            partitions: 8,
+            retention: 1_000_000,
+            lease_ttl: Duration::from_secs(6),
+            name: "busbar".into(),
+        };
+        for (k, v) in parsed.query_pairs() {
+            let num = |min: u64| -> Result<u64> {
+                v.parse::<u64>().ok().filter(|n| *n >= min).ok_or_else(|| {
+                    config_error(format!(
+                        "NATS URL option {k}={v:?} must be a number >= {min}"
+                    ))
+                })
+            };
+            match &*k {
+                "partitions" => cfg.partitions = num(1)?.min(1024) as u32,
+                "retention" => cfg.retention = num(1)?.min(i64::MAX as u64) as i64,
+                "lease_ttl_ms" => cfg.lease_ttl = Duration::from_millis(num(300)?),
+                "creds" => cfg.auth = Auth::CredsFile(v.into_owned()),
+                "name" => cfg.name = v.into_owned(),
+                other => {
+                    return Err(config_error(format!(
+                        "unknown NATS URL option {other:?} (known: partitions, retention, lease_ttl_ms, creds, name)"
+                    )))
+                }
+            }
+        }
+        Ok(cfg)
+    }
+}
+
+fn percent_decode(s: &str) -> String {
+    url::form_urlencoded::parse(format!("x={s}").as_bytes())
+        .next()
+        .map(|(_, v)| v.into_owned())
+        .unwrap_or_default()
+}
+
+/// A topic name as one NATS token and stream-name part: letters, digits and `-` stay, every
+/// other byte becomes `_` and two hex digits (so `a.b` is `a_2Eb` and `a_b` is `a_5Fb`).
+pub fn encode_topic(topic: &str) -> String {
+    let mut out = String::with_capacity(topic.len());
+    for b in topic.bytes() {
+        if b.is_ascii_alphanumeric() || b == b'-' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("_{b:02X}"));
+        }
+    }
+    out
+}
+
+/// The stream of a topic: `BUSBAR_<encoded topic>`.
+pub fn stream_name(topic: &str) -> String {
+    format!("BUSBAR_{}", encode_topic(topic))
+}
+
+/// The subject of partition `p` of a topic: `busbar.<encoded topic>.<p>`.
+pub fn subject(topic: &str, p: u32) -> String {
+    format!("busbar.{}.{p}", encode_topic(topic))
+}
+
+/// The durable consumer of a group on partition `p`: `<encoded group>-p<p>`.
+pub fn consumer_name(group: &str, p: u32) -> String {
+    format!("{}-p{p}", encode_topic(group))
+}
+
+pub use busbar_core::partition_for;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credentials_and_options() {
+        let c =
+            NatsConfig::from_url("nats://alice:p%40ss@127.0.0.1:4223?partitions=4").expect("ok");
+        assert_eq!(c.server, "127.0.0.1:4223");
+        assert_eq!(c.auth, Auth::UserPassword("alice".into(), "p@ss".into()));
+        assert_eq!(c.partitions, 4);
+        assert!(!format!("{c:?}").contains("p@ss"));
+        let t = NatsConfig::from_url("tls://tok3n@example.com").expect("ok");
+        assert!(t.tls);
+        assert_eq!(t.auth, Auth::Token("tok3n".into()));
+        assert!(!format!("{t:?}").contains("tok3n"));
+    }
+
+    #[test]
+    fn bad_urls_are_config_errors() {
+        for url in [
+            "nats://",
+            "nats://h?partitions=0",
+            "nats://h?nope=1",
+            "redis://h",
+            "x",
+        ] {
+            let e = NatsConfig::from_url(url).expect_err(url);
+            assert_eq!(e.kind(), ErrorKind::Config, "{url}");
+        }
+    }
+
+    #[test]
+    fn topic_encoding_is_injective_and_token_safe() {
+        assert_eq!(encode_topic("a.b"), "a_2Eb");
+        assert_eq!(encode_topic("a_b"), "a_5Fb");
+        assert_eq!(encode_topic("Orders-1"), "Orders-1");
+        assert_eq!(subject("a.b", 3), "busbar.a_2Eb.3");
+        assert_eq!(stream_name("a.b"), "BUSBAR_a_2Eb");
+    }
+}

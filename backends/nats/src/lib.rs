@@ -1,0 +1,387 @@
+#![doc = include_str!("../README.md")]
+
+mod codec;
+pub mod config;
+mod error;
+mod leases;
+mod subscriber;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering as AtomicOrdering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer, stream};
+use async_trait::async_trait;
+use busbar_core::{
+    check_publish, Capabilities, Error, ErrorKind, EventBus, Message, Ordering, PublishOptions,
+    Result, StartPosition, SubscribeOptions, Subscriber,
+};
+use futures::future::BoxFuture;
+
+pub use config::{encode_topic, partition_for, Auth, NatsConfig};
+
+/// The URL schemes of this backend.
+pub const SCHEMES: &[&str] = &["nats", "tls"];
+
+pub(crate) const BACKEND: &str = "nats";
+
+/// Bytes of `max_payload` kept for NATS header framing when declaring `message_max_bytes`.
+const HEADER_ROOM: usize = 1024;
+
+/// Opens a NATS bus from a URL, as a trait object (the registry's `ConnectFn`).
+pub fn connect_boxed(url: String) -> BoxFuture<'static, Result<Arc<dyn EventBus>>> {
+    Box::pin(async move { Ok(Arc::new(NatsBus::connect(&url).await?) as Arc<dyn EventBus>) })
+}
+
+pub(crate) struct Inner {
+    pub(crate) config: NatsConfig,
+    pub(crate) js: jetstream::Context,
+    closed: AtomicBool,
+    max_payload: usize,
+    topics: Mutex<HashMap<String, u32>>,
+    leases: tokio::sync::OnceCell<leases::LeaseStore>,
+    round_robin: AtomicU32,
+}
+
+impl Inner {
+    pub(crate) fn check_open(&self) -> Result<()> {
+        if self.is_closed() {
+            Err(Error::closed("nats bus").with_backend(BACKEND))
+        } else {
+            Ok(())
+        }
+    }
+
+    pub(crate) fn is_closed(&self) -> bool {
+        self.closed.load(AtomicOrdering::Acquire)
+    }
+
+    /// The stream of `topic` (created with our partition count when missing) and its
+    /// partition count.
+    pub(crate) async fn topic(&self, topic: &str) -> Result<(stream::Stream, u32)> {
+        let name = config::stream_name(topic);
+        let cfg = stream::Config {
+            name: name.clone(),
+            subjects: vec![format!("busbar.{}.*", encode_topic(topic))],
+            description: Some(format!(
+                "busbar topic {topic}; partitions={}",
+                self.config.partitions
+            )),
+            storage: stream::StorageType::File,
+            max_messages: self.config.retention,
+            duplicate_window: Duration::from_secs(120),
+            ..Default::default()
+        };
+        let mut stream = self.js.get_or_create_stream(cfg).await.map_err(|e| {
+            let kind = error::request_kind(&e);
+            error::map(kind, e, "creating the topic stream")
+        })?;
+        if let Some(n) = self.cached_partitions(topic) {
+            return Ok((stream, n));
+        }
+        let info = stream.info().await.map_err(|e| {
+            let kind = error::request_kind(&e);
+            error::map(kind, e, "reading the topic stream")
+        })?;
+        let n = info
+            .config
+            .description
+            .as_deref()
+            .and_then(|d| d.rsplit_once("partitions="))
+            .and_then(|(_, n)| n.trim().parse::<u32>().ok())
+            .filter(|n| *n > 0)
+            .ok_or_else(|| {
+                error::decode(format!(
+                    "stream {name} exists but was not created by busbar (no partition count)"
+                ))
+            })?;
+        self.topics
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(topic.to_owned(), n);
+        Ok((stream, n))
+    }
+
+    fn cached_partitions(&self, topic: &str) -> Option<u32> {
+        self.topics
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(topic)
+            .copied()
+    }
+
+    /// Creates the group's durable consumer on every partition (existing ones are kept).
+    pub(crate) async fn ensure_group(
+        &self,
+        topic: &str,
+        options: &SubscribeOptions,
+    ) -> Result<(stream::Stream, u32)> {
+        let (stream, n) = self.topic(topic).await?;
+        for p in 0..n {
+            let name = config::consumer_name(&options.group, p);
+            let cfg = consumer::pull::Config {
+                durable_name: Some(name.clone()),
+                filter_subject: config::subject(topic, p),
+                deliver_policy: match options.start {
+                    StartPosition::Latest => consumer::DeliverPolicy::New,
+                    StartPosition::Earliest => consumer::DeliverPolicy::All,
+                },
+                ack_policy: consumer::AckPolicy::Explicit,
+                ack_wait: options.ack_timeout,
+                max_deliver: -1,
+                max_ack_pending: 10_000,
+                ..Default::default()
+            };
+            let consumer = stream
+                .get_or_create_consumer::<consumer::pull::Config>(&name, cfg)
+                .await
+                .map_err(|e| {
+                    let kind = error::request_kind(&e);
+                    error::map(kind, e, "creating the group's consumer")
+                })?;
+            let wait = consumer.cached_info().config.ack_wait;
+            if wait != options.ack_timeout {
+                tracing::warn!(group = %options.group, partition = p, existing = ?wait, requested = ?options.ack_timeout,
+                    "nats: the group's consumer already exists with another ack timeout; the existing one applies");
+            }
+        }
+        Ok((stream, n))
+    }
+
+    /// The lease store (created on first use): one per lease TTL, since the TTL is the
+    /// stream's `max_age`.
+    pub(crate) async fn leases(&self) -> Result<&leases::LeaseStore> {
+        self.leases
+            .get_or_try_init(|| leases::LeaseStore::open(&self.js, self.config.lease_ttl))
+            .await
+    }
+
+    fn partition_of(&self, m: &Message, n: u32) -> u32 {
+        match &m.key {
+            Some(k) => partition_for(k, n),
+            None => self.round_robin.fetch_add(1, AtomicOrdering::Relaxed) % n,
+        }
+    }
+
+    /// Publishes in order and returns once JetStream acknowledged every message.
+    pub(crate) async fn publish_many(&self, topic: &str, messages: &[Message]) -> Result<()> {
+        // The stream is created (and its partition count read) once per topic and process.
+        let n = match self.cached_partitions(topic) {
+            Some(n) => n,
+            None => self.topic(topic).await?.1,
+        };
+        let mut acks = Vec::with_capacity(messages.len());
+        for m in messages {
+            let headers = codec::encode(m);
+            let size = codec::wire_len(&headers) + m.payload.len();
+            if size > self.max_payload {
+                return Err(Error::new(
+                    ErrorKind::PayloadTooLarge,
+                    format!(
+                        "message {} is {size} bytes on the wire; the server's max_payload is {}",
+                        m.id, self.max_payload
+                    ),
+                )
+                .with_backend(BACKEND));
+            }
+            let subject = config::subject(topic, self.partition_of(m, n));
+            let ack = self
+                .js
+                .publish_with_headers(subject, headers, m.payload.clone())
+                .await
+                .map_err(|e| error::map(error::publish_kind(e.kind()), e, "publishing"))?;
+            acks.push(ack);
+        }
+        for ack in acks {
+            let ack = ack
+                .await
+                .map_err(|e| error::map(error::publish_kind(e.kind()), e, "publishing"))?;
+            if ack.duplicate {
+                tracing::debug!(stream = %ack.stream, "nats: publish was a duplicate within the duplicate window; stored once");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// An event bus on NATS JetStream. Cloning gives another handle to the same connection.
+#[derive(Clone)]
+pub struct NatsBus {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for NatsBus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NatsBus")
+            .field("config", &self.inner.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl NatsBus {
+    /// Connects to the NATS server of `url` and checks that JetStream is enabled.
+    ///
+    /// Errors: `Config` (malformed URL, unreadable creds file), `Connection` (unreachable),
+    /// `Auth` (credentials refused), `Broker` (JetStream disabled).
+    pub async fn connect(url: &str) -> Result<Self> {
+        Self::with_config(NatsConfig::from_url(url)?).await
+    }
+
+    /// Connects with an explicit configuration.
+    pub async fn with_config(config: NatsConfig) -> Result<Self> {
+        let mut opts = async_nats::ConnectOptions::new()
+            .name(&config.name)
+            .connection_timeout(Duration::from_secs(5))
+            .require_tls(config.tls);
+        match &config.auth {
+            Auth::None => {}
+            Auth::UserPassword(u, p) => opts = opts.user_and_password(u.clone(), p.clone()),
+            Auth::Token(t) => opts = opts.token(t.clone()),
+            Auth::CredsFile(path) => {
+                opts = opts.credentials_file(path).await.map_err(|e| {
+                    error::map(ErrorKind::Config, e, "reading the NATS credentials file")
+                })?;
+            }
+        }
+        let client = tokio::time::timeout(Duration::from_secs(15), opts.connect(&config.server))
+            .await
+            .map_err(|_| {
+                Error::new(
+                    ErrorKind::Connection,
+                    format!("no answer from NATS at {} within 15 s", config.server),
+                )
+                .with_backend(BACKEND)
+            })?
+            .map_err(|e| error::map(error::connect_kind(e.kind()), e, "connecting to NATS"))?;
+        let max_payload = client.server_info().max_payload;
+        check_jetstream(&client).await?;
+        let js = jetstream::new(client);
+        Ok(Self {
+            inner: Arc::new(Inner {
+                config,
+                js,
+                closed: AtomicBool::new(false),
+                max_payload,
+                topics: Mutex::new(HashMap::new()),
+                leases: tokio::sync::OnceCell::new(),
+                round_robin: AtomicU32::new(0),
+            }),
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &NatsConfig {
+        &self.inner.config
+    }
+}
+
+/// Asks `$JS.API.INFO` (the raw request: async-nats's typed account info does not parse a
+/// 2.9 server's answer) and fails unless JetStream answers without an error.
+async fn check_jetstream(client: &async_nats::Client) -> Result<()> {
+    let not_enabled = |why: String| {
+        Error::new(
+            ErrorKind::Broker,
+            format!("JetStream is not available ({why}); start nats-server with -js"),
+        )
+        .with_backend(BACKEND)
+    };
+    let reply = tokio::time::timeout(
+        Duration::from_secs(10),
+        client.request("$JS.API.INFO", bytes::Bytes::new()),
+    )
+    .await
+    .map_err(|_| not_enabled("no answer within 10 s".into()))?
+    .map_err(|e| not_enabled(e.to_string()))?;
+    let v: serde_json::Value = serde_json::from_slice(&reply.payload)
+        .map_err(|e| not_enabled(format!("unreadable answer: {e}")))?;
+    match v.get("error") {
+        Some(err) => Err(not_enabled(err.to_string())),
+        None => Ok(()),
+    }
+}
+
+#[async_trait]
+impl EventBus for NatsBus {
+    fn backend(&self) -> &'static str {
+        BACKEND
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        let mut c = Capabilities::none();
+        c.ordering = Ordering::PerKey;
+        c.consumer_groups = true;
+        c.persistent = true;
+        c.replay = true;
+        c.nack_can_delay = true;
+        c.ack_deadline_can_extend = true;
+        c.message_max_bytes = Some(self.inner.max_payload.saturating_sub(HEADER_ROOM));
+        c
+    }
+
+    async fn publish(&self, topic: &str, message: Message, options: &PublishOptions) -> Result<()> {
+        self.inner.check_open()?;
+        let batch = [message];
+        check_publish(BACKEND, &self.capabilities(), topic, &batch, options)?;
+        self.inner.publish_many(topic, &batch).await
+    }
+
+    async fn publish_batch(
+        &self,
+        topic: &str,
+        messages: Vec<Message>,
+        options: &PublishOptions,
+    ) -> Result<()> {
+        self.inner.check_open()?;
+        check_publish(BACKEND, &self.capabilities(), topic, &messages, options)?;
+        if messages.is_empty() {
+            return Ok(());
+        }
+        self.inner.publish_many(topic, &messages).await
+    }
+
+    async fn subscribe(
+        &self,
+        topic: &str,
+        options: SubscribeOptions,
+    ) -> Result<Box<dyn Subscriber>> {
+        self.inner.check_open()?;
+        busbar_core::validate_topic(topic)?;
+        options.validate()?;
+        let (stream, partitions) = self.inner.ensure_group(topic, &options).await?;
+        let sub = subscriber::NatsSubscriber::start(
+            self.inner.clone(),
+            stream,
+            topic.to_owned(),
+            options,
+            partitions,
+        )
+        .await?;
+        Ok(Box::new(sub))
+    }
+
+    async fn provision(&self, topic: &str, options: &SubscribeOptions) -> Result<()> {
+        self.inner.check_open()?;
+        busbar_core::validate_topic(topic)?;
+        options.validate()?;
+        self.inner.ensure_group(topic, options).await.map(|_| ())
+    }
+
+    async fn close(&self) -> Result<()> {
+        if !self.inner.closed.swap(true, AtomicOrdering::AcqRel) {
+            let _ = self.inner.js.client().flush().await;
+        }
+        Ok(())
+    }
+}
+
+/// Moves messages from a dead-letter topic back to where they came from; see
+/// [`busbar_core::redrive()`].
+pub async fn redrive(
+    bus: &NatsBus,
+    dlq_topic: &str,
+    options: &busbar_core::RedriveOptions,
+) -> Result<busbar_core::RedriveReport> {
+    busbar_core::redrive(bus, dlq_topic, options).await
+}

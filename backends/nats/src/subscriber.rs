@@ -1,0 +1,815 @@
+//! A member of a consumer group: partition leases in a KV bucket, one puller per owned
+//! partition, acks and redelivery by JetStream.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering as AtomicOrdering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_nats::jetstream::consumer::{pull, Consumer};
+use async_nats::jetstream::message::AckKind;
+use async_nats::jetstream::{stream, Message as JsMessage};
+use async_trait::async_trait;
+use busbar_core::{
+    default_dead_letter_topic, Ack, DeadLetterPolicy, Delivery, Error, ErrorKind, Event, Message,
+    NackAction, Result, SubscribeOptions, Subscriber,
+};
+use bytes::Bytes;
+use futures::StreamExt;
+use tokio::sync::{mpsc, Notify};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use crate::config::{consumer_name, encode_topic};
+use crate::error::{map, request_kind};
+use crate::{codec, Inner, BACKEND};
+
+/// Messages a puller fetches per pull request.
+const PULL_BATCH: usize = 64;
+
+struct Part {
+    lease_revision: u64,
+    lease_valid_until: Instant,
+    /// Set when the partition is being handed over (or its lease lapsed): its puller stops,
+    /// messages still arriving from it are nacked in order, and the lease is released once
+    /// the puller finished and its handed-out deliveries are settled.
+    draining_since: Option<Instant>,
+    stop: Arc<AtomicBool>,
+    puller_done: Arc<AtomicBool>,
+    /// Messages forwarded by the puller and not yet taken from the channel.
+    queued: Arc<AtomicUsize>,
+    puller: JoinHandle<()>,
+    /// Messages that arrived while draining, in arrival order: nacked together once the
+    /// puller finished (nacking earlier would let JetStream redeliver them into the pull
+    /// still open, out of order).
+    returned: Vec<JsMessage>,
+}
+
+impl Part {
+    fn active(&self, now: Instant) -> bool {
+        self.draining_since.is_none() && self.lease_valid_until > now
+    }
+}
+
+impl Drop for Part {
+    fn drop(&mut self) {
+        self.puller.abort();
+    }
+}
+
+#[derive(Default)]
+struct State {
+    parts: BTreeMap<u32, Part>,
+    /// Handed-out deliveries: tag -> (partition, ack subject).
+    inflight: HashMap<u64, (u32, String)>,
+}
+
+impl State {
+    fn inflight_in(&self, p: u32) -> usize {
+        self.inflight.values().filter(|(q, _)| *q == p).count()
+    }
+
+    /// Starts handing partition `p` over: its puller stops after its current pull.
+    fn drain(&mut self, p: u32) {
+        if let Some(part) = self.parts.get_mut(&p) {
+            if part.draining_since.is_none() {
+                part.draining_since = Some(Instant::now());
+                part.stop.store(true, AtomicOrdering::Release);
+            }
+        }
+    }
+}
+
+/// A message on its way from a puller to `next()`, with its partition's queue counter.
+type Forwarded = (u32, Arc<AtomicUsize>, JsMessage);
+
+/// Lease value written by a clean hand-over: nothing the partition delivered is left
+/// unacked and unscheduled, so the next owner may start at once.
+const RELEASED_CLEAN: &[u8] = b"";
+/// Lease value written when deliveries were still unsettled at hand-over: the next owner
+/// waits one ack wait, so JetStream redelivers them before anything newer.
+const RELEASED_HOLD: &[u8] = b"-hold-";
+
+pub(crate) struct SubShared {
+    inner: Arc<Inner>,
+    stream: stream::Stream,
+    topic: Arc<str>,
+    options: SubscribeOptions,
+    member: String,
+    partitions: u32,
+    state: Mutex<State>,
+    closed: AtomicBool,
+    tags: AtomicU64,
+    wake: Notify,
+    wake_bg: Notify,
+    tx: mpsc::Sender<Forwarded>,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis() as u64
+}
+
+impl SubShared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn key_prefix(&self) -> String {
+        format!(
+            "{}.{}",
+            encode_topic(&self.topic),
+            encode_topic(&self.options.group)
+        )
+    }
+
+    fn lease_key(&self, p: u32) -> String {
+        format!("{}.p{p}", self.key_prefix())
+    }
+
+    fn members_key(&self) -> String {
+        format!("{}.members", self.key_prefix())
+    }
+
+    fn check_open(&self) -> Result<()> {
+        self.inner.check_open()?;
+        if self.closed.load(AtomicOrdering::Acquire) {
+            return Err(Error::closed("nats subscriber").with_backend(BACKEND));
+        }
+        Ok(())
+    }
+
+    /// Adds or refreshes this member (or removes it with `leave`) in the group's member map,
+    /// dropping expired members; returns the live members, sorted, and the entry revision.
+    async fn update_members(&self, leave: bool) -> Result<(Vec<String>, u64)> {
+        let kv = self.inner.leases().await?;
+        let key = self.members_key();
+        let ttl = self.inner.config.lease_ttl.as_millis() as u64;
+        for _ in 0..20 {
+            let current = kv.get(&key).await?;
+            let mut members: BTreeMap<String, u64> =
+                serde_json::from_slice(&current.value).unwrap_or_default();
+            let now = now_ms();
+            members.retain(|_, expiry| *expiry > now);
+            if leave {
+                members.remove(&self.member);
+            } else {
+                members.insert(self.member.clone(), now + ttl);
+            }
+            let value = Bytes::from(serde_json::to_vec(&members).unwrap_or_default());
+            if let Some(seq) = kv.put_if(&key, value, current.seq).await? {
+                return Ok((members.into_keys().collect(), seq));
+            }
+            // Another member wrote in between: read again.
+            tokio::time::sleep(Duration::from_millis(fastrand_ms())).await;
+        }
+        Err(Error::new(
+            ErrorKind::Timeout,
+            "could not update the group members after 20 attempts",
+        )
+        .with_backend(BACKEND))
+    }
+
+    /// Heartbeat and rebalance; returns whether the next one should come soon.
+    async fn heartbeat(self: &Arc<Self>) -> Result<bool> {
+        let started = Instant::now();
+        let (members, _) = self.update_members(false).await?;
+        let kv = self.inner.leases().await?;
+        let ttl = self.inner.config.lease_ttl;
+        let valid_until = started + ttl * 2 / 3;
+        let m = members.len().max(1);
+        let mut soon = false;
+        for p in 0..self.partitions {
+            let desired = members.get(p as usize % m).map(String::as_str);
+            let mine = desired == Some(self.member.as_str());
+            let key = self.lease_key(p);
+            let local = self.lock().parts.get(&p).map(|part| part.lease_revision);
+            match local {
+                Some(rev) => {
+                    let renewed = kv
+                        .put_if(&key, Bytes::from(self.member.clone()), rev)
+                        .await?;
+                    let Some(new_rev) = renewed else {
+                        tracing::warn!(topic = %self.topic, partition = p, "nats: partition lease lost; no longer delivering from it");
+                        self.lock().parts.remove(&p);
+                        soon = true;
+                        continue;
+                    };
+                    let (release, returned) = {
+                        let mut st = self.lock();
+                        if !mine {
+                            st.drain(p);
+                        }
+                        let inflight = st.inflight_in(p);
+                        let Some(part) = st.parts.get_mut(&p) else {
+                            continue;
+                        };
+                        part.lease_revision = new_rev;
+                        part.lease_valid_until = valid_until;
+                        let done = part.puller_done.load(AtomicOrdering::Acquire)
+                            && part.queued.load(AtomicOrdering::Acquire) == 0;
+                        let returned = if done {
+                            std::mem::take(&mut part.returned)
+                        } else {
+                            Vec::new()
+                        };
+                        let release = match part.draining_since {
+                            None => None,
+                            Some(since) => {
+                                if done && inflight == 0 {
+                                    Some(RELEASED_CLEAN)
+                                } else if since.elapsed() > self.options.ack_timeout {
+                                    Some(RELEASED_HOLD)
+                                } else {
+                                    None
+                                }
+                            }
+                        };
+                        (release, returned)
+                    };
+                    if release == Some(RELEASED_HOLD) {
+                        // Deliveries of this partition are still unsettled: nacking newer
+                        // messages now would queue them before those. Leave everything to
+                        // JetStream's ack wait, which redelivers in sequence order, and
+                        // make the next owner wait for it.
+                        drop(returned);
+                    } else {
+                        nack_in_order(returned).await;
+                    }
+                    if let Some(value) = release {
+                        let _ = kv.put_if(&key, Bytes::from_static(value), new_rev).await;
+                        self.lock().parts.remove(&p);
+                        soon = true;
+                        tracing::debug!(topic = %self.topic, partition = p, clean = value.is_empty(), "nats: partition handed over");
+                    }
+                }
+                None if mine => {
+                    let current = kv.get(&key).await?;
+                    let clean = current.seq > 0 && current.value.as_ref() == RELEASED_CLEAN;
+                    if !clean
+                        && current.value.as_ref() != RELEASED_HOLD
+                        && !current.value.is_empty()
+                    {
+                        soon = true; // still held by its previous owner
+                        continue;
+                    }
+                    match kv
+                        .put_if(&key, Bytes::from(self.member.clone()), current.seq)
+                        .await?
+                    {
+                        Some(rev) => {
+                            self.acquire(p, rev, valid_until, !clean).await?;
+                            soon = true;
+                        }
+                        None => soon = true,
+                    }
+                }
+                None => {}
+            }
+        }
+        Ok(soon)
+    }
+
+    /// Starts delivering from partition `p`. Unless the previous owner handed it over
+    /// cleanly, unacked deliveries it may have left make the new owner wait one ack wait
+    /// first, so that JetStream redelivers them before anything newer.
+    async fn acquire(
+        self: &Arc<Self>,
+        p: u32,
+        revision: u64,
+        valid_until: Instant,
+        may_hold: bool,
+    ) -> Result<()> {
+        let name = consumer_name(&self.options.group, p);
+        let mut consumer: Consumer<pull::Config> =
+            self.stream.get_consumer(&name).await.map_err(|e| {
+                let k = request_kind(&e);
+                map(k, e, "opening the partition's consumer")
+            })?;
+        let info = consumer.info().await.map_err(|e| {
+            let k = request_kind(&e);
+            map(k, e, "reading the partition's consumer")
+        })?;
+        let hold = if may_hold && info.num_ack_pending > 0 {
+            info.config.ack_wait
+        } else {
+            Duration::ZERO
+        };
+        let shared = self.clone();
+        let stop = Arc::new(AtomicBool::new(false));
+        let done = Arc::new(AtomicBool::new(false));
+        let queued = Arc::new(AtomicUsize::new(0));
+        let (st, dn, q) = (stop.clone(), done.clone(), queued.clone());
+        let puller = tokio::spawn(async move {
+            shared.pull(p, consumer, hold, &st, &q).await;
+            dn.store(true, AtomicOrdering::Release);
+            shared.wake_bg.notify_one();
+        });
+        self.lock().parts.insert(
+            p,
+            Part {
+                lease_revision: revision,
+                lease_valid_until: valid_until,
+                draining_since: None,
+                stop,
+                puller_done: done,
+                queued,
+                puller,
+                returned: Vec::new(),
+            },
+        );
+        tracing::debug!(topic = %self.topic, partition = p, ?hold, "nats: partition acquired");
+        self.wake.notify_waiters();
+        Ok(())
+    }
+
+    /// Pulls partition `p` into the subscriber's channel until `stop` is set; the pull in
+    /// progress is finished (its messages forwarded), so none is stranded in a dead inbox.
+    async fn pull(
+        &self,
+        p: u32,
+        mut consumer: Consumer<pull::Config>,
+        hold: Duration,
+        stop: &AtomicBool,
+        queued: &Arc<AtomicUsize>,
+    ) {
+        let until = Instant::now() + hold;
+        while Instant::now() < until {
+            if stop.load(AtomicOrdering::Acquire) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100).min(until - Instant::now())).await;
+        }
+        if !hold.is_zero() && !self.recover(p, &mut consumer, queued).await {
+            return;
+        }
+        while !stop.load(AtomicOrdering::Acquire) {
+            let batch = consumer
+                .batch()
+                .max_messages(PULL_BATCH)
+                .expires(Duration::from_secs(1))
+                .messages()
+                .await;
+            let mut batch = match batch {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::warn!(topic = %self.topic, partition = p, error = %e, "nats: pull failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    continue;
+                }
+            };
+            while let Some(m) = batch.next().await {
+                match m {
+                    Ok(m) => {
+                        queued.fetch_add(1, AtomicOrdering::AcqRel);
+                        if self.tx.send((p, queued.clone(), m)).await.is_err() {
+                            queued.fetch_sub(1, AtomicOrdering::AcqRel);
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::debug!(topic = %self.topic, partition = p, error = %e, "nats: pull batch ended");
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    /// After a hold, every delivery the previous owner left unacked is due for redelivery,
+    /// but JetStream queues them in the order their ack waits expired (an in-progress ack
+    /// moves that), not in stream order. Fetch them all in one batch and forward them in
+    /// stream-sequence order. Returns false when the subscriber is gone.
+    async fn recover(
+        &self,
+        p: u32,
+        consumer: &mut Consumer<pull::Config>,
+        queued: &Arc<AtomicUsize>,
+    ) -> bool {
+        let pending = match consumer.info().await {
+            Ok(info) => info.num_ack_pending,
+            Err(e) => {
+                tracing::warn!(topic = %self.topic, partition = p, error = %e, "nats: reading pending deliveries failed");
+                return true;
+            }
+        };
+        if pending == 0 {
+            return true;
+        }
+        let mut recovered = Vec::new();
+        if let Ok(mut batch) = consumer
+            .batch()
+            .max_messages(pending.min(10_000))
+            .expires(Duration::from_secs(2))
+            .messages()
+            .await
+        {
+            while let Some(Ok(m)) = batch.next().await {
+                recovered.push(m);
+            }
+        }
+        recovered.sort_by_key(|m| m.info().map(|i| i.stream_sequence).unwrap_or(u64::MAX));
+        tracing::debug!(topic = %self.topic, partition = p, pending, recovered = recovered.len(), "nats: recovered a partition's unacked deliveries in stream order");
+        for m in recovered {
+            queued.fetch_add(1, AtomicOrdering::AcqRel);
+            if self.tx.send((p, queued.clone(), m)).await.is_err() {
+                queued.fetch_sub(1, AtomicOrdering::AcqRel);
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Whether partition `p` is owned and not being handed over.
+    fn owns(&self, p: u32) -> bool {
+        let now = Instant::now();
+        self.lock()
+            .parts
+            .get(&p)
+            .is_some_and(|part| part.active(now))
+    }
+
+    fn settled(&self, tag: u64) {
+        let mut st = self.lock();
+        if let Some((p, _)) = st.inflight.remove(&tag) {
+            let draining = st
+                .parts
+                .get(&p)
+                .is_some_and(|part| part.draining_since.is_some());
+            if draining && st.inflight_in(p) == 0 {
+                self.wake_bg.notify_one();
+            }
+        }
+        drop(st);
+        self.wake.notify_waiters();
+    }
+
+    /// Leaves the group: hands back what this member holds and releases its leases.
+    async fn leave(&self, rx: &mut mpsc::Receiver<Forwarded>) {
+        let stops: Vec<Arc<AtomicBool>> = {
+            let mut st = self.lock();
+            let ps: Vec<u32> = st.parts.keys().copied().collect();
+            for p in ps {
+                st.drain(p);
+            }
+            st.parts
+                .values()
+                .map(|part| part.puller_done.clone())
+                .collect()
+        };
+        // Let the pullers finish their current pull; keep what they forward, in order.
+        let mut forwarded = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(3);
+        loop {
+            while let Ok((_, q, m)) = rx.try_recv() {
+                q.fetch_sub(1, AtomicOrdering::AcqRel);
+                forwarded.push(m);
+            }
+            if stops.iter().all(|d| d.load(AtomicOrdering::Acquire)) || Instant::now() > deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        while let Ok((_, q, m)) = rx.try_recv() {
+            q.fetch_sub(1, AtomicOrdering::AcqRel);
+            forwarded.push(m);
+        }
+        let (owned, held, returned) = {
+            let mut st = self.lock();
+            let owned: Vec<(u32, u64, bool)> = st
+                .parts
+                .iter()
+                .map(|(p, part)| {
+                    (
+                        *p,
+                        part.lease_revision,
+                        part.puller_done.load(AtomicOrdering::Acquire),
+                    )
+                })
+                .collect();
+            let returned: Vec<JsMessage> = st
+                .parts
+                .values_mut()
+                .flat_map(|part| std::mem::take(&mut part.returned))
+                .collect();
+            st.parts.clear();
+            let held: Vec<String> = st.inflight.drain().map(|(_, (_, reply))| reply).collect();
+            (owned, held, returned)
+        };
+        // Oldest first: deliveries the application still holds, then what was stashed, then
+        // what the pullers forwarded last.
+        let client = self.inner.js.client();
+        for reply in held.into_iter().filter(|r| !r.is_empty()) {
+            // A request, so the server confirms the nack (as a double ack does).
+            let _ = client.request(reply, Bytes::from_static(b"-NAK")).await;
+        }
+        nack_in_order(returned).await;
+        nack_in_order(forwarded).await;
+        if let Ok(kv) = self.inner.leases().await {
+            for (p, rev, done) in owned {
+                let value = if done { RELEASED_CLEAN } else { RELEASED_HOLD };
+                let _ = kv
+                    .put_if(&self.lease_key(p), Bytes::from_static(value), rev)
+                    .await;
+            }
+        }
+        if let Err(e) = self.update_members(true).await {
+            tracing::debug!(error = %e, "nats: leaving the member list failed; it expires by itself");
+        }
+    }
+}
+
+/// Nacks messages one after another, each confirmed by the server, so JetStream queues
+/// their redelivery in this order before the partition's lease is released.
+async fn nack_in_order(messages: Vec<JsMessage>) {
+    for m in messages {
+        if let Err(e) = m.double_ack_with(AckKind::Nak(None)).await {
+            tracing::debug!(error = %e, "nats: nack failed; the message comes back after its ack wait");
+        }
+    }
+}
+
+fn fastrand_ms() -> u64 {
+    5 + (now_ms() % 20)
+}
+
+async fn background(shared: Arc<SubShared>) {
+    let hb = shared.inner.config.lease_ttl / 3;
+    let poll = Duration::from_millis(250);
+    let mut next_hb = Instant::now() + hb;
+    let mut last_members_revision = 0u64;
+    loop {
+        let woken = tokio::select! {
+            _ = tokio::time::sleep_until(next_hb.min(Instant::now() + poll)) => false,
+            _ = shared.wake_bg.notified() => true,
+        };
+        if shared.closed.load(AtomicOrdering::Acquire) || shared.inner.is_closed() {
+            return;
+        }
+        // Cheap poll: rebalance as soon as the member list changes.
+        let mut changed = false;
+        if let Ok(kv) = shared.inner.leases().await {
+            if let Ok(c) = kv.get(&shared.members_key()).await {
+                changed = c.seq != last_members_revision;
+                last_members_revision = c.seq;
+            }
+        }
+        if woken || changed || Instant::now() >= next_hb {
+            next_hb = match shared.heartbeat().await {
+                Ok(true) => Instant::now() + poll,
+                Ok(false) => Instant::now() + hb,
+                Err(e) => {
+                    tracing::warn!(topic = %shared.topic, error = %e, "nats: heartbeat failed; retrying");
+                    Instant::now() + Duration::from_millis(500)
+                }
+            };
+            if let Ok(kv) = shared.inner.leases().await {
+                if let Ok(c) = kv.get(&shared.members_key()).await {
+                    last_members_revision = c.seq;
+                }
+            }
+        }
+    }
+}
+
+pub(crate) struct NatsSubscriber {
+    shared: Arc<SubShared>,
+    rx: mpsc::Receiver<Forwarded>,
+    task: JoinHandle<()>,
+}
+
+impl NatsSubscriber {
+    pub(crate) async fn start(
+        inner: Arc<Inner>,
+        stream: stream::Stream,
+        topic: String,
+        options: SubscribeOptions,
+        partitions: u32,
+    ) -> Result<Self> {
+        let (tx, rx) = mpsc::channel(PULL_BATCH);
+        let shared = Arc::new(SubShared {
+            inner,
+            stream,
+            topic: topic.into(),
+            options,
+            member: uuid::Uuid::new_v4().simple().to_string(),
+            partitions,
+            state: Mutex::new(State::default()),
+            closed: AtomicBool::new(false),
+            tags: AtomicU64::new(0),
+            wake: Notify::new(),
+            wake_bg: Notify::new(),
+            tx,
+        });
+        shared.heartbeat().await?;
+        let task = tokio::spawn(background(shared.clone()));
+        Ok(Self { shared, rx, task })
+    }
+}
+
+#[async_trait]
+impl Subscriber for NatsSubscriber {
+    async fn next(&mut self) -> Result<Option<Delivery>> {
+        loop {
+            if self.shared.closed.load(AtomicOrdering::Acquire) || self.shared.inner.is_closed() {
+                return Ok(None);
+            }
+            let shared = self.shared.clone();
+            let notified = shared.wake.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if shared.lock().inflight.len() >= shared.options.max_in_flight {
+                tokio::select! {
+                    _ = &mut notified => {}
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                }
+                continue;
+            }
+            let received = tokio::select! {
+                m = self.rx.recv() => m,
+                _ = tokio::time::sleep(Duration::from_millis(500)) => continue,
+            };
+            let Some((p, queued, msg)) = received else {
+                return Ok(None);
+            };
+            let tag = shared.tags.fetch_add(1, AtomicOrdering::Relaxed);
+            let deliverable = {
+                let mut st = shared.lock();
+                let now = Instant::now();
+                // Fencing: only partitions we own, with a fresh lease, that are not being
+                // handed over are delivered. Anything else is nacked in arrival order (so
+                // JetStream redelivers it first) and a lapsed partition is handed over.
+                match st.parts.get(&p) {
+                    Some(part) if part.active(now) => {
+                        queued.fetch_sub(1, AtomicOrdering::AcqRel);
+                        let reply = msg
+                            .reply
+                            .as_ref()
+                            .map(|r| r.to_string())
+                            .unwrap_or_default();
+                        st.inflight.insert(tag, (p, reply));
+                        true
+                    }
+                    Some(_) => {
+                        st.drain(p);
+                        if let Some(part) = st.parts.get_mut(&p) {
+                            part.returned.push(msg);
+                        }
+                        queued.fetch_sub(1, AtomicOrdering::AcqRel);
+                        self.shared.wake_bg.notify_one();
+                        continue;
+                    }
+                    None => {
+                        queued.fetch_sub(1, AtomicOrdering::AcqRel);
+                        false
+                    }
+                }
+            };
+            if !deliverable {
+                // A partition we no longer own: its new owner waits for JetStream's
+                // redelivery (the lease was not released cleanly), so leave it unacked.
+                continue;
+            }
+            let attempt = msg
+                .info()
+                .map(|i| u32::try_from(i.delivered).unwrap_or(u32::MAX))
+                .unwrap_or(1)
+                .max(1);
+            let decoded = codec::decode_message(msg.headers.as_ref(), msg.payload.clone());
+            let message = match decoded {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::error!(topic = %shared.topic, error = %e, "nats: undecodable message; dead-lettering it");
+                    let mut raw = Message::new(msg.payload.clone());
+                    raw.headers
+                        .insert("busbar-nats-subject", msg.subject.to_string());
+                    let dead = DeadLetterPolicy::new().dead_letter_message(
+                        &raw,
+                        &shared.topic,
+                        &shared.options.group,
+                        attempt,
+                        &e.to_string(),
+                    );
+                    let dlq = default_dead_letter_topic(&shared.topic);
+                    if shared.inner.publish_many(&dlq, &[dead]).await.is_ok() {
+                        let _ = msg.double_ack().await;
+                    }
+                    shared.settled(tag);
+                    continue;
+                }
+            };
+            let message = Arc::new(message);
+            let event = Event::from_shared(shared.topic.clone(), message.clone(), attempt);
+            return Ok(Some(Delivery::new(
+                event,
+                Box::new(NatsAck {
+                    partition: p,
+                    shared: shared.clone(),
+                    msg,
+                    message,
+                    attempt,
+                    tag,
+                }),
+            )));
+        }
+    }
+
+    async fn close(&mut self) -> Result<()> {
+        if self.shared.closed.swap(true, AtomicOrdering::AcqRel) {
+            return Ok(());
+        }
+        self.task.abort();
+        // Buffered and held deliveries are nacked for immediate redelivery and the leases
+        // released cleanly, so the next owner starts at once.
+        self.shared.leave(&mut self.rx).await;
+        self.rx.close();
+        self.shared.wake.notify_waiters();
+        Ok(())
+    }
+}
+
+impl Drop for NatsSubscriber {
+    fn drop(&mut self) {
+        // Without close, this behaves like a crash: pullers stop, leases expire after their
+        // TTL and JetStream redelivers what was unacked.
+        self.task.abort();
+        self.shared.lock().parts.clear();
+    }
+}
+
+struct NatsAck {
+    partition: u32,
+    shared: Arc<SubShared>,
+    msg: JsMessage,
+    message: Arc<Message>,
+    attempt: u32,
+    tag: u64,
+}
+
+impl NatsAck {
+    fn ack_error(e: async_nats::Error, doing: &str) -> Error {
+        let k = request_kind(&*e);
+        Error::new(k, format!("{doing}: {e}"))
+            .with_backend(BACKEND)
+            .with_source(e)
+    }
+}
+
+#[async_trait]
+impl Ack for NatsAck {
+    async fn ack(&self) -> Result<()> {
+        self.shared.check_open()?;
+        self.msg
+            .double_ack()
+            .await
+            .map_err(|e| Self::ack_error(e, "acking"))?;
+        self.shared.settled(self.tag);
+        Ok(())
+    }
+
+    async fn nack(&self, action: NackAction) -> Result<()> {
+        self.shared.check_open()?;
+        let kind = match action {
+            NackAction::Redeliver => AckKind::Nak(None),
+            NackAction::RedeliverAfter(d) => AckKind::Nak(Some(d)),
+            NackAction::DeadLetter { reason } => {
+                let dead = DeadLetterPolicy::new().dead_letter_message(
+                    &self.message,
+                    &self.shared.topic,
+                    &self.shared.options.group,
+                    self.attempt,
+                    &reason,
+                );
+                let dlq = default_dead_letter_topic(&self.shared.topic);
+                self.shared.inner.publish_many(&dlq, &[dead]).await?;
+                return self.ack().await;
+            }
+        };
+        self.msg
+            .ack_with(kind)
+            .await
+            .map_err(|e| Self::ack_error(e, "nacking"))?;
+        self.shared.settled(self.tag);
+        Ok(())
+    }
+
+    async fn extend_deadline(&self, _by: Duration) -> Result<()> {
+        self.shared.check_open()?;
+        if !self.shared.owns(self.partition) {
+            // The partition is being handed over: extending would delay its redelivery past
+            // newer messages at the next owner.
+            return Err(Error::new(
+                ErrorKind::Timeout,
+                "the delivery's partition is being handed over; its deadline cannot be extended",
+            )
+            .with_backend(BACKEND));
+        }
+        // JetStream's in-progress ack restarts the consumer's ack wait.
+        self.msg
+            .ack_with(AckKind::Progress)
+            .await
+            .map_err(|e| Self::ack_error(e, "extending the ack deadline"))
+    }
+}

@@ -1,0 +1,11 @@
+//! The NATS JetStream backend against the whole conformance suite (`BUSBAR_NATS_URL`).
+
+fn main() {
+    busbar_conformance::main(busbar_conformance::Harness::from_env(
+        "nats",
+        "BUSBAR_NATS_URL",
+        "nats://127.0.0.1:4222",
+        "scripts/brokers.sh up (or set BUSBAR_NATS_URL)",
+        busbar_nats::connect_boxed,
+    ));
+}

@@ -1,0 +1,263 @@
+//! Tests that need a NATS server of their own (started here on a spare loopback port, with
+//! its own store directory): a restart mid-stream, a wrong password, an unreachable server
+//! and malformed URLs.
+//!
+//! They need `nats-server` on PATH (`scripts/brokers.sh up` installs it). Without it they are
+//! reported ignored, or fail when `BUSBAR_REQUIRE_BROKERS=1`.
+
+use std::collections::HashSet;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use busbar_conformance::private_server::{free_port, Failed, TestResult};
+use busbar_core::{
+    Consumer, ErrorKind, Event, EventBus, Message, PublishOptions, SubscribeOptions,
+};
+use busbar_nats::NatsBus;
+use tokio::process::{Child, Command};
+
+struct Server {
+    port: u16,
+    dir: std::path::PathBuf,
+    auth: Option<(&'static str, &'static str)>,
+    child: Option<Child>,
+}
+
+impl Server {
+    async fn start(auth: Option<(&'static str, &'static str)>) -> Result<Self, Failed> {
+        let port = free_port()?;
+        let dir =
+            std::env::temp_dir().join(format!("busbar-nats-test-{port}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let mut s = Self {
+            port,
+            dir,
+            auth,
+            child: None,
+        };
+        s.spawn().await?;
+        Ok(s)
+    }
+
+    async fn spawn(&mut self) -> TestResult {
+        let mut cmd = Command::new("nats-server");
+        cmd.args(["-js", "-a", "127.0.0.1", "-p", &self.port.to_string()])
+            .arg("-sd")
+            .arg(&self.dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true);
+        if let Some((u, p)) = self.auth {
+            cmd.args(["--user", u, "--pass", p]);
+        }
+        self.child = Some(
+            cmd.spawn()
+                .map_err(|e| format!("cannot start nats-server: {e}"))?,
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+            .await
+            .is_err()
+        {
+            if Instant::now() > deadline {
+                return Err("nats-server did not listen within 10 s".into());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(())
+    }
+
+    async fn kill(&mut self) -> TestResult {
+        if let Some(mut c) = self.child.take() {
+            c.kill().await?;
+        }
+        Ok(())
+    }
+
+    fn url(&self) -> String {
+        match self.auth {
+            Some((u, p)) => format!("nats://{u}:{p}@127.0.0.1:{}", self.port),
+            None => format!("nats://127.0.0.1:{}", self.port),
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+async fn publish_retrying(bus: &NatsBus, topic: &str, m: Message, limit: Duration) -> TestResult {
+    let deadline = Instant::now() + limit;
+    loop {
+        match bus
+            .publish(topic, m.clone(), &PublishOptions::default())
+            .await
+        {
+            Ok(()) => return Ok(()),
+            Err(e) if e.is_retryable() && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => return Err(format!("publish failed for good: {e}").into()),
+        }
+    }
+}
+
+async fn restart_mid_stream_loses_nothing_acked() -> TestResult {
+    let mut server = Server::start(None).await?;
+    let bus = NatsBus::connect(&format!("{}?lease_ttl_ms=2000", server.url())).await?;
+    let topic = "restart";
+    let opts = SubscribeOptions::new("g").ack_timeout(Duration::from_secs(3));
+    bus.provision(topic, &opts).await?;
+    let handled: Arc<Mutex<HashSet<String>>> = Arc::default();
+    let h = handled.clone();
+    let shared: Arc<dyn EventBus> = Arc::new(bus.clone());
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let consumer = tokio::spawn(
+        Consumer::new(shared, topic)
+            .group("g")
+            .ack_timeout(Duration::from_secs(3))
+            .run_until(
+                move |e: Event| {
+                    let h = h.clone();
+                    async move {
+                        h.lock().map_err(|_| "lock")?.insert(e.id().to_owned());
+                        Ok::<(), &str>(())
+                    }
+                },
+                async move {
+                    let _ = stop_rx.await;
+                },
+            ),
+    );
+    let mut acked = Vec::new();
+    for i in 0..300 {
+        let m = Message::new(format!("before-{i}")).with_key(format!("k{}", i % 10));
+        let id = m.id.clone();
+        if bus
+            .publish(topic, m, &PublishOptions::default())
+            .await
+            .is_ok()
+        {
+            acked.push(id);
+        }
+        if i == 150 {
+            // Mid-stream, while the consumer is reading.
+            server.kill().await?;
+            for j in 0..3 {
+                let m = Message::new(format!("down-{j}"));
+                let id = m.id.clone();
+                match bus.publish(topic, m, &PublishOptions::default()).await {
+                    Ok(()) => acked.push(id),
+                    Err(e) if e.is_retryable() => {}
+                    Err(e) => return Err(format!("publish while down: {e}").into()),
+                }
+            }
+            server.spawn().await?;
+        }
+    }
+    for i in 0..200 {
+        let m = Message::new(format!("after-{i}")).with_key(format!("k{}", i % 10));
+        acked.push(m.id.clone());
+        publish_retrying(&bus, topic, m, Duration::from_secs(30)).await?;
+    }
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let missing = {
+            let h = handled.lock().map_err(|_| "lock")?;
+            acked.iter().filter(|id| !h.contains(*id)).count()
+        };
+        if missing == 0 {
+            break;
+        }
+        if Instant::now() > deadline {
+            let _ = stop_tx.send(());
+            return Err(format!(
+                "{missing} of {} acked messages never arrived after the restart",
+                acked.len()
+            )
+            .into());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let _ = stop_tx.send(());
+    let report = consumer.await??;
+    eprintln!(
+        "  restart: {} acked publishes all handled; runner report {report:?}",
+        acked.len()
+    );
+    Ok(())
+}
+
+async fn wrong_password_is_an_auth_error() -> TestResult {
+    let server = Server::start(Some(("busbar", "s3cret-pw"))).await?;
+    let url = format!("nats://busbar:wrong-pw@127.0.0.1:{}", server.port);
+    let e = NatsBus::connect(&url)
+        .await
+        .err()
+        .ok_or("connected with a wrong password")?;
+    if e.kind() != ErrorKind::Auth {
+        return Err(format!("expected Auth, got {:?}: {e}", e.kind()).into());
+    }
+    if e.to_string().contains("wrong-pw") || e.to_string().contains("s3cret") {
+        return Err(format!("the error prints the password: {e}").into());
+    }
+    NatsBus::connect(&server.url()).await?;
+    Ok(())
+}
+
+async fn unreachable_server_is_a_connection_error() -> TestResult {
+    let port = free_port()?;
+    let started = Instant::now();
+    let e = NatsBus::connect(&format!("nats://127.0.0.1:{port}"))
+        .await
+        .err()
+        .ok_or("connected to a closed port")?;
+    if !matches!(e.kind(), ErrorKind::Connection | ErrorKind::Timeout) || !e.is_retryable() {
+        return Err(format!(
+            "expected a retryable Connection error, got {:?}: {e}",
+            e.kind()
+        )
+        .into());
+    }
+    if started.elapsed() > Duration::from_secs(20) {
+        return Err(format!("took {:?} to fail", started.elapsed()).into());
+    }
+    Ok(())
+}
+
+async fn malformed_urls_are_config_errors() -> TestResult {
+    for url in [
+        "nats://",
+        "nats://127.0.0.1:4222?partitions=zero",
+        "nats://h:notaport",
+    ] {
+        match NatsBus::connect(url).await {
+            Err(e) if e.kind() == ErrorKind::Config => {}
+            other => return Err(format!("{url}: expected Config, got {other:?}").into()),
+        }
+    }
+    Ok(())
+}
+
+fn main() {
+    busbar_conformance::private_server::main(
+        "nats-server",
+        &[
+            ("restart_mid_stream_loses_nothing_acked", true, || {
+                Box::pin(restart_mid_stream_loses_nothing_acked())
+            }),
+            ("wrong_password_is_an_auth_error", true, || {
+                Box::pin(wrong_password_is_an_auth_error())
+            }),
+            ("unreachable_server_is_a_connection_error", false, || {
+                Box::pin(unreachable_server_is_a_connection_error())
+            }),
+            ("malformed_urls_are_config_errors", false, || {
+                Box::pin(malformed_urls_are_config_errors())
+            }),
+        ],
+    )
+}

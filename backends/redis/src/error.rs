@@ -1,0 +1,45 @@
+//! Redis client errors mapped onto busbar's error kinds.
+
+use busbar_core::{Error, ErrorKind};
+use redis::RedisError;
+
+use crate::BACKEND;
+
+/// Converts a redis-rs error, saying what busbar was doing.
+pub(crate) fn map(e: RedisError, doing: &str) -> Error {
+    let kind = if e.kind() == redis::ErrorKind::AuthenticationFailed
+        || e.code() == Some("WRONGPASS")
+        || e.code() == Some("NOAUTH")
+        || e.code() == Some("NOPERM")
+    {
+        ErrorKind::Auth
+    } else if e.is_timeout() {
+        ErrorKind::Timeout
+    } else if e.is_io_error()
+        || e.is_connection_refusal()
+        || e.is_connection_dropped()
+        || e.code() == Some("LOADING")
+    {
+        ErrorKind::Connection
+    } else if e.kind() == redis::ErrorKind::InvalidClientConfig {
+        ErrorKind::Config
+    } else if matches!(
+        e.kind(),
+        redis::ErrorKind::Parse | redis::ErrorKind::UnexpectedReturnType
+    ) {
+        ErrorKind::Decode
+    } else {
+        ErrorKind::Broker
+    };
+    let what = match kind {
+        ErrorKind::Auth => format!("{doing}: Redis refused the credentials or the permission"),
+        ErrorKind::Connection => format!("{doing}: cannot reach Redis"),
+        _ => format!("{doing}: {e}"),
+    };
+    Error::new(kind, what).with_backend(BACKEND).with_source(e)
+}
+
+/// A reply of an unexpected shape.
+pub(crate) fn decode(what: impl Into<String>) -> Error {
+    Error::new(ErrorKind::Decode, what).with_backend(BACKEND)
+}

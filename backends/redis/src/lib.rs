@@ -1,0 +1,375 @@
+#![doc = include_str!("../README.md")]
+
+mod codec;
+pub mod config;
+mod error;
+mod scripts;
+mod subscriber;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering as AtomicOrdering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use busbar_core::{
+    check_publish, Capabilities, Error, ErrorKind, EventBus, Message, Ordering, PublishOptions,
+    Result, StartPosition, SubscribeOptions, Subscriber,
+};
+use futures::future::BoxFuture;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+
+pub use config::{partition_for, RedisConfig};
+
+/// The URL schemes of this backend.
+pub const SCHEMES: &[&str] = &["redis", "rediss"];
+
+pub(crate) const BACKEND: &str = "redis";
+
+/// Opens a Redis bus from a URL, as a trait object (the registry's `ConnectFn`).
+pub fn connect_boxed(url: String) -> BoxFuture<'static, Result<Arc<dyn EventBus>>> {
+    Box::pin(async move { Ok(Arc::new(RedisBus::connect(&url).await?) as Arc<dyn EventBus>) })
+}
+
+pub(crate) struct Inner {
+    pub(crate) config: RedisConfig,
+    client: redis::Client,
+    pub(crate) conn: ConnectionManager,
+    closed: AtomicBool,
+    persistent: bool,
+    partitions: Mutex<HashMap<String, u32>>,
+    round_robin: AtomicU32,
+}
+
+impl Inner {
+    pub(crate) fn check_open(&self) -> Result<()> {
+        if self.closed.load(AtomicOrdering::Acquire) {
+            Err(Error::closed("redis bus").with_backend(BACKEND))
+        } else {
+            Ok(())
+        }
+    }
+
+    pub(crate) fn is_closed(&self) -> bool {
+        self.closed.load(AtomicOrdering::Acquire)
+    }
+
+    /// A new connection of its own (subscribers block on theirs).
+    pub(crate) async fn dedicated_connection(&self) -> Result<ConnectionManager> {
+        self.client
+            .get_connection_manager_with_config(manager_config())
+            .await
+            .map_err(|e| error::map(e, "opening a subscriber connection"))
+    }
+
+    /// The partition count of `topic`: the one recorded in Redis, or ours recorded now.
+    pub(crate) async fn partitions(&self, topic: &str) -> Result<u32> {
+        if let Some(n) = self
+            .partitions
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(topic)
+        {
+            return Ok(*n);
+        }
+        let key = self.config.meta_key(topic);
+        let mut conn = self.conn.clone();
+        let (_, n): (i64, Option<u32>) = redis::pipe()
+            .cmd("HSETNX")
+            .arg(&key)
+            .arg("partitions")
+            .arg(self.config.partitions)
+            .cmd("HGET")
+            .arg(&key)
+            .arg("partitions")
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| error::map(e, "reading the topic's partition count"))?;
+        let n = n
+            .filter(|n| *n > 0)
+            .ok_or_else(|| error::decode(format!("{key} holds no valid partition count")))?;
+        self.partitions
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(topic.to_owned(), n);
+        Ok(n)
+    }
+
+    /// Creates the consumer group on every partition stream (idempotent).
+    pub(crate) async fn ensure_group(
+        &self,
+        topic: &str,
+        options: &SubscribeOptions,
+    ) -> Result<u32> {
+        let n = self.partitions(topic).await?;
+        let start = match options.start {
+            StartPosition::Latest => "$",
+            StartPosition::Earliest => "0",
+        };
+        let mut conn = self.conn.clone();
+        for p in 0..n {
+            let r: redis::RedisResult<()> = redis::cmd("XGROUP")
+                .arg("CREATE")
+                .arg(self.config.stream_key(topic, p))
+                .arg(&options.group)
+                .arg(start)
+                .arg("MKSTREAM")
+                .query_async(&mut conn)
+                .await;
+            match r {
+                Ok(()) => {}
+                Err(e) if e.code() == Some("BUSYGROUP") => {}
+                Err(e) => return Err(error::map(e, "creating the consumer group")),
+            }
+        }
+        Ok(n)
+    }
+
+    fn xadd(&self, pipe: &mut redis::Pipeline, stream: &str, message: &Message) {
+        let cmd = pipe
+            .cmd("XADD")
+            .arg(stream)
+            .arg("MAXLEN")
+            .arg("~")
+            .arg(self.config.retention)
+            .arg("*");
+        for (k, v) in codec::encode(message) {
+            cmd.arg(k).arg(v);
+        }
+    }
+
+    fn partition_of(&self, message: &Message, n: u32) -> u32 {
+        match &message.key {
+            Some(k) => partition_for(k, n),
+            None => self.round_robin.fetch_add(1, AtomicOrdering::Relaxed) % n,
+        }
+    }
+
+    pub(crate) async fn publish_many(
+        &self,
+        topic: &str,
+        messages: &[Message],
+        delay: Option<Duration>,
+    ) -> Result<()> {
+        let n = self.partitions(topic).await?;
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        match delay.filter(|d| !d.is_zero()) {
+            None => {
+                for m in messages {
+                    let p = self.partition_of(m, n);
+                    self.xadd(&mut pipe, &self.config.stream_key(topic, p), m);
+                    pipe.ignore();
+                }
+            }
+            Some(d) => {
+                let due = SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .unwrap_or_default()
+                    .saturating_add(d)
+                    .as_millis() as u64;
+                let zset = self.config.delayed_key(topic);
+                for m in messages {
+                    let p = self.partition_of(m, n);
+                    let entry = uuid::Uuid::now_v7().to_string();
+                    let list = format!("{}{entry}", self.config.delayed_entry_prefix(topic));
+                    let cmd = pipe.cmd("RPUSH").arg(&list).arg(p);
+                    for (k, v) in codec::encode(m) {
+                        cmd.arg(k).arg(v);
+                    }
+                    pipe.ignore();
+                    pipe.cmd("ZADD").arg(&zset).arg(due).arg(&entry).ignore();
+                }
+            }
+        }
+        let mut conn = self.conn.clone();
+        pipe.query_async::<()>(&mut conn)
+            .await
+            .map_err(|e| error::map(e, "publishing"))
+    }
+}
+
+fn manager_config() -> ConnectionManagerConfig {
+    ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(Duration::from_secs(5)))
+        .set_response_timeout(Some(Duration::from_secs(10)))
+        .set_number_of_retries(3)
+        .set_max_delay(Duration::from_secs(2))
+}
+
+/// An event bus on Redis Streams. Cloning gives another handle to the same connection.
+#[derive(Clone)]
+pub struct RedisBus {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for RedisBus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisBus")
+            .field("config", &self.inner.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisBus {
+    /// Connects to the Redis server of `url` and checks that it answers (and accepts the
+    /// credentials).
+    ///
+    /// Errors: `Config` (malformed URL or options), `Connection` (unreachable), `Auth`
+    /// (wrong password or user).
+    pub async fn connect(url: &str) -> Result<Self> {
+        Self::with_config(RedisConfig::from_url(url)?).await
+    }
+
+    /// Connects with an explicit configuration.
+    pub async fn with_config(config: RedisConfig) -> Result<Self> {
+        if config.connection_url.starts_with("rediss:") {
+            // redis-rs uses rustls without choosing a crypto provider; use ring. Another
+            // provider installed by the application first is kept.
+            let _ = rustls::crypto::ring::default_provider().install_default();
+        }
+        let client = redis::Client::open(config.connection_url.as_str())
+            .map_err(|e| error::map(e, "parsing the Redis URL"))?;
+        let mut conn = tokio::time::timeout(
+            Duration::from_secs(15),
+            client.get_connection_manager_with_config(manager_config()),
+        )
+        .await
+        .map_err(|_| {
+            Error::new(
+                ErrorKind::Connection,
+                format!(
+                    "no answer from Redis at {} within 15 s",
+                    busbar_core::redact_url(&config.connection_url)
+                ),
+            )
+            .with_backend(BACKEND)
+        })?
+        .map_err(|e| error::map(e, "connecting to Redis"))?;
+        let _: String = redis::cmd("PING")
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| error::map(e, "connecting to Redis"))?;
+        let persistent = persistence_enabled(&mut conn).await;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                config,
+                client,
+                conn,
+                closed: AtomicBool::new(false),
+                persistent,
+                partitions: Mutex::new(HashMap::new()),
+                round_robin: AtomicU32::new(0),
+            }),
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &RedisConfig {
+        &self.inner.config
+    }
+}
+
+/// Whether the server keeps data across restarts (AOF on, or RDB snapshots configured).
+/// Servers that forbid `CONFIG GET` are assumed not to.
+async fn persistence_enabled(conn: &mut ConnectionManager) -> bool {
+    let read = |name: &'static str| {
+        let mut c = conn.clone();
+        async move {
+            let v: redis::RedisResult<Vec<String>> = redis::cmd("CONFIG")
+                .arg("GET")
+                .arg(name)
+                .query_async(&mut c)
+                .await;
+            v.ok().and_then(|v| v.into_iter().nth(1))
+        }
+    };
+    let aof = read("appendonly").await;
+    let save = read("save").await;
+    aof.as_deref() == Some("yes") || save.is_some_and(|s| !s.trim().is_empty())
+}
+
+#[async_trait]
+impl EventBus for RedisBus {
+    fn backend(&self) -> &'static str {
+        BACKEND
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        let mut c = Capabilities::none();
+        c.ordering = Ordering::PerKey;
+        c.consumer_groups = true;
+        c.persistent = self.inner.persistent;
+        c.replay = true;
+        c.nack_can_delay = true;
+        c.ack_deadline_can_extend = true;
+        c.publish_with_delay = true;
+        c.message_max_bytes = Some(self.inner.config.max_message_bytes);
+        c
+    }
+
+    async fn publish(&self, topic: &str, message: Message, options: &PublishOptions) -> Result<()> {
+        self.inner.check_open()?;
+        let batch = [message];
+        check_publish(BACKEND, &self.capabilities(), topic, &batch, options)?;
+        self.inner.publish_many(topic, &batch, options.delay).await
+    }
+
+    async fn publish_batch(
+        &self,
+        topic: &str,
+        messages: Vec<Message>,
+        options: &PublishOptions,
+    ) -> Result<()> {
+        self.inner.check_open()?;
+        check_publish(BACKEND, &self.capabilities(), topic, &messages, options)?;
+        if messages.is_empty() {
+            return Ok(());
+        }
+        self.inner
+            .publish_many(topic, &messages, options.delay)
+            .await
+    }
+
+    async fn subscribe(
+        &self,
+        topic: &str,
+        options: SubscribeOptions,
+    ) -> Result<Box<dyn Subscriber>> {
+        self.inner.check_open()?;
+        busbar_core::validate_topic(topic)?;
+        options.validate()?;
+        let partitions = self.inner.ensure_group(topic, &options).await?;
+        let sub = subscriber::RedisSubscriber::start(
+            self.inner.clone(),
+            topic.to_owned(),
+            options,
+            partitions,
+        )
+        .await?;
+        Ok(Box::new(sub))
+    }
+
+    async fn provision(&self, topic: &str, options: &SubscribeOptions) -> Result<()> {
+        self.inner.check_open()?;
+        busbar_core::validate_topic(topic)?;
+        options.validate()?;
+        self.inner.ensure_group(topic, options).await.map(|_| ())
+    }
+
+    async fn close(&self) -> Result<()> {
+        self.inner.closed.store(true, AtomicOrdering::Release);
+        Ok(())
+    }
+}
+
+/// Moves messages from a dead-letter topic back to where they came from; see
+/// [`busbar_core::redrive()`]. Reads from the earliest retained entry.
+pub async fn redrive(
+    bus: &RedisBus,
+    dlq_topic: &str,
+    options: &busbar_core::RedriveOptions,
+) -> Result<busbar_core::RedriveReport> {
+    busbar_core::redrive(bus, dlq_topic, options).await
+}

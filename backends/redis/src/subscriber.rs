@@ -1,0 +1,891 @@
+//! A member of a consumer group: partition leases, recovery, reads, acks and redelivery.
+//!
+//! A background task heartbeats the member, takes and hands over partition leases
+//! ([`crate::scripts::REBALANCE`]), recovers the pending entries of a newly owned partition
+//! (XPENDING + XCLAIM, in ID order, before any new entry), redelivers deliveries whose ack
+//! timeout expired (XPENDING IDLE + XCLAIM) and moves due delayed messages. `next()` hands
+//! out redeliveries first, then buffered entries of owned partitions, and reads new entries
+//! (XREADGROUP `>`) on a connection of its own.
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use busbar_core::{
+    default_dead_letter_topic, Ack, DeadLetterPolicy, Delivery, Error, ErrorKind, Event, Message,
+    NackAction, Result, SubscribeOptions, Subscriber,
+};
+use redis::aio::ConnectionManager;
+use redis::Value;
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use crate::codec::{array_of, entries_of, int_of, string_of, RawEntry};
+use crate::error::{decode, map};
+use crate::scripts::{MOVE_DUE, REBALANCE, RELEASE};
+use crate::{Inner, BACKEND};
+
+#[derive(Clone)]
+struct Entry {
+    partition: u32,
+    stream_id: String,
+    message: Arc<Message>,
+    attempt: u32,
+}
+
+struct Part {
+    buffer: VecDeque<Entry>,
+    lease_valid_until: Instant,
+    draining_since: Option<Instant>,
+}
+
+impl Part {
+    fn active(&self, now: Instant) -> bool {
+        self.draining_since.is_none() && self.lease_valid_until > now
+    }
+}
+
+#[derive(Default)]
+struct State {
+    parts: BTreeMap<u32, Part>,
+    /// Redeliveries, by due time and sequence.
+    retry: BTreeMap<(Instant, u64), Entry>,
+    /// Handed-out deliveries and their ack deadlines.
+    inflight: HashMap<(u32, String), Instant>,
+    seq: u64,
+    cursor: usize,
+}
+
+impl State {
+    fn next_seq(&mut self) -> u64 {
+        self.seq += 1;
+        self.seq
+    }
+
+    fn drop_partition(&mut self, p: u32) {
+        self.parts.remove(&p);
+        self.retry.retain(|_, e| e.partition != p);
+    }
+
+    fn inflight_in(&self, p: u32) -> usize {
+        self.inflight.keys().filter(|(q, _)| *q == p).count()
+    }
+
+    fn buffered(&self) -> usize {
+        self.parts.values().map(|p| p.buffer.len()).sum::<usize>() + self.retry.len()
+    }
+
+    /// The next delivery to hand out: a due redelivery, else the first buffered entry of an
+    /// owned partition whose key is not held back by a pending redelivery.
+    fn pick(&mut self, now: Instant) -> Option<Entry> {
+        let held: HashSet<String> = self
+            .retry
+            .iter()
+            .filter(|((due, _), _)| *due > now)
+            .filter_map(|(_, e)| e.message.key.clone())
+            .collect();
+        let due = self
+            .retry
+            .iter()
+            .find(|((due, _), e)| {
+                *due <= now && self.parts.get(&e.partition).is_some_and(|p| p.active(now))
+            })
+            .map(|(k, _)| *k);
+        if let Some(k) = due {
+            return self.retry.remove(&k);
+        }
+        let owned: Vec<u32> = self
+            .parts
+            .iter()
+            .filter(|(_, p)| p.active(now) && !p.buffer.is_empty())
+            .map(|(n, _)| *n)
+            .collect();
+        for i in 0..owned.len() {
+            let p = owned[(self.cursor + i) % owned.len()];
+            let Some(part) = self.parts.get_mut(&p) else {
+                continue;
+            };
+            let pos = part
+                .buffer
+                .iter()
+                .position(|e| e.message.key.as_ref().is_none_or(|k| !held.contains(k)));
+            if let Some(pos) = pos {
+                self.cursor = self.cursor.wrapping_add(i + 1);
+                return part.buffer.remove(pos);
+            }
+        }
+        None
+    }
+}
+
+pub(crate) struct SubShared {
+    inner: Arc<Inner>,
+    topic: Arc<str>,
+    options: SubscribeOptions,
+    member: String,
+    partitions: u32,
+    state: Mutex<State>,
+    closed: AtomicBool,
+    wake: Notify,
+    wake_bg: Notify,
+}
+
+impl SubShared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn stream(&self, p: u32) -> String {
+        self.inner.config.stream_key(&self.topic, p)
+    }
+
+    fn lease_key(&self, p: u32) -> String {
+        format!(
+            "{}{p}",
+            self.inner
+                .config
+                .lease_prefix(&self.topic, &self.options.group)
+        )
+    }
+
+    fn members_key(&self) -> String {
+        self.inner
+            .config
+            .members_key(&self.topic, &self.options.group)
+    }
+
+    fn generation_key(&self) -> String {
+        self.inner
+            .config
+            .generation_key(&self.topic, &self.options.group)
+    }
+
+    /// The group's membership generation (0 when unset).
+    async fn generation(&self) -> Result<i64> {
+        redis::cmd("GET")
+            .arg(self.generation_key())
+            .query_async::<Option<i64>>(&mut self.conn())
+            .await
+            .map(Option::unwrap_or_default)
+            .map_err(|e| map(e, "reading the group generation"))
+    }
+
+    fn conn(&self) -> ConnectionManager {
+        self.inner.conn.clone()
+    }
+
+    fn check_open(&self) -> Result<()> {
+        self.inner.check_open()?;
+        if self.closed.load(AtomicOrdering::Acquire) {
+            return Err(Error::closed("redis subscriber").with_backend(BACKEND));
+        }
+        Ok(())
+    }
+
+    fn lease_ttl(&self) -> Duration {
+        self.inner.config.lease_ttl
+    }
+
+    fn sweep_interval(&self) -> Duration {
+        (self.options.ack_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(1))
+    }
+
+    /// Heartbeat + rebalance. Returns whether the next one should come soon (a partition we
+    /// should own is still held by another member, or one was just taken).
+    async fn heartbeat(&self) -> Result<bool> {
+        let started = Instant::now();
+        let ttl = self.lease_ttl();
+        let statuses: Vec<String> = REBALANCE
+            .key(self.members_key())
+            .key(self.generation_key())
+            .arg(&self.member)
+            .arg(ttl.as_millis() as u64)
+            .arg(self.partitions)
+            .arg(
+                self.inner
+                    .config
+                    .lease_prefix(&self.topic, &self.options.group),
+            )
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(|e| map(e, "renewing partition leases"))?;
+        let valid_until = started + ttl * 2 / 3;
+        let mut acquired = Vec::new();
+        let mut to_release = Vec::new();
+        let mut soon = false;
+        {
+            let mut st = self.lock();
+            let now = Instant::now();
+            for (p, status) in statuses.iter().enumerate() {
+                let p = p as u32;
+                let local = st.parts.contains_key(&p);
+                match (status.as_str(), local) {
+                    ("own" | "acquired", true)
+                        if st
+                            .parts
+                            .get(&p)
+                            .is_some_and(|part| part.draining_since.is_none()) =>
+                    {
+                        if let Some(part) = st.parts.get_mut(&p) {
+                            part.lease_valid_until = valid_until;
+                        }
+                    }
+                    ("own" | "acquired", false) => acquired.push(p),
+                    // A partition being handed over finishes its hand-over even if it is
+                    // assigned back to us meanwhile: its buffer was dropped, so it must be
+                    // released and acquired again, which recovers its pending entries in order.
+                    ("release" | "own" | "acquired", true) => {
+                        let drain = st.parts.get_mut(&p).and_then(|part| {
+                            part.lease_valid_until = valid_until;
+                            if part.draining_since.is_none() {
+                                part.draining_since = Some(now);
+                                // Buffered entries stay pending in Redis; the next owner
+                                // recovers them.
+                                part.buffer.clear();
+                            }
+                            part.draining_since
+                        });
+                        st.retry.retain(|_, e| e.partition != p);
+                        let stuck = drain.is_some_and(|d| now - d > self.options.ack_timeout);
+                        if st.inflight_in(p) == 0 || stuck {
+                            to_release.push(p);
+                        }
+                    }
+                    ("release", false) => to_release.push(p),
+                    (other, true) => {
+                        tracing::warn!(topic = %self.topic, partition = p, status = other, "redis: partition lease lost; no longer delivering from it");
+                        st.drop_partition(p);
+                        soon = true;
+                    }
+                    ("wait", false) => soon = true,
+                    _ => {}
+                }
+            }
+        }
+        for p in &acquired {
+            let recovered = self.recover(*p).await?;
+            let count = recovered.len();
+            let mut st = self.lock();
+            st.parts.insert(
+                *p,
+                Part {
+                    buffer: recovered.into(),
+                    lease_valid_until: valid_until,
+                    draining_since: None,
+                },
+            );
+            tracing::debug!(topic = %self.topic, partition = p, recovered = count, "redis: partition acquired");
+        }
+        if !to_release.is_empty() {
+            self.release(&to_release, false).await?;
+            let mut st = self.lock();
+            for p in &to_release {
+                st.drop_partition(*p);
+            }
+        }
+        if !acquired.is_empty() {
+            self.wake.notify_waiters();
+        }
+        Ok(soon || !acquired.is_empty())
+    }
+
+    async fn release(&self, partitions: &[u32], leave: bool) -> Result<()> {
+        let mut inv = RELEASE.prepare_invoke();
+        if leave {
+            inv.key(self.members_key());
+            inv.key(self.generation_key());
+        }
+        inv.arg(&self.member);
+        for p in partitions {
+            inv.arg(self.lease_key(*p));
+        }
+        inv.invoke_async::<i64>(&mut self.conn())
+            .await
+            .map(|_| ())
+            .map_err(|e| map(e, "releasing partition leases"))
+    }
+
+    /// Claims every pending entry of partition `p` (of any member), in ID order.
+    async fn recover(&self, p: u32) -> Result<Vec<Entry>> {
+        let stream = self.stream(p);
+        let mut out = Vec::new();
+        let mut start = "-".to_owned();
+        loop {
+            let reply: Value = redis::cmd("XPENDING")
+                .arg(&stream)
+                .arg(&self.options.group)
+                .arg(&start)
+                .arg("+")
+                .arg(200)
+                .query_async(&mut self.conn())
+                .await
+                .map_err(|e| map(e, "reading pending entries"))?;
+            let pending = parse_pending(reply)?;
+            let Some(last) = pending.last().map(|x| x.0.clone()) else {
+                break;
+            };
+            let counts: HashMap<String, u32> =
+                pending.iter().map(|(id, n)| (id.clone(), *n)).collect();
+            let ids: Vec<&String> = pending.iter().map(|(id, _)| id).collect();
+            let claimed = self.claim(p, &ids, 0, false).await?;
+            for raw in claimed {
+                let attempt = counts.get(&raw.stream_id).copied().unwrap_or(1) + 1;
+                if let Some(e) = self.to_entry(p, raw, attempt).await {
+                    out.push(e);
+                }
+            }
+            if pending.len() < 200 {
+                break;
+            }
+            start = format!("({last}");
+        }
+        out.sort_by_key(|e| stream_id_order(&e.stream_id));
+        Ok(out)
+    }
+
+    /// XCLAIM to this member. With `justid`, only resets the idle time.
+    async fn claim(
+        &self,
+        p: u32,
+        ids: &[&String],
+        min_idle_ms: u64,
+        justid: bool,
+    ) -> Result<Vec<RawEntry>> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut cmd = redis::cmd("XCLAIM");
+        cmd.arg(self.stream(p))
+            .arg(&self.options.group)
+            .arg(&self.member)
+            .arg(min_idle_ms);
+        for id in ids {
+            cmd.arg(id.as_str());
+        }
+        if justid {
+            cmd.arg("JUSTID");
+        }
+        let reply: Value = cmd
+            .query_async(&mut self.conn())
+            .await
+            .map_err(|e| map(e, "claiming pending entries"))?;
+        if justid {
+            return Ok(Vec::new());
+        }
+        entries_of(reply)
+    }
+
+    /// A decoded entry, or `None` after dead-lettering an entry busbar cannot decode.
+    async fn to_entry(&self, p: u32, raw: RawEntry, attempt: u32) -> Option<Entry> {
+        match raw.message {
+            Ok(m) => Some(Entry {
+                partition: p,
+                stream_id: raw.stream_id,
+                message: Arc::new(m),
+                attempt,
+            }),
+            Err(e) => {
+                tracing::error!(topic = %self.topic, stream_id = %raw.stream_id, error = %e, "redis: undecodable stream entry; dead-lettering it");
+                let mut m = Message::new(Vec::new());
+                m.headers
+                    .insert("busbar-redis-stream-id", raw.stream_id.clone());
+                let dead = DeadLetterPolicy::new().dead_letter_message(
+                    &m,
+                    &self.topic,
+                    &self.options.group,
+                    attempt,
+                    &e.to_string(),
+                );
+                let dlq = default_dead_letter_topic(&self.topic);
+                if self.inner.publish_many(&dlq, &[dead], None).await.is_ok() {
+                    let _ = self.xack(p, &raw.stream_id).await;
+                }
+                None
+            }
+        }
+    }
+
+    async fn xack(&self, p: u32, id: &str) -> Result<()> {
+        redis::cmd("XACK")
+            .arg(self.stream(p))
+            .arg(&self.options.group)
+            .arg(id)
+            .query_async::<i64>(&mut self.conn())
+            .await
+            .map(|_| ())
+            .map_err(|e| map(e, "acking"))
+    }
+
+    /// Redelivers our deliveries whose ack timeout expired (and entries read but lost before
+    /// they were handed out).
+    async fn sweep(&self) -> Result<()> {
+        let idle_ms = self.options.ack_timeout.as_millis() as u64;
+        let owned: Vec<u32> = self.lock().parts.keys().copied().collect();
+        for p in owned {
+            let reply: Value = redis::cmd("XPENDING")
+                .arg(self.stream(p))
+                .arg(&self.options.group)
+                .arg("IDLE")
+                .arg(idle_ms)
+                .arg("-")
+                .arg("+")
+                .arg(100)
+                .arg(&self.member)
+                .query_async(&mut self.conn())
+                .await
+                .map_err(|e| map(e, "reading pending entries"))?;
+            let pending = parse_pending(reply)?;
+            if pending.is_empty() {
+                continue;
+            }
+            let now = Instant::now();
+            let (expired, draining) = {
+                let mut st = self.lock();
+                let queued: HashSet<String> = st
+                    .parts
+                    .get(&p)
+                    .map(|part| part.buffer.iter().map(|e| e.stream_id.clone()).collect())
+                    .unwrap_or_default();
+                let retrying: HashSet<String> = st
+                    .retry
+                    .values()
+                    .filter(|e| e.partition == p)
+                    .map(|e| e.stream_id.clone())
+                    .collect();
+                let expired: Vec<(String, u32)> = pending
+                    .into_iter()
+                    .filter(|(id, _)| !queued.contains(id) && !retrying.contains(id))
+                    .filter(|(id, _)| {
+                        st.inflight
+                            .get(&(p, id.clone()))
+                            .is_none_or(|deadline| *deadline <= now)
+                    })
+                    .collect();
+                for (id, _) in &expired {
+                    st.inflight.remove(&(p, id.clone()));
+                }
+                let draining = st
+                    .parts
+                    .get(&p)
+                    .is_none_or(|part| part.draining_since.is_some());
+                (expired, draining)
+            };
+            if draining || expired.is_empty() {
+                // A draining partition's timed-out deliveries go to the next owner.
+                if draining && !expired.is_empty() {
+                    self.wake_bg.notify_one();
+                }
+                continue;
+            }
+            let counts: HashMap<String, u32> = expired.iter().cloned().collect();
+            let ids: Vec<&String> = expired.iter().map(|(id, _)| id).collect();
+            let claimed = self.claim(p, &ids, idle_ms, false).await?;
+            let mut entries = Vec::new();
+            for raw in claimed {
+                let attempt = counts.get(&raw.stream_id).copied().unwrap_or(1) + 1;
+                if let Some(e) = self.to_entry(p, raw, attempt).await {
+                    entries.push(e);
+                }
+            }
+            entries.sort_by_key(|e| stream_id_order(&e.stream_id));
+            let mut st = self.lock();
+            if st
+                .parts
+                .get(&p)
+                .is_some_and(|part| part.draining_since.is_none())
+            {
+                for e in entries {
+                    tracing::debug!(topic = %self.topic, stream_id = %e.stream_id, attempt = e.attempt, "redis: ack timeout expired, redelivering");
+                    let seq = st.next_seq();
+                    st.retry.insert((now, seq), e);
+                }
+            }
+        }
+        self.wake.notify_waiters();
+        Ok(())
+    }
+
+    async fn move_due(&self) -> Result<()> {
+        let cfg = &self.inner.config;
+        MOVE_DUE
+            .key(cfg.delayed_key(&self.topic))
+            .arg(cfg.stream_prefix(&self.topic))
+            .arg(cfg.retention)
+            .arg(cfg.delayed_entry_prefix(&self.topic))
+            .arg(100)
+            .invoke_async::<i64>(&mut self.conn())
+            .await
+            .map(|_| ())
+            .map_err(|e| map(e, "moving due delayed messages"))
+    }
+
+    /// A delivery was settled: forget it, and let a draining partition go when it is empty.
+    fn settled(&self, entry: &Entry) {
+        let mut st = self.lock();
+        st.inflight
+            .remove(&(entry.partition, entry.stream_id.clone()));
+        let draining = st
+            .parts
+            .get(&entry.partition)
+            .is_some_and(|p| p.draining_since.is_some());
+        if draining && st.inflight_in(entry.partition) == 0 {
+            self.wake_bg.notify_one();
+        }
+        drop(st);
+        self.wake.notify_waiters();
+    }
+}
+
+/// `(stream id, delivery count)` pairs of an extended XPENDING reply.
+fn parse_pending(reply: Value) -> Result<Vec<(String, u32)>> {
+    array_of(reply)?
+        .into_iter()
+        .map(|row| {
+            let mut f = array_of(row)?.into_iter();
+            let id = string_of(f.next().ok_or_else(|| decode("short XPENDING row"))?)?;
+            let count = f
+                .nth(2)
+                .map(int_of)
+                .transpose()?
+                .ok_or_else(|| decode("short XPENDING row"))?;
+            Ok((id, u32::try_from(count).unwrap_or(u32::MAX)))
+        })
+        .collect()
+}
+
+fn stream_id_order(id: &str) -> (u64, u64) {
+    let (ms, seq) = id.split_once('-').unwrap_or((id, "0"));
+    (ms.parse().unwrap_or(0), seq.parse().unwrap_or(0))
+}
+
+async fn background(shared: Arc<SubShared>) {
+    let hb = shared.lease_ttl() / 3;
+    let sweep_every = shared.sweep_interval();
+    let move_every = Duration::from_millis(250);
+    let mut next_hb = Instant::now() + hb;
+    let mut next_sweep = Instant::now() + sweep_every;
+    let mut next_move = Instant::now();
+    let mut generation = shared.generation().await.unwrap_or_default();
+    loop {
+        let wake_at = next_hb.min(next_sweep).min(next_move);
+        let woken = tokio::select! {
+            _ = tokio::time::sleep_until(wake_at) => false,
+            _ = shared.wake_bg.notified() => true,
+        };
+        if shared.closed.load(AtomicOrdering::Acquire) || shared.inner.is_closed() {
+            return;
+        }
+        let now = Instant::now();
+        let mut membership_changed = false;
+        if now >= next_move {
+            // Cheap poll: rebalance as soon as a member joins or leaves.
+            if let Ok(g) = shared.generation().await {
+                membership_changed = g != generation;
+                generation = g;
+            }
+        }
+        if woken || membership_changed || now >= next_hb {
+            next_hb = match shared.heartbeat().await {
+                Ok(true) => Instant::now() + Duration::from_millis(250),
+                Ok(false) => Instant::now() + hb,
+                Err(e) => {
+                    tracing::warn!(topic = %shared.topic, error = %e, "redis: heartbeat failed; retrying");
+                    Instant::now() + Duration::from_millis(500)
+                }
+            };
+        }
+        if now >= next_sweep {
+            if let Err(e) = shared.sweep().await {
+                tracing::warn!(topic = %shared.topic, error = %e, "redis: redelivery sweep failed");
+            }
+            next_sweep = Instant::now() + sweep_every;
+        }
+        if now >= next_move {
+            if let Err(e) = shared.move_due().await {
+                tracing::warn!(topic = %shared.topic, error = %e, "redis: moving delayed messages failed");
+            }
+            next_move = Instant::now() + move_every;
+        }
+    }
+}
+
+pub(crate) struct RedisSubscriber {
+    shared: Arc<SubShared>,
+    read_conn: ConnectionManager,
+    task: JoinHandle<()>,
+}
+
+impl RedisSubscriber {
+    pub(crate) async fn start(
+        inner: Arc<Inner>,
+        topic: String,
+        options: SubscribeOptions,
+        partitions: u32,
+    ) -> Result<Self> {
+        let read_conn = inner.dedicated_connection().await?;
+        let shared = Arc::new(SubShared {
+            inner,
+            topic: topic.into(),
+            options,
+            member: uuid::Uuid::new_v4().simple().to_string(),
+            partitions,
+            state: Mutex::new(State::default()),
+            closed: AtomicBool::new(false),
+            wake: Notify::new(),
+            wake_bg: Notify::new(),
+        });
+        shared.heartbeat().await?;
+        let task = tokio::spawn(background(shared.clone()));
+        Ok(Self {
+            shared,
+            read_conn,
+            task,
+        })
+    }
+
+    fn deliver(&self, entry: Entry) -> Delivery {
+        let event = Event::from_shared(
+            self.shared.topic.clone(),
+            entry.message.clone(),
+            entry.attempt,
+        );
+        Delivery::new(
+            event,
+            Box::new(RedisAck {
+                shared: self.shared.clone(),
+                entry,
+            }),
+        )
+    }
+
+    /// New entries of the given partitions (XREADGROUP `>`), blocking up to `block`.
+    async fn read(
+        &mut self,
+        parts: &[u32],
+        count: usize,
+        block: Duration,
+    ) -> Result<Vec<(u32, RawEntry)>> {
+        let mut cmd = redis::cmd("XREADGROUP");
+        cmd.arg("GROUP")
+            .arg(&self.shared.options.group)
+            .arg(&self.shared.member)
+            .arg("COUNT")
+            .arg(count)
+            .arg("BLOCK")
+            .arg(block.as_millis().max(1) as u64)
+            .arg("STREAMS");
+        for p in parts {
+            cmd.arg(self.shared.stream(*p));
+        }
+        for _ in parts {
+            cmd.arg(">");
+        }
+        let reply: Value = cmd
+            .query_async(&mut self.read_conn)
+            .await
+            .map_err(|e| map(e, "reading new entries"))?;
+        let by_stream: HashMap<String, u32> =
+            parts.iter().map(|p| (self.shared.stream(*p), *p)).collect();
+        let mut out = Vec::new();
+        for stream in array_of(reply)? {
+            let mut it = array_of(stream)?.into_iter();
+            let name = string_of(it.next().ok_or_else(|| decode("short XREADGROUP reply"))?)?;
+            let p = *by_stream
+                .get(&name)
+                .ok_or_else(|| decode(format!("XREADGROUP answered for unknown stream {name}")))?;
+            let entries = entries_of(it.next().unwrap_or(Value::Nil))?;
+            out.extend(entries.into_iter().map(|e| (p, e)));
+        }
+        Ok(out)
+    }
+}
+
+#[async_trait]
+impl Subscriber for RedisSubscriber {
+    async fn next(&mut self) -> Result<Option<Delivery>> {
+        loop {
+            if self.shared.closed.load(AtomicOrdering::Acquire) || self.shared.inner.is_closed() {
+                return Ok(None);
+            }
+            let shared = self.shared.clone();
+            let notified = shared.wake.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let max = self.shared.options.max_in_flight;
+            let (picked, plan, next_due) = {
+                let mut st = self.shared.lock();
+                let now = Instant::now();
+                let mut picked = None;
+                if st.inflight.len() < max {
+                    if let Some(e) = st.pick(now) {
+                        st.inflight.insert(
+                            (e.partition, e.stream_id.clone()),
+                            now + self.shared.options.ack_timeout,
+                        );
+                        picked = Some(e);
+                    }
+                }
+                let room = max.saturating_sub(st.inflight.len() + st.buffered());
+                let plan: Vec<u32> = if picked.is_none() && room > 0 {
+                    st.parts
+                        .iter()
+                        .filter(|(_, part)| part.active(now) && part.buffer.is_empty())
+                        .map(|(p, _)| *p)
+                        .collect()
+                } else {
+                    Vec::new()
+                };
+                let next_due = st.retry.keys().next().map(|k| k.0);
+                (picked, (plan, room), next_due)
+            };
+            if let Some(e) = picked {
+                return Ok(Some(self.deliver(e)));
+            }
+            let (parts, room) = plan;
+            if !parts.is_empty() {
+                let mut block = self.shared.inner.config.block;
+                if let Some(due) = next_due {
+                    block = block.min(due.saturating_duration_since(Instant::now()));
+                }
+                let count = room.min(self.shared.inner.config.fetch_count);
+                let fetched = self.read(&parts, count, block).await?;
+                let mut decoded = Vec::with_capacity(fetched.len());
+                for (p, raw) in fetched {
+                    if let Some(e) = self.shared.to_entry(p, raw, 1).await {
+                        decoded.push(e);
+                    }
+                }
+                let mut st = self.shared.lock();
+                let now = Instant::now();
+                for e in decoded {
+                    // Entries of a partition we no longer own stay pending for its next owner.
+                    if let Some(part) = st.parts.get_mut(&e.partition).filter(|p| p.active(now)) {
+                        part.buffer.push_back(e);
+                    }
+                }
+                continue;
+            }
+            let wait = next_due
+                .map(|d| d.saturating_duration_since(Instant::now()))
+                .unwrap_or(Duration::from_secs(1))
+                .min(Duration::from_secs(1));
+            tokio::select! {
+                _ = notified => {}
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+
+    async fn close(&mut self) -> Result<()> {
+        if self.shared.closed.swap(true, AtomicOrdering::AcqRel) {
+            return Ok(());
+        }
+        self.task.abort();
+        let owned: Vec<u32> = self.shared.lock().parts.keys().copied().collect();
+        // Unacked deliveries stay pending in Redis; the next owner of each partition claims
+        // them at once.
+        let result = self.shared.release(&owned, true).await;
+        self.shared.lock().parts.clear();
+        self.shared.wake.notify_waiters();
+        result
+    }
+}
+
+impl Drop for RedisSubscriber {
+    fn drop(&mut self) {
+        // Without close, this behaves like a crash: the leases expire after their TTL and
+        // the next owners claim what was pending.
+        self.task.abort();
+    }
+}
+
+struct RedisAck {
+    shared: Arc<SubShared>,
+    entry: Entry,
+}
+
+#[async_trait]
+impl Ack for RedisAck {
+    async fn ack(&self) -> Result<()> {
+        self.shared.check_open()?;
+        self.shared
+            .xack(self.entry.partition, &self.entry.stream_id)
+            .await?;
+        self.shared.settled(&self.entry);
+        Ok(())
+    }
+
+    async fn nack(&self, action: NackAction) -> Result<()> {
+        self.shared.check_open()?;
+        let delay = match action {
+            NackAction::Redeliver => Duration::ZERO,
+            NackAction::RedeliverAfter(d) => d,
+            NackAction::DeadLetter { reason } => {
+                let dead = DeadLetterPolicy::new().dead_letter_message(
+                    &self.entry.message,
+                    &self.shared.topic,
+                    &self.shared.options.group,
+                    self.entry.attempt,
+                    &reason,
+                );
+                let dlq = default_dead_letter_topic(&self.shared.topic);
+                self.shared.inner.publish_many(&dlq, &[dead], None).await?;
+                return self.ack().await;
+            }
+        };
+        let p = self.entry.partition;
+        let id = &self.entry.stream_id;
+        // XCLAIM counts the redelivery in Redis (the delivery counter other members see).
+        let claimed = self.shared.claim(p, &[id], 0, false).await?;
+        let mut st = self.shared.lock();
+        st.inflight.remove(&(p, id.clone()));
+        let owned = st
+            .parts
+            .get(&p)
+            .is_some_and(|part| part.draining_since.is_none());
+        if let (true, Some(raw)) = (owned, claimed.into_iter().next()) {
+            let message = raw
+                .message
+                .map(Arc::new)
+                .unwrap_or_else(|_| self.entry.message.clone());
+            let seq = st.next_seq();
+            st.retry.insert(
+                (Instant::now() + delay, seq),
+                Entry {
+                    partition: p,
+                    stream_id: id.clone(),
+                    message,
+                    attempt: self.entry.attempt + 1,
+                },
+            );
+        }
+        drop(st);
+        self.shared.wake.notify_waiters();
+        Ok(())
+    }
+
+    async fn extend_deadline(&self, by: Duration) -> Result<()> {
+        self.shared.check_open()?;
+        let key = (self.entry.partition, self.entry.stream_id.clone());
+        {
+            let mut st = self.shared.lock();
+            match st.inflight.get_mut(&key) {
+                Some(deadline) => *deadline = Instant::now() + by,
+                None => {
+                    return Err(Error::new(
+                        ErrorKind::Timeout,
+                        "the delivery is no longer held: its ack timeout expired or its partition moved",
+                    )
+                    .with_backend(BACKEND))
+                }
+            }
+        }
+        self.shared
+            .claim(self.entry.partition, &[&self.entry.stream_id], 0, true)
+            .await
+            .map(|_| ())
+    }
+}

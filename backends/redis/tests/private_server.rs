@@ -1,0 +1,276 @@
+//! Tests that need a Redis server of their own (started here on a spare loopback port):
+//! a restart mid-stream, a wrong password, an unreachable server, a malformed URL.
+//!
+//! They need `redis-server` on PATH (`scripts/brokers.sh up` installs it). Without it they are
+//! reported ignored, or fail when `BUSBAR_REQUIRE_BROKERS=1`.
+
+use std::collections::HashSet;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use busbar_conformance::private_server::{free_port, Failed, TestResult};
+use busbar_core::{
+    Consumer, ErrorKind, Event, EventBus, Message, PublishOptions, SubscribeOptions,
+};
+use busbar_redis::RedisBus;
+use tokio::process::{Child, Command};
+
+/// A private redis-server with AOF (`appendfsync always`), so a restart keeps what it acked.
+struct Server {
+    port: u16,
+    dir: std::path::PathBuf,
+    password: Option<&'static str>,
+    child: Option<Child>,
+}
+
+impl Server {
+    async fn start(password: Option<&'static str>) -> Result<Self, Failed> {
+        let port = free_port()?;
+        let dir =
+            std::env::temp_dir().join(format!("busbar-redis-test-{port}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let mut s = Self {
+            port,
+            dir,
+            password,
+            child: None,
+        };
+        s.spawn().await?;
+        Ok(s)
+    }
+
+    async fn spawn(&mut self) -> TestResult {
+        let mut cmd = Command::new("redis-server");
+        cmd.args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
+            .args([
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+            ])
+            .arg("--dir")
+            .arg(&self.dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true);
+        if let Some(p) = self.password {
+            cmd.args(["--requirepass", p]);
+        }
+        self.child = Some(
+            cmd.spawn()
+                .map_err(|e| format!("cannot start redis-server: {e}"))?,
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+            .await
+            .is_err()
+        {
+            if Instant::now() > deadline {
+                return Err("redis-server did not listen within 10 s".into());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(())
+    }
+
+    async fn kill(&mut self) -> TestResult {
+        if let Some(mut c) = self.child.take() {
+            c.kill().await?;
+        }
+        Ok(())
+    }
+
+    fn url(&self, query: &str) -> String {
+        match self.password {
+            Some(p) => format!("redis://:{p}@127.0.0.1:{}/{query}", self.port),
+            None => format!("redis://127.0.0.1:{}/{query}", self.port),
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Publishes until it succeeds (the server may be restarting), giving up after `limit`.
+async fn publish_retrying(bus: &RedisBus, topic: &str, m: Message, limit: Duration) -> TestResult {
+    let deadline = Instant::now() + limit;
+    loop {
+        match bus
+            .publish(topic, m.clone(), &PublishOptions::default())
+            .await
+        {
+            Ok(()) => return Ok(()),
+            Err(e) if e.is_retryable() && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => return Err(format!("publish failed for good: {e}").into()),
+        }
+    }
+}
+
+async fn restart_mid_stream_loses_nothing_acked() -> TestResult {
+    let mut server = Server::start(None).await?;
+    let bus = RedisBus::connect(&server.url("?lease_ttl_ms=1500")).await?;
+    let topic = "restart";
+    let opts = SubscribeOptions::new("g").ack_timeout(Duration::from_secs(3));
+    bus.provision(topic, &opts).await?;
+    let handled: Arc<Mutex<HashSet<String>>> = Arc::default();
+    let h = handled.clone();
+    let shared: Arc<dyn EventBus> = Arc::new(bus.clone());
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let consumer = tokio::spawn(
+        Consumer::new(shared, topic)
+            .group("g")
+            .ack_timeout(Duration::from_secs(3))
+            .run_until(
+                move |e: Event| {
+                    let h = h.clone();
+                    async move {
+                        h.lock().map_err(|_| "lock")?.insert(e.id().to_owned());
+                        Ok::<(), &str>(())
+                    }
+                },
+                async move {
+                    let _ = stop_rx.await;
+                },
+            ),
+    );
+
+    // Before the crash: everything whose publish returned Ok must arrive.
+    let mut acked = Vec::new();
+    for i in 0..300 {
+        let m = Message::new(format!("before-{i}")).with_key(format!("k{}", i % 10));
+        let id = m.id.clone();
+        if bus
+            .publish(topic, m, &PublishOptions::default())
+            .await
+            .is_ok()
+        {
+            acked.push(id);
+        }
+        if i == 150 {
+            // Mid-stream, while the consumer is reading.
+            server.kill().await?;
+            // While Redis is down, publishing fails with a retryable error, never silently.
+            for j in 0..5 {
+                let m = Message::new(format!("down-{j}"));
+                let id = m.id.clone();
+                match bus.publish(topic, m, &PublishOptions::default()).await {
+                    Ok(()) => acked.push(id),
+                    Err(e) if e.is_retryable() => {}
+                    Err(e) => return Err(format!("publish while down: {e}").into()),
+                }
+            }
+            server.spawn().await?;
+        }
+    }
+    // After the restart: publishing resumes and everything arrives.
+    for i in 0..200 {
+        let m = Message::new(format!("after-{i}")).with_key(format!("k{}", i % 10));
+        acked.push(m.id.clone());
+        publish_retrying(&bus, topic, m, Duration::from_secs(30)).await?;
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let missing = {
+            let h = handled.lock().map_err(|_| "lock")?;
+            acked.iter().filter(|id| !h.contains(*id)).count()
+        };
+        if missing == 0 {
+            break;
+        }
+        if Instant::now() > deadline {
+            let _ = stop_tx.send(());
+            return Err(format!(
+                "{missing} of {} acked messages never arrived after the restart",
+                acked.len()
+            )
+            .into());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let _ = stop_tx.send(());
+    let report = consumer.await??;
+    eprintln!(
+        "  restart: {} acked publishes all handled; runner report {report:?}",
+        acked.len()
+    );
+    Ok(())
+}
+
+async fn wrong_password_is_an_auth_error() -> TestResult {
+    let server = Server::start(Some("s3cret-pw")).await?;
+    let url = format!("redis://:wrong-pw@127.0.0.1:{}/", server.port);
+    let e = RedisBus::connect(&url)
+        .await
+        .err()
+        .ok_or("connected with a wrong password")?;
+    if e.kind() != ErrorKind::Auth {
+        return Err(format!("expected Auth, got {:?}: {e}", e.kind()).into());
+    }
+    if e.to_string().contains("wrong-pw") || e.to_string().contains("s3cret") {
+        return Err(format!("the error prints the password: {e}").into());
+    }
+    RedisBus::connect(&server.url("")).await?;
+    Ok(())
+}
+
+async fn unreachable_server_is_a_connection_error() -> TestResult {
+    let port = free_port()?;
+    let started = Instant::now();
+    let e = RedisBus::connect(&format!("redis://127.0.0.1:{port}/"))
+        .await
+        .err()
+        .ok_or("connected to a closed port")?;
+    if e.kind() != ErrorKind::Connection || !e.is_retryable() {
+        return Err(format!(
+            "expected a retryable Connection error, got {:?}: {e}",
+            e.kind()
+        )
+        .into());
+    }
+    if started.elapsed() > Duration::from_secs(20) {
+        return Err(format!("took {:?} to fail", started.elapsed()).into());
+    }
+    Ok(())
+}
+
+async fn malformed_urls_are_config_errors() -> TestResult {
+    for url in [
+        "redis://",
+        "redis://127.0.0.1:6379/?partitions=zero",
+        "redis://h:notaport/",
+    ] {
+        match RedisBus::connect(url).await {
+            Err(e) if e.kind() == ErrorKind::Config => {}
+            other => return Err(format!("{url}: expected Config, got {other:?}").into()),
+        }
+    }
+    Ok(())
+}
+
+fn main() {
+    busbar_conformance::private_server::main(
+        "redis-server",
+        &[
+            ("restart_mid_stream_loses_nothing_acked", true, || {
+                Box::pin(restart_mid_stream_loses_nothing_acked())
+            }),
+            ("wrong_password_is_an_auth_error", true, || {
+                Box::pin(wrong_password_is_an_auth_error())
+            }),
+            ("unreachable_server_is_a_connection_error", false, || {
+                Box::pin(unreachable_server_is_a_connection_error())
+            }),
+            ("malformed_urls_are_config_errors", false, || {
+                Box::pin(malformed_urls_are_config_errors())
+            }),
+        ],
+    )
+}

@@ -1,0 +1,85 @@
+//! Criterion throughput benches: `<backend>/publish`, `<backend>/publish_batch100` and
+//! `<backend>/e2e`, each with `busbar`, `raw` (the client crate directly) and `omniqueue`
+//! where it supports the broker. Brokers come from `BUSBAR_<BACKEND>_URL` (defaults on
+//! 127.0.0.1); a backend whose broker is unreachable is skipped with a message.
+//! `BUSBAR_BENCH_QUICK=1` (CI's smoke run) uses small message counts.
+#![allow(missing_docs, clippy::panic)]
+
+use std::time::Duration;
+
+use busbar_benches::{end_to_end, publish, subjects_for, Subject, BACKENDS};
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+
+fn quick() -> bool {
+    std::env::var("BUSBAR_BENCH_QUICK").is_ok_and(|v| v == "1")
+}
+
+fn counts(backend: &str) -> (usize, usize) {
+    match (quick(), backend) {
+        (true, _) => (200, 200),
+        (false, "memory") => (20_000, 20_000),
+        (false, _) => (2_000, 5_000),
+    }
+}
+
+fn bench(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    for (backend, var, default) in BACKENDS {
+        let url = std::env::var(var).unwrap_or_else(|_| (*default).to_owned());
+        let subjects = match rt.block_on(subjects_for(&url)) {
+            Ok(s) => s,
+            Err(e) if std::env::var("BUSBAR_REQUIRE_BROKERS").is_ok_and(|v| v == "1") => {
+                panic!("{backend}: {e:#}; BUSBAR_REQUIRE_BROKERS=1 (start brokers with scripts/brokers.sh up)")
+            }
+            Err(e) => {
+                eprintln!(
+                    "not benchmarking {backend}: {e:#} (start brokers with scripts/brokers.sh up)"
+                );
+                continue;
+            }
+        };
+        let (n_publish, n_e2e) = counts(backend);
+        type Workload =
+            fn(&Subject, usize) -> futures::future::BoxFuture<'_, anyhow::Result<Duration>>;
+        let workloads: [(&str, usize, Workload); 3] = [
+            ("publish", n_publish, |s, n| Box::pin(publish(s, n, None))),
+            ("publish_batch100", n_publish, |s, n| {
+                Box::pin(publish(s, n, Some(100)))
+            }),
+            ("e2e", n_e2e, |s, n| Box::pin(end_to_end(s, n))),
+        ];
+        for (name, n, work) in workloads {
+            let mut group = c.benchmark_group(format!("{backend}/{name}"));
+            group.throughput(Throughput::Elements(n as u64));
+            group.sample_size(10);
+            if quick() {
+                group.warm_up_time(Duration::from_millis(100));
+                group.measurement_time(Duration::from_millis(200));
+            } else {
+                group.warm_up_time(Duration::from_secs(1));
+                group.measurement_time(Duration::from_secs(8));
+            }
+            for subject in &subjects {
+                group.bench_function(subject.label(), |b| {
+                    b.iter_custom(|iters| {
+                        rt.block_on(async {
+                            let mut total = Duration::ZERO;
+                            for _ in 0..iters {
+                                total += work(subject, n).await.expect("workload failed");
+                            }
+                            total
+                        })
+                    })
+                });
+            }
+            group.finish();
+        }
+    }
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

@@ -1,0 +1,55 @@
+//! `bench-report [CRITERION_DIR] [OUT_MD] [OUT_SVG]`: reads criterion's results, measures
+//! publish-to-handler latency on every reachable backend, and writes BENCHMARKS.md and the
+//! chart. Run by `scripts/bench-report` after `cargo bench -p busbar-benches`.
+#![allow(clippy::print_stdout)]
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use busbar_benches::{latency, report, BACKENDS};
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> anyhow::Result<()> {
+    let mut args = std::env::args().skip(1);
+    let criterion = PathBuf::from(args.next().unwrap_or_else(|| "target/criterion".into()));
+    let md = PathBuf::from(args.next().unwrap_or_else(|| "BENCHMARKS.md".into()));
+    let svg = PathBuf::from(args.next().unwrap_or_else(|| "docs/benchmarks.svg".into()));
+    let rows = report::read_criterion(&criterion)?;
+    anyhow::ensure!(
+        !rows.is_empty(),
+        "no criterion results under {}",
+        criterion.display()
+    );
+    let mut latencies = BTreeMap::new();
+    for (backend, var, default) in BACKENDS {
+        let url = std::env::var(var).unwrap_or_else(|_| (*default).to_owned());
+        match busbar::connect(&url).await {
+            Ok(bus) => {
+                let l = latency(&bus, 500, 3000).await?;
+                println!(
+                    "{backend}: latency p50 {} µs, p99 {} µs, p99.9 {} µs",
+                    l.p50_us, l.p99_us, l.p999_us
+                );
+                latencies.insert((*backend).to_owned(), l);
+            }
+            Err(e) => println!("{backend}: skipped ({e})"),
+        }
+    }
+    let date = std::process::Command::new("date")
+        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default();
+    if let Some(dir) = svg.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    report::chart(&rows, &svg)?;
+    let rel = svg
+        .strip_prefix(md.parent().unwrap_or(std::path::Path::new("")))
+        .unwrap_or(&svg)
+        .display()
+        .to_string();
+    std::fs::write(&md, report::markdown(&rows, &latencies, &date, &rel))?;
+    println!("wrote {} and {}", md.display(), svg.display());
+    Ok(())
+}

@@ -1,0 +1,269 @@
+//! The benchmark workloads, shared by the criterion benches (`cargo bench -p busbar-benches`),
+//! `busbar bench [URL]` and `bench-report`.
+//!
+//! Every workload runs on a fresh topic, with 100-byte payloads, the consumer attached before
+//! publishing and the same acking on every side: busbar (through the consumer runner), the
+//! raw client doing the same work with its best settings, and a peer crate where it supports
+//! the broker. Speed targets are reported, never asserted.
+#![allow(clippy::print_stdout)]
+
+mod raw;
+pub mod report;
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering as AtomicOrdering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use busbar::{Consumer, Event, EventBus, Message, PublishOptions, StartPosition, SubscribeOptions};
+use serde::{Deserialize, Serialize};
+
+pub use raw::{OmniQueue, RawNats, RawRedis};
+
+/// The backends benchmarked: name, URL variable, default URL. A new backend adds a line.
+pub const BACKENDS: &[(&str, &str, &str)] = &[
+    ("memory", "BUSBAR_MEMORY_URL", "memory://"),
+    ("redis", "BUSBAR_REDIS_URL", "redis://127.0.0.1:6379"),
+    ("nats", "BUSBAR_NATS_URL", "nats://127.0.0.1:4222"),
+];
+
+/// Payload size of every workload.
+pub const PAYLOAD_BYTES: usize = 100;
+/// Keys used by the end-to-end workload.
+pub const KEYS: usize = 64;
+/// Handler concurrency of the end-to-end workload.
+pub const CONCURRENCY: usize = 16;
+
+/// One side of a comparison.
+#[derive(Clone)]
+pub enum Subject {
+    /// busbar on a backend.
+    Busbar(Arc<dyn EventBus>),
+    /// The redis crate directly (pipelined XADD, XREADGROUP + XACK).
+    RawRedis(RawRedis),
+    /// async-nats directly (JetStream async publish, pull consumer + ack).
+    RawNats(RawNats),
+    /// The omniqueue crate (memory or Redis).
+    Omni(OmniQueue),
+}
+
+impl Subject {
+    /// `busbar`, `raw` or `omniqueue`.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Subject::Busbar(_) => "busbar",
+            Subject::RawRedis(_) | Subject::RawNats(_) => "raw",
+            Subject::Omni(_) => "omniqueue",
+        }
+    }
+}
+
+/// The subjects to compare for a broker URL: busbar, plus the raw client and peers that
+/// support that broker.
+pub async fn subjects_for(url: &str) -> Result<Vec<Subject>> {
+    let bus = busbar::connect(&shared_memory_url(url))
+        .await
+        .with_context(|| format!("connecting busbar to {}", busbar::redact_url(url)))?;
+    let mut out = vec![Subject::Busbar(bus)];
+    match url.split("://").next().unwrap_or_default() {
+        "memory" => out.push(Subject::Omni(OmniQueue::memory())),
+        "redis" | "rediss" => {
+            out.push(Subject::RawRedis(RawRedis::connect(url).await?));
+            out.push(Subject::Omni(OmniQueue::redis(url)));
+        }
+        "nats" | "tls" => out.push(Subject::RawNats(RawNats::connect(url).await?)),
+        _ => {}
+    }
+    Ok(out)
+}
+
+fn shared_memory_url(url: &str) -> String {
+    match url.strip_prefix("memory://") {
+        Some("") => format!("memory://bench-{}", uuid::Uuid::new_v4().simple()),
+        _ => url.to_owned(),
+    }
+}
+
+/// A fresh topic name for one run.
+pub fn fresh_topic(workload: &str) -> String {
+    format!(
+        "bench-{workload}-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..12]
+    )
+}
+
+fn payload(i: usize) -> Vec<u8> {
+    let mut p = format!("{i:020}").into_bytes();
+    p.resize(PAYLOAD_BYTES, b'x');
+    p
+}
+
+fn message(i: usize) -> Message {
+    Message::new(payload(i)).with_key(format!("k{}", i % KEYS))
+}
+
+/// Publishes `n` messages one at a time (`batch` = None) or in batches; returns the time.
+pub async fn publish(subject: &Subject, n: usize, batch: Option<usize>) -> Result<Duration> {
+    let topic = fresh_topic("publish");
+    let started = Instant::now();
+    match subject {
+        Subject::Busbar(bus) => match batch {
+            None => {
+                for i in 0..n {
+                    bus.publish(&topic, message(i), &PublishOptions::default())
+                        .await?;
+                }
+            }
+            Some(b) => {
+                for chunk in (0..n).collect::<Vec<_>>().chunks(b) {
+                    let msgs = chunk.iter().map(|i| message(*i)).collect();
+                    bus.publish_batch(&topic, msgs, &PublishOptions::default())
+                        .await?;
+                }
+            }
+        },
+        Subject::RawRedis(r) => r.publish(&topic, n, batch.unwrap_or(1), payload).await?,
+        Subject::RawNats(r) => r.publish(&topic, n, batch.unwrap_or(1), payload).await?,
+        Subject::Omni(o) => o.publish(&topic, n, batch, payload).await?,
+    }
+    Ok(started.elapsed())
+}
+
+/// Publishes `n` messages over 64 keys and consumes + acks all of them (busbar through the
+/// consumer runner, concurrency 16, per-key order kept); returns the time from the first
+/// publish to the last ack.
+pub async fn end_to_end(subject: &Subject, n: usize) -> Result<Duration> {
+    let topic = fresh_topic("e2e");
+    match subject {
+        Subject::Busbar(bus) => {
+            let group = "bench";
+            let consumer = Consumer::new(bus.clone(), &topic)
+                .group(group)
+                .start(StartPosition::Latest)
+                .concurrency(CONCURRENCY)
+                .max_in_flight(1024);
+            bus.provision(&topic, &consumer.subscribe_options()).await?;
+            let done = Arc::new(AtomicUsize::new(0));
+            let finished = Arc::new(tokio::sync::Notify::new());
+            let (d, f) = (done.clone(), finished.clone());
+            let run = tokio::spawn(consumer.run_until(
+                move |_e: Event| {
+                    let (d, f) = (d.clone(), f.clone());
+                    async move {
+                        if d.fetch_add(1, AtomicOrdering::AcqRel) + 1 >= n {
+                            f.notify_one();
+                        }
+                        Ok::<(), std::convert::Infallible>(())
+                    }
+                },
+                wait_all(done.clone(), finished.clone(), n),
+            ));
+            let started = Instant::now();
+            for chunk in (0..n).collect::<Vec<_>>().chunks(100) {
+                let msgs = chunk.iter().map(|i| message(*i)).collect();
+                bus.publish_batch(&topic, msgs, &PublishOptions::default())
+                    .await?;
+            }
+            wait_all(done, finished, n).await;
+            let elapsed = started.elapsed();
+            run.await??;
+            Ok(elapsed)
+        }
+        Subject::RawRedis(r) => r.end_to_end(&topic, n, payload).await,
+        Subject::RawNats(r) => r.end_to_end(&topic, n, payload).await,
+        Subject::Omni(o) => o.end_to_end(&topic, n, payload).await,
+    }
+}
+
+async fn wait_all(done: Arc<AtomicUsize>, finished: Arc<tokio::sync::Notify>, n: usize) {
+    loop {
+        let notified = finished.notified();
+        if done.load(AtomicOrdering::Acquire) >= n {
+            return;
+        }
+        let _ = tokio::time::timeout(Duration::from_millis(50), notified).await;
+    }
+}
+
+/// Latency percentiles in microseconds.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq)]
+pub struct Latency {
+    /// Median.
+    pub p50_us: u64,
+    /// 99th percentile.
+    pub p99_us: u64,
+    /// 99.9th percentile.
+    pub p999_us: u64,
+    /// Messages measured.
+    pub count: u64,
+}
+
+/// Publishes `count` messages at `rate` per second (one at a time) and measures publish ->
+/// handler time through busbar's consumer runner, in an HDR histogram.
+pub async fn latency(bus: &Arc<dyn EventBus>, rate: u32, count: usize) -> Result<Latency> {
+    let topic = fresh_topic("latency");
+    let consumer = Consumer::new(bus.clone(), &topic)
+        .group("bench")
+        .start(StartPosition::Latest)
+        .concurrency(CONCURRENCY);
+    bus.provision(&topic, &SubscribeOptions::new("bench"))
+        .await?;
+    let hist = Arc::new(Mutex::new(
+        hdrhistogram::Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)
+            .context("histogram bounds")?,
+    ));
+    let epoch = Instant::now();
+    let seen = Arc::new(AtomicU64::new(0));
+    let (h, s) = (hist.clone(), seen.clone());
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let run = tokio::spawn(consumer.run_until(
+        move |e: Event| {
+            let (h, s) = (h.clone(), s.clone());
+            async move {
+                let sent: u64 = std::str::from_utf8(&e.payload()[..20])
+                    .ok()
+                    .and_then(|t| t.parse().ok())
+                    .unwrap_or(0);
+                let now = epoch.elapsed().as_micros() as u64;
+                if let Ok(mut h) = h.lock() {
+                    let _ = h.record(now.saturating_sub(sent).max(1));
+                }
+                s.fetch_add(1, AtomicOrdering::AcqRel);
+                Ok::<(), std::convert::Infallible>(())
+            }
+        },
+        async move {
+            let _ = stop_rx.await;
+        },
+    ));
+    let gap = Duration::from_secs_f64(1.0 / f64::from(rate.max(1)));
+    let mut next = tokio::time::Instant::now();
+    for i in 0..count {
+        tokio::time::sleep_until(next).await;
+        next += gap;
+        let mut p = format!("{:020}", epoch.elapsed().as_micros()).into_bytes();
+        p.resize(PAYLOAD_BYTES, b'x');
+        let m = Message::new(p).with_key(format!("k{}", i % KEYS));
+        bus.publish(&topic, m, &PublishOptions::default()).await?;
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while (seen.load(AtomicOrdering::Acquire) as usize) < count && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let _ = stop_tx.send(());
+    run.await??;
+    let h = hist
+        .lock()
+        .map_err(|_| anyhow::anyhow!("histogram lock poisoned"))?;
+    Ok(Latency {
+        p50_us: h.value_at_quantile(0.5),
+        p99_us: h.value_at_quantile(0.99),
+        p999_us: h.value_at_quantile(0.999),
+        count: h.len(),
+    })
+}
+
+/// Messages per second.
+pub fn rate(n: usize, d: Duration) -> f64 {
+    n as f64 / d.as_secs_f64().max(1e-9)
+}

@@ -1,0 +1,394 @@
+//! The baselines: the raw clients with their best settings, and the omniqueue peer crate.
+
+use std::sync::atomic::{AtomicUsize, Ordering as AtomicOrdering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, Context, Result};
+use futures::StreamExt;
+use omniqueue::QueueProducer;
+
+/// The redis crate directly, on a stream of its own.
+#[derive(Clone)]
+pub struct RawRedis {
+    client: redis::Client,
+    conn: redis::aio::MultiplexedConnection,
+}
+
+impl RawRedis {
+    /// Connects to `url`.
+    pub async fn connect(url: &str) -> Result<Self> {
+        let base = url.split('?').next().unwrap_or(url);
+        let client = redis::Client::open(base)?;
+        let conn = client.get_multiplexed_async_connection().await?;
+        Ok(Self { client, conn })
+    }
+
+    /// Pipelined XADD of `n` entries, `batch` per round trip.
+    pub async fn publish(
+        &self,
+        topic: &str,
+        n: usize,
+        batch: usize,
+        payload: fn(usize) -> Vec<u8>,
+    ) -> Result<()> {
+        let key = format!("raw:{topic}");
+        let mut conn = self.conn.clone();
+        let mut i = 0;
+        while i < n {
+            let mut pipe = redis::pipe();
+            for j in i..(i + batch).min(n) {
+                pipe.cmd("XADD")
+                    .arg(&key)
+                    .arg("MAXLEN")
+                    .arg("~")
+                    .arg(1_000_000)
+                    .arg("*")
+                    .arg("k")
+                    .arg(format!("k{}", j % crate::KEYS))
+                    .arg("d")
+                    .arg(payload(j))
+                    .ignore();
+            }
+            pipe.query_async::<()>(&mut conn).await?;
+            i += batch;
+        }
+        Ok(())
+    }
+
+    /// XREADGROUP (COUNT 100) + one XACK per read, against pipelined XADD in batches of 100.
+    pub async fn end_to_end(
+        &self,
+        topic: &str,
+        n: usize,
+        payload: fn(usize) -> Vec<u8>,
+    ) -> Result<Duration> {
+        let key = format!("raw:{topic}");
+        let mut conn = self.conn.clone();
+        redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg(&key)
+            .arg("g")
+            .arg("$")
+            .arg("MKSTREAM")
+            .query_async::<()>(&mut conn)
+            .await?;
+        let mut reader = self.client.get_multiplexed_async_connection().await?;
+        let k = key.clone();
+        let consumer = tokio::spawn(async move {
+            let mut seen = 0usize;
+            while seen < n {
+                let reply: redis::Value = redis::cmd("XREADGROUP")
+                    .arg("GROUP")
+                    .arg("g")
+                    .arg("c")
+                    .arg("COUNT")
+                    .arg(100)
+                    .arg("BLOCK")
+                    .arg(100)
+                    .arg("STREAMS")
+                    .arg(&k)
+                    .arg(">")
+                    .query_async(&mut reader)
+                    .await?;
+                let ids = stream_ids(reply);
+                if ids.is_empty() {
+                    continue;
+                }
+                seen += ids.len();
+                redis::cmd("XACK")
+                    .arg(&k)
+                    .arg("g")
+                    .arg(&ids)
+                    .query_async::<i64>(&mut reader)
+                    .await?;
+            }
+            Ok::<(), redis::RedisError>(())
+        });
+        let started = Instant::now();
+        self.publish(topic, n, 100, payload).await?;
+        consumer.await??;
+        Ok(started.elapsed())
+    }
+}
+
+fn stream_ids(v: redis::Value) -> Vec<String> {
+    use redis::Value::{Array, BulkString};
+    let mut out = Vec::new();
+    if let Array(streams) = v {
+        for s in streams {
+            if let Array(mut parts) = s {
+                if let Some(Array(entries)) = parts.pop() {
+                    for e in entries {
+                        if let Array(mut f) = e {
+                            if !f.is_empty() {
+                                if let BulkString(id) = f.swap_remove(0) {
+                                    out.push(String::from_utf8_lossy(&id).into_owned());
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// async-nats directly, on a stream of its own.
+#[derive(Clone)]
+pub struct RawNats {
+    js: async_nats::jetstream::Context,
+}
+
+impl RawNats {
+    /// Connects to `url` (`nats://host:port`).
+    pub async fn connect(url: &str) -> Result<Self> {
+        let addr = url
+            .split("://")
+            .nth(1)
+            .and_then(|r| r.split('?').next())
+            .ok_or_else(|| anyhow!("bad NATS URL"))?;
+        let client = async_nats::connect(addr).await?;
+        Ok(Self {
+            js: async_nats::jetstream::new(client),
+        })
+    }
+
+    async fn stream(&self, topic: &str) -> Result<(async_nats::jetstream::stream::Stream, String)> {
+        let name = format!("RAW_{}", busbar::nats::encode_topic(topic));
+        let subject = format!("raw.{}", busbar::nats::encode_topic(topic));
+        let stream = self
+            .js
+            .get_or_create_stream(async_nats::jetstream::stream::Config {
+                name,
+                subjects: vec![subject.clone()],
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| anyhow!("creating the stream: {e}"))?;
+        Ok((stream, subject))
+    }
+
+    /// JetStream publish with up to `batch` acks outstanding.
+    pub async fn publish(
+        &self,
+        topic: &str,
+        n: usize,
+        batch: usize,
+        payload: fn(usize) -> Vec<u8>,
+    ) -> Result<()> {
+        let (_, subject) = self.stream(topic).await?;
+        self.publish_on(&subject, n, batch, payload).await
+    }
+
+    async fn publish_on(
+        &self,
+        subject: &str,
+        n: usize,
+        batch: usize,
+        payload: fn(usize) -> Vec<u8>,
+    ) -> Result<()> {
+        let mut pending = Vec::with_capacity(batch);
+        for i in 0..n {
+            pending.push(
+                self.js
+                    .publish(subject.to_owned(), payload(i).into())
+                    .await
+                    .map_err(|e| anyhow!("publish: {e}"))?,
+            );
+            if pending.len() >= batch {
+                for a in pending.drain(..) {
+                    a.await.map_err(|e| anyhow!("publish ack: {e}"))?;
+                }
+            }
+        }
+        for a in pending {
+            a.await.map_err(|e| anyhow!("publish ack: {e}"))?;
+        }
+        Ok(())
+    }
+
+    /// A durable pull consumer acking every message, against batches of 100 async publishes.
+    pub async fn end_to_end(
+        &self,
+        topic: &str,
+        n: usize,
+        payload: fn(usize) -> Vec<u8>,
+    ) -> Result<Duration> {
+        let (stream, subject) = self.stream(topic).await?;
+        let consumer = stream
+            .get_or_create_consumer::<async_nats::jetstream::consumer::pull::Config>(
+                "raw",
+                async_nats::jetstream::consumer::pull::Config {
+                    durable_name: Some("raw".into()),
+                    deliver_policy: async_nats::jetstream::consumer::DeliverPolicy::New,
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(|e| anyhow!("consumer: {e}"))?;
+        let reader = tokio::spawn(async move {
+            let mut messages = consumer
+                .stream()
+                .max_messages_per_batch(500)
+                .messages()
+                .await
+                .map_err(|e| anyhow!("pull: {e}"))?;
+            let mut seen = 0;
+            while seen < n {
+                let m = messages
+                    .next()
+                    .await
+                    .ok_or_else(|| anyhow!("pull ended"))?
+                    .map_err(|e| anyhow!("pull: {e}"))?;
+                m.ack().await.map_err(|e| anyhow!("ack: {e}"))?;
+                seen += 1;
+            }
+            Ok::<(), anyhow::Error>(())
+        });
+        let started = Instant::now();
+        self.publish_on(&subject, n, 100, payload).await?;
+        reader.await??;
+        Ok(started.elapsed())
+    }
+}
+
+/// The omniqueue peer crate.
+#[derive(Clone)]
+pub enum OmniQueue {
+    /// Its in-memory backend.
+    Memory,
+    /// Its Redis Streams backend.
+    Redis(String),
+}
+
+type Pair = (omniqueue::DynProducer, omniqueue::DynConsumer);
+
+impl OmniQueue {
+    /// The in-memory backend.
+    pub fn memory() -> Self {
+        OmniQueue::Memory
+    }
+
+    /// The Redis backend on `url`.
+    pub fn redis(url: &str) -> Self {
+        OmniQueue::Redis(url.split('?').next().unwrap_or(url).to_owned())
+    }
+
+    async fn pair(&self, topic: &str) -> Result<Pair> {
+        match self {
+            OmniQueue::Memory => omniqueue::backends::InMemoryBackend::builder()
+                .make_dynamic()
+                .build_pair()
+                .await
+                .context("omniqueue memory"),
+            OmniQueue::Redis(dsn) => {
+                // omniqueue reads with XREADGROUP but leaves creating the group to the user.
+                let mut conn = redis::Client::open(dsn.as_str())?
+                    .get_multiplexed_async_connection()
+                    .await?;
+                let created: redis::RedisResult<()> = redis::cmd("XGROUP")
+                    .arg("CREATE")
+                    .arg(format!("omni:{topic}"))
+                    .arg("bench")
+                    .arg("$")
+                    .arg("MKSTREAM")
+                    .query_async(&mut conn)
+                    .await;
+                if let Err(e) = created {
+                    anyhow::ensure!(
+                        e.code() == Some("BUSYGROUP"),
+                        "creating omniqueue's group: {e}"
+                    );
+                }
+                let cfg = omniqueue::backends::RedisConfig {
+                    dsn: dsn.clone(),
+                    max_connections: 8,
+                    reinsert_on_nack: false,
+                    queue_key: format!("omni:{topic}"),
+                    delayed_queue_key: format!("omni:{topic}:delayed"),
+                    delayed_lock_key: format!("omni:{topic}:lock"),
+                    consumer_group: "bench".into(),
+                    consumer_name: "c1".into(),
+                    payload_key: "payload".into(),
+                    ack_deadline_ms: 30_000,
+                    dlq_config: None,
+                    sentinel_config: None,
+                };
+                omniqueue::backends::RedisBackend::builder(cfg)
+                    .make_dynamic()
+                    .build_pair()
+                    .await
+                    .context("omniqueue redis")
+            }
+        }
+    }
+
+    /// `send_raw` one at a time, or `send_raw_batch` in batches.
+    pub async fn publish(
+        &self,
+        topic: &str,
+        n: usize,
+        batch: Option<usize>,
+        payload: fn(usize) -> Vec<u8>,
+    ) -> Result<()> {
+        let (producer, _consumer) = self.pair(topic).await?;
+        send(&producer, n, batch, payload).await
+    }
+
+    /// A consumer receiving and acking every message, against batches of 100.
+    pub async fn end_to_end(
+        &self,
+        topic: &str,
+        n: usize,
+        payload: fn(usize) -> Vec<u8>,
+    ) -> Result<Duration> {
+        let (producer, mut consumer) = self.pair(topic).await?;
+        let seen = Arc::new(AtomicUsize::new(0));
+        let s = seen.clone();
+        let reader = tokio::spawn(async move {
+            while s.load(AtomicOrdering::Acquire) < n {
+                let d = consumer
+                    .receive()
+                    .await
+                    .map_err(|e| anyhow!("receive: {e}"))?;
+                d.ack().await.map_err(|(e, _)| anyhow!("ack: {e}"))?;
+                s.fetch_add(1, AtomicOrdering::AcqRel);
+            }
+            Ok::<(), anyhow::Error>(())
+        });
+        let started = Instant::now();
+        send(&producer, n, Some(100), payload).await?;
+        reader.await??;
+        Ok(started.elapsed())
+    }
+}
+
+async fn send(
+    producer: &omniqueue::DynProducer,
+    n: usize,
+    batch: Option<usize>,
+    payload: fn(usize) -> Vec<u8>,
+) -> Result<()> {
+    match batch {
+        None => {
+            for i in 0..n {
+                producer
+                    .send_raw(&payload(i))
+                    .await
+                    .map_err(|e| anyhow!("send: {e}"))?;
+            }
+        }
+        Some(b) => {
+            for chunk in (0..n).collect::<Vec<_>>().chunks(b) {
+                let msgs: Vec<Vec<u8>> = chunk.iter().map(|i| payload(*i)).collect();
+                producer
+                    .send_raw_batch(msgs.iter())
+                    .await
+                    .map_err(|e| anyhow!("send batch: {e}"))?;
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,280 @@
+//! `busbar`: the command line of the busbar event bus.
+//!
+//! `busbar check [URL]` runs the conformance suite against a live broker (default
+//! `memory://`) and prints a pass/fail/ignored table, then `N passed, M failed, K ignored`.
+#![allow(clippy::print_stdout)]
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use busbar_conformance::{Harness, Scale, Verdict};
+use clap::{Parser, Subcommand};
+use futures::StreamExt;
+
+#[derive(Parser)]
+#[command(
+    name = "busbar",
+    version,
+    about = "One event-bus API over many brokers"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Runs the conformance suite against a broker and prints a table of the cases.
+    Check {
+        /// Broker URL: memory://, redis://, kafka://, nats://, amqp://, sqs:// (as compiled in).
+        #[arg(default_value = "memory://")]
+        url: String,
+        /// Only run cases whose name contains this text.
+        #[arg(long)]
+        filter: Option<String>,
+        /// How many cases run at once.
+        #[arg(long, default_value_t = 2)]
+        jobs: usize,
+        /// Message-count multiplier (as BUSBAR_CONFORMANCE_SCALE).
+        #[arg(long)]
+        scale: Option<f64>,
+    },
+    /// Lists the conformance cases with what each proves.
+    Cases,
+    /// Quick throughput and latency run: busbar vs the raw client and peer crates on one
+    /// broker, printed as a table with the ratios busbar/raw and busbar/peer.
+    Bench {
+        /// Broker URL (default memory://).
+        #[arg(default_value = "memory://")]
+        url: String,
+        /// Messages per throughput workload.
+        #[arg(long, default_value_t = 5000)]
+        messages: usize,
+        /// Messages per second of the latency workload.
+        #[arg(long, default_value_t = 500)]
+        rate: u32,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("busbar: cannot start the async runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let code = match cli.command {
+        Command::Cases => {
+            for c in busbar_conformance::all_cases() {
+                println!("{:<55} {}", c.name, c.doc);
+            }
+            ExitCode::SUCCESS
+        }
+        Command::Check {
+            url,
+            filter,
+            jobs,
+            scale,
+        } => runtime.block_on(check(url, filter, jobs.max(1), scale)),
+        Command::Bench {
+            url,
+            messages,
+            rate,
+        } => match runtime.block_on(bench(&url, messages.max(100), rate.max(1))) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("busbar bench: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+    };
+    // Broker clients may keep background threads alive; do not wait for them.
+    runtime.shutdown_timeout(Duration::from_secs(5));
+    code
+}
+
+/// `memory://` gives a private bus per connection; the suite needs its connections to share
+/// one, so an unnamed memory URL becomes a uniquely named one.
+fn shared_url(url: &str) -> String {
+    match url.strip_prefix("memory://") {
+        Some(rest) if rest.is_empty() || rest.starts_with('?') => {
+            format!(
+                "memory://busbar-check-{}{rest}",
+                uuid::Uuid::new_v4().simple()
+            )
+        }
+        _ => url.to_owned(),
+    }
+}
+
+async fn check(url: String, filter: Option<String>, jobs: usize, scale: Option<f64>) -> ExitCode {
+    let url = shared_url(&url);
+    let shown = busbar::redact_url(&url);
+    let backend = url.split("://").next().unwrap_or("?").to_owned();
+    let u = url.clone();
+    let harness = Harness {
+        backend: "check",
+        url: url.clone(),
+        start_hint: "scripts/brokers.sh up",
+        connect: Arc::new(move || {
+            let u = u.clone();
+            Box::pin(async move { busbar::connect(&u).await })
+        }),
+    };
+    if let Err(why) = harness.probe().await {
+        eprintln!("busbar check: {why}");
+        println!("0 passed, 1 failed, 0 ignored");
+        return ExitCode::FAILURE;
+    }
+    let scale = scale.map(Scale::new).unwrap_or_else(Scale::from_env);
+    let cases: Vec<_> = busbar_conformance::all_cases()
+        .into_iter()
+        .filter(|c| filter.as_deref().is_none_or(|f| c.name.contains(f)))
+        .collect();
+    println!("busbar check {shown} ({backend}): {} cases\n", cases.len());
+    println!("{:<52} {:<8} {:>9}  notes", "case", "result", "time");
+    println!("{}", "-".repeat(100));
+    let started = Instant::now();
+    let (mut passed, mut failed, mut ignored) = (0, 0, 0);
+    let h = &harness;
+    let mut results = futures::stream::iter(
+        cases
+            .iter()
+            .map(|c| async move { h.run_case(c, scale).await }),
+    )
+    .buffered(jobs);
+    while let Some(r) = results.next().await {
+        let (word, note) = match r.verdict {
+            Verdict::Passed(o) => {
+                passed += 1;
+                let mut note = String::new();
+                if o.duplicates > 0 {
+                    note.push_str(&format!("{} duplicate(s)", o.duplicates));
+                }
+                if let Some(n) = o.note {
+                    if !note.is_empty() {
+                        note.push_str("; ");
+                    }
+                    note.push_str(&n);
+                }
+                ("pass", note)
+            }
+            Verdict::Failed(why) => {
+                failed += 1;
+                ("FAIL", why.replace('\n', " "))
+            }
+            Verdict::Ignored(why) => {
+                ignored += 1;
+                ("ignored", why)
+            }
+        };
+        println!(
+            "{:<52} {:<8} {:>8.2}s  {}",
+            r.case,
+            word,
+            r.elapsed.as_secs_f64(),
+            note
+        );
+    }
+    println!("{}", "-".repeat(100));
+    println!("total time {:.1}s", started.elapsed().as_secs_f64());
+    println!("{passed} passed, {failed} failed, {ignored} ignored");
+    if failed > 0 {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+async fn bench(url: &str, n: usize, rate: u32) -> anyhow::Result<()> {
+    use busbar_benches::{end_to_end, latency, publish, rate as per_second, subjects_for, Subject};
+    let subjects = subjects_for(url).await?;
+    let workloads = ["publish", "publish_batch100", "e2e"];
+    let bar = indicatif::ProgressBar::new((subjects.len() * workloads.len() + 1) as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let mut table: Vec<(String, Vec<(String, f64)>)> = Vec::new();
+    for w in workloads {
+        let mut row = Vec::new();
+        for s in &subjects {
+            bar.set_message(format!("{w} / {}", s.label()));
+            // A discarded warm-up round, then the measured one.
+            let mut elapsed = std::time::Duration::ZERO;
+            for _ in 0..2 {
+                elapsed = match w {
+                    "publish" => publish(s, n, None).await?,
+                    "publish_batch100" => publish(s, n, Some(100)).await?,
+                    _ => end_to_end(s, n).await?,
+                };
+            }
+            row.push((s.label().to_owned(), per_second(n, elapsed)));
+            bar.inc(1);
+        }
+        table.push((w.to_owned(), row));
+    }
+    bar.set_message("latency");
+    let lat = match subjects.first() {
+        Some(Subject::Busbar(bus)) => Some(latency(bus, rate, (rate as usize) * 4).await?),
+        _ => None,
+    };
+    bar.finish_and_clear();
+    let get = |row: &[(String, f64)], who: &str| row.iter().find(|(l, _)| l == who).map(|x| x.1);
+    println!(
+        "busbar bench {} ({n} messages of 100 bytes per workload)\n",
+        busbar::redact_url(url)
+    );
+    println!(
+        "{:<18} {:>14} {:>14} {:>14} {:>11} {:>17}",
+        "workload", "busbar msg/s", "raw msg/s", "omniqueue", "busbar/raw", "busbar/omniqueue"
+    );
+    for (w, row) in &table {
+        let b = get(row, "busbar");
+        let r = get(row, "raw");
+        let o = get(row, "omniqueue");
+        let f = |x: Option<f64>| x.map_or("-".to_owned(), |v| format!("{v:.0}"));
+        let q = |a: Option<f64>, c: Option<f64>| match (a, c) {
+            (Some(a), Some(c)) if c > 0.0 => format!("{:.2}", a / c),
+            _ => "-".to_owned(),
+        };
+        println!(
+            "{w:<18} {:>14} {:>14} {:>14} {:>11} {:>17}",
+            f(b),
+            f(r),
+            f(o),
+            q(b, r),
+            q(b, o)
+        );
+    }
+    if let Some(l) = lat {
+        println!(
+            "\nlatency publish -> handler at {rate}/s: p50 {} us, p99 {} us, p99.9 {} us ({} messages)",
+            l.p50_us, l.p99_us, l.p999_us, l.count
+        );
+    }
+    println!("\nOne run on this machine; compare ratios, not absolute numbers.");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::shared_url;
+
+    #[test]
+    fn unnamed_memory_urls_become_shared() {
+        let u = shared_url("memory://");
+        assert!(u.starts_with("memory://busbar-check-"), "{u}");
+        let u = shared_url("memory://?retention=5");
+        assert!(u.ends_with("?retention=5"), "{u}");
+        assert_eq!(shared_url("memory://mine"), "memory://mine");
+        assert_eq!(shared_url("redis://h"), "redis://h");
+    }
+}

@@ -1,0 +1,233 @@
+//! Retry, dead-letter and redrive through the consumer runner.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, ensure, Context, Result};
+use busbar_core::{
+    dlq_headers, redrive, Consumer, Event, RedriveOptions, RetryPolicy, StartPosition,
+};
+
+use crate::support::{keyed, latest, parse_keyed, publish_all, wait_for, Ctx};
+use crate::Outcome;
+
+#[derive(Debug, Clone)]
+struct Record {
+    key: String,
+    n: usize,
+    attempt: u32,
+    started: Instant,
+    ended: Instant,
+    ok: bool,
+}
+
+/// A poison message is retried per policy while other keys keep flowing, then lands in the
+/// dead-letter topic with its error metadata; later messages of its key follow it; redrive
+/// brings it back to the topic.
+pub async fn runner_retry_then_dlq(ctx: Ctx) -> Result<Outcome> {
+    let topic = ctx.topic("t");
+    let dlq_topic = busbar_core::default_dead_letter_topic(&topic);
+    let group = ctx.group("g");
+    let bus = ctx.bus.clone();
+    bus.provision(&topic, &latest(&group)).await?;
+    bus.provision(&dlq_topic, &latest("inspect")).await?;
+    let mut redrive_options = RedriveOptions::default();
+    redrive_options.max_messages = Some(1);
+    redrive_options.idle_timeout = Duration::from_secs(10);
+    bus.provision(&dlq_topic, &latest(&redrive_options.group))
+        .await?;
+
+    let records: Arc<Mutex<Vec<Record>>> = Arc::default();
+    let r = records.clone();
+    let consumer = Consumer::new(bus.clone(), &topic)
+        .group(&group)
+        .start(StartPosition::Latest)
+        .concurrency(4)
+        .retry(
+            RetryPolicy::builder()
+                .max_attempts(3)
+                .initial_delay(Duration::from_millis(100))
+                .max_delay(Duration::from_millis(100))
+                .build()?,
+        );
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let run = tokio::spawn(consumer.run_until(
+        move |e: Event| {
+            let r = r.clone();
+            async move {
+                let started = Instant::now();
+                let (key, n) = parse_keyed(e.payload()).map_err(|e| e.to_string())?;
+                let poison = key == "poison" && n == 1;
+                tokio::time::sleep(Duration::from_millis(if poison { 200 } else { 5 })).await;
+                r.lock().map_err(|_| "poisoned lock")?.push(Record {
+                    key: key.clone(),
+                    n,
+                    attempt: e.attempt(),
+                    started,
+                    ended: Instant::now(),
+                    ok: !poison,
+                });
+                if poison {
+                    Err(format!("cannot process {key}/{n}: poison"))
+                } else {
+                    Ok(())
+                }
+            }
+        },
+        async move {
+            let _ = stop_rx.await;
+        },
+    ));
+
+    let mut msgs = vec![keyed("poison", 0), keyed("poison", 1), keyed("poison", 2)];
+    for k in 0..4 {
+        for n in 0..10 {
+            msgs.push(keyed(&format!("ok{k}"), n));
+        }
+    }
+    let ids = publish_all(bus.as_ref(), &topic, msgs).await?;
+    let poison_id = ids[1].clone();
+    let rc = records.clone();
+    let waited = wait_for(
+        Duration::from_secs(60),
+        "poison/2 and every ok message",
+        move || {
+            let r = rc.lock().map(|r| r.clone()).unwrap_or_default();
+            let ok_done: HashSet<(String, usize)> = r
+                .iter()
+                .filter(|x| x.ok)
+                .map(|x| (x.key.clone(), x.n))
+                .collect();
+            ok_done.len() >= 42
+        },
+    )
+    .await;
+    let _ = stop_tx.send(());
+    let report = run.await.context("runner task")??;
+    waited?;
+    let recs = records.lock().map_err(|_| anyhow!("poisoned"))?.clone();
+
+    let poison: Vec<&Record> = recs
+        .iter()
+        .filter(|x| x.key == "poison" && x.n == 1)
+        .collect();
+    let attempts: Vec<u32> = poison.iter().map(|x| x.attempt).collect();
+    for a in 1..=3 {
+        ensure!(
+            attempts.contains(&a),
+            "attempt {a} of the poison message missing: {attempts:?}"
+        );
+    }
+    ensure!(
+        attempts.iter().all(|a| *a <= 3),
+        "the poison message was tried beyond max_attempts: {attempts:?}"
+    );
+    let first_try = poison
+        .iter()
+        .map(|x| x.started)
+        .min()
+        .context("no poison attempt")?;
+    let gave_up = poison
+        .iter()
+        .map(|x| x.ended)
+        .max()
+        .context("no poison attempt")?;
+    let flowing = recs
+        .iter()
+        .filter(|x| x.key.starts_with("ok") && x.ended > first_try && x.ended < gave_up)
+        .count();
+    ensure!(
+        flowing > 0,
+        "no other key was handled while the poison message was retried"
+    );
+    let before = recs
+        .iter()
+        .find(|x| x.key == "poison" && x.n == 0)
+        .context("poison/0 never handled")?;
+    ensure!(
+        before.ended <= first_try,
+        "poison/1 started before poison/0 finished"
+    );
+    let after = recs
+        .iter()
+        .find(|x| x.key == "poison" && x.n == 2)
+        .context("poison/2 never handled")?;
+    ensure!(
+        after.started >= gave_up,
+        "poison/2 started before poison/1 was given up"
+    );
+    ensure!(report.dead_lettered >= 1, "runner report: {report:?}");
+
+    // The dead-letter topic holds the message with its metadata.
+    let mut inspect = bus.subscribe(&dlq_topic, latest("inspect")).await?;
+    let dead = tokio::time::timeout(Duration::from_secs(30), inspect.next())
+        .await
+        .map_err(|_| anyhow!("nothing arrived in {dlq_topic}"))??
+        .ok_or_else(|| anyhow!("the subscription ended early"))?;
+    ensure!(
+        dead.id() == poison_id,
+        "the DLQ holds {} instead of the poison message",
+        dead.id()
+    );
+    ensure!(dead.key() == Some("poison"), "key lost in the DLQ");
+    ensure!(
+        parse_keyed(dead.payload())? == ("poison".into(), 1),
+        "payload changed in the DLQ"
+    );
+    let h = dead.headers();
+    let error = h.get(dlq_headers::ERROR).unwrap_or_default();
+    ensure!(error.contains("poison"), "DLQ error header is {error:?}");
+    ensure!(
+        h.get(dlq_headers::ATTEMPTS) == Some("3"),
+        "attempts header {:?}",
+        h.get(dlq_headers::ATTEMPTS)
+    );
+    ensure!(
+        h.get(dlq_headers::ORIGINAL_TOPIC) == Some(topic.as_str()),
+        "original topic header missing"
+    );
+    ensure!(
+        h.get(dlq_headers::GROUP) == Some(group.as_str()),
+        "group header missing"
+    );
+    let time = h.get(dlq_headers::TIME).context("time header missing")?;
+    chrono::DateTime::parse_from_rfc3339(time).context("time header is not RFC 3339")?;
+    dead.ack().await?;
+    inspect.close().await?;
+
+    // Redrive brings it back to the topic.
+    let report = redrive(bus.as_ref(), &dlq_topic, &redrive_options)
+        .await
+        .context("redrive")?;
+    ensure!(
+        report.redriven == 1,
+        "redrive moved {} messages",
+        report.redriven
+    );
+    let mut again = bus.subscribe(&topic, latest(&group)).await?;
+    let back = loop {
+        let d = tokio::time::timeout(Duration::from_secs(30), again.next())
+            .await
+            .map_err(|_| anyhow!("the redriven message never arrived"))??
+            .ok_or_else(|| anyhow!("the subscription ended early"))?;
+        let is_poison = d.id() == poison_id;
+        let body = d.message().clone();
+        d.ack().await?;
+        if is_poison {
+            break body;
+        }
+    };
+    ensure!(
+        back.headers.get(busbar_core::redrive::REDRIVEN_FROM_HEADER) == Some(dlq_topic.as_str()),
+        "redriven message lacks its origin header"
+    );
+    ensure!(
+        back.headers.get(dlq_headers::ERROR).is_none(),
+        "DLQ headers kept after redrive"
+    );
+    again.close().await?;
+    Ok(Outcome::ok().note(format!(
+        "poison attempts {attempts:?}; {flowing} other messages handled meanwhile"
+    )))
+}

@@ -1,0 +1,177 @@
+//! Limits and bad input: typed errors, nothing lost, no panic.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use anyhow::{bail, ensure, Context, Result};
+use busbar_core::{ErrorKind, Message, PublishOptions, SubscribeOptions};
+
+use crate::support::{collect, expect_silence, latest, Ctx};
+use crate::Outcome;
+
+fn expect_kind<T>(r: busbar_core::Result<T>, kind: ErrorKind, what: &str) -> Result<()> {
+    match r {
+        Ok(_) => bail!("{what}: succeeded, expected a {kind} error"),
+        Err(e) if e.kind() == kind => Ok(()),
+        Err(e) => bail!("{what}: got {:?} ({e}), expected {kind:?}", e.kind()),
+    }
+}
+
+/// A message exactly `message_max_bytes` long arrives intact; one byte more is rejected with
+/// `PayloadTooLarge` and never delivered.
+pub async fn large_payload(ctx: Ctx) -> Result<Outcome> {
+    let max = ctx
+        .bus
+        .capabilities()
+        .message_max_bytes
+        .context("no message_max_bytes")?;
+    let topic = ctx.topic("t");
+    let group = ctx.group("g");
+    let bus = &ctx.bus;
+    bus.provision(&topic, &latest(&group)).await?;
+    let mut sub = bus.subscribe(&topic, latest(&group)).await?;
+    let mut fits = Message::new(Vec::new()).with_key("big");
+    let overhead = fits.encoded_len();
+    ensure!(
+        max > overhead,
+        "message_max_bytes {max} leaves no room for a payload"
+    );
+    let payload: Vec<u8> = (0..max - overhead).map(|i| (i % 251) as u8).collect();
+    fits.payload = payload.clone().into();
+    ensure!(fits.encoded_len() == max, "test arithmetic");
+    let mut too_big = Message::new(Vec::new()).with_key("big");
+    let mut bigger = payload.clone();
+    bigger.push(0);
+    too_big.payload = bigger.into();
+    too_big.id.clone_from(&fits.id);
+    let too_big = too_big.with_id(format!("{}x", &fits.id[..fits.id.len() - 1]));
+    expect_kind(
+        bus.publish(&topic, too_big.clone(), &PublishOptions::default())
+            .await,
+        ErrorKind::PayloadTooLarge,
+        "publishing one byte over message_max_bytes",
+    )?;
+    expect_kind(
+        bus.publish_batch(
+            &topic,
+            vec![Message::new("small"), too_big],
+            &PublishOptions::default(),
+        )
+        .await,
+        ErrorKind::PayloadTooLarge,
+        "a batch holding an oversized message",
+    )?;
+    let id = fits.id.clone();
+    bus.publish(&topic, fits, &PublishOptions::default())
+        .await
+        .context("publishing exactly message_max_bytes")?;
+    let expected: HashSet<String> = [id.clone()].into();
+    let got = collect(&mut sub, &expected, Duration::from_secs(45), true).await?;
+    ensure!(
+        got.first[&id].0.payload == payload,
+        "the large payload changed in transit"
+    );
+    // Neither the oversized message nor the batch holding it may show up.
+    let dups = expect_silence(&mut sub, Duration::from_millis(500), &expected).await?;
+    sub.close().await?;
+    Ok(Outcome::with_duplicates(got.duplicates + dups).note(format!("{max} bytes")))
+}
+
+/// Empty and invalid topics, bad options, settling twice and publishing after close are typed
+/// errors, never panics.
+pub async fn bad_input(ctx: Ctx) -> Result<Outcome> {
+    let bus = &ctx.bus;
+    let po = PublishOptions::default();
+    for t in [
+        "",
+        "has space",
+        "star*",
+        "gt>",
+        "slash/x",
+        "ünï",
+        ".dot",
+        "a..b",
+    ] {
+        expect_kind(
+            bus.publish(t, Message::new("x"), &po).await,
+            ErrorKind::InvalidTopic,
+            &format!("publish to {t:?}"),
+        )?;
+        expect_kind(
+            bus.publish_batch(t, vec![Message::new("x")], &po).await,
+            ErrorKind::InvalidTopic,
+            &format!("batch to {t:?}"),
+        )?;
+        expect_kind(
+            bus.subscribe(t, latest("g")).await,
+            ErrorKind::InvalidTopic,
+            &format!("subscribe to {t:?}"),
+        )?;
+    }
+    let long = "t".repeat(busbar_core::TOPIC_MAX_LEN + 1);
+    expect_kind(
+        bus.publish(&long, Message::new("x"), &po).await,
+        ErrorKind::InvalidTopic,
+        "an over-long topic",
+    )?;
+
+    let topic = ctx.topic("t");
+    expect_kind(
+        bus.subscribe(&topic, SubscribeOptions::new("")).await,
+        ErrorKind::InvalidInput,
+        "an empty group",
+    )?;
+    expect_kind(
+        bus.subscribe(&topic, latest("g").max_in_flight(0)).await,
+        ErrorKind::InvalidInput,
+        "max_in_flight 0",
+    )?;
+    expect_kind(
+        bus.subscribe(&topic, latest("g").ack_timeout(Duration::ZERO))
+            .await,
+        ErrorKind::InvalidInput,
+        "ack_timeout 0",
+    )?;
+
+    // Settling twice.
+    let group = ctx.group("g");
+    bus.provision(&topic, &latest(&group)).await?;
+    let mut sub = bus.subscribe(&topic, latest(&group)).await?;
+    bus.publish(&topic, Message::new("once").with_key("k"), &po)
+        .await?;
+    let d = tokio::time::timeout(Duration::from_secs(30), sub.next())
+        .await
+        .context("nothing arrived")??
+        .context("subscription ended")?;
+    d.ack().await.context("first ack")?;
+    expect_kind(d.ack().await, ErrorKind::AlreadySettled, "a second ack")?;
+    expect_kind(
+        d.nack(busbar_core::NackAction::Redeliver).await,
+        ErrorKind::AlreadySettled,
+        "a nack after ack",
+    )?;
+    sub.close().await?;
+
+    // After close, on a connection of its own.
+    let other = ctx.connect().await?;
+    other.close().await.context("close")?;
+    other.close().await.context("a second close is a no-op")?;
+    expect_kind(
+        other.publish(&topic, Message::new("late"), &po).await,
+        ErrorKind::Closed,
+        "publish after close",
+    )?;
+    expect_kind(
+        other
+            .publish_batch(&topic, vec![Message::new("late")], &po)
+            .await,
+        ErrorKind::Closed,
+        "batch after close",
+    )?;
+    expect_kind(
+        other.subscribe(&topic, latest(&group)).await,
+        ErrorKind::Closed,
+        "subscribe after close",
+    )?;
+    Ok(Outcome::ok())
+}

@@ -1,0 +1,199 @@
+//! The cases, grouped by what they prove. `cargo test -p <backend> ordering` runs one group.
+
+pub mod basic;
+pub mod capabilities;
+pub mod delayed;
+pub mod dlq;
+pub mod groups;
+pub mod input;
+pub mod ordering;
+pub mod redelivery;
+pub mod start;
+
+use std::time::Duration;
+
+use busbar_core::{Capabilities, Ordering};
+
+use crate::Case;
+
+macro_rules! case {
+    ($module:ident :: $f:ident, $needs:expr, $secs:expr, $doc:literal) => {
+        Case {
+            name: concat!(stringify!($module), "::", stringify!($f)),
+            doc: $doc,
+            needs: $needs,
+            run: |ctx| Box::pin($module::$f(ctx)),
+            timeout: Duration::from_secs($secs),
+        }
+    };
+}
+
+/// Needs consumer groups (every case that subscribes does).
+pub fn needs_groups(c: &Capabilities) -> Option<&'static str> {
+    (!c.consumer_groups).then_some("the backend declares consumer_groups off")
+}
+
+fn needs_per_key(c: &Capabilities) -> Option<&'static str> {
+    needs_groups(c).or_else(|| {
+        (c.ordering != Ordering::PerKey).then_some("the backend declares ordering None")
+    })
+}
+
+fn needs_replay(c: &Capabilities) -> Option<&'static str> {
+    needs_groups(c).or_else(|| (!c.replay).then_some("the backend declares replay off"))
+}
+
+fn needs_delay(c: &Capabilities) -> Option<&'static str> {
+    needs_groups(c).or_else(|| {
+        (!c.publish_with_delay).then_some("the backend declares publish_with_delay off")
+    })
+}
+
+fn needs_nack_delay(c: &Capabilities) -> Option<&'static str> {
+    needs_groups(c)
+        .or_else(|| (!c.nack_can_delay).then_some("the backend declares nack_can_delay off"))
+}
+
+fn needs_max_bytes(c: &Capabilities) -> Option<&'static str> {
+    needs_groups(c).or_else(|| {
+        c.message_max_bytes
+            .is_none()
+            .then_some("the backend declares no message_max_bytes limit")
+    })
+}
+
+fn needs_nothing(_: &Capabilities) -> Option<&'static str> {
+    None
+}
+
+/// Every case, in a stable order.
+pub fn all() -> Vec<Case> {
+    vec![
+        case!(
+            basic::publish_subscribe,
+            needs_groups,
+            60,
+            "payload, key, headers, id, type, source, time and content type survive the round trip"
+        ),
+        case!(
+            basic::batch_publish,
+            needs_groups,
+            60,
+            "a published batch arrives whole and in order per key"
+        ),
+        case!(
+            basic::topic_isolation,
+            needs_groups,
+            60,
+            "two topics never see each other's messages"
+        ),
+        case!(
+            basic::concurrent_publishers,
+            needs_groups,
+            120,
+            "20 tasks publishing at once lose nothing"
+        ),
+        case!(
+            redelivery::nack_redelivers,
+            needs_groups,
+            60,
+            "a nacked delivery comes back with attempt 2"
+        ),
+        case!(
+            redelivery::nack_with_delay_waits,
+            needs_nack_delay,
+            60,
+            "a delivery nacked with a delay does not come back before the delay"
+        ),
+        case!(
+            redelivery::ack_timeout_redelivers,
+            needs_groups,
+            90,
+            "a delivery dropped without ack comes back after the ack timeout"
+        ),
+        case!(
+            redelivery::no_redelivery_after_ack,
+            needs_groups,
+            60,
+            "acked messages do not come back within 2 x ack timeout"
+        ),
+        case!(
+            groups::resume_after_close,
+            needs_groups,
+            120,
+            "after close, reopening the group delivers the rest; nothing is lost"
+        ),
+        case!(
+            groups::consumer_groups_fan_out,
+            needs_groups,
+            60,
+            "two groups each get every message"
+        ),
+        case!(
+            groups::competing_consumers_share,
+            needs_groups,
+            120,
+            "three consumers of one group each get some messages and together all"
+        ),
+        case!(
+            ordering::per_key_order_single_consumer,
+            needs_per_key,
+            120,
+            "16 keys x 100 messages arrive in per-key order at one consumer"
+        ),
+        case!(
+            ordering::per_key_order_competing_consumers,
+            needs_per_key,
+            180,
+            "per-key order holds through the runner with 3 consumers, a crash, a join and retries"
+        ),
+        case!(
+            ordering::consumer_crash,
+            needs_groups,
+            120,
+            "a consumer dropped without acking loses nothing"
+        ),
+        case!(
+            dlq::runner_retry_then_dlq,
+            needs_groups,
+            120,
+            "a poison message is retried, dead-lettered with metadata, and redriven"
+        ),
+        case!(
+            start::start_position_latest,
+            needs_groups,
+            60,
+            "a new group at latest sees only messages published after it exists"
+        ),
+        case!(
+            start::start_position_earliest,
+            needs_replay,
+            60,
+            "a new group at earliest replays retained messages"
+        ),
+        case!(
+            delayed::delayed_publish,
+            needs_delay,
+            60,
+            "a delayed message arrives no sooner than its delay"
+        ),
+        case!(
+            input::large_payload,
+            needs_max_bytes,
+            60,
+            "a message of message_max_bytes arrives intact; one byte more is PayloadTooLarge"
+        ),
+        case!(
+            input::bad_input,
+            needs_groups,
+            60,
+            "bad topics, settling twice and publishing after close are typed errors"
+        ),
+        case!(
+            capabilities::unsupported_is_typed,
+            needs_nothing,
+            60,
+            "every capability declared off answers Unsupported"
+        ),
+    ]
+}

@@ -1,0 +1,235 @@
+//! Per-key order, with one consumer and with competing consumers that crash and join.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, ensure, Context, Result};
+use busbar_core::{Consumer, Event, EventBus, RetryPolicy, StartPosition};
+
+use crate::support::{
+    collect, keyed, latest, parse_keyed, publish_all, wait_for, Ctx, OrderTracker,
+};
+use crate::Outcome;
+
+/// Publishes `per_key` messages for each key, each key from its own task (so keys
+/// interleave), and returns all ids.
+async fn publish_keys(
+    bus: &Arc<dyn EventBus>,
+    topic: &str,
+    keys: &[String],
+    per_key: usize,
+) -> Result<Vec<String>> {
+    let mut tasks = tokio::task::JoinSet::new();
+    for k in keys {
+        let (bus, topic, k) = (bus.clone(), topic.to_owned(), k.clone());
+        tasks.spawn(async move {
+            let msgs = (0..per_key).map(|n| keyed(&k, n)).collect();
+            publish_all(bus.as_ref(), &topic, msgs).await
+        });
+    }
+    let mut ids = Vec::new();
+    while let Some(r) = tasks.join_next().await {
+        ids.extend(r.context("publisher task panicked")??);
+    }
+    Ok(ids)
+}
+
+/// 16 keys x 100 messages arrive in per-key order at one consumer.
+pub async fn per_key_order_single_consumer(ctx: Ctx) -> Result<Outcome> {
+    let per_key = ctx.count(100);
+    let keys: Vec<String> = (0..16).map(|k| format!("key{k}")).collect();
+    let topic = ctx.topic("t");
+    let group = ctx.group("g");
+    ctx.bus.provision(&topic, &latest(&group)).await?;
+    let mut sub = ctx.bus.subscribe(&topic, latest(&group)).await?;
+    let ids = publish_keys(&ctx.bus, &topic, &keys, per_key).await?;
+    let expected: HashSet<String> = ids.into_iter().collect();
+    let got = collect(&mut sub, &expected, Duration::from_secs(90), true).await?;
+    let mut next: HashMap<String, usize> = HashMap::new();
+    for id in &got.order {
+        let (k, n) = parse_keyed(&got.first[id].0.payload)?;
+        let want = next.entry(k.clone()).or_default();
+        ensure!(
+            n == *want,
+            "key {k}: got message {n} while expecting {want}"
+        );
+        *want += 1;
+    }
+    sub.close().await?;
+    Ok(Outcome::with_duplicates(got.duplicates))
+}
+
+/// Deterministic injected failure: about 1 in 16 messages fails its first attempt.
+fn injected_failure(e: &Event) -> bool {
+    let h = e
+        .id()
+        .bytes()
+        .fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(u32::from(b)));
+    h % 16 == 0 && e.attempt() == 1
+}
+
+fn start_consumer(
+    who: &'static str,
+    bus: Arc<dyn EventBus>,
+    topic: &str,
+    group: &str,
+    tracker: Arc<OrderTracker>,
+    ack_timeout: Duration,
+) -> tokio::task::JoinHandle<Result<busbar_core::ConsumerReport>> {
+    let consumer = Consumer::new(bus, topic)
+        .group(group)
+        .start(StartPosition::Latest)
+        .concurrency(8)
+        .max_in_flight(64)
+        .ack_timeout(ack_timeout)
+        .drain_timeout(Duration::from_secs(5))
+        .retry(
+            RetryPolicy::builder()
+                .max_attempts(10)
+                .initial_delay(Duration::from_millis(5))
+                .max_delay(Duration::from_millis(50))
+                .build()
+                .unwrap_or_default(),
+        );
+    tokio::spawn(async move {
+        consumer
+            .run(move |e: Event| {
+                let tracker = tracker.clone();
+                async move {
+                    let (k, n) = parse_keyed(e.payload()).map_err(|e| e.to_string())?;
+                    tracker.start_by(&k, n, who, e.attempt());
+                    tokio::time::sleep(Duration::from_micros(fastrand_like(e.id()) % 1500)).await;
+                    if injected_failure(&e) {
+                        tracker.failed_by(&k, n, who);
+                        return Err(format!("injected failure of {k}/{n}"));
+                    }
+                    tracker.done_by(&k, n, who);
+                    Ok(())
+                }
+            })
+            .await
+            .map_err(anyhow::Error::from)
+    })
+}
+
+fn fastrand_like(id: &str) -> u64 {
+    id.bytes()
+        .fold(7u64, |h, b| h.wrapping_mul(131).wrapping_add(u64::from(b)))
+}
+
+/// Per-key order holds through the consumer runner with 3 consumers in one group, one of
+/// them dropped (not closed) halfway, a new one joining, and injected handler failures that
+/// the runner retries: whenever a handler starts message n of a key, every earlier message
+/// of that key has been handled successfully at least once. Nothing is lost.
+pub async fn per_key_order_competing_consumers(ctx: Ctx) -> Result<Outcome> {
+    let keys: Vec<String> = (0..64).map(|k| format!("key{k}")).collect();
+    let per_key = ctx.count(50);
+    let total = keys.len() * per_key;
+    let topic = ctx.topic("t");
+    let group = ctx.group("g");
+    let ack_timeout = Duration::from_secs(3);
+    ctx.bus
+        .provision(&topic, &latest(&group).ack_timeout(ack_timeout))
+        .await?;
+    let tracker = Arc::new(OrderTracker::default());
+    let mut buses = Vec::new();
+    let mut consumers = Vec::new();
+    for who in ["c1", "c2", "c3"] {
+        let bus = ctx.connect().await?;
+        consumers.push(start_consumer(
+            who,
+            bus.clone(),
+            &topic,
+            &group,
+            tracker.clone(),
+            ack_timeout,
+        ));
+        buses.push(bus);
+    }
+    publish_keys(&ctx.bus, &topic, &keys, per_key).await?;
+
+    let t = tracker.clone();
+    wait_for(
+        Duration::from_secs(120),
+        "half of the messages to be handled",
+        move || t.handled() >= total / 2,
+    )
+    .await?;
+    // Crash one consumer (c2): its runner and subscriber are dropped, nothing is closed or
+    // acked.
+    tracker.note_all("-- c2 crashes, c4 joins --");
+    consumers[1].abort();
+    let bus = ctx.connect().await?;
+    consumers.push(start_consumer(
+        "c4",
+        bus.clone(),
+        &topic,
+        &group,
+        tracker.clone(),
+        ack_timeout,
+    ));
+    buses.push(bus);
+
+    let t = tracker.clone();
+    let all = wait_for(
+        Duration::from_secs(150),
+        "every message to be handled",
+        move || t.handled() >= total,
+    )
+    .await;
+    for b in &buses {
+        let _ = b.close().await;
+    }
+    for (i, c) in consumers.into_iter().enumerate() {
+        match c.await {
+            Ok(r) => {
+                r.with_context(|| format!("consumer {i}"))?;
+            }
+            Err(e) if e.is_cancelled() => {}
+            Err(e) => return Err(anyhow!("consumer {i} panicked: {e}")),
+        }
+    }
+    tracker.verify(&keys, per_key)?;
+    all?;
+    Ok(Outcome::with_duplicates(tracker.duplicates()).note(format!(
+        "{total} messages, 64 keys, one consumer crashed, one joined"
+    )))
+}
+
+/// A consumer dropped without acking (not closed) loses nothing: another member of the group
+/// gets everything, including what the dropped one held.
+pub async fn consumer_crash(ctx: Ctx) -> Result<Outcome> {
+    let n = ctx.count(200);
+    let topic = ctx.topic("t");
+    let group = ctx.group("g");
+    let o = latest(&group).ack_timeout(Duration::from_secs(2));
+    ctx.bus.provision(&topic, &o).await?;
+    let crashing_bus = ctx.connect().await?;
+    let mut crashing = crashing_bus.subscribe(&topic, o.clone()).await?;
+    let ids = publish_all(
+        ctx.bus.as_ref(),
+        &topic,
+        (0..n).map(|i| keyed(&format!("k{}", i % 8), i)).collect(),
+    )
+    .await?;
+    let expected: HashSet<String> = ids.into_iter().collect();
+    let mut held = Vec::new();
+    let take = (n / 4).max(1);
+    while held.len() < take {
+        let d = tokio::time::timeout(Duration::from_secs(45), crashing.next())
+            .await
+            .map_err(|_| anyhow!("the first consumer got only {} messages", held.len()))??
+            .ok_or_else(|| anyhow!("the subscription ended early"))?;
+        held.push(d);
+    }
+    // Crash: drop the deliveries, the subscriber and the connection without closing anything.
+    drop(held);
+    drop(crashing);
+    drop(crashing_bus);
+    let mut survivor = ctx.bus.subscribe(&topic, o).await?;
+    let got = collect(&mut survivor, &expected, Duration::from_secs(60), true).await?;
+    survivor.close().await?;
+    Ok(Outcome::with_duplicates(got.duplicates)
+        .note(format!("{take} held by the crashed consumer")))
+}

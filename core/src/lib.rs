@@ -1,0 +1,31 @@
+#![doc = include_str!("../README.md")]
+
+pub mod bus;
+pub mod capabilities;
+pub mod error;
+pub mod memory;
+pub mod message;
+pub mod options;
+pub mod partition;
+pub mod policy;
+pub mod redrive;
+pub mod registry;
+pub mod runner;
+pub mod topic;
+
+pub use bus::{
+    check_publish, into_stream, Ack, Delivery, Event, EventBus, EventBusExt, NackAction, Subscriber,
+};
+pub use capabilities::{Capabilities, Ordering};
+pub use error::{BoxError, Error, ErrorKind, Result};
+pub use message::{Headers, Message};
+pub use options::{PublishOptions, StartPosition, SubscribeOptions};
+pub use partition::partition_for;
+pub use policy::{
+    default_dead_letter_topic, dlq_headers, DeadLetterPolicy, RetryDecision, RetryPolicy,
+    RetryPolicyBuilder,
+};
+pub use redrive::{redrive, RedriveOptions, RedriveReport};
+pub use registry::{redact_url, BackendEntry, ConnectFn, Registry};
+pub use runner::{Consumer, ConsumerReport};
+pub use topic::{validate_group, validate_topic, GROUP_MAX_LEN, TOPIC_MAX_LEN};

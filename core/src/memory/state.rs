@@ -1,0 +1,474 @@
+//! The data structures of the memory backend, without any locking or async.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use crate::message::Message;
+use crate::options::StartPosition;
+
+/// How many blocked new messages one dispatch call moves aside before giving up the scan.
+const MAX_SKIPPED_PER_DISPATCH: usize = 4096;
+
+#[derive(Default)]
+pub(super) struct State {
+    topics: HashMap<String, Topic>,
+    next_id: u64,
+}
+
+impl State {
+    pub(super) fn next_id(&mut self) -> u64 {
+        self.next_id += 1;
+        self.next_id
+    }
+
+    pub(super) fn topic_mut(&mut self, name: &str) -> &mut Topic {
+        if !self.topics.contains_key(name) {
+            self.topics.insert(name.to_owned(), Topic::default());
+        }
+        self.topics.get_mut(name).expect("topic inserted above")
+    }
+
+    pub(super) fn all_notifies(&self) -> Vec<Arc<Notify>> {
+        self.topics.values().map(|t| t.notify.clone()).collect()
+    }
+}
+
+#[derive(Default)]
+pub(super) struct Topic {
+    /// Offset of `log[0]`.
+    base: u64,
+    log: VecDeque<Arc<Message>>,
+    /// Messages published with a delay, by due time and publish sequence.
+    scheduled: BTreeMap<(Instant, u64), Message>,
+    scheduled_seq: u64,
+    groups: HashMap<String, Group>,
+    pub(super) notify: Arc<Notify>,
+}
+
+impl Topic {
+    fn end(&self) -> u64 {
+        self.base + self.log.len() as u64
+    }
+
+    pub(super) fn append(&mut self, message: Arc<Message>, retention: usize) {
+        self.log.push_back(message);
+        while self.log.len() > retention {
+            self.log.pop_front();
+            self.base += 1;
+        }
+        let base = self.base;
+        for (name, g) in &mut self.groups {
+            if g.cursor < base {
+                tracing::warn!(
+                    group = %name,
+                    lost = base - g.cursor,
+                    "memory retention dropped messages the group had not read"
+                );
+                g.cursor = base;
+            }
+        }
+    }
+
+    pub(super) fn schedule(&mut self, due: Instant, message: Message) {
+        self.scheduled_seq += 1;
+        self.scheduled.insert((due, self.scheduled_seq), message);
+    }
+
+    /// Appends scheduled messages whose time has come.
+    pub(super) fn promote_due(&mut self, now: Instant, retention: usize) {
+        while let Some(entry) = self.scheduled.first_entry() {
+            if entry.key().0 > now {
+                break;
+            }
+            let m = entry.remove();
+            self.append(Arc::new(m), retention);
+        }
+    }
+
+    pub(super) fn group_mut(&mut self, name: &str, start: StartPosition) -> &mut Group {
+        if !self.groups.contains_key(name) {
+            let cursor = match start {
+                StartPosition::Earliest => self.base,
+                StartPosition::Latest => self.end(),
+            };
+            self.groups.insert(name.to_owned(), Group::new(cursor));
+        }
+        self.groups.get_mut(name).expect("group inserted above")
+    }
+
+    /// Hands the next deliverable message of group `name` to `member`, or says how long to
+    /// wait at most before trying again.
+    pub(super) fn dispatch(
+        &mut self,
+        name: &str,
+        start: StartPosition,
+        member: u64,
+        now: Instant,
+        ack_timeout: Duration,
+    ) -> Dispatch {
+        self.group_mut(name, start);
+        let next_scheduled = self.scheduled.keys().next().map(|k| k.0);
+        let (base, log) = (self.base, &self.log);
+        let Some(g) = self.groups.get_mut(name) else {
+            return Dispatch::Wait(next_scheduled);
+        };
+        let mut out = g.dispatch(member, now, ack_timeout, base, log);
+        if let Dispatch::Wait(w) = &mut out {
+            *w = min_instant(*w, next_scheduled);
+        }
+        out
+    }
+}
+
+fn min_instant(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// The outcome of [`Topic::dispatch`].
+pub(super) enum Dispatch {
+    /// Deliver this message.
+    Deliver {
+        message: Arc<Message>,
+        offset: u64,
+        tag: u64,
+        attempt: u32,
+    },
+    /// Nothing deliverable now; try again when notified or at the instant, if any.
+    Wait(Option<Instant>),
+}
+
+struct Pending {
+    message: Arc<Message>,
+    member: u64,
+    tag: u64,
+    deadline: Instant,
+    attempts: u32,
+}
+
+struct Waiting {
+    message: Arc<Message>,
+    attempts: u32,
+    not_before: Option<Instant>,
+}
+
+#[derive(Default)]
+struct KeyState {
+    /// The member holding unacked deliveries of this key.
+    owner: Option<u64>,
+    in_flight: usize,
+    /// Offsets of this key waiting for (re)delivery.
+    waiting: BTreeSet<u64>,
+}
+
+struct Member {
+    in_flight: usize,
+    max_in_flight: usize,
+}
+
+/// A consumer group: a cursor into the log plus what is unacked or waiting for redelivery.
+pub(super) struct Group {
+    cursor: u64,
+    pending: HashMap<u64, Pending>,
+    deadlines: BTreeSet<(Instant, u64)>,
+    waiting: BTreeMap<u64, Waiting>,
+    keys: HashMap<String, KeyState>,
+    members: HashMap<u64, Member>,
+    next_tag: u64,
+}
+
+impl Group {
+    fn new(cursor: u64) -> Self {
+        Self {
+            cursor,
+            pending: HashMap::new(),
+            deadlines: BTreeSet::new(),
+            waiting: BTreeMap::new(),
+            keys: HashMap::new(),
+            members: HashMap::new(),
+            next_tag: 0,
+        }
+    }
+
+    pub(super) fn join(&mut self, member: u64, max_in_flight: usize) {
+        self.members.insert(
+            member,
+            Member {
+                in_flight: 0,
+                max_in_flight,
+            },
+        );
+    }
+
+    /// Removes `member`. With `release`, its unacked deliveries are handed back at once;
+    /// otherwise they come back when their ack timeout expires (a crash).
+    pub(super) fn leave(&mut self, member: u64, release: bool) {
+        self.members.remove(&member);
+        if release {
+            let held: Vec<u64> = self
+                .pending
+                .iter()
+                .filter(|(_, p)| p.member == member)
+                .map(|(o, _)| *o)
+                .collect();
+            for offset in held {
+                self.hand_back(offset, None);
+            }
+        }
+    }
+
+    /// Moves a pending delivery back to waiting. Returns false if it was not pending.
+    fn hand_back(&mut self, offset: u64, not_before: Option<Instant>) -> bool {
+        let Some(p) = self.release(offset) else {
+            return false;
+        };
+        if let Some(k) = &p.message.key {
+            self.keys
+                .entry(k.clone())
+                .or_default()
+                .waiting
+                .insert(offset);
+        }
+        self.waiting.insert(
+            offset,
+            Waiting {
+                message: p.message,
+                attempts: p.attempts,
+                not_before,
+            },
+        );
+        true
+    }
+
+    /// Removes a pending entry and updates the member and key bookkeeping.
+    fn release(&mut self, offset: u64) -> Option<Pending> {
+        let p = self.pending.remove(&offset)?;
+        self.deadlines.remove(&(p.deadline, offset));
+        if let Some(m) = self.members.get_mut(&p.member) {
+            m.in_flight = m.in_flight.saturating_sub(1);
+        }
+        if let Some(k) = &p.message.key {
+            if let Some(ks) = self.keys.get_mut(k) {
+                ks.in_flight = ks.in_flight.saturating_sub(1);
+                if ks.in_flight == 0 {
+                    ks.owner = None;
+                    if ks.waiting.is_empty() {
+                        self.keys.remove(k);
+                    }
+                }
+            }
+        }
+        Some(p)
+    }
+
+    fn expire(&mut self, now: Instant) {
+        while let Some(&(deadline, offset)) = self.deadlines.first() {
+            if deadline > now {
+                break;
+            }
+            self.deadlines.pop_first();
+            if self
+                .pending
+                .get(&offset)
+                .is_some_and(|p| p.deadline == deadline)
+            {
+                tracing::debug!(offset, "memory: ack timeout expired, redelivering");
+                self.hand_back(offset, None);
+            }
+        }
+    }
+
+    fn owner_allows(&self, key: &str, member: u64) -> bool {
+        self.keys
+            .get(key)
+            .and_then(|ks| ks.owner)
+            .is_none_or(|o| o == member)
+    }
+
+    fn dispatch(
+        &mut self,
+        member: u64,
+        now: Instant,
+        ack_timeout: Duration,
+        base: u64,
+        log: &VecDeque<Arc<Message>>,
+    ) -> Dispatch {
+        self.expire(now);
+        let mut wake = self.deadlines.first().map(|d| d.0);
+        let Some(m) = self.members.get(&member) else {
+            return Dispatch::Wait(wake);
+        };
+        if m.in_flight >= m.max_in_flight {
+            return Dispatch::Wait(wake);
+        }
+        // 1. Redeliveries and held-back messages, in offset order.
+        let mut blocked_keys: Vec<&str> = Vec::new();
+        let mut chosen = None;
+        for (&offset, w) in &self.waiting {
+            let due = w.not_before.is_none_or(|t| t <= now);
+            if !due {
+                wake = min_instant(wake, w.not_before);
+            }
+            match w.message.key.as_deref() {
+                None if due => {
+                    chosen = Some(offset);
+                    break;
+                }
+                None => {}
+                Some(k) => {
+                    if blocked_keys.contains(&k) {
+                        continue;
+                    }
+                    if due && self.owner_allows(k, member) {
+                        chosen = Some(offset);
+                        break;
+                    }
+                    blocked_keys.push(k);
+                }
+            }
+        }
+        if let Some(offset) = chosen {
+            let Some(w) = self.waiting.remove(&offset) else {
+                return Dispatch::Wait(wake);
+            };
+            if let Some(k) = &w.message.key {
+                if let Some(ks) = self.keys.get_mut(k) {
+                    ks.waiting.remove(&offset);
+                }
+            }
+            return self.deliver(member, offset, w.message, w.attempts, now, ack_timeout);
+        }
+        // 2. New messages from the cursor; those whose key is busy elsewhere are set aside.
+        self.cursor = self.cursor.max(base);
+        let mut skipped = 0;
+        while let Some(message) = log.get((self.cursor - base) as usize) {
+            let offset = self.cursor;
+            self.cursor += 1;
+            let free = match message.key.as_deref() {
+                None => true,
+                Some(k) => {
+                    self.owner_allows(k, member)
+                        && self.keys.get(k).is_none_or(|ks| ks.waiting.is_empty())
+                }
+            };
+            if free {
+                return self.deliver(member, offset, message.clone(), 0, now, ack_timeout);
+            }
+            if let Some(k) = &message.key {
+                self.keys
+                    .entry(k.clone())
+                    .or_default()
+                    .waiting
+                    .insert(offset);
+            }
+            self.waiting.insert(
+                offset,
+                Waiting {
+                    message: message.clone(),
+                    attempts: 0,
+                    not_before: None,
+                },
+            );
+            skipped += 1;
+            if skipped >= MAX_SKIPPED_PER_DISPATCH {
+                break;
+            }
+        }
+        Dispatch::Wait(wake)
+    }
+
+    fn deliver(
+        &mut self,
+        member: u64,
+        offset: u64,
+        message: Arc<Message>,
+        attempts: u32,
+        now: Instant,
+        ack_timeout: Duration,
+    ) -> Dispatch {
+        self.next_tag += 1;
+        let tag = self.next_tag;
+        let deadline = now + ack_timeout;
+        if let Some(k) = &message.key {
+            let ks = self.keys.entry(k.clone()).or_default();
+            ks.owner = Some(member);
+            ks.in_flight += 1;
+        }
+        if let Some(m) = self.members.get_mut(&member) {
+            m.in_flight += 1;
+        }
+        self.deadlines.insert((deadline, offset));
+        let attempt = attempts + 1;
+        self.pending.insert(
+            offset,
+            Pending {
+                message: message.clone(),
+                member,
+                tag,
+                deadline,
+                attempts: attempt,
+            },
+        );
+        Dispatch::Deliver {
+            message,
+            offset,
+            tag,
+            attempt,
+        }
+    }
+
+    fn holds(&self, offset: u64, tag: u64) -> bool {
+        self.pending.get(&offset).is_some_and(|p| p.tag == tag)
+    }
+
+    /// Acks a delivery. A stale ack (the delivery timed out and is waiting for redelivery)
+    /// still counts: the message was processed. Returns whether anything changed.
+    pub(super) fn ack(&mut self, offset: u64, tag: u64) -> bool {
+        if self.holds(offset, tag) {
+            self.release(offset);
+            return true;
+        }
+        if let Some(w) = self.waiting.remove(&offset) {
+            if let Some(k) = &w.message.key {
+                if let Some(ks) = self.keys.get_mut(k) {
+                    ks.waiting.remove(&offset);
+                    if ks.waiting.is_empty() && ks.in_flight == 0 {
+                        self.keys.remove(k);
+                    }
+                }
+            }
+            return true;
+        }
+        false
+    }
+
+    /// Hands a held delivery back for redelivery, at once or from `not_before`.
+    pub(super) fn nack(&mut self, offset: u64, tag: u64, not_before: Option<Instant>) -> bool {
+        self.holds(offset, tag) && self.hand_back(offset, not_before)
+    }
+
+    /// The message and attempt count of a held delivery.
+    pub(super) fn held(&self, offset: u64, tag: u64) -> Option<(Arc<Message>, u32)> {
+        self.pending
+            .get(&offset)
+            .filter(|p| p.tag == tag)
+            .map(|p| (p.message.clone(), p.attempts))
+    }
+
+    /// Moves the ack deadline of a held delivery to `at`.
+    pub(super) fn extend(&mut self, offset: u64, tag: u64, at: Instant) -> bool {
+        let Some(p) = self.pending.get_mut(&offset).filter(|p| p.tag == tag) else {
+            return false;
+        };
+        self.deadlines.remove(&(p.deadline, offset));
+        p.deadline = at;
+        self.deadlines.insert((at, offset));
+        true
+    }
+}

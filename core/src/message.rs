@@ -1,0 +1,261 @@
+//! The message envelope: outgoing [`Message`] and the fields every delivery carries.
+//!
+//! Field names follow CloudEvents 1.0 (`id`, `source`, `type`, `time`, `datacontenttype`; the
+//! partition key is the Partitioning extension's `partitionkey`), so the serde form of a
+//! [`Message`] is a CloudEvents-shaped JSON object and a binary-mode mapping needs no renames.
+
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+/// Ordered string headers (CloudEvents extension attributes or plain metadata).
+///
+/// Insertion order is kept; [`Headers::insert`] replaces the value of an existing name in place.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Headers(Vec<(String, String)>);
+
+impl Headers {
+    /// Empty headers.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Sets `name` to `value`, replacing an existing value in place.
+    pub fn insert(&mut self, name: impl Into<String>, value: impl Into<String>) {
+        let (name, value) = (name.into(), value.into());
+        match self.0.iter_mut().find(|(n, _)| *n == name) {
+            Some(slot) => slot.1 = value,
+            None => self.0.push((name, value)),
+        }
+    }
+
+    /// The value of `name`, if set.
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// Removes `name` and returns its value.
+    pub fn remove(&mut self, name: &str) -> Option<String> {
+        let pos = self.0.iter().position(|(n, _)| n == name)?;
+        Some(self.0.remove(pos).1)
+    }
+
+    /// Iterates over `(name, value)` pairs in insertion order.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.0.iter().map(|(n, v)| (n.as_str(), v.as_str()))
+    }
+
+    /// Number of headers.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether there are no headers.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Total bytes of names and values, as counted against `message_max_bytes`.
+    pub fn encoded_len(&self) -> usize {
+        self.0.iter().map(|(n, v)| n.len() + v.len()).sum()
+    }
+}
+
+impl<K: Into<String>, V: Into<String>> FromIterator<(K, V)> for Headers {
+    fn from_iter<I: IntoIterator<Item = (K, V)>>(iter: I) -> Self {
+        let mut h = Headers::new();
+        for (k, v) in iter {
+            h.insert(k, v);
+        }
+        h
+    }
+}
+
+/// An event to publish: payload plus CloudEvents-style metadata.
+///
+/// ```
+/// use busbar_core::Message;
+/// let msg = Message::new("{\"order\":42}")
+///     .with_key("order-42")
+///     .with_type("order.created")
+///     .with_header("tenant", "acme");
+/// assert_eq!(msg.key.as_deref(), Some("order-42"));
+/// ```
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Message {
+    /// Unique id (CloudEvents `id`); a UUIDv7 unless the caller sets one.
+    pub id: String,
+    /// Partition key (CloudEvents `partitionkey`): messages with the same key keep their order.
+    #[serde(
+        rename = "partitionkey",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub key: Option<String>,
+    /// The body (CloudEvents `data`, carried as raw bytes).
+    #[serde(rename = "data")]
+    pub payload: Bytes,
+    /// Ordered string headers.
+    #[serde(default, skip_serializing_if = "Headers::is_empty")]
+    pub headers: Headers,
+    /// Event type (CloudEvents `type`), e.g. `order.created`.
+    #[serde(rename = "type", default, skip_serializing_if = "Option::is_none")]
+    pub event_type: Option<String>,
+    /// Producer of the event (CloudEvents `source`), e.g. `/billing`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+    /// When the event happened (CloudEvents `time`); set to now by [`Message::new`].
+    pub time: DateTime<Utc>,
+    /// Media type of the payload (CloudEvents `datacontenttype`).
+    #[serde(
+        rename = "datacontenttype",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub content_type: Option<String>,
+}
+
+impl Message {
+    /// A message with `payload`, a fresh UUIDv7 id and the current time.
+    pub fn new(payload: impl Into<Bytes>) -> Self {
+        Self {
+            id: uuid::Uuid::now_v7().to_string(),
+            key: None,
+            payload: payload.into(),
+            headers: Headers::new(),
+            event_type: None,
+            source: None,
+            time: Utc::now(),
+            content_type: None,
+        }
+    }
+
+    /// A message whose payload is `value` serialized as JSON, with content type
+    /// `application/json`. Fails with [`crate::ErrorKind::Decode`] if `value` cannot be serialized.
+    pub fn json<T: Serialize>(value: &T) -> crate::Result<Self> {
+        let body = serde_json_bytes(value)?;
+        Ok(Self::new(body).with_content_type("application/json"))
+    }
+
+    /// Sets the id.
+    pub fn with_id(mut self, id: impl Into<String>) -> Self {
+        self.id = id.into();
+        self
+    }
+
+    /// Sets the partition key.
+    pub fn with_key(mut self, key: impl Into<String>) -> Self {
+        self.key = Some(key.into());
+        self
+    }
+
+    /// Adds or replaces a header.
+    pub fn with_header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.headers.insert(name, value);
+        self
+    }
+
+    /// Sets the event type.
+    pub fn with_type(mut self, event_type: impl Into<String>) -> Self {
+        self.event_type = Some(event_type.into());
+        self
+    }
+
+    /// Sets the source.
+    pub fn with_source(mut self, source: impl Into<String>) -> Self {
+        self.source = Some(source.into());
+        self
+    }
+
+    /// Sets the event time.
+    pub fn with_time(mut self, time: DateTime<Utc>) -> Self {
+        self.time = time;
+        self
+    }
+
+    /// Sets the content type.
+    pub fn with_content_type(mut self, content_type: impl Into<String>) -> Self {
+        self.content_type = Some(content_type.into());
+        self
+    }
+
+    /// The size counted against `message_max_bytes`: payload plus key, headers and metadata.
+    pub fn encoded_len(&self) -> usize {
+        self.payload.len()
+            + self.id.len()
+            + self.key.as_ref().map_or(0, String::len)
+            + self.headers.encoded_len()
+            + self.event_type.as_ref().map_or(0, String::len)
+            + self.source.as_ref().map_or(0, String::len)
+            + self.content_type.as_ref().map_or(0, String::len)
+    }
+}
+
+fn serde_json_bytes<T: Serialize>(value: &T) -> crate::Result<Vec<u8>> {
+    serde_json::to_vec(value).map_err(|e| {
+        crate::Error::new(
+            crate::ErrorKind::Decode,
+            "cannot serialize the value as JSON",
+        )
+        .with_source(e)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_uuid_v7_and_now() {
+        let before = Utc::now();
+        let m = Message::new("x");
+        let id = uuid::Uuid::parse_str(&m.id).expect("uuid");
+        assert_eq!(id.get_version_num(), 7);
+        assert!(m.time >= before && m.time <= Utc::now());
+    }
+
+    #[test]
+    fn serde_uses_cloudevents_names() {
+        let m = Message::new("hi")
+            .with_key("k")
+            .with_type("t")
+            .with_source("/s")
+            .with_content_type("text/plain")
+            .with_header("a", "1");
+        let v = serde_json::to_value(&m).expect("json");
+        for field in [
+            "id",
+            "partitionkey",
+            "data",
+            "type",
+            "source",
+            "time",
+            "datacontenttype",
+        ] {
+            assert!(v.get(field).is_some(), "{field} missing in {v}");
+        }
+        let back: Message = serde_json::from_value(v).expect("back");
+        assert_eq!(back, m);
+    }
+
+    #[test]
+    fn headers_keep_order_and_replace_in_place() {
+        let mut h: Headers = [("b", "1"), ("a", "2")].into_iter().collect();
+        h.insert("b", "3");
+        let v: Vec<_> = h.iter().collect();
+        assert_eq!(v, vec![("b", "3"), ("a", "2")]);
+        assert_eq!(h.remove("b").as_deref(), Some("3"));
+        assert_eq!(h.len(), 1);
+    }
+
+    #[test]
+    fn json_constructor_sets_content_type() {
+        let m = Message::json(&serde_json::json!({"a": 1})).expect("json");
+        assert_eq!(m.content_type.as_deref(), Some("application/json"));
+        assert_eq!(&m.payload[..], br#"{"a":1}"#);
+    }
+}

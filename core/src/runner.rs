@@ -1,0 +1,515 @@
+//! The consumer runner: pulls deliveries, runs an async handler with per-key ordering,
+//! retries failures with backoff, dead-letters what keeps failing, and shuts down gracefully.
+//!
+//! Guarantees (each one is tested in `runner::tests`):
+//! - messages of one key are handled strictly one after another, in delivery order; different
+//!   keys (and messages without a key) run concurrently, at most `concurrency` at a time;
+//! - a failed message is retried in-process after the retry policy's backoff while later
+//!   messages of its key wait and other keys keep flowing; when the policy gives up it is
+//!   published to the dead-letter topic and only then acked (if that publish fails, the
+//!   delivery is left unacked, so nothing is lost);
+//! - a panicking handler counts as a failed attempt; the consumer keeps running;
+//! - on shutdown it stops pulling, lets in-flight handlers finish within `drain_timeout`,
+//!   acks what finished and leaves the rest unacked for redelivery; the returned
+//!   [`ConsumerReport`] says how many of each;
+//! - at most `max_in_flight` deliveries are held (running, retrying or queued behind their key).
+
+use std::collections::{HashMap, VecDeque};
+use std::fmt;
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering as AtomicOrdering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use futures::FutureExt;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinSet;
+
+use crate::bus::{Delivery, Event, EventBus, Subscriber};
+use crate::error::{Error, ErrorKind, Result};
+use crate::options::{PublishOptions, StartPosition, SubscribeOptions};
+use crate::policy::{DeadLetterPolicy, RetryDecision, RetryPolicy};
+
+/// What a consumer run did, returned when it stops.
+#[derive(Debug, Default)]
+#[non_exhaustive]
+pub struct ConsumerReport {
+    /// Deliveries received from the subscriber.
+    pub received: u64,
+    /// Deliveries handled successfully and acked.
+    pub processed: u64,
+    /// Failed attempts that were retried in-process.
+    pub retried: u64,
+    /// Deliveries published to the dead-letter topic and acked.
+    pub dead_lettered: u64,
+    /// Deliveries left unacked (for redelivery) at shutdown or because settling failed.
+    pub left_unacked: u64,
+    /// The error that stopped the run, if it did not stop by shutdown or end of stream.
+    pub error: Option<Error>,
+}
+
+/// Builds and runs a consumer of one topic in one consumer group.
+///
+/// ```
+/// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+/// use std::sync::Arc;
+/// use busbar_core::{memory::MemoryBus, Consumer, EventBus, Message, PublishOptions, RetryPolicy};
+/// let bus: Arc<dyn EventBus> = Arc::new(MemoryBus::new());
+/// let consumer = Consumer::new(bus.clone(), "orders")
+///     .group("billing")
+///     .concurrency(8)
+///     .retry(RetryPolicy::builder().max_attempts(3).build()?);
+/// bus.provision("orders", &consumer.subscribe_options()).await?;
+/// bus.publish("orders", Message::new("hi").with_key("a"), &PublishOptions::default()).await?;
+/// let report = consumer
+///     .run_until(
+///         |event| async move {
+///             assert_eq!(event.key(), Some("a"));
+///             Ok::<(), std::io::Error>(())
+///         },
+///         tokio::time::sleep(std::time::Duration::from_millis(100)),
+///     )
+///     .await?;
+/// assert_eq!(report.processed, 1);
+/// # Ok::<(), busbar_core::Error>(())
+/// # }).unwrap();
+/// ```
+pub struct Consumer {
+    bus: Arc<dyn EventBus>,
+    topic: String,
+    options: SubscribeOptions,
+    concurrency: usize,
+    retry: RetryPolicy,
+    dead_letter: DeadLetterPolicy,
+    drain_timeout: Duration,
+}
+
+impl fmt::Debug for Consumer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Consumer")
+            .field("backend", &self.bus.backend())
+            .field("topic", &self.topic)
+            .field("options", &self.options)
+            .field("concurrency", &self.concurrency)
+            .field("retry", &self.retry)
+            .field("dead_letter", &self.dead_letter)
+            .field("drain_timeout", &self.drain_timeout)
+            .finish()
+    }
+}
+
+impl Consumer {
+    /// Default handler concurrency.
+    pub const DEFAULT_CONCURRENCY: usize = 16;
+    /// Default time in-flight handlers get to finish at shutdown.
+    pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+    /// A consumer of `topic` on `bus`, in group `default`, with default policies.
+    pub fn new(bus: Arc<dyn EventBus>, topic: impl Into<String>) -> Self {
+        Self {
+            bus,
+            topic: topic.into(),
+            options: SubscribeOptions::new("default"),
+            concurrency: Self::DEFAULT_CONCURRENCY,
+            retry: RetryPolicy::default(),
+            dead_letter: DeadLetterPolicy::default(),
+            drain_timeout: Self::DEFAULT_DRAIN_TIMEOUT,
+        }
+    }
+
+    /// Sets the consumer group.
+    pub fn group(mut self, group: impl Into<String>) -> Self {
+        self.options.group = group.into();
+        self
+    }
+
+    /// Sets how many handlers run at once (at least 1).
+    pub fn concurrency(mut self, n: usize) -> Self {
+        self.concurrency = n;
+        self
+    }
+
+    /// Sets the retry policy.
+    pub fn retry(mut self, policy: RetryPolicy) -> Self {
+        self.retry = policy;
+        self
+    }
+
+    /// Sets the dead-letter policy.
+    pub fn dead_letter(mut self, policy: DeadLetterPolicy) -> Self {
+        self.dead_letter = policy;
+        self
+    }
+
+    /// Sets where a new group starts.
+    pub fn start(mut self, start: StartPosition) -> Self {
+        self.options.start = start;
+        self
+    }
+
+    /// Sets the ack timeout of the subscription.
+    pub fn ack_timeout(mut self, d: Duration) -> Self {
+        self.options.ack_timeout = d;
+        self
+    }
+
+    /// Sets the most deliveries held at once.
+    pub fn max_in_flight(mut self, n: usize) -> Self {
+        self.options.max_in_flight = n;
+        self
+    }
+
+    /// Sets how long in-flight handlers may run after shutdown is requested.
+    pub fn drain_timeout(mut self, d: Duration) -> Self {
+        self.drain_timeout = d;
+        self
+    }
+
+    /// The subscription options this consumer uses (for `EventBus::provision`).
+    pub fn subscribe_options(&self) -> SubscribeOptions {
+        self.options.clone()
+    }
+
+    /// Runs until the subscription ends (the bus closes) or a fatal error.
+    pub async fn run<H, Fut, E>(self, handler: H) -> Result<ConsumerReport>
+    where
+        H: Fn(Event) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = std::result::Result<(), E>> + Send + 'static,
+        E: fmt::Display + Send + 'static,
+    {
+        self.run_until(handler, futures::future::pending()).await
+    }
+
+    /// Runs until `shutdown` completes, the subscription ends or a fatal error, then drains.
+    ///
+    /// Errors (before anything is consumed): invalid options or a failed subscribe.
+    pub async fn run_until<H, Fut, E, S>(self, handler: H, shutdown: S) -> Result<ConsumerReport>
+    where
+        H: Fn(Event) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = std::result::Result<(), E>> + Send + 'static,
+        E: fmt::Display + Send + 'static,
+        S: Future<Output = ()> + Send,
+    {
+        if self.concurrency == 0 {
+            return Err(Error::new(
+                ErrorKind::InvalidInput,
+                "concurrency must be at least 1",
+            ));
+        }
+        let subscriber = self
+            .bus
+            .subscribe(&self.topic, self.options.clone())
+            .await?;
+        let handler: BoxedHandler =
+            Arc::new(move |e: Event| handler(e).map(|r| r.map_err(|e| e.to_string())).boxed());
+        let run = Run {
+            shared: Arc::new(RunShared {
+                bus: self.bus.clone(),
+                group: self.options.group.clone(),
+                retry: self.retry,
+                dead_letter: self.dead_letter,
+                extend_by: self
+                    .bus
+                    .capabilities()
+                    .ack_deadline_can_extend
+                    .then_some(self.options.ack_timeout),
+                concurrency: Arc::new(Semaphore::new(self.concurrency)),
+                lanes: Mutex::new(HashMap::new()),
+                stopping: AtomicBool::new(false),
+                stop: Notify::new(),
+                stats: Stats::default(),
+                handler,
+            }),
+            in_flight: Arc::new(Semaphore::new(self.options.max_in_flight)),
+            tasks: JoinSet::new(),
+        };
+        Ok(run.run(subscriber, shutdown, self.drain_timeout).await)
+    }
+}
+
+type BoxedHandler = Arc<
+    dyn Fn(Event) -> futures::future::BoxFuture<'static, std::result::Result<(), String>>
+        + Send
+        + Sync,
+>;
+
+/// A delivery and the in-flight permit it holds until it is settled or dropped.
+struct Held {
+    delivery: Delivery,
+    _permit: OwnedSemaphorePermit,
+}
+
+#[derive(Default)]
+struct Stats {
+    received: AtomicU64,
+    processed: AtomicU64,
+    retried: AtomicU64,
+    dead_lettered: AtomicU64,
+}
+
+struct RunShared {
+    bus: Arc<dyn EventBus>,
+    group: String,
+    retry: RetryPolicy,
+    dead_letter: DeadLetterPolicy,
+    extend_by: Option<Duration>,
+    concurrency: Arc<Semaphore>,
+    /// Deliveries waiting behind the running message of their key. A key present here has a
+    /// lane task running.
+    lanes: Mutex<HashMap<String, VecDeque<Held>>>,
+    stopping: AtomicBool,
+    stop: Notify,
+    stats: Stats,
+    handler: BoxedHandler,
+}
+
+struct Run {
+    shared: Arc<RunShared>,
+    in_flight: Arc<Semaphore>,
+    tasks: JoinSet<()>,
+}
+
+impl Run {
+    async fn run<S: Future<Output = ()> + Send>(
+        mut self,
+        mut subscriber: Box<dyn Subscriber>,
+        shutdown: S,
+        drain_timeout: Duration,
+    ) -> ConsumerReport {
+        tokio::pin!(shutdown);
+        let mut error = None;
+        let mut failures = 0u32;
+        loop {
+            while self.tasks.try_join_next().is_some() {}
+            let permit = tokio::select! {
+                biased;
+                _ = &mut shutdown => break,
+                p = self.in_flight.clone().acquire_owned() => match p {
+                    Ok(p) => p,
+                    Err(_) => break,
+                },
+            };
+            let next = tokio::select! {
+                biased;
+                _ = &mut shutdown => break,
+                n = subscriber.next() => n,
+            };
+            match next {
+                Ok(Some(delivery)) => {
+                    failures = 0;
+                    self.shared
+                        .stats
+                        .received
+                        .fetch_add(1, AtomicOrdering::Relaxed);
+                    self.dispatch(Held {
+                        delivery,
+                        _permit: permit,
+                    });
+                }
+                Ok(None) => break,
+                Err(e) if e.is_retryable() && failures < 20 => {
+                    failures += 1;
+                    let wait = RetryPolicy::default().backoff(failures);
+                    tracing::warn!(error = %e, ?wait, "busbar consumer: receive failed, retrying");
+                    tokio::select! {
+                        _ = &mut shutdown => break,
+                        _ = tokio::time::sleep(wait) => {}
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "busbar consumer: receive failed, stopping");
+                    error = Some(e);
+                    break;
+                }
+            }
+        }
+        self.shared.stopping.store(true, AtomicOrdering::Release);
+        self.shared.stop.notify_waiters();
+        let drained = tokio::time::timeout(drain_timeout, async {
+            while self.tasks.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!(
+                ?drain_timeout,
+                "busbar consumer: handlers still running at the drain deadline; leaving them unacked"
+            );
+            self.tasks.abort_all();
+            while self.tasks.join_next().await.is_some() {}
+        }
+        // Whatever is still queued behind a key is left unacked.
+        self.shared
+            .lanes
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
+        if let Err(e) = subscriber.close().await {
+            tracing::warn!(error = %e, "busbar consumer: closing the subscriber failed");
+        }
+        let s = &self.shared.stats;
+        let received = s.received.load(AtomicOrdering::Acquire);
+        let processed = s.processed.load(AtomicOrdering::Acquire);
+        let dead_lettered = s.dead_lettered.load(AtomicOrdering::Acquire);
+        ConsumerReport {
+            received,
+            processed,
+            retried: s.retried.load(AtomicOrdering::Acquire),
+            dead_lettered,
+            left_unacked: received.saturating_sub(processed + dead_lettered),
+            error,
+        }
+    }
+
+    /// Starts a task for the delivery, or queues it behind the running message of its key.
+    fn dispatch(&mut self, held: Held) {
+        let shared = self.shared.clone();
+        let Some(key) = held.delivery.key().map(str::to_owned) else {
+            self.tasks.spawn(async move { shared.process(held).await });
+            return;
+        };
+        {
+            let mut lanes = shared.lanes.lock().unwrap_or_else(PoisonError::into_inner);
+            if let Some(queue) = lanes.get_mut(&key) {
+                queue.push_back(held);
+                return;
+            }
+            lanes.insert(key.clone(), VecDeque::new());
+        }
+        self.tasks.spawn(async move {
+            let mut current = Some(held);
+            while let Some(held) = current {
+                shared.process(held).await;
+                let mut lanes = shared.lanes.lock().unwrap_or_else(PoisonError::into_inner);
+                if shared.stopping.load(AtomicOrdering::Acquire) {
+                    lanes.remove(&key);
+                    return;
+                }
+                current = match lanes.get_mut(&key).and_then(VecDeque::pop_front) {
+                    Some(next) => Some(next),
+                    None => {
+                        lanes.remove(&key);
+                        None
+                    }
+                };
+            }
+        });
+    }
+}
+
+impl RunShared {
+    fn stopping(&self) -> bool {
+        self.stopping.load(AtomicOrdering::Acquire)
+    }
+
+    /// Handles one delivery to the end: success + ack, or retries, or dead-letter + ack, or
+    /// left unacked at shutdown.
+    async fn process(&self, held: Held) {
+        let delivery = &held.delivery;
+        let mut attempt = delivery.attempt().max(1);
+        loop {
+            if self.stopping() {
+                return;
+            }
+            let outcome = {
+                let Ok(_permit) = self.concurrency.acquire().await else {
+                    return;
+                };
+                let event = delivery.event().with_attempt(attempt);
+                let handler = self.handler.clone();
+                match std::panic::catch_unwind(AssertUnwindSafe(|| handler(event))) {
+                    Ok(fut) => AssertUnwindSafe(fut)
+                        .catch_unwind()
+                        .await
+                        .unwrap_or_else(|panic| Err(panic_text(panic))),
+                    Err(panic) => Err(panic_text(panic)),
+                }
+            };
+            let error = match outcome {
+                Ok(()) => {
+                    if settle(delivery.ack().await, "ack") {
+                        self.stats.processed.fetch_add(1, AtomicOrdering::Relaxed);
+                    }
+                    return;
+                }
+                Err(e) => e,
+            };
+            match self.retry.decide(attempt) {
+                RetryDecision::RetryAfter(backoff) => {
+                    tracing::debug!(id = delivery.id(), attempt, error = %error, ?backoff, "busbar consumer: handler failed, retrying");
+                    self.stats.retried.fetch_add(1, AtomicOrdering::Relaxed);
+                    if let Some(by) = self.extend_by {
+                        // Keep the delivery ours while it waits; failure only risks a duplicate.
+                        let _ = delivery.extend_deadline(by + backoff).await;
+                    }
+                    let stop = self.stop.notified();
+                    tokio::pin!(stop);
+                    stop.as_mut().enable();
+                    if self.stopping() {
+                        return;
+                    }
+                    tokio::select! {
+                        _ = stop => return,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    attempt += 1;
+                }
+                RetryDecision::GiveUp => {
+                    self.dead_letter(delivery, attempt, &error).await;
+                    return;
+                }
+            }
+        }
+    }
+
+    async fn dead_letter(&self, delivery: &Delivery, attempts: u32, error: &str) {
+        let topic = delivery.topic();
+        let dlq_topic = self.dead_letter.topic_for(topic);
+        let message = self.dead_letter.dead_letter_message(
+            delivery.message(),
+            topic,
+            &self.group,
+            attempts,
+            error,
+        );
+        tracing::warn!(id = delivery.id(), attempts, error, dlq = %dlq_topic, "busbar consumer: giving up, dead-lettering");
+        match self
+            .bus
+            .publish(&dlq_topic, message, &PublishOptions::default())
+            .await
+        {
+            Ok(()) => {
+                if settle(delivery.ack().await, "ack after dead-letter") {
+                    self.stats
+                        .dead_lettered
+                        .fetch_add(1, AtomicOrdering::Relaxed);
+                }
+            }
+            Err(e) => {
+                tracing::error!(id = delivery.id(), error = %e, "busbar consumer: dead-letter publish failed; leaving the delivery unacked for redelivery");
+            }
+        }
+    }
+}
+
+fn settle(result: Result<()>, what: &str) -> bool {
+    match result {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!(error = %e, "busbar consumer: {what} failed; the delivery will be redelivered");
+            false
+        }
+    }
+}
+
+fn panic_text(panic: Box<dyn std::any::Any + Send>) -> String {
+    let text = panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "non-string panic payload".to_owned());
+    format!("handler panicked: {text}")
+}
+
+#[cfg(test)]
+mod tests;

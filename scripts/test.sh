@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# scripts/test.sh — the whole test suite, as CI runs it: brokers up, format and lint checks,
+# docs, then every test with BUSBAR_REQUIRE_BROKERS=1 (a backend test fails, never skips,
+# when its broker is missing).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+if [ "${CI:-}" = true ] && [ -z "${CARGO_TARGET_DIR:-}" ]; then
+  # Keep builds between CI runs, outside the fresh clone.
+  export CARGO_TARGET_DIR=$HOME/.cache/busbar-target
+fi
+export CARGO_TERM_COLOR=never CARGO_INCREMENTAL=0
+
+step() { printf '\n=== %s (%ss)\n' "$*" "$SECONDS"; }
+# A hung test must fail the run with its output, not eat CI's whole time budget.
+TEST_TIMEOUT=${BUSBAR_TEST_TIMEOUT:-50m}
+
+step "brokers"
+eval "$(scripts/brokers.sh up)"
+export BUSBAR_REQUIRE_BROKERS=1
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy (default features, then all features) -D warnings"
+cargo clippy --workspace --all-targets -- -D warnings
+cargo clippy --workspace --all-targets --all-features -- -D warnings
+
+step "docs -D warnings"
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --quiet
+
+step "the default build pulls no broker client"
+if cargo tree -p busbar -e normal --prefix none | grep -E '^(redis|rdkafka|async-nats|lapin|aws-sdk-sqs) '; then
+  echo "the default busbar build depends on a broker client" >&2
+  exit 1
+fi
+
+step "busbar check memory:// (the README's first command)"
+cargo run --quiet -p busbar-cli -- check memory://
+
+step "benchmarks, smoke mode (each workload once, small counts; speed is never asserted)"
+BUSBAR_BENCH_QUICK=1 cargo test -p busbar-benches --benches
+
+step "cargo test (all features, every crate, real brokers)"
+timeout --kill-after=30s "$TEST_TIMEOUT" cargo test --workspace --all-features --no-fail-fast
