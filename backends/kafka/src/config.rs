@@ -1,0 +1,242 @@
+//! `kafka://` / `kafkas://` URL parsing and the librdkafka settings busbar derives from it.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+use busbar_core::{redact_url, Error, ErrorKind, Result};
+
+use crate::BACKEND;
+
+/// Configuration of a [`crate::KafkaBus`].
+///
+/// URL: `kafka://[user:password@]host:port[,host:port...][?options]`; `kafkas://` turns TLS
+/// on. A user and password in the URL mean SASL (mechanism `PLAIN` unless
+/// `sasl.mechanism` says otherwise, e.g. `SCRAM-SHA-512`).
+///
+/// busbar options: `partitions` (partitions of a topic busbar creates, default 8),
+/// `replication` (replication factor of topics busbar creates, default 1),
+/// `max_message_bytes` (largest record, default 1,000,000 — keep it at or below the
+/// broker's `message.max.bytes`), `commit_interval_ms` (how often acked progress is
+/// committed, default 200), `session_timeout_ms` (group session timeout, default 10,000).
+/// Any option containing a dot (`security.protocol`, `sasl.mechanism`, `ssl.ca.location`,
+/// `client.id`, ...) is passed to librdkafka unchanged, for producers and consumers alike.
+#[derive(Clone, PartialEq, Eq)]
+pub struct KafkaConfig {
+    /// `bootstrap.servers`: comma-separated `host:port` list.
+    pub bootstrap_servers: String,
+    /// Partitions of a topic created by busbar.
+    pub partitions: i32,
+    /// Replication factor of a topic created by busbar.
+    pub replication: i32,
+    /// Largest record accepted, in bytes (librdkafka `message.max.bytes`).
+    pub max_message_bytes: usize,
+    /// How often acked progress is committed.
+    pub commit_interval: Duration,
+    /// Consumer group session timeout.
+    pub session_timeout: Duration,
+    /// librdkafka settings applied to every client (security, SASL, TLS, client.id, ...).
+    pub client: BTreeMap<String, String>,
+}
+
+/// Keys whose values are secrets: never printed.
+fn is_secret(key: &str) -> bool {
+    let k = key.to_ascii_lowercase();
+    k.contains("password")
+        || k.contains("secret")
+        || k.ends_with(".pem")
+        || k == "sasl.oauthbearer.config"
+}
+
+impl fmt::Debug for KafkaConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let client: BTreeMap<&str, &str> = self
+            .client
+            .iter()
+            .map(|(k, v)| (k.as_str(), if is_secret(k) { "***" } else { v.as_str() }))
+            .collect();
+        f.debug_struct("KafkaConfig")
+            .field("bootstrap_servers", &self.bootstrap_servers)
+            .field("partitions", &self.partitions)
+            .field("replication", &self.replication)
+            .field("max_message_bytes", &self.max_message_bytes)
+            .field("commit_interval", &self.commit_interval)
+            .field("session_timeout", &self.session_timeout)
+            .field("client", &client)
+            .finish()
+    }
+}
+
+fn config_error(msg: String) -> Error {
+    Error::new(ErrorKind::Config, msg).with_backend(BACKEND)
+}
+
+fn percent_decode(s: &str) -> String {
+    url::form_urlencoded::parse(format!("x={s}").as_bytes())
+        .next()
+        .map(|(_, v)| v.into_owned())
+        .unwrap_or_default()
+}
+
+impl KafkaConfig {
+    /// Parses a `kafka://` or `kafkas://` URL.
+    pub fn from_url(url: &str) -> Result<Self> {
+        let shown = redact_url(url);
+        let (scheme, rest) = url
+            .split_once("://")
+            .ok_or_else(|| config_error(format!("invalid Kafka URL {shown}: no scheme")))?;
+        let tls = match scheme {
+            "kafka" => false,
+            "kafkas" => true,
+            other => {
+                return Err(config_error(format!(
+                    "expected a kafka:// or kafkas:// URL, got scheme {other:?}"
+                )))
+            }
+        };
+        let (authority, query) = match rest.split_once('?') {
+            Some((a, q)) => (a, Some(q)),
+            None => (rest, None),
+        };
+        let authority = authority.trim_end_matches('/');
+        let (userinfo, hosts) = match authority.rsplit_once('@') {
+            Some((u, h)) => (Some(u), h),
+            None => (None, authority),
+        };
+        let mut servers = Vec::new();
+        for host in hosts.split(',') {
+            let host = host.trim();
+            if host.is_empty() {
+                return Err(config_error(format!("the Kafka URL {shown} names no host")));
+            }
+            // Checks the host and port with the URL parser (IPv6 in brackets works too).
+            let parsed = url::Url::parse(&format!("kafka://{host}")).map_err(|e| {
+                config_error(format!("invalid broker address {host:?} in {shown}: {e}"))
+            })?;
+            let name = parsed.host_str().filter(|h| !h.is_empty()).ok_or_else(|| {
+                config_error(format!("invalid broker address {host:?} in {shown}"))
+            })?;
+            servers.push(format!("{name}:{}", parsed.port().unwrap_or(9092)));
+        }
+        let mut cfg = Self {
+            bootstrap_servers: servers.join(","),
+            partitions: 8,
+            replication: 1,
+            max_message_bytes: 1_000_000,
+            commit_interval: Duration::from_millis(200),
+            session_timeout: Duration::from_secs(10),
+            client: BTreeMap::new(),
+        };
+        let mut sasl = false;
+        if let Some(userinfo) = userinfo {
+            let (user, password) = userinfo.split_once(':').unwrap_or((userinfo, ""));
+            cfg.client
+                .insert("sasl.username".into(), percent_decode(user));
+            cfg.client
+                .insert("sasl.password".into(), percent_decode(password));
+            cfg.client.insert("sasl.mechanism".into(), "PLAIN".into());
+            sasl = true;
+        }
+        let protocol = match (tls, sasl) {
+            (false, false) => "plaintext",
+            (true, false) => "ssl",
+            (false, true) => "sasl_plaintext",
+            (true, true) => "sasl_ssl",
+        };
+        cfg.client
+            .insert("security.protocol".into(), protocol.into());
+        for (k, v) in url::form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
+            let num = |min: u64, max: u64| -> Result<u64> {
+                v.parse::<u64>()
+                    .ok()
+                    .filter(|n| (min..=max).contains(n))
+                    .ok_or_else(|| {
+                        config_error(format!(
+                            "Kafka URL option {k}={v:?} must be a number from {min} to {max}"
+                        ))
+                    })
+            };
+            match &*k {
+                "partitions" => cfg.partitions = num(1, 10_000)? as i32,
+                "replication" => cfg.replication = num(1, 100)? as i32,
+                "max_message_bytes" => cfg.max_message_bytes = num(1024, 1_000_000_000)? as usize,
+                "commit_interval_ms" => {
+                    cfg.commit_interval = Duration::from_millis(num(10, 60_000)?)
+                }
+                "session_timeout_ms" => {
+                    cfg.session_timeout = Duration::from_millis(num(1_000, 3_600_000)?)
+                }
+                key if key.contains('.') => {
+                    cfg.client.insert(key.to_owned(), v.into_owned());
+                }
+                other => {
+                    return Err(config_error(format!(
+                    "unknown Kafka URL option {other:?} (busbar options: partitions, replication, \
+                         max_message_bytes, commit_interval_ms, session_timeout_ms; librdkafka \
+                         settings contain a dot, e.g. security.protocol)"
+                )))
+                }
+            }
+        }
+        Ok(cfg)
+    }
+
+    /// The librdkafka settings shared by producer, consumer and admin client.
+    pub(crate) fn base(&self) -> rdkafka::ClientConfig {
+        let mut c = rdkafka::ClientConfig::new();
+        c.set("bootstrap.servers", &self.bootstrap_servers)
+            .set(
+                "message.max.bytes",
+                (self.max_message_bytes + 64 * 1024).to_string(),
+            )
+            .set("socket.connection.setup.timeout.ms", "10000")
+            // Not every Kafka-protocol broker answers client telemetry; busbar does not use it.
+            .set("enable.metrics.push", "false")
+            .set("log_level", "4");
+        for (k, v) in &self.client {
+            c.set(k, v);
+        }
+        c
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_hosts_options_and_credentials() {
+        let c = KafkaConfig::from_url(
+            "kafka://app:s%40cret@b1:9093,b2?partitions=12&replication=3&client.id=svc",
+        )
+        .expect("valid");
+        assert_eq!(c.bootstrap_servers, "b1:9093,b2:9092");
+        assert_eq!((c.partitions, c.replication), (12, 3));
+        assert_eq!(c.client["sasl.username"], "app");
+        assert_eq!(c.client["sasl.password"], "s@cret");
+        assert_eq!(c.client["security.protocol"], "sasl_plaintext");
+        assert_eq!(c.client["client.id"], "svc");
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("s@cret"), "{shown}");
+        let tls = KafkaConfig::from_url("kafkas://h:9093").expect("tls");
+        assert_eq!(tls.client["security.protocol"], "ssl");
+    }
+
+    #[test]
+    fn rejects_bad_urls() {
+        for bad in [
+            "http://h:1",
+            "kafka://",
+            "kafka://h:1,,h2",
+            "kafka://h:99999",
+            "kafka://h?partitions=0",
+            "kafka://h?bogus=1",
+            "kafka:h",
+        ] {
+            let e = KafkaConfig::from_url(bad).expect_err(bad);
+            assert_eq!(e.kind(), ErrorKind::Config, "{bad}");
+        }
+        let e = KafkaConfig::from_url("kafka://u:hunter2@h?partitions=x").expect_err("bad option");
+        assert!(!e.to_string().contains("hunter2"), "{e}");
+    }
+}

@@ -1,0 +1,455 @@
+#![doc = include_str!("../README.md")]
+
+mod codec;
+pub mod config;
+mod error;
+mod state;
+mod subscriber;
+
+use std::collections::HashSet;
+use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock, Weak};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use busbar_core::{
+    check_publish, Capabilities, Error, ErrorKind, EventBus, Message, Ordering, PublishOptions,
+    Result, StartPosition, SubscribeOptions, Subscriber,
+};
+use futures::future::BoxFuture;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::{Offset, TopicPartitionList};
+
+pub use config::KafkaConfig;
+
+/// The URL schemes of this backend.
+pub const SCHEMES: &[&str] = &["kafka", "kafkas"];
+
+pub(crate) const BACKEND: &str = "kafka";
+
+/// Bytes of a record kept for its headers and framing when declaring `message_max_bytes`.
+const RECORD_OVERHEAD: usize = 1024;
+/// How long a blocking metadata, admin or offset request may take.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Opens a Kafka bus from a URL, as a trait object (the registry's `ConnectFn`).
+pub fn connect_boxed(url: String) -> BoxFuture<'static, Result<Arc<dyn EventBus>>> {
+    Box::pin(async move { Ok(Arc::new(KafkaBus::connect(&url).await?) as Arc<dyn EventBus>) })
+}
+
+pub(crate) struct Inner {
+    pub(crate) config: KafkaConfig,
+    /// Replaced when librdkafka reports a fatal producer error (the idempotent producer was
+    /// fenced, its sequence state was lost, ...): such a producer accepts nothing more.
+    producer: RwLock<FutureProducer>,
+    admin: AdminClient<DefaultClientContext>,
+    /// Topics known to exist (created or seen by this client).
+    topics: Mutex<HashSet<String>>,
+    closed: AtomicBool,
+    subscribers: Mutex<Vec<Weak<subscriber::Shared>>>,
+}
+
+/// Runs a blocking librdkafka call off the async runtime.
+pub(crate) async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| {
+        Error::new(
+            ErrorKind::Broker,
+            format!("a blocking Kafka call failed: {e}"),
+        )
+        .with_backend(BACKEND)
+    })?
+}
+
+impl Inner {
+    pub(crate) fn check_open(&self) -> Result<()> {
+        if self.closed.load(AtomicOrdering::Acquire) {
+            Err(Error::closed("kafka bus").with_backend(BACKEND))
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Creates `topic` with the configured partition count unless it exists.
+    pub(crate) async fn ensure_topic(&self, topic: &str) -> Result<()> {
+        if self
+            .topics
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains(topic)
+        {
+            return Ok(());
+        }
+        let new = NewTopic::new(
+            topic,
+            self.config.partitions,
+            TopicReplication::Fixed(self.config.replication),
+        );
+        let opts = AdminOptions::new().operation_timeout(Some(REQUEST_TIMEOUT));
+        let results = self
+            .admin
+            .create_topics([&new], &opts)
+            .await
+            .map_err(|e| error::map(e, "creating the topic"))?;
+        for r in results {
+            match r {
+                Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                Err((name, code)) => {
+                    return Err(Error::new(
+                        error::kind_of_code(code),
+                        format!("creating topic {name}: {code}"),
+                    )
+                    .with_backend(BACKEND))
+                }
+            }
+        }
+        self.topics
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(topic.to_owned());
+        Ok(())
+    }
+
+    fn producer(&self) -> FutureProducer {
+        self.producer
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Turns a publish failure into the error returned, replacing the producer when the
+    /// failure leaves it unusable (a fatal error, or its idempotent-producer identity was
+    /// fenced or lost): the publish can then be retried on the new one.
+    fn publish_error(&self, used: &FutureProducer, e: KafkaError, id: &str) -> Error {
+        let fatal = used.client().fatal_error();
+        let fenced = matches!(
+            e.rdkafka_error_code(),
+            Some(
+                RDKafkaErrorCode::ProducerFenced
+                    | RDKafkaErrorCode::InvalidProducerEpoch
+                    | RDKafkaErrorCode::OutOfOrderSequenceNumber
+                    | RDKafkaErrorCode::UnknownProducerId
+                    | RDKafkaErrorCode::InvalidProducerIdMapping
+            )
+        );
+        if fatal.is_none() && !fenced {
+            return error::map(e, &format!("publishing {id}"));
+        }
+        let mut current = self.producer.write().unwrap_or_else(PoisonError::into_inner);
+        if current.client().native_ptr() == used.client().native_ptr() {
+            match new_producer(&self.config) {
+                Ok(p) => *current = p,
+                Err(err) => return err,
+            }
+            tracing::warn!(error = %e, ?fatal, "kafka: the producer became unusable and was replaced");
+        }
+        Error::new(
+            ErrorKind::Connection,
+            format!("publishing {id}: {e}; the producer was replaced, retry the publish"),
+        )
+        .with_backend(BACKEND)
+        .with_source(e)
+    }
+
+    /// Publishes in order and returns once the broker acknowledged every record (acks=all).
+    pub(crate) async fn publish_many(&self, topic: &str, messages: &[Message]) -> Result<()> {
+        self.ensure_topic(topic).await?;
+        let producer = self.producer();
+        let mut pending = Vec::with_capacity(messages.len());
+        for m in messages {
+            let headers = codec::encode_headers(m);
+            let mut record: FutureRecord<'_, str, [u8]> = FutureRecord::to(topic)
+                .payload(&m.payload[..])
+                .headers(headers)
+                .timestamp(m.time.timestamp_millis());
+            if let Some(k) = &m.key {
+                record = record.key(k.as_str());
+            }
+            // Enqueue strictly in order: on a full local queue, wait and retry this record
+            // before any later one.
+            loop {
+                match producer.send_result(record) {
+                    Ok(delivery) => {
+                        pending.push((m, delivery));
+                        break;
+                    }
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                        record = r;
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                    Err((e, _)) => return Err(self.publish_error(&producer, e, &m.id)),
+                }
+            }
+        }
+        for (m, delivery) in pending {
+            match delivery.await {
+                Ok(Ok(_)) => {}
+                Ok(Err((e, _))) => return Err(self.publish_error(&producer, e, &m.id)),
+                Err(_) => {
+                    return Err(Error::new(
+                        ErrorKind::Connection,
+                        format!("publishing {}: the producer was shut down", m.id),
+                    )
+                    .with_backend(BACKEND))
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A consumer client of `group` that does not join it (for offset requests).
+    fn group_client(&self, group: &str) -> Result<BaseConsumer> {
+        self.config
+            .base()
+            .set("group.id", group)
+            .set("enable.auto.commit", "false")
+            .create()
+            .map_err(|e| error::map(e, "creating a Kafka consumer"))
+    }
+
+    /// Makes the group exist: every partition of `topic` without a committed offset gets
+    /// one at the start position (the end for `Latest`, the beginning for `Earliest`), so
+    /// records published from now on are kept for the group even before a member joined.
+    pub(crate) async fn provision_group(
+        &self,
+        topic: &str,
+        options: &SubscribeOptions,
+    ) -> Result<()> {
+        self.ensure_topic(topic).await?;
+        let client = self.group_client(&options.group)?;
+        let (topic, start) = (topic.to_owned(), options.start);
+        blocking(move || {
+            let meta = client
+                .fetch_metadata(Some(&topic), REQUEST_TIMEOUT)
+                .map_err(|e| error::map(e, "reading the topic's partitions"))?;
+            let mut tpl = TopicPartitionList::new();
+            for t in meta.topics().iter().filter(|t| t.name() == topic) {
+                for p in t.partitions() {
+                    tpl.add_partition(&topic, p.id());
+                }
+            }
+            if tpl.count() == 0 {
+                return Err(Error::new(
+                    ErrorKind::Broker,
+                    format!("the broker reports no partitions for topic {topic}"),
+                )
+                .with_backend(BACKEND));
+            }
+            let committed = client
+                .committed_offsets(tpl, REQUEST_TIMEOUT)
+                .map_err(|e| error::map(e, "reading the group's committed offsets"))?;
+            let mut missing = TopicPartitionList::new();
+            for e in committed.elements() {
+                if matches!(e.offset(), Offset::Offset(_)) {
+                    continue;
+                }
+                let (low, high) = client
+                    .fetch_watermarks(&topic, e.partition(), REQUEST_TIMEOUT)
+                    .map_err(|e| error::map(e, "reading the partition's offsets"))?;
+                let at = match start {
+                    StartPosition::Latest => high,
+                    StartPosition::Earliest => low,
+                };
+                missing
+                    .add_partition_offset(&topic, e.partition(), Offset::Offset(at))
+                    .map_err(|e| error::map(e, "building the group's start offsets"))?;
+            }
+            if missing.count() == 0 {
+                return Ok(());
+            }
+            match client.commit(&missing, CommitMode::Sync) {
+                Ok(()) => Ok(()),
+                // Members are active: they already resolved their start positions.
+                Err(e) if error::is_active_group(&e) => Ok(()),
+                Err(e) => Err(error::map(e, "creating the consumer group's start offsets")),
+            }
+        })
+        .await
+    }
+}
+
+/// The idempotent producer: acks from all in-sync replicas, the Java client's partitioner
+/// (other Kafka clients place keys the same way).
+fn new_producer(config: &KafkaConfig) -> Result<FutureProducer> {
+    config
+        .base()
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("partitioner", "murmur2_random")
+        .set("linger.ms", "2")
+        .set("message.timeout.ms", "30000")
+        .create()
+        .map_err(|e| error::map(e, "creating the Kafka producer"))
+}
+
+/// An event bus on Kafka. Cloning gives another handle to the same clients.
+#[derive(Clone)]
+pub struct KafkaBus {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for KafkaBus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KafkaBus")
+            .field("config", &self.inner.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl KafkaBus {
+    /// Connects to the Kafka cluster of `url` and checks that a broker answers.
+    ///
+    /// Errors: `Config` (malformed URL or librdkafka setting), `Connection` (no broker
+    /// answered within 15 s), `Auth` (credentials refused).
+    pub async fn connect(url: &str) -> Result<Self> {
+        Self::with_config(KafkaConfig::from_url(url)?).await
+    }
+
+    /// Connects with an explicit configuration.
+    pub async fn with_config(config: KafkaConfig) -> Result<Self> {
+        let producer = new_producer(&config)?;
+        let admin: AdminClient<DefaultClientContext> = config
+            .base()
+            .create()
+            .map_err(|e| error::map(e, "creating the Kafka admin client"))?;
+        let probe = producer.clone();
+        let servers = config.bootstrap_servers.clone();
+        blocking(move || {
+            probe
+                .client()
+                .fetch_metadata(None, REQUEST_TIMEOUT)
+                .map(|_| ())
+                .map_err(|e| {
+                    let mut err = error::map(e, &format!("connecting to Kafka at {servers}"));
+                    if err.kind() == ErrorKind::Broker || err.kind() == ErrorKind::Timeout {
+                        err = Error::new(
+                            ErrorKind::Connection,
+                            format!("no Kafka broker answered at {servers} within {REQUEST_TIMEOUT:?}: {err}"),
+                        )
+                        .with_backend(BACKEND);
+                    }
+                    err
+                })
+        })
+        .await?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                config,
+                producer: RwLock::new(producer),
+                admin,
+                topics: Mutex::new(HashSet::new()),
+                closed: AtomicBool::new(false),
+                subscribers: Mutex::new(Vec::new()),
+            }),
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &KafkaConfig {
+        &self.inner.config
+    }
+}
+
+#[async_trait]
+impl EventBus for KafkaBus {
+    fn backend(&self) -> &'static str {
+        BACKEND
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        let mut c = Capabilities::none();
+        c.ordering = Ordering::PerKey;
+        c.consumer_groups = true;
+        c.persistent = true;
+        c.replay = true;
+        c.nack_can_delay = true;
+        c.ack_deadline_can_extend = true;
+        c.message_max_bytes = Some(
+            self.inner
+                .config
+                .max_message_bytes
+                .saturating_sub(RECORD_OVERHEAD),
+        );
+        c
+    }
+
+    async fn publish(&self, topic: &str, message: Message, options: &PublishOptions) -> Result<()> {
+        self.inner.check_open()?;
+        let batch = [message];
+        check_publish(BACKEND, &self.capabilities(), topic, &batch, options)?;
+        self.inner.publish_many(topic, &batch).await
+    }
+
+    async fn publish_batch(
+        &self,
+        topic: &str,
+        messages: Vec<Message>,
+        options: &PublishOptions,
+    ) -> Result<()> {
+        self.inner.check_open()?;
+        check_publish(BACKEND, &self.capabilities(), topic, &messages, options)?;
+        if messages.is_empty() {
+            return Ok(());
+        }
+        self.inner.publish_many(topic, &messages).await
+    }
+
+    async fn subscribe(
+        &self,
+        topic: &str,
+        options: SubscribeOptions,
+    ) -> Result<Box<dyn Subscriber>> {
+        self.inner.check_open()?;
+        busbar_core::validate_topic(topic)?;
+        options.validate()?;
+        self.inner.provision_group(topic, &options).await?;
+        let sub = subscriber::KafkaSubscriber::start(self.inner.clone(), topic, options)?;
+        Ok(Box::new(sub))
+    }
+
+    async fn provision(&self, topic: &str, options: &SubscribeOptions) -> Result<()> {
+        self.inner.check_open()?;
+        busbar_core::validate_topic(topic)?;
+        options.validate()?;
+        self.inner.provision_group(topic, options).await
+    }
+
+    async fn close(&self) -> Result<()> {
+        if self.inner.closed.swap(true, AtomicOrdering::AcqRel) {
+            return Ok(());
+        }
+        let subs = std::mem::take(
+            &mut *self
+                .inner
+                .subscribers
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+        );
+        for s in subs.iter().filter_map(Weak::upgrade) {
+            s.shut_down();
+        }
+        let producer = self.inner.producer();
+        blocking(move || {
+            producer
+                .flush(REQUEST_TIMEOUT)
+                .map_err(|e| error::map(e, "flushing the producer"))
+        })
+        .await
+    }
+}
+
+/// Moves messages from a dead-letter topic back to where they came from; see
+/// [`busbar_core::redrive()`].
+pub async fn redrive(
+    bus: &KafkaBus,
+    dlq_topic: &str,
+    options: &busbar_core::RedriveOptions,
+) -> Result<busbar_core::RedriveReport> {
+    busbar_core::redrive(bus, dlq_topic, options).await
+}

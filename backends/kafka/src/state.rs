@@ -1,0 +1,557 @@
+//! What one subscriber knows about its assigned partitions: the records received and not yet
+//! acked, which of them may be handed out now, and the offset that is safe to commit.
+//!
+//! Rules, per partition:
+//! - Records with the same key are handed out one at a time, in offset order: the next one
+//!   waits until the previous is acked (or dead-lettered). Records of other keys, and records
+//!   without a key, are handed out concurrently.
+//! - A nacked or timed-out record is handed out again before anything that follows it on its
+//!   key, with its attempt count increased.
+//! - The committed offset is the lowest offset not yet acked (or, when everything received
+//!   was acked, the offset after the last one received): Kafka never records progress past
+//!   unfinished work, whatever order acks arrive in.
+//! - A partition carries an epoch, renewed on every assignment. Acks of deliveries from an
+//!   earlier epoch (the partition was revoked meanwhile) change nothing: the new owner
+//!   resumes from the committed offset and delivers them again.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::sync::Arc;
+
+use busbar_core::Message;
+use tokio::time::{Duration, Instant};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Status {
+    /// Waiting to be handed out (it is, or will be, in `ready`).
+    Queued,
+    /// Nacked with a delay: queued again at this instant.
+    Delayed(Instant),
+    /// Handed out; comes back after the deadline unless settled.
+    InFlight { tag: u64, deadline: Instant },
+}
+
+#[derive(Debug)]
+struct Entry {
+    message: Arc<Message>,
+    attempt: u32,
+    status: Status,
+}
+
+#[derive(Debug, Default)]
+struct Partition {
+    epoch: u64,
+    /// Received and not acked, by offset.
+    entries: BTreeMap<i64, Entry>,
+    /// Not-acked offsets per key, in offset order: only the front may be in flight.
+    keys: HashMap<String, VecDeque<i64>>,
+    /// The offset after the last record received (-1 before the first).
+    next_offset: i64,
+    /// The last offset committed or known committed (-1 when unknown).
+    committed: i64,
+    /// Revoked and waiting for in-flight deliveries to settle: nothing more is handed out.
+    draining: bool,
+}
+
+/// A record handed out to the application.
+#[derive(Debug, Clone)]
+pub(crate) struct Handed {
+    pub(crate) partition: i32,
+    pub(crate) offset: i64,
+    pub(crate) epoch: u64,
+    pub(crate) tag: u64,
+    pub(crate) message: Arc<Message>,
+    pub(crate) attempt: u32,
+}
+
+/// Identifies one handed-out delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Token {
+    pub(crate) partition: i32,
+    pub(crate) offset: i64,
+    pub(crate) epoch: u64,
+    pub(crate) tag: u64,
+}
+
+impl Handed {
+    pub(crate) fn token(&self) -> Token {
+        Token {
+            partition: self.partition,
+            offset: self.offset,
+            epoch: self.epoch,
+            tag: self.tag,
+        }
+    }
+}
+
+/// The bookkeeping of one subscriber (see the module docs).
+#[derive(Debug)]
+pub(crate) struct State {
+    parts: HashMap<i32, Partition>,
+    ready: VecDeque<(i32, i64)>,
+    delayed: BTreeSet<(Instant, i32, i64)>,
+    deadlines: BTreeSet<(Instant, i32, i64, u64)>,
+    in_flight: usize,
+    buffered: usize,
+    next_tag: u64,
+    next_epoch: u64,
+    ack_timeout: Duration,
+    max_in_flight: usize,
+}
+
+impl State {
+    pub(crate) fn new(ack_timeout: Duration, max_in_flight: usize) -> Self {
+        Self {
+            parts: HashMap::new(),
+            ready: VecDeque::new(),
+            delayed: BTreeSet::new(),
+            deadlines: BTreeSet::new(),
+            in_flight: 0,
+            buffered: 0,
+            next_tag: 1,
+            next_epoch: 1,
+            ack_timeout,
+            max_in_flight,
+        }
+    }
+
+    /// Records received and not acked, over all partitions.
+    pub(crate) fn buffered(&self) -> usize {
+        self.buffered
+    }
+
+    /// Deliveries handed out and not settled.
+    #[cfg(test)]
+    pub(crate) fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+
+    /// Starts owning `partition` (a fresh epoch; anything left from an earlier assignment
+    /// is dropped).
+    pub(crate) fn assign(&mut self, partition: i32) {
+        self.drop_partition(partition);
+        let epoch = self.next_epoch;
+        self.next_epoch += 1;
+        self.parts.insert(
+            partition,
+            Partition {
+                epoch,
+                next_offset: -1,
+                committed: -1,
+                ..Partition::default()
+            },
+        );
+    }
+
+    /// Stops handing out records of `partition`; deliveries already out may still settle.
+    pub(crate) fn start_draining(&mut self, partition: i32) {
+        if let Some(p) = self.parts.get_mut(&partition) {
+            p.draining = true;
+        }
+    }
+
+    /// Deliveries of `partition` handed out, not settled and not yet past their deadline.
+    pub(crate) fn live_in_flight(&self, partition: i32, now: Instant) -> usize {
+        self.parts.get(&partition).map_or(0, |p| {
+            p.entries
+                .values()
+                .filter(|e| matches!(e.status, Status::InFlight { deadline, .. } if deadline > now))
+                .count()
+        })
+    }
+
+    /// Forgets `partition` (revoked): later acks of its deliveries change nothing.
+    pub(crate) fn drop_partition(&mut self, partition: i32) {
+        if let Some(p) = self.parts.remove(&partition) {
+            self.buffered -= p.entries.len();
+            let out = p
+                .entries
+                .values()
+                .filter(|e| matches!(e.status, Status::InFlight { .. }))
+                .count();
+            self.in_flight -= out;
+        }
+    }
+
+    /// Adds a received record. Records of partitions not owned, and offsets already seen
+    /// (a re-fetch), are ignored. Returns whether it was added.
+    pub(crate) fn receive(&mut self, partition: i32, offset: i64, message: Message) -> bool {
+        let Some(p) = self.parts.get_mut(&partition) else {
+            return false;
+        };
+        if offset < p.next_offset || p.draining {
+            return false;
+        }
+        p.next_offset = offset + 1;
+        let eligible = match &message.key {
+            Some(k) => {
+                let q = p.keys.entry(k.clone()).or_default();
+                q.push_back(offset);
+                q.len() == 1
+            }
+            None => true,
+        };
+        p.entries.insert(
+            offset,
+            Entry {
+                message: Arc::new(message),
+                attempt: 1,
+                status: Status::Queued,
+            },
+        );
+        self.buffered += 1;
+        if eligible {
+            self.ready.push_back((partition, offset));
+        }
+        true
+    }
+
+    /// Moves due delayed records and timed-out deliveries back to the front of the queue.
+    fn promote(&mut self, now: Instant) {
+        while let Some(&(at, part, offset)) = self.delayed.first() {
+            if at > now {
+                break;
+            }
+            self.delayed.pop_first();
+            let Some(e) = self
+                .parts
+                .get_mut(&part)
+                .and_then(|p| p.entries.get_mut(&offset))
+            else {
+                continue;
+            };
+            if e.status == Status::Delayed(at) {
+                e.status = Status::Queued;
+                self.ready.push_front((part, offset));
+            }
+        }
+        while let Some(&(deadline, part, offset, tag)) = self.deadlines.first() {
+            if deadline > now {
+                break;
+            }
+            self.deadlines.pop_first();
+            let Some(e) = self
+                .parts
+                .get_mut(&part)
+                .and_then(|p| p.entries.get_mut(&offset))
+            else {
+                continue;
+            };
+            if e.status == (Status::InFlight { tag, deadline }) {
+                tracing::debug!(
+                    partition = part,
+                    offset,
+                    attempt = e.attempt,
+                    "kafka: ack timeout; delivering again"
+                );
+                e.status = Status::Queued;
+                e.attempt += 1;
+                self.in_flight -= 1;
+                self.ready.push_front((part, offset));
+            }
+        }
+    }
+
+    /// Hands out the next eligible record, if the in-flight limit allows.
+    pub(crate) fn take(&mut self, now: Instant) -> Option<Handed> {
+        self.promote(now);
+        if self.in_flight >= self.max_in_flight {
+            return None;
+        }
+        let mut skipped = Vec::new();
+        let mut found = None;
+        while let Some((part, offset)) = self.ready.pop_front() {
+            let Some(p) = self.parts.get_mut(&part) else {
+                continue;
+            };
+            let Some(e) = p.entries.get_mut(&offset) else {
+                continue;
+            };
+            if e.status != Status::Queued {
+                continue;
+            }
+            if p.draining {
+                skipped.push((part, offset));
+                continue;
+            }
+            let tag = self.next_tag;
+            self.next_tag += 1;
+            let deadline = now + self.ack_timeout;
+            e.status = Status::InFlight { tag, deadline };
+            self.deadlines.insert((deadline, part, offset, tag));
+            self.in_flight += 1;
+            found = Some(Handed {
+                partition: part,
+                offset,
+                epoch: p.epoch,
+                tag,
+                message: e.message.clone(),
+                attempt: e.attempt,
+            });
+            break;
+        }
+        for s in skipped.into_iter().rev() {
+            self.ready.push_front(s);
+        }
+        found
+    }
+
+    /// When `take` may have something new without a record arriving or a delivery settling.
+    pub(crate) fn next_wake(&self) -> Option<Instant> {
+        let d = self.delayed.first().map(|x| x.0);
+        let t = self.deadlines.first().map(|x| x.0);
+        match (d, t) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    fn entry(&mut self, t: Token) -> Option<(&mut Partition, i64)> {
+        let p = self.parts.get_mut(&t.partition)?;
+        (p.epoch == t.epoch && p.entries.contains_key(&t.offset)).then_some((p, t.offset))
+    }
+
+    fn holds(&self, t: Token) -> bool {
+        self.parts
+            .get(&t.partition)
+            .filter(|p| p.epoch == t.epoch)
+            .and_then(|p| p.entries.get(&t.offset))
+            .is_some_and(|e| matches!(e.status, Status::InFlight { tag, .. } if tag == t.tag))
+    }
+
+    /// The message and attempt of a delivery still held under `t`.
+    pub(crate) fn held(&self, t: Token) -> Option<(Arc<Message>, u32)> {
+        if !self.holds(t) {
+            return None;
+        }
+        let e = self.parts.get(&t.partition)?.entries.get(&t.offset)?;
+        Some((e.message.clone(), e.attempt))
+    }
+
+    /// Acks a delivery. A stale ack (it timed out and waits to be delivered again) still
+    /// counts: the record was processed. An ack from an earlier epoch, or of a record already
+    /// delivered again, changes nothing. Returns whether anything changed.
+    pub(crate) fn ack(&mut self, t: Token) -> bool {
+        let held = self.holds(t);
+        let Some((p, offset)) = self.entry(t) else {
+            return false;
+        };
+        let Some(e) = p.entries.get(&offset) else {
+            return false;
+        };
+        let was_out = match e.status {
+            Status::InFlight { .. } if !held => return false,
+            Status::InFlight { .. } => true,
+            Status::Queued | Status::Delayed(_) => false,
+        };
+        let key = e.message.key.clone();
+        p.entries.remove(&offset);
+        let mut next_ready = None;
+        if let Some(k) = key {
+            if let Some(q) = p.keys.get_mut(&k) {
+                let was_front = q.front() == Some(&offset);
+                q.retain(|o| *o != offset);
+                if q.is_empty() {
+                    p.keys.remove(&k);
+                } else if was_front {
+                    next_ready = q.front().copied();
+                }
+            }
+        }
+        self.buffered -= 1;
+        if was_out {
+            self.in_flight -= 1;
+        }
+        if let Some(next) = next_ready {
+            self.ready.push_back((t.partition, next));
+        }
+        true
+    }
+
+    /// Hands a held delivery back: queued again at once, or at `not_before`.
+    pub(crate) fn nack(&mut self, t: Token, not_before: Option<Instant>) -> bool {
+        if !self.holds(t) {
+            return false;
+        }
+        let Some(e) = self
+            .parts
+            .get_mut(&t.partition)
+            .and_then(|p| p.entries.get_mut(&t.offset))
+        else {
+            return false;
+        };
+        e.attempt += 1;
+        match not_before {
+            Some(at) => {
+                e.status = Status::Delayed(at);
+                self.delayed.insert((at, t.partition, t.offset));
+            }
+            None => {
+                e.status = Status::Queued;
+                self.ready.push_front((t.partition, t.offset));
+            }
+        }
+        self.in_flight -= 1;
+        true
+    }
+
+    /// Moves the deadline of a held delivery to `until`.
+    pub(crate) fn extend(&mut self, t: Token, until: Instant) -> bool {
+        if !self.holds(t) {
+            return false;
+        }
+        let Some((p, offset)) = self.entry(t) else {
+            return false;
+        };
+        if let Some(e) = p.entries.get_mut(&offset) {
+            e.status = Status::InFlight {
+                tag: t.tag,
+                deadline: until,
+            };
+            self.deadlines.insert((until, t.partition, offset, t.tag));
+        }
+        true
+    }
+
+    /// The offsets to commit now: per owned partition, the lowest unacked offset (or the one
+    /// after the last received), where that is past what was committed.
+    pub(crate) fn commit_points(&self) -> Vec<(i32, i64)> {
+        self.parts
+            .iter()
+            .filter_map(|(&part, p)| {
+                let point = p.entries.keys().next().copied().unwrap_or(p.next_offset);
+                (point >= 0 && point > p.committed).then_some((part, point))
+            })
+            .collect()
+    }
+
+    /// Records that `offset` was committed for `partition`.
+    pub(crate) fn committed(&mut self, partition: i32, offset: i64) {
+        if let Some(p) = self.parts.get_mut(&partition) {
+            p.committed = p.committed.max(offset);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(key: Option<&str>) -> Message {
+        let m = Message::new("x");
+        match key {
+            Some(k) => m.with_key(k),
+            None => m,
+        }
+    }
+
+    fn state() -> State {
+        let mut s = State::new(Duration::from_secs(10), 100);
+        s.assign(0);
+        s
+    }
+
+    #[test]
+    fn one_key_at_a_time_other_keys_concurrently() {
+        let mut s = state();
+        let now = Instant::now();
+        for (o, k) in [(0, "a"), (1, "a"), (2, "b"), (3, "a")] {
+            assert!(s.receive(0, o, msg(Some(k))));
+        }
+        let first = s.take(now).expect("a@0");
+        let second = s.take(now).expect("b@2");
+        assert_eq!((first.offset, second.offset), (0, 2));
+        assert!(s.take(now).is_none(), "a@1 waits for a@0");
+        assert!(s.ack(second.token()));
+        assert_eq!(
+            s.commit_points(),
+            vec![(0, 0)],
+            "a@0 unfinished: commit stays at 0"
+        );
+        assert!(s.ack(first.token()));
+        assert_eq!(s.take(now).expect("a@1").offset, 1);
+        assert_eq!(s.commit_points(), vec![(0, 1)]);
+    }
+
+    #[test]
+    fn nack_and_timeout_come_back_first_with_higher_attempt() {
+        let mut s = state();
+        let now = Instant::now();
+        s.receive(0, 0, msg(Some("a")));
+        s.receive(0, 1, msg(Some("a")));
+        let d = s.take(now).expect("a@0");
+        assert!(s.nack(d.token(), None));
+        assert!(
+            s.ack(d.token()),
+            "a stale ack of a record waiting to be delivered again counts"
+        );
+        assert_eq!(s.buffered(), 1);
+        let mut s = state();
+        s.receive(0, 0, msg(Some("a")));
+        let d = s.take(now).expect("first");
+        assert!(s.take(now + Duration::from_secs(5)).is_none());
+        let again = s
+            .take(now + Duration::from_secs(11))
+            .expect("after the ack timeout");
+        assert_eq!((again.offset, again.attempt), (0, 2));
+        assert!(
+            !s.ack(d.token()),
+            "the first delivery's ack is stale once delivered again"
+        );
+        assert!(s.ack(again.token()));
+        assert_eq!(s.in_flight(), 0);
+    }
+
+    #[test]
+    fn delayed_nack_waits() {
+        let mut s = state();
+        let now = Instant::now();
+        s.receive(0, 0, msg(None));
+        let d = s.take(now).expect("first");
+        assert!(s.nack(d.token(), Some(now + Duration::from_secs(2))));
+        assert!(s.take(now + Duration::from_secs(1)).is_none());
+        assert_eq!(s.next_wake(), Some(now + Duration::from_secs(2)));
+        let again = s.take(now + Duration::from_secs(2)).expect("due");
+        assert_eq!(again.attempt, 2);
+    }
+
+    #[test]
+    fn revoked_partitions_ignore_old_acks() {
+        let mut s = state();
+        let now = Instant::now();
+        s.receive(0, 5, msg(None));
+        let d = s.take(now).expect("first");
+        s.drop_partition(0);
+        s.assign(0);
+        assert!(!s.ack(d.token()));
+        assert_eq!((s.in_flight(), s.buffered()), (0, 0));
+        assert!(!s.receive(1, 0, msg(None)), "partition 1 is not owned");
+    }
+
+    #[test]
+    fn draining_hands_out_nothing_more() {
+        let mut s = state();
+        let now = Instant::now();
+        s.receive(0, 0, msg(None));
+        s.receive(0, 1, msg(None));
+        let d = s.take(now).expect("first");
+        s.start_draining(0);
+        assert!(s.take(now).is_none());
+        assert_eq!(s.live_in_flight(0, now), 1);
+        assert!(s.ack(d.token()));
+        assert_eq!(s.live_in_flight(0, now), 0);
+        assert_eq!(s.commit_points(), vec![(0, 1)]);
+    }
+
+    #[test]
+    fn in_flight_limit() {
+        let mut s = State::new(Duration::from_secs(10), 1);
+        s.assign(0);
+        let now = Instant::now();
+        s.receive(0, 0, msg(None));
+        s.receive(0, 1, msg(None));
+        let d = s.take(now).expect("first");
+        assert!(s.take(now).is_none());
+        s.ack(d.token());
+        assert!(s.take(now).is_some());
+    }
+}

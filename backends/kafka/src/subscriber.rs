@@ -1,0 +1,448 @@
+//! One member of a consumer group: a dedicated thread polls librdkafka (fetches, rebalance
+//! callbacks, commits), the async side hands deliveries out of the shared [`State`].
+
+use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use busbar_core::{
+    default_dead_letter_topic, Ack, DeadLetterPolicy, Delivery, Error, ErrorKind, Event,
+    NackAction, Result, StartPosition, SubscribeOptions, Subscriber,
+};
+use rdkafka::client::ClientContext;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::error::KafkaError;
+use rdkafka::{Message as _, Offset, TopicPartitionList};
+use tokio::sync::{oneshot, Notify};
+use tokio::time::Instant;
+
+use crate::state::{State, Token};
+use crate::{codec, error, Inner, BACKEND};
+
+/// The longest a revoked partition waits for its in-flight deliveries before it is handed
+/// over anyway (they are then delivered again by the new owner).
+const DRAIN_MAX: Duration = Duration::from_secs(30);
+/// How long `close` waits for the consumer thread to leave the group.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// What the consumer thread and the async side share.
+pub(crate) struct Shared {
+    state: Mutex<State>,
+    /// Signalled when a delivery settles (revocations wait on it).
+    settled: Condvar,
+    /// Wakes `next` when records arrive or deliveries settle.
+    wake: Notify,
+    /// The thread should leave the group and stop.
+    stop: AtomicBool,
+    /// Leaving for good: revocations do not wait for in-flight deliveries.
+    closing: AtomicBool,
+    /// The thread ended.
+    finished: AtomicBool,
+    /// An error for `next` to report (authorization refused, ...).
+    failure: Mutex<Option<Error>>,
+    topic: Arc<str>,
+    options: SubscribeOptions,
+    inner: Arc<Inner>,
+}
+
+impl Shared {
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Asks the thread to leave the group; `next` then ends.
+    pub(crate) fn shut_down(&self) {
+        self.closing.store(true, AtomicOrdering::Release);
+        self.stop.store(true, AtomicOrdering::Release);
+        self.wake.notify_one();
+        self.settled.notify_all();
+    }
+
+    fn is_stopped(&self) -> bool {
+        self.stop.load(AtomicOrdering::Acquire)
+    }
+
+    fn notify_settled(&self) {
+        self.settled.notify_all();
+        self.wake.notify_one();
+    }
+}
+
+/// librdkafka callbacks of the member: rebalances and client errors.
+struct MemberContext {
+    shared: Arc<Shared>,
+}
+
+impl ClientContext for MemberContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        let kind = error::kind_of(&error);
+        if kind == ErrorKind::Auth {
+            *self
+                .shared
+                .failure
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner) =
+                Some(Error::new(kind, format!("Kafka consumer: {reason}")).with_backend(BACKEND));
+            self.shared.wake.notify_one();
+        }
+        tracing::warn!(group = %self.shared.options.group, %error, reason, "kafka: consumer error");
+    }
+}
+
+impl ConsumerContext for MemberContext {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Revoke(tpl) => {
+                let parts: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
+                tracing::debug!(group = %self.shared.options.group, ?parts, "kafka: partitions revoked");
+                self.drain(&parts);
+                commit(consumer, &self.shared, Some(&parts));
+                let mut st = self.shared.state();
+                for p in &parts {
+                    st.drop_partition(*p);
+                }
+                drop(st);
+                self.shared.wake.notify_one();
+            }
+            Rebalance::Assign(_) => {}
+            Rebalance::Error(e) => {
+                tracing::warn!(group = %self.shared.options.group, error = %e, "kafka: rebalance failed")
+            }
+        }
+    }
+
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(tpl) = rebalance {
+            let parts: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
+            tracing::debug!(group = %self.shared.options.group, ?parts, "kafka: partitions assigned");
+            let mut st = self.shared.state();
+            for p in parts {
+                st.assign(p);
+            }
+        }
+    }
+}
+
+impl MemberContext {
+    /// Stops handing out records of `parts` and waits (bounded) until their deliveries are
+    /// settled, so the next owner starts after them and a key is never processed by two
+    /// members at once. Skipped when the member leaves for good: its unacked deliveries are
+    /// then simply handed back.
+    fn drain(&self, parts: &[i32]) {
+        let mut st = self.shared.state();
+        for p in parts {
+            st.start_draining(*p);
+        }
+        let limit = self.shared.options.ack_timeout.min(DRAIN_MAX);
+        let until = Instant::now() + limit;
+        loop {
+            if self.shared.closing.load(AtomicOrdering::Acquire) {
+                return;
+            }
+            let now = Instant::now();
+            let live: usize = parts.iter().map(|p| st.live_in_flight(*p, now)).sum();
+            if live == 0 {
+                return;
+            }
+            if now >= until {
+                tracing::warn!(group = %self.shared.options.group, live, ?limit,
+                    "kafka: handing partitions over with deliveries still unsettled; they will be delivered again");
+                return;
+            }
+            st = self
+                .shared
+                .settled
+                .wait_timeout(st, (until - now).min(Duration::from_millis(100)))
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+    }
+}
+
+/// Commits the acked progress of the owned partitions (or of `only`), synchronously.
+fn commit(consumer: &BaseConsumer<MemberContext>, shared: &Shared, only: Option<&[i32]>) {
+    let points: Vec<(i32, i64)> = shared
+        .state()
+        .commit_points()
+        .into_iter()
+        .filter(|(p, _)| only.is_none_or(|o| o.contains(p)))
+        .collect();
+    if points.is_empty() {
+        return;
+    }
+    let mut tpl = TopicPartitionList::new();
+    for (p, o) in &points {
+        if let Err(e) = tpl.add_partition_offset(&shared.topic, *p, Offset::Offset(*o)) {
+            tracing::warn!(error = %e, "kafka: bad commit offset");
+            return;
+        }
+    }
+    match consumer.commit(&tpl, CommitMode::Sync) {
+        Ok(()) => {
+            let mut st = shared.state();
+            for (p, o) in points {
+                st.committed(p, o);
+            }
+        }
+        Err(e) => {
+            tracing::warn!(group = %shared.options.group, error = %e, "kafka: commit failed; retrying later")
+        }
+    }
+}
+
+/// The consumer thread: poll, route records into the state, commit periodically, apply
+/// back-pressure, and leave the group when asked.
+fn run(consumer: BaseConsumer<MemberContext>, shared: Arc<Shared>, done: oneshot::Sender<()>) {
+    let interval = shared.inner.config.commit_interval;
+    let high_water = (shared.options.max_in_flight * 4).max(1024);
+    let mut next_commit = Instant::now() + interval;
+    let mut paused = false;
+    while !shared.is_stopped() {
+        match consumer.poll(Duration::from_millis(100)) {
+            Some(Ok(record)) => {
+                let message = codec::decode(&record);
+                let (p, o) = (record.partition(), record.offset());
+                if shared.state().receive(p, o, message) {
+                    shared.wake.notify_one();
+                }
+            }
+            Some(Err(e)) => {
+                tracing::warn!(group = %shared.options.group, error = %e, "kafka: fetch error");
+                if error::kind_of(&e) == ErrorKind::Auth {
+                    *shared
+                        .failure
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner) = Some(error::map(e, "consuming"));
+                    shared.wake.notify_one();
+                }
+            }
+            None => {}
+        }
+        let now = Instant::now();
+        if now >= next_commit {
+            commit(&consumer, &shared, None);
+            next_commit = now + interval;
+        }
+        let buffered = shared.state().buffered();
+        let want_pause = buffered >= high_water || (paused && buffered > high_water / 2);
+        if want_pause != paused {
+            if let Ok(assigned) = consumer.assignment() {
+                let r = if want_pause {
+                    consumer.pause(&assigned)
+                } else {
+                    consumer.resume(&assigned)
+                };
+                match r {
+                    Ok(()) => paused = want_pause,
+                    Err(e) => tracing::debug!(error = %e, "kafka: pause/resume failed"),
+                }
+            }
+        }
+    }
+    commit(&consumer, &shared, None);
+    // Leaving the group runs the revoke callback (which commits once more) and closes.
+    drop(consumer);
+    shared.finished.store(true, AtomicOrdering::Release);
+    shared.wake.notify_one();
+    let _ = done.send(());
+}
+
+/// A member of a consumer group on Kafka.
+pub(crate) struct KafkaSubscriber {
+    shared: Arc<Shared>,
+    done: Option<oneshot::Receiver<()>>,
+}
+
+impl KafkaSubscriber {
+    pub(crate) fn start(inner: Arc<Inner>, topic: &str, options: SubscribeOptions) -> Result<Self> {
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State::new(options.ack_timeout, options.max_in_flight)),
+            settled: Condvar::new(),
+            wake: Notify::new(),
+            stop: AtomicBool::new(false),
+            closing: AtomicBool::new(false),
+            finished: AtomicBool::new(false),
+            failure: Mutex::new(None),
+            topic: topic.into(),
+            options,
+            inner: inner.clone(),
+        });
+        let session = inner.config.session_timeout.as_millis().max(1000);
+        let consumer: BaseConsumer<MemberContext> = inner
+            .config
+            .base()
+            .set("group.id", &shared.options.group)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("enable.partition.eof", "false")
+            .set(
+                "auto.offset.reset",
+                match shared.options.start {
+                    StartPosition::Latest => "latest",
+                    StartPosition::Earliest => "earliest",
+                },
+            )
+            .set("session.timeout.ms", session.to_string())
+            .set("heartbeat.interval.ms", (session / 10).max(100).to_string())
+            .create_with_context(MemberContext {
+                shared: shared.clone(),
+            })
+            .map_err(|e| error::map(e, "creating the Kafka consumer"))?;
+        consumer
+            .subscribe(&[topic])
+            .map_err(|e| error::map(e, "subscribing"))?;
+        let (tx, rx) = oneshot::channel();
+        let thread_shared = shared.clone();
+        std::thread::Builder::new()
+            .name(format!("busbar-kafka-{}", shared.options.group))
+            .spawn(move || run(consumer, thread_shared, tx))
+            .map_err(|e| {
+                Error::new(
+                    ErrorKind::Broker,
+                    format!("starting the consumer thread: {e}"),
+                )
+                .with_backend(BACKEND)
+            })?;
+        inner
+            .subscribers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(Arc::downgrade(&shared));
+        Ok(Self {
+            shared,
+            done: Some(rx),
+        })
+    }
+}
+
+impl Drop for KafkaSubscriber {
+    fn drop(&mut self) {
+        // Dropped without close: leave the group in the background; unacked deliveries go
+        // back to the group.
+        self.shared.shut_down();
+    }
+}
+
+#[async_trait]
+impl Subscriber for KafkaSubscriber {
+    async fn next(&mut self) -> Result<Option<Delivery>> {
+        loop {
+            if self.shared.is_stopped() {
+                return Ok(None);
+            }
+            if let Some(e) = self
+                .shared
+                .failure
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .take()
+            {
+                return Err(e);
+            }
+            let now = Instant::now();
+            let (handed, wake_at) = {
+                let mut st = self.shared.state();
+                let h = st.take(now);
+                (h, st.next_wake())
+            };
+            if let Some(h) = handed {
+                let event =
+                    Event::from_shared(self.shared.topic.clone(), h.message.clone(), h.attempt);
+                return Ok(Some(Delivery::new(
+                    event,
+                    Box::new(KafkaAck {
+                        shared: self.shared.clone(),
+                        token: h.token(),
+                    }),
+                )));
+            }
+            if self.shared.finished.load(AtomicOrdering::Acquire) {
+                return Ok(None);
+            }
+            let sleep_until = wake_at.unwrap_or(now + Duration::from_secs(1));
+            tokio::select! {
+                _ = self.shared.wake.notified() => {}
+                _ = tokio::time::sleep_until(sleep_until) => {}
+            }
+        }
+    }
+
+    async fn close(&mut self) -> Result<()> {
+        self.shared.shut_down();
+        if let Some(done) = self.done.take() {
+            if tokio::time::timeout(CLOSE_TIMEOUT, done).await.is_err() {
+                tracing::warn!(group = %self.shared.options.group,
+                    "kafka: the consumer did not close within {CLOSE_TIMEOUT:?}; leaving it behind");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Settles one delivery.
+struct KafkaAck {
+    shared: Arc<Shared>,
+    token: Token,
+}
+
+impl KafkaAck {
+    fn check_open(&self) -> Result<()> {
+        if self.shared.is_stopped() {
+            Err(Error::closed("kafka subscriber").with_backend(BACKEND))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+#[async_trait]
+impl Ack for KafkaAck {
+    async fn ack(&self) -> Result<()> {
+        self.check_open()?;
+        if !self.shared.state().ack(self.token) {
+            tracing::debug!(?self.token, "kafka: ack of a delivery no longer held (revoked or delivered again); ignored");
+        }
+        self.shared.notify_settled();
+        Ok(())
+    }
+
+    async fn nack(&self, action: NackAction) -> Result<()> {
+        self.check_open()?;
+        match action {
+            NackAction::Redeliver => {
+                self.shared.state().nack(self.token, None);
+            }
+            NackAction::RedeliverAfter(delay) => {
+                self.shared
+                    .state()
+                    .nack(self.token, Some(Instant::now() + delay));
+            }
+            NackAction::DeadLetter { reason } => {
+                let held = self.shared.state().held(self.token);
+                let Some((message, attempt)) = held else {
+                    tracing::debug!(?self.token, "kafka: dead-letter of a delivery no longer held; ignored");
+                    return Ok(());
+                };
+                let dead = DeadLetterPolicy::new().dead_letter_message(
+                    &message,
+                    &self.shared.topic,
+                    &self.shared.options.group,
+                    attempt,
+                    &reason,
+                );
+                let dlq = default_dead_letter_topic(&self.shared.topic);
+                self.shared.inner.publish_many(&dlq, &[dead]).await?;
+                self.shared.state().ack(self.token);
+            }
+        }
+        self.shared.notify_settled();
+        Ok(())
+    }
+
+    async fn extend_deadline(&self, by: Duration) -> Result<()> {
+        self.check_open()?;
+        self.shared.state().extend(self.token, Instant::now() + by);
+        Ok(())
+    }
+}
