@@ -8,6 +8,10 @@ use std::sync::Arc;
 #[cfg(feature = "nats")]
 pub use busbar_nats as nats;
 
+/// The Kafka backend, re-exported when the `kafka` feature is on.
+#[cfg(feature = "kafka")]
+pub use busbar_kafka as kafka;
+
 /// The Redis backend, re-exported when the `redis` feature is on.
 #[cfg(feature = "redis")]
 pub use busbar_redis as redis;
@@ -33,6 +37,15 @@ pub fn registry() -> Registry {
         #[cfg(feature = "redis")]
         connect: Some(busbar_redis::connect_boxed),
         #[cfg(not(feature = "redis"))]
+        connect: None,
+    });
+    r.register(BackendEntry {
+        name: "kafka",
+        schemes: &["kafka", "kafkas"],
+        feature: "kafka",
+        #[cfg(feature = "kafka")]
+        connect: Some(busbar_kafka::connect_boxed),
+        #[cfg(not(feature = "kafka"))]
         connect: None,
     });
     r.register(BackendEntry {

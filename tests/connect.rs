@@ -68,3 +68,19 @@ async fn nats_scheme_connects_when_the_feature_is_on() {
         Err(e) => panic!("connect {url}: {e}"),
     }
 }
+
+#[cfg(feature = "kafka")]
+#[tokio::test]
+async fn kafka_scheme_connects_when_the_feature_is_on() {
+    let url = std::env::var("BUSBAR_KAFKA_URL").unwrap_or_else(|_| "kafka://127.0.0.1:9092".into());
+    match busbar::connect(&url).await {
+        Ok(bus) => assert_eq!(bus.backend(), "kafka"),
+        Err(e)
+            if e.kind() == ErrorKind::Connection
+                && std::env::var("BUSBAR_REQUIRE_BROKERS").as_deref() != Ok("1") =>
+        {
+            eprintln!("IGNORED: no Kafka at {url}; start one with scripts/brokers.sh up");
+        }
+        Err(e) => panic!("connect {url}: {e}"),
+    }
+}

@@ -25,6 +25,7 @@ pub const BACKENDS: &[(&str, &str, &str)] = &[
     ("memory", "BUSBAR_MEMORY_URL", "memory://"),
     ("redis", "BUSBAR_REDIS_URL", "redis://127.0.0.1:6379"),
     ("nats", "BUSBAR_NATS_URL", "nats://127.0.0.1:4222"),
+    ("kafka", "BUSBAR_KAFKA_URL", "kafka://127.0.0.1:9092"),
 ];
 
 /// Payload size of every workload.

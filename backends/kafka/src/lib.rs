@@ -141,7 +141,10 @@ impl Inner {
         if fatal.is_none() && !fenced {
             return error::map(e, &format!("publishing {id}"));
         }
-        let mut current = self.producer.write().unwrap_or_else(PoisonError::into_inner);
+        let mut current = self
+            .producer
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
         if current.client().native_ptr() == used.client().native_ptr() {
             match new_producer(&self.config) {
                 Ok(p) => *current = p,
