@@ -18,7 +18,7 @@ use anyhow::{Context, Result};
 use busbar::{Consumer, Event, EventBus, Message, PublishOptions, StartPosition, SubscribeOptions};
 use serde::{Deserialize, Serialize};
 
-pub use raw::{OmniQueue, RawNats, RawRedis};
+pub use raw::{OmniQueue, RawKafka, RawNats, RawRedis};
 
 /// The backends benchmarked: name, URL variable, default URL. A new backend adds a line.
 pub const BACKENDS: &[(&str, &str, &str)] = &[
@@ -44,6 +44,8 @@ pub enum Subject {
     RawRedis(RawRedis),
     /// async-nats directly (JetStream async publish, pull consumer + ack).
     RawNats(RawNats),
+    /// rdkafka directly (idempotent producer, stream consumer with auto-committed offsets).
+    RawKafka(RawKafka),
     /// The omniqueue crate (memory or Redis).
     Omni(OmniQueue),
 }
@@ -53,7 +55,7 @@ impl Subject {
     pub fn label(&self) -> &'static str {
         match self {
             Subject::Busbar(_) => "busbar",
-            Subject::RawRedis(_) | Subject::RawNats(_) => "raw",
+            Subject::RawRedis(_) | Subject::RawNats(_) | Subject::RawKafka(_) => "raw",
             Subject::Omni(_) => "omniqueue",
         }
     }
@@ -73,6 +75,7 @@ pub async fn subjects_for(url: &str) -> Result<Vec<Subject>> {
             out.push(Subject::Omni(OmniQueue::redis(url)));
         }
         "nats" | "tls" => out.push(Subject::RawNats(RawNats::connect(url).await?)),
+        "kafka" => out.push(Subject::RawKafka(RawKafka::connect(url).await?)),
         _ => {}
     }
     Ok(out)
@@ -125,6 +128,7 @@ pub async fn publish(subject: &Subject, n: usize, batch: Option<usize>) -> Resul
         },
         Subject::RawRedis(r) => r.publish(&topic, n, batch.unwrap_or(1), payload).await?,
         Subject::RawNats(r) => r.publish(&topic, n, batch.unwrap_or(1), payload).await?,
+        Subject::RawKafka(r) => r.publish(&topic, n, batch.unwrap_or(1), payload).await?,
         Subject::Omni(o) => o.publish(&topic, n, batch, payload).await?,
     }
     Ok(started.elapsed())
@@ -172,6 +176,7 @@ pub async fn end_to_end(subject: &Subject, n: usize) -> Result<Duration> {
         }
         Subject::RawRedis(r) => r.end_to_end(&topic, n, payload).await,
         Subject::RawNats(r) => r.end_to_end(&topic, n, payload).await,
+        Subject::RawKafka(r) => r.end_to_end(&topic, n, payload).await,
         Subject::Omni(o) => o.end_to_end(&topic, n, payload).await,
     }
 }

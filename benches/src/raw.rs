@@ -254,6 +254,125 @@ impl RawNats {
     }
 }
 
+/// rdkafka directly: a `FutureProducer` with the same durability as busbar's (idempotent,
+/// acks=all) and a `StreamConsumer` that stores offsets per message and auto-commits them —
+/// the usual raw setup, which commits past unfinished messages when handlers run out of order.
+#[derive(Clone)]
+pub struct RawKafka {
+    servers: String,
+    producer: rdkafka::producer::FutureProducer,
+}
+
+impl RawKafka {
+    /// Connects to `url` (`kafka://host:port`).
+    pub async fn connect(url: &str) -> Result<Self> {
+        let servers = url
+            .split("://")
+            .nth(1)
+            .and_then(|r| r.split('?').next())
+            .ok_or_else(|| anyhow!("bad Kafka URL"))?
+            .to_owned();
+        let producer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", &servers)
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", "2")
+            .set("enable.metrics.push", "false")
+            .create()?;
+        Ok(Self { servers, producer })
+    }
+
+    async fn create_topic(&self, topic: &str) -> Result<()> {
+        use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+        let admin: AdminClient<rdkafka::client::DefaultClientContext> = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", &self.servers)
+            .create()?;
+        admin
+            .create_topics(
+                [&NewTopic::new(topic, 8, TopicReplication::Fixed(1))],
+                &AdminOptions::new(),
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Keyed sends with up to `batch` deliveries outstanding.
+    pub async fn publish(
+        &self,
+        topic: &str,
+        n: usize,
+        batch: usize,
+        payload: fn(usize) -> Vec<u8>,
+    ) -> Result<()> {
+        self.create_topic(topic).await?;
+        self.publish_on(topic, n, batch, payload).await
+    }
+
+    async fn publish_on(
+        &self,
+        topic: &str,
+        n: usize,
+        batch: usize,
+        payload: fn(usize) -> Vec<u8>,
+    ) -> Result<()> {
+        use rdkafka::producer::FutureRecord;
+        let mut pending = Vec::with_capacity(batch);
+        for i in 0..n {
+            let (key, body) = (format!("k{}", i % crate::KEYS), payload(i));
+            let record = FutureRecord::to(topic).key(&key).payload(&body);
+            let delivery = self
+                .producer
+                .send_result(record)
+                .map_err(|(e, _)| anyhow!("send: {e}"))?;
+            pending.push(delivery);
+            if pending.len() >= batch {
+                for d in pending.drain(..) {
+                    d.await?.map_err(|(e, _)| anyhow!("delivery: {e}"))?;
+                }
+            }
+        }
+        for d in pending {
+            d.await?.map_err(|(e, _)| anyhow!("delivery: {e}"))?;
+        }
+        Ok(())
+    }
+
+    /// A group consumer storing each offset after handling, auto-committed, against batches
+    /// of 100 sends.
+    pub async fn end_to_end(
+        &self,
+        topic: &str,
+        n: usize,
+        payload: fn(usize) -> Vec<u8>,
+    ) -> Result<Duration> {
+        use rdkafka::consumer::{Consumer, StreamConsumer};
+        self.create_topic(topic).await?;
+        let consumer: StreamConsumer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", &self.servers)
+            .set("group.id", "raw")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("enable.metrics.push", "false")
+            .create()?;
+        consumer.subscribe(&[topic])?;
+        let reader = tokio::spawn(async move {
+            let mut seen = 0;
+            while seen < n {
+                let m = consumer.recv().await?;
+                consumer.store_offset_from_message(&m)?;
+                seen += 1;
+            }
+            // Dropping a consumer can block inside librdkafka: do it off the runtime.
+            tokio::task::spawn_blocking(move || drop(consumer));
+            Ok::<(), anyhow::Error>(())
+        });
+        let started = Instant::now();
+        self.publish_on(topic, n, 100, payload).await?;
+        reader.await??;
+        Ok(started.elapsed())
+    }
+}
+
 /// The omniqueue peer crate.
 #[derive(Clone)]
 pub enum OmniQueue {
