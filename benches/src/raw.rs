@@ -284,9 +284,10 @@ impl RawKafka {
 
     async fn create_topic(&self, topic: &str) -> Result<()> {
         use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-        let admin: AdminClient<rdkafka::client::DefaultClientContext> = rdkafka::ClientConfig::new()
-            .set("bootstrap.servers", &self.servers)
-            .create()?;
+        let admin: AdminClient<rdkafka::client::DefaultClientContext> =
+            rdkafka::ClientConfig::new()
+                .set("bootstrap.servers", &self.servers)
+                .create()?;
         admin
             .create_topics(
                 [&NewTopic::new(topic, 8, TopicReplication::Fixed(1))],

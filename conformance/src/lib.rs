@@ -268,7 +268,7 @@ pub fn all_cases() -> Vec<Case> {
 
 /// The two-worker runtime the test binaries run their cases on; exits the binary (status
 /// 101, as a failed test run) when it cannot be started.
-pub(crate) fn test_runtime() -> Arc<tokio::runtime::Runtime> {
+pub fn test_runtime() -> Arc<tokio::runtime::Runtime> {
     match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
