@@ -81,5 +81,69 @@ fn bench(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, bench);
+/// `outbox/<backend>`: rows/s relayed from PostgreSQL by one and by two relays.
+fn bench_outbox(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let required = std::env::var("BUSBAR_REQUIRE_BROKERS").is_ok_and(|v| v == "1");
+    let pool = match rt.block_on(busbar_benches::outbox::outbox_pool()) {
+        Ok(p) => p,
+        Err(e) if required => panic!("outbox: {e:#}; BUSBAR_REQUIRE_BROKERS=1"),
+        Err(e) => {
+            eprintln!(
+                "not benchmarking the outbox: {e:#} (start PostgreSQL with scripts/brokers.sh up)"
+            );
+            return;
+        }
+    };
+    let n = if quick() { 500 } else { 10_000 };
+    for (backend, var, default) in BACKENDS
+        .iter()
+        .filter(|b| matches!(b.0, "memory" | "redis"))
+    {
+        let url = std::env::var(var).unwrap_or_else(|_| (*default).to_owned());
+        let bus = match rt.block_on(busbar::connect(&url)) {
+            Ok(b) => b,
+            Err(e) if required => panic!("{backend}: {e}; BUSBAR_REQUIRE_BROKERS=1"),
+            Err(e) => {
+                eprintln!("not benchmarking the outbox into {backend}: {e}");
+                continue;
+            }
+        };
+        let mut group = c.benchmark_group(format!("outbox/{backend}"));
+        group.throughput(Throughput::Elements(n as u64));
+        group.sample_size(10);
+        if quick() {
+            group.warm_up_time(Duration::from_millis(100));
+            group.measurement_time(Duration::from_millis(200));
+        } else {
+            group.warm_up_time(Duration::from_secs(1));
+            group.measurement_time(Duration::from_secs(10));
+        }
+        for relays in [1usize, 2] {
+            group.bench_function(
+                format!("{relays}_relay{}", if relays > 1 { "s" } else { "" }),
+                |b| {
+                    b.iter_custom(|iters| {
+                        rt.block_on(async {
+                            let mut total = Duration::ZERO;
+                            for _ in 0..iters {
+                                total += busbar_benches::outbox::relay(&pool, &bus, relays, n)
+                                    .await
+                                    .expect("outbox workload failed");
+                            }
+                            total
+                        })
+                    })
+                },
+            );
+        }
+        group.finish();
+    }
+}
+
+criterion_group!(benches, bench, bench_outbox);
 criterion_main!(benches);

@@ -18,6 +18,8 @@ use anyhow::{Context, Result};
 use busbar::{Consumer, Event, EventBus, Message, PublishOptions, StartPosition, SubscribeOptions};
 use serde::{Deserialize, Serialize};
 
+pub mod outbox;
+
 pub use raw::{OmniQueue, RawKafka, RawNats, RawRedis};
 
 /// The backends benchmarked: name, URL variable, default URL. A new backend adds a line.
@@ -94,6 +96,11 @@ pub fn fresh_topic(workload: &str) -> String {
         "bench-{workload}-{}",
         &uuid::Uuid::new_v4().simple().to_string()[..12]
     )
+}
+
+/// The payload of message `i` ([`PAYLOAD_BYTES`] long).
+pub fn payload_of(i: usize) -> Vec<u8> {
+    payload(i)
 }
 
 fn payload(i: usize) -> Vec<u8> {
