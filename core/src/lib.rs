@@ -3,6 +3,7 @@
 pub mod bus;
 pub mod capabilities;
 pub mod error;
+pub mod inflight;
 pub mod memory;
 pub mod message;
 pub mod options;

@@ -3,7 +3,6 @@
 mod codec;
 pub mod config;
 mod error;
-mod state;
 mod subscriber;
 
 use std::collections::HashSet;

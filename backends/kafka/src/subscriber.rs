@@ -17,7 +17,7 @@ use rdkafka::{Message as _, Offset, TopicPartitionList};
 use tokio::sync::{oneshot, Notify};
 use tokio::time::Instant;
 
-use crate::state::{State, Token};
+use busbar_core::inflight::{State, Token};
 use crate::{codec, error, Inner, BACKEND};
 
 /// The longest a revoked partition waits for its in-flight deliveries before it is handed

@@ -1,5 +1,7 @@
-//! What one subscriber knows about its assigned partitions: the records received and not yet
-//! acked, which of them may be handed out now, and the offset that is safe to commit.
+//! In-flight bookkeeping for backends whose broker hands a consumer whole partitions (Kafka
+//! partitions, RabbitMQ partition queues): the records received and not yet acked, which of
+//! them may be handed out now, and the offset that is safe to commit. Not needed by
+//! applications.
 //!
 //! Rules, per partition:
 //! - Records with the same key are handed out one at a time, in offset order: the next one
@@ -17,7 +19,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 
-use busbar_core::Message;
+use crate::message::Message;
 use tokio::time::{Duration, Instant};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,26 +56,37 @@ struct Partition {
 
 /// A record handed out to the application.
 #[derive(Debug, Clone)]
-pub(crate) struct Handed {
-    pub(crate) partition: i32,
-    pub(crate) offset: i64,
-    pub(crate) epoch: u64,
-    pub(crate) tag: u64,
-    pub(crate) message: Arc<Message>,
-    pub(crate) attempt: u32,
+pub struct Handed {
+    /// Partition it came from.
+    pub partition: i32,
+    /// Its offset (or delivery tag) in the partition.
+    pub offset: i64,
+    /// The partition's assignment epoch.
+    pub epoch: u64,
+    /// Identifies this hand-out (a redelivery gets a new tag).
+    pub tag: u64,
+    /// The message.
+    pub message: Arc<Message>,
+    /// Delivery attempt, 1 on the first.
+    pub attempt: u32,
 }
 
 /// Identifies one handed-out delivery.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Token {
-    pub(crate) partition: i32,
-    pub(crate) offset: i64,
-    pub(crate) epoch: u64,
-    pub(crate) tag: u64,
+pub struct Token {
+    /// Partition.
+    pub partition: i32,
+    /// Offset (or delivery tag).
+    pub offset: i64,
+    /// Assignment epoch.
+    pub epoch: u64,
+    /// Hand-out tag.
+    pub tag: u64,
 }
 
 impl Handed {
-    pub(crate) fn token(&self) -> Token {
+    /// The token that settles this hand-out.
+    pub fn token(&self) -> Token {
         Token {
             partition: self.partition,
             offset: self.offset,
@@ -85,7 +98,7 @@ impl Handed {
 
 /// The bookkeeping of one subscriber (see the module docs).
 #[derive(Debug)]
-pub(crate) struct State {
+pub struct State {
     parts: HashMap<i32, Partition>,
     ready: VecDeque<(i32, i64)>,
     delayed: BTreeSet<(Instant, i32, i64)>,
@@ -99,7 +112,8 @@ pub(crate) struct State {
 }
 
 impl State {
-    pub(crate) fn new(ack_timeout: Duration, max_in_flight: usize) -> Self {
+    /// Empty bookkeeping with the subscriber's ack timeout and in-flight limit.
+    pub fn new(ack_timeout: Duration, max_in_flight: usize) -> Self {
         Self {
             parts: HashMap::new(),
             ready: VecDeque::new(),
@@ -115,19 +129,18 @@ impl State {
     }
 
     /// Records received and not acked, over all partitions.
-    pub(crate) fn buffered(&self) -> usize {
+    pub fn buffered(&self) -> usize {
         self.buffered
     }
 
     /// Deliveries handed out and not settled.
-    #[cfg(test)]
-    pub(crate) fn in_flight(&self) -> usize {
+    pub fn in_flight(&self) -> usize {
         self.in_flight
     }
 
     /// Starts owning `partition` (a fresh epoch; anything left from an earlier assignment
     /// is dropped).
-    pub(crate) fn assign(&mut self, partition: i32) {
+    pub fn assign(&mut self, partition: i32) {
         self.drop_partition(partition);
         let epoch = self.next_epoch;
         self.next_epoch += 1;
@@ -143,14 +156,14 @@ impl State {
     }
 
     /// Stops handing out records of `partition`; deliveries already out may still settle.
-    pub(crate) fn start_draining(&mut self, partition: i32) {
+    pub fn start_draining(&mut self, partition: i32) {
         if let Some(p) = self.parts.get_mut(&partition) {
             p.draining = true;
         }
     }
 
     /// Deliveries of `partition` handed out, not settled and not yet past their deadline.
-    pub(crate) fn live_in_flight(&self, partition: i32, now: Instant) -> usize {
+    pub fn live_in_flight(&self, partition: i32, now: Instant) -> usize {
         self.parts.get(&partition).map_or(0, |p| {
             p.entries
                 .values()
@@ -160,7 +173,7 @@ impl State {
     }
 
     /// Forgets `partition` (revoked): later acks of its deliveries change nothing.
-    pub(crate) fn drop_partition(&mut self, partition: i32) {
+    pub fn drop_partition(&mut self, partition: i32) {
         if let Some(p) = self.parts.remove(&partition) {
             self.buffered -= p.entries.len();
             let out = p
@@ -174,7 +187,7 @@ impl State {
 
     /// Adds a received record. Records of partitions not owned, and offsets already seen
     /// (a re-fetch), are ignored. Returns whether it was added.
-    pub(crate) fn receive(&mut self, partition: i32, offset: i64, message: Message) -> bool {
+    pub fn receive(&mut self, partition: i32, offset: i64, message: Message) -> bool {
         let Some(p) = self.parts.get_mut(&partition) else {
             return false;
         };
@@ -252,7 +265,7 @@ impl State {
     }
 
     /// Hands out the next eligible record, if the in-flight limit allows.
-    pub(crate) fn take(&mut self, now: Instant) -> Option<Handed> {
+    pub fn take(&mut self, now: Instant) -> Option<Handed> {
         self.promote(now);
         if self.in_flight >= self.max_in_flight {
             return None;
@@ -296,7 +309,7 @@ impl State {
     }
 
     /// When `take` may have something new without a record arriving or a delivery settling.
-    pub(crate) fn next_wake(&self) -> Option<Instant> {
+    pub fn next_wake(&self) -> Option<Instant> {
         let d = self.delayed.first().map(|x| x.0);
         let t = self.deadlines.first().map(|x| x.0);
         match (d, t) {
@@ -319,7 +332,7 @@ impl State {
     }
 
     /// The message and attempt of a delivery still held under `t`.
-    pub(crate) fn held(&self, t: Token) -> Option<(Arc<Message>, u32)> {
+    pub fn held(&self, t: Token) -> Option<(Arc<Message>, u32)> {
         if !self.holds(t) {
             return None;
         }
@@ -330,7 +343,7 @@ impl State {
     /// Acks a delivery. A stale ack (it timed out and waits to be delivered again) still
     /// counts: the record was processed. An ack from an earlier epoch, or of a record already
     /// delivered again, changes nothing. Returns whether anything changed.
-    pub(crate) fn ack(&mut self, t: Token) -> bool {
+    pub fn ack(&mut self, t: Token) -> bool {
         let held = self.holds(t);
         let Some((p, offset)) = self.entry(t) else {
             return false;
@@ -368,7 +381,7 @@ impl State {
     }
 
     /// Hands a held delivery back: queued again at once, or at `not_before`.
-    pub(crate) fn nack(&mut self, t: Token, not_before: Option<Instant>) -> bool {
+    pub fn nack(&mut self, t: Token, not_before: Option<Instant>) -> bool {
         if !self.holds(t) {
             return false;
         }
@@ -395,7 +408,7 @@ impl State {
     }
 
     /// Moves the deadline of a held delivery to `until`.
-    pub(crate) fn extend(&mut self, t: Token, until: Instant) -> bool {
+    pub fn extend(&mut self, t: Token, until: Instant) -> bool {
         if !self.holds(t) {
             return false;
         }
@@ -414,7 +427,7 @@ impl State {
 
     /// The offsets to commit now: per owned partition, the lowest unacked offset (or the one
     /// after the last received), where that is past what was committed.
-    pub(crate) fn commit_points(&self) -> Vec<(i32, i64)> {
+    pub fn commit_points(&self) -> Vec<(i32, i64)> {
         self.parts
             .iter()
             .filter_map(|(&part, p)| {
@@ -425,7 +438,7 @@ impl State {
     }
 
     /// Records that `offset` was committed for `partition`.
-    pub(crate) fn committed(&mut self, partition: i32, offset: i64) {
+    pub fn committed(&mut self, partition: i32, offset: i64) {
         if let Some(p) = self.parts.get_mut(&partition) {
             p.committed = p.committed.max(offset);
         }
