@@ -28,6 +28,11 @@ pub const BACKENDS: &[(&str, &str, &str)] = &[
     ("redis", "BUSBAR_REDIS_URL", "redis://127.0.0.1:6379"),
     ("nats", "BUSBAR_NATS_URL", "nats://127.0.0.1:4222"),
     ("kafka", "BUSBAR_KAFKA_URL", "kafka://127.0.0.1:9092"),
+    (
+        "amqp",
+        "BUSBAR_AMQP_URL",
+        "amqp://guest:guest@127.0.0.1:5672/%2f",
+    ),
 ];
 
 /// Payload size of every workload.
@@ -116,6 +121,11 @@ fn message(i: usize) -> Message {
 /// Publishes `n` messages one at a time (`batch` = None) or in batches; returns the time.
 pub async fn publish(subject: &Subject, n: usize, batch: Option<usize>) -> Result<Duration> {
     let topic = fresh_topic("publish");
+    if let Subject::Busbar(bus) = subject {
+        // A group to receive: RabbitMQ refuses messages no group would keep.
+        bus.provision(&topic, &SubscribeOptions::new("bench"))
+            .await?;
+    }
     let started = Instant::now();
     match subject {
         Subject::Busbar(bus) => match batch {

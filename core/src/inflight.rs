@@ -188,6 +188,23 @@ impl State {
     /// Adds a received record. Records of partitions not owned, and offsets already seen
     /// (a re-fetch), are ignored. Returns whether it was added.
     pub fn receive(&mut self, partition: i32, offset: i64, message: Message) -> bool {
+        self.receive_attempt(partition, offset, message, 1)
+    }
+
+    /// The epoch of `partition`'s current assignment, if owned.
+    pub fn epoch_of(&self, partition: i32) -> Option<u64> {
+        self.parts.get(&partition).map(|p| p.epoch)
+    }
+
+    /// As [`State::receive`], for a record the broker already delivered `attempt - 1` times
+    /// (a redelivery after a consumer left, say).
+    pub fn receive_attempt(
+        &mut self,
+        partition: i32,
+        offset: i64,
+        message: Message,
+        attempt: u32,
+    ) -> bool {
         let Some(p) = self.parts.get_mut(&partition) else {
             return false;
         };
@@ -207,7 +224,7 @@ impl State {
             offset,
             Entry {
                 message: Arc::new(message),
-                attempt: 1,
+                attempt: attempt.max(1),
                 status: Status::Queued,
             },
         );

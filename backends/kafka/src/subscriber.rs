@@ -17,8 +17,8 @@ use rdkafka::{Message as _, Offset, TopicPartitionList};
 use tokio::sync::{oneshot, Notify};
 use tokio::time::Instant;
 
-use busbar_core::inflight::{State, Token};
 use crate::{codec, error, Inner, BACKEND};
+use busbar_core::inflight::{State, Token};
 
 /// The longest a revoked partition waits for its in-flight deliveries before it is handed
 /// over anyway (they are then delivered again by the new owner).

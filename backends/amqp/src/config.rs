@@ -1,0 +1,161 @@
+//! `amqp://` / `amqps://` URL parsing and the names busbar uses on RabbitMQ.
+
+use std::fmt;
+
+use busbar_core::{redact_url, Error, ErrorKind, Result};
+
+use crate::BACKEND;
+
+/// Configuration of a [`crate::AmqpBus`].
+///
+/// URL: `amqp[s]://user:password@host:port/vhost[?options]` (vhost `%2f` is `/`). busbar
+/// options: `partitions` (partition queues per consumer group of a new topic, default 8),
+/// `max_message_bytes` (largest message accepted, default 4 MiB), `queue_expires_ms` (delete a
+/// group's queues, messages included, once unused that long — for test and short-lived
+/// groups; off by default). Other options (`heartbeat`,
+/// `frame_max`, `channel_max`, `connection_timeout`) go to the AMQP client.
+#[derive(Clone, PartialEq, Eq)]
+pub struct AmqpConfig {
+    /// The AMQP URI handed to lapin (busbar's own options removed).
+    pub uri: String,
+    /// Partition queues per group of a topic created by this client.
+    pub partitions: u32,
+    /// Largest message accepted, as counted by `Message::encoded_len`.
+    pub max_message_bytes: usize,
+    /// Delete a group's queues after they went unused (no consumer) this long (`x-expires`);
+    /// `None` keeps them forever (the default).
+    pub queue_expires: Option<std::time::Duration>,
+}
+
+impl fmt::Debug for AmqpConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AmqpConfig")
+            .field("uri", &redact_url(&self.uri))
+            .field("partitions", &self.partitions)
+            .field("max_message_bytes", &self.max_message_bytes)
+            .field("queue_expires", &self.queue_expires)
+            .finish()
+    }
+}
+
+fn config_error(msg: String) -> Error {
+    Error::new(ErrorKind::Config, msg).with_backend(BACKEND)
+}
+
+impl AmqpConfig {
+    /// Parses an `amqp://` or `amqps://` URL.
+    pub fn from_url(url: &str) -> Result<Self> {
+        let mut parsed = url::Url::parse(url)
+            .map_err(|e| config_error(format!("invalid AMQP URL {}: {e}", redact_url(url))))?;
+        if !matches!(parsed.scheme(), "amqp" | "amqps") {
+            return Err(config_error(format!(
+                "expected an amqp:// or amqps:// URL, got scheme {:?}",
+                parsed.scheme()
+            )));
+        }
+        if parsed.host_str().is_none_or(str::is_empty) {
+            return Err(config_error(format!(
+                "the AMQP URL {} has no host",
+                redact_url(url)
+            )));
+        }
+        let mut cfg = Self {
+            uri: String::new(),
+            partitions: 8,
+            max_message_bytes: 4 * 1024 * 1024,
+            queue_expires: None,
+        };
+        let mut passed = Vec::new();
+        for (k, v) in parsed.query_pairs() {
+            let num = |min: u64, max: u64| -> Result<u64> {
+                v.parse::<u64>()
+                    .ok()
+                    .filter(|n| (min..=max).contains(n))
+                    .ok_or_else(|| {
+                        config_error(format!(
+                            "AMQP URL option {k}={v:?} must be a number from {min} to {max}"
+                        ))
+                    })
+            };
+            match &*k {
+                "partitions" => cfg.partitions = num(1, 1024)? as u32,
+                "max_message_bytes" => cfg.max_message_bytes = num(1024, 128 * 1024 * 1024)? as usize,
+                "queue_expires_ms" => {
+                    cfg.queue_expires = Some(std::time::Duration::from_millis(num(1000, u32::MAX as u64)?))
+                }
+                "heartbeat" | "frame_max" | "channel_max" | "connection_timeout" | "auth_mechanism" => {
+                    passed.push((k.into_owned(), v.into_owned()))
+                }
+                other => {
+                    return Err(config_error(format!(
+                        "unknown AMQP URL option {other:?} (known: partitions, max_message_bytes, queue_expires_ms, heartbeat, frame_max, channel_max, connection_timeout, auth_mechanism)"
+                    )))
+                }
+            }
+        }
+        parsed.set_query(None);
+        if !passed.is_empty() {
+            parsed.query_pairs_mut().extend_pairs(passed);
+        }
+        cfg.uri = parsed.to_string();
+        Ok(cfg)
+    }
+}
+
+/// The exchange of a topic.
+pub(crate) fn exchange(topic: &str) -> String {
+    format!("busbar.{topic}")
+}
+
+/// The partition queue `p` of a group.
+pub(crate) fn queue(topic: &str, group: &str, p: u32) -> String {
+    format!("busbar.{topic}.{group}.{p}")
+}
+
+/// The fanout exchange a group's members announce themselves on.
+pub(crate) fn members_exchange(topic: &str, group: &str) -> String {
+    format!("busbar.{topic}.{group}.members")
+}
+
+/// Checks that every name of the group fits AMQP's 255-byte limit.
+pub(crate) fn check_names(topic: &str, group: &str) -> Result<()> {
+    let longest = members_exchange(topic, group)
+        .len()
+        .max(queue(topic, group, 9999).len());
+    if longest > 255 {
+        return Err(Error::new(
+            ErrorKind::InvalidInput,
+            format!(
+                "topic and group names together are too long for RabbitMQ ({longest} > 255 bytes)"
+            ),
+        )
+        .with_backend(BACKEND));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_and_hides_the_password() {
+        let c = AmqpConfig::from_url("amqp://u:s3cret@h:5672/%2f?partitions=4&heartbeat=10")
+            .expect("ok");
+        assert_eq!(c.partitions, 4);
+        assert!(c.uri.contains("heartbeat=10") && !c.uri.contains("partitions"));
+        assert!(!format!("{c:?}").contains("s3cret"));
+        for bad in [
+            "http://h",
+            "amqp://",
+            "amqp://h?partitions=0",
+            "amqp://h?x=1",
+        ] {
+            assert_eq!(
+                AmqpConfig::from_url(bad).map_err(|e| e.kind()),
+                Err(ErrorKind::Config),
+                "{bad}"
+            );
+        }
+    }
+}

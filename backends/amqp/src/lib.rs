@@ -1,0 +1,425 @@
+#![doc = include_str!("../README.md")]
+
+mod codec;
+pub mod config;
+mod subscriber;
+
+use std::collections::HashSet;
+use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering as AtomicOrdering};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
+
+use async_trait::async_trait;
+use busbar_core::{
+    check_publish, partition_for, Capabilities, Error, ErrorKind, EventBus, Message, Ordering,
+    PublishOptions, Result, StartPosition, SubscribeOptions, Subscriber,
+};
+use futures::future::BoxFuture;
+use lapin::options::{
+    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
+    QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::Confirmation;
+use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
+
+pub use config::AmqpConfig;
+
+/// The URL schemes of this backend.
+pub const SCHEMES: &[&str] = &["amqp", "amqps"];
+
+pub(crate) const BACKEND: &str = "amqp";
+
+/// The group that keeps a dead-letter topic's messages until they are redriven.
+const REDRIVE_GROUP: &str = "busbar-redrive";
+
+/// Opens a RabbitMQ bus from a URL, as a trait object (the registry's `ConnectFn`).
+pub fn connect_boxed(url: String) -> BoxFuture<'static, Result<Arc<dyn EventBus>>> {
+    Box::pin(async move { Ok(Arc::new(AmqpBus::connect(&url).await?) as Arc<dyn EventBus>) })
+}
+
+/// Converts a lapin error, saying what busbar was doing.
+pub(crate) fn map_err(e: lapin::Error, doing: &str) -> Error {
+    let text = e.to_string();
+    let lower = text.to_ascii_lowercase();
+    let kind = if lower.contains("access_refused") || lower.contains("auth") {
+        ErrorKind::Auth
+    } else if lower.contains("precondition_failed") || lower.contains("not_allowed") {
+        ErrorKind::Config
+    } else if lower.contains("io") || lower.contains("connection") || lower.contains("closed") {
+        ErrorKind::Connection
+    } else {
+        ErrorKind::Broker
+    };
+    Error::new(kind, format!("{doing}: {text}"))
+        .with_backend(BACKEND)
+        .with_source(e)
+}
+
+pub(crate) fn table(pairs: &[(&str, AMQPValue)]) -> FieldTable {
+    let mut t = FieldTable::default();
+    for (k, v) in pairs {
+        t.insert(ShortString::from(*k), v.clone());
+    }
+    t
+}
+
+/// The arguments of a partition queue: quorum, single active consumer, optional expiry.
+fn queue_arguments(config: &AmqpConfig) -> FieldTable {
+    let mut args = vec![
+        (
+            "x-queue-type",
+            AMQPValue::LongString(LongString::from("quorum")),
+        ),
+        ("x-single-active-consumer", AMQPValue::Boolean(true)),
+    ];
+    if let Some(d) = config.queue_expires {
+        let ms = i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
+        args.push(("x-expires", AMQPValue::LongLongInt(ms)));
+    }
+    table(&args)
+}
+
+pub(crate) async fn open(config: &AmqpConfig) -> Result<Connection> {
+    let connect = Connection::connect(&config.uri, ConnectionProperties::default());
+    match tokio::time::timeout(std::time::Duration::from_secs(15), connect).await {
+        Ok(Ok(c)) => Ok(c),
+        Ok(Err(e)) => Err(map_err(e, "connecting to RabbitMQ")),
+        Err(_) => Err(Error::new(
+            ErrorKind::Connection,
+            format!(
+                "no answer from RabbitMQ at {} within 15 s",
+                busbar_core::redact_url(&config.uri)
+            ),
+        )
+        .with_backend(BACKEND)),
+    }
+}
+
+pub(crate) struct Inner {
+    pub(crate) config: AmqpConfig,
+    conn: Connection,
+    publisher: tokio::sync::Mutex<Option<Channel>>,
+    exchanges: Mutex<HashSet<String>>,
+    groups: Mutex<HashSet<(String, String)>>,
+    closed: AtomicBool,
+    round_robin: AtomicU32,
+    pub(crate) subscribers: Mutex<Vec<Weak<subscriber::Shared>>>,
+}
+
+impl Inner {
+    pub(crate) fn check_open(&self) -> Result<()> {
+        if self.closed.load(AtomicOrdering::Acquire) {
+            Err(Error::closed("amqp bus").with_backend(BACKEND))
+        } else {
+            Ok(())
+        }
+    }
+
+    /// A short-lived channel for declarations (a refused declaration closes its channel).
+    async fn declare_channel(&self) -> Result<Channel> {
+        self.conn
+            .create_channel()
+            .await
+            .map_err(|e| map_err(e, "opening a channel"))
+    }
+
+    /// Declares the topic's exchange (direct, durable; the partition count is recorded in
+    /// its arguments, so a client configured with another count gets a clear error).
+    async fn ensure_exchange(&self, topic: &str) -> Result<()> {
+        let name = config::exchange(topic);
+        if self
+            .exchanges
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains(&name)
+        {
+            return Ok(());
+        }
+        let ch = self.declare_channel().await?;
+        ch.exchange_declare(
+            ShortString::from(name.as_str()),
+            ExchangeKind::Direct,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            table(&[("x-busbar-partitions", AMQPValue::LongInt(self.config.partitions as i32))]),
+        )
+        .await
+        .map_err(|e| {
+            let mut err = map_err(e, &format!("declaring the exchange of topic {topic}"));
+            if err.kind() == ErrorKind::Config {
+                err = Error::new(
+                    ErrorKind::Config,
+                    format!("{err} (the topic exists with another partition count: set ?partitions= to match)"),
+                )
+                .with_backend(BACKEND);
+            }
+            err
+        })?;
+        let _ = ch.close(200, ShortString::from("done")).await;
+        self.exchanges
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(name);
+        Ok(())
+    }
+
+    /// Declares the group's partition queues (quorum, single active consumer) bound to the
+    /// topic's exchange, and the group's membership exchange. A dead-letter topic gets its
+    /// redrive group too, so dead letters are kept even before anyone reads them.
+    pub(crate) async fn ensure_group(&self, topic: &str, group: &str) -> Result<()> {
+        config::check_names(topic, group)?;
+        let key = (topic.to_owned(), group.to_owned());
+        if self
+            .groups
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains(&key)
+        {
+            return Ok(());
+        }
+        self.ensure_exchange(topic).await?;
+        let ch = self.declare_channel().await?;
+        for p in 0..self.config.partitions {
+            let q = config::queue(topic, group, p);
+            ch.queue_declare(
+                ShortString::from(q.as_str()),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                queue_arguments(&self.config),
+            )
+            .await
+            .map_err(|e| map_err(e, &format!("declaring queue {q}")))?;
+            ch.queue_bind(
+                ShortString::from(q.as_str()),
+                ShortString::from(config::exchange(topic).as_str()),
+                ShortString::from(p.to_string().as_str()),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| map_err(e, &format!("binding queue {q}")))?;
+        }
+        ch.exchange_declare(
+            ShortString::from(config::members_exchange(topic, group).as_str()),
+            ExchangeKind::Fanout,
+            ExchangeDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| map_err(e, "declaring the group's membership exchange"))?;
+        let _ = ch.close(200, ShortString::from("done")).await;
+        self.groups
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(key);
+        let dlq = busbar_core::default_dead_letter_topic(topic);
+        if !topic.ends_with(".dlq") && busbar_core::validate_topic(&dlq).is_ok() {
+            Box::pin(self.ensure_group(&dlq, REDRIVE_GROUP)).await?;
+        }
+        Ok(())
+    }
+
+    async fn publisher(&self) -> Result<tokio::sync::MutexGuard<'_, Option<Channel>>> {
+        let mut guard = self.publisher.lock().await;
+        let usable = guard.as_ref().is_some_and(|c| c.status().connected());
+        if !usable {
+            let ch = self.declare_channel().await?;
+            ch.confirm_select(ConfirmSelectOptions::default())
+                .await
+                .map_err(|e| map_err(e, "enabling publisher confirms"))?;
+            *guard = Some(ch);
+        }
+        Ok(guard)
+    }
+
+    /// Publishes in order (mandatory, persistent, confirmed) and returns once RabbitMQ
+    /// confirmed every message. A message no group receives is an error, not a silent loss.
+    pub(crate) async fn publish_many(&self, topic: &str, messages: &[Message]) -> Result<()> {
+        self.ensure_exchange(topic).await?;
+        let exchange = config::exchange(topic);
+        let n = self.config.partitions;
+        let mut confirms = Vec::with_capacity(messages.len());
+        {
+            let guard = self.publisher().await?;
+            let Some(ch) = guard.as_ref() else {
+                return Err(Error::closed("amqp publisher channel").with_backend(BACKEND));
+            };
+            for m in messages {
+                let p = match &m.key {
+                    Some(k) => partition_for(k, n),
+                    None => self.round_robin.fetch_add(1, AtomicOrdering::Relaxed) % n,
+                };
+                let confirm = ch
+                    .basic_publish(
+                        ShortString::from(exchange.as_str()),
+                        ShortString::from(p.to_string().as_str()),
+                        BasicPublishOptions {
+                            mandatory: true,
+                            ..Default::default()
+                        },
+                        &m.payload,
+                        codec::encode(m),
+                    )
+                    .await
+                    .map_err(|e| map_err(e, &format!("publishing {}", m.id)))?;
+                confirms.push((m, confirm));
+            }
+        }
+        for (m, confirm) in confirms {
+            match confirm.await.map_err(|e| map_err(e, &format!("publishing {}", m.id)))? {
+                Confirmation::Ack(None) | Confirmation::NotRequested => {}
+                Confirmation::Ack(Some(_)) => {
+                    return Err(Error::new(
+                        ErrorKind::Broker,
+                        format!(
+                            "message {} was returned unroutable: topic {topic} has no consumer group; \
+                             provision one first (RabbitMQ keeps messages only in a group's queues)",
+                            m.id
+                        ),
+                    )
+                    .with_backend(BACKEND))
+                }
+                Confirmation::Nack(_) => {
+                    return Err(Error::new(
+                        ErrorKind::Broker,
+                        format!("RabbitMQ refused message {} (nack)", m.id),
+                    )
+                    .with_backend(BACKEND))
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// An event bus on RabbitMQ. Cloning gives another handle to the same connection.
+#[derive(Clone)]
+pub struct AmqpBus {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for AmqpBus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AmqpBus")
+            .field("config", &self.inner.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AmqpBus {
+    /// Connects to the RabbitMQ server of `url`.
+    ///
+    /// Errors: `Config` (malformed URL), `Connection` (unreachable), `Auth` (refused).
+    pub async fn connect(url: &str) -> Result<Self> {
+        let config = AmqpConfig::from_url(url)?;
+        let conn = open(&config).await?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                config,
+                conn,
+                publisher: tokio::sync::Mutex::new(None),
+                exchanges: Mutex::new(HashSet::new()),
+                groups: Mutex::new(HashSet::new()),
+                closed: AtomicBool::new(false),
+                round_robin: AtomicU32::new(0),
+                subscribers: Mutex::new(Vec::new()),
+            }),
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &AmqpConfig {
+        &self.inner.config
+    }
+}
+
+#[async_trait]
+impl EventBus for AmqpBus {
+    fn backend(&self) -> &'static str {
+        BACKEND
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        let mut c = Capabilities::none();
+        c.ordering = Ordering::PerKey;
+        c.consumer_groups = true;
+        c.persistent = true;
+        c.nack_can_delay = true;
+        c.ack_deadline_can_extend = true;
+        c.message_max_bytes = Some(self.inner.config.max_message_bytes);
+        c
+    }
+
+    async fn publish(&self, topic: &str, message: Message, options: &PublishOptions) -> Result<()> {
+        self.inner.check_open()?;
+        let batch = [message];
+        check_publish(BACKEND, &self.capabilities(), topic, &batch, options)?;
+        self.inner.publish_many(topic, &batch).await
+    }
+
+    async fn publish_batch(
+        &self,
+        topic: &str,
+        messages: Vec<Message>,
+        options: &PublishOptions,
+    ) -> Result<()> {
+        self.inner.check_open()?;
+        check_publish(BACKEND, &self.capabilities(), topic, &messages, options)?;
+        if messages.is_empty() {
+            return Ok(());
+        }
+        self.inner.publish_many(topic, &messages).await
+    }
+
+    async fn subscribe(
+        &self,
+        topic: &str,
+        options: SubscribeOptions,
+    ) -> Result<Box<dyn Subscriber>> {
+        self.inner.check_open()?;
+        busbar_core::validate_topic(topic)?;
+        options.validate()?;
+        if options.start == StartPosition::Earliest {
+            return Err(Error::unsupported(
+                BACKEND,
+                "start position earliest (RabbitMQ queues keep no history before the group exists)",
+            ));
+        }
+        self.inner.ensure_group(topic, &options.group).await?;
+        let sub = subscriber::AmqpSubscriber::start(self.inner.clone(), topic, options).await?;
+        Ok(Box::new(sub))
+    }
+
+    async fn provision(&self, topic: &str, options: &SubscribeOptions) -> Result<()> {
+        self.inner.check_open()?;
+        busbar_core::validate_topic(topic)?;
+        options.validate()?;
+        if options.start == StartPosition::Earliest {
+            return Err(Error::unsupported(BACKEND, "start position earliest"));
+        }
+        self.inner.ensure_group(topic, &options.group).await
+    }
+
+    async fn close(&self) -> Result<()> {
+        if self.inner.closed.swap(true, AtomicOrdering::AcqRel) {
+            return Ok(());
+        }
+        let subs = std::mem::take(
+            &mut *self
+                .inner
+                .subscribers
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+        );
+        for s in subs.iter().filter_map(Weak::upgrade) {
+            s.shut_down();
+        }
+        let _ = self.inner.conn.close(200, ShortString::from("bye")).await;
+        Ok(())
+    }
+}

@@ -1,0 +1,601 @@
+//! One member of a consumer group on RabbitMQ.
+//!
+//! The group's partition queues have `x-single-active-consumer`: whoever consumes a queue,
+//! RabbitMQ delivers to one consumer at a time. Members spread the queues among themselves:
+//! each announces itself every second on the group's fanout exchange, and the live members,
+//! sorted by id, take the partitions `p` with `p % members == index`. A member giving a queue
+//! up first stops handing its messages out, waits (bounded) for the deliveries out to settle,
+//! then closes that queue's channel: RabbitMQ puts the unacked messages back at the head of
+//! the queue, in order, and makes the next consumer active — so a key is never processed by
+//! two members at once and nothing is reordered.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use busbar_core::inflight::{State, Token};
+use busbar_core::{
+    default_dead_letter_topic, Ack, DeadLetterPolicy, Delivery, Error, Event, NackAction, Result,
+    SubscribeOptions, Subscriber,
+};
+use futures::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, QueueBindOptions,
+    QueueDeclareOptions,
+};
+use lapin::types::{FieldTable, ShortString};
+use lapin::{BasicProperties, Channel, Connection};
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use crate::{codec, config, map_err, Inner, BACKEND};
+
+/// How often a member announces itself.
+const HEARTBEAT: Duration = Duration::from_millis(1000);
+/// How long a joining member listens for the others before taking queues.
+const JOIN_LISTEN: Duration = Duration::from_millis(400);
+/// A member not heard of for this long is gone.
+const MEMBER_TTL: Duration = Duration::from_millis(3500);
+/// The longest one broker call of the member's control loop may take.
+const BROKER_CALL: Duration = Duration::from_secs(5);
+/// The longest a partition being given up waits for its deliveries to settle.
+const DRAIN_MAX: Duration = Duration::from_secs(30);
+
+/// What the member's tasks and its deliveries share.
+pub(crate) struct Shared {
+    state: Mutex<State>,
+    wake: Notify,
+    stop: AtomicBool,
+    stopped: Notify,
+    failure: Mutex<Option<Error>>,
+    /// The channel consuming each owned partition, with the partition's epoch.
+    channels: Mutex<HashMap<i32, (u64, Channel)>>,
+    topic: Arc<str>,
+    options: SubscribeOptions,
+    inner: Arc<Inner>,
+}
+
+impl Shared {
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Asks the member to leave; `next` then ends.
+    pub(crate) fn shut_down(&self) {
+        self.stop.store(true, AtomicOrdering::Release);
+        self.stopped.notify_waiters();
+        self.wake.notify_one();
+    }
+
+    fn is_stopped(&self) -> bool {
+        self.stop.load(AtomicOrdering::Acquire)
+    }
+
+    fn fail(&self, e: Error) {
+        tracing::warn!(group = %self.options.group, error = %e, "amqp: member failed");
+        *self.failure.lock().unwrap_or_else(PoisonError::into_inner) = Some(e);
+        self.shut_down();
+    }
+
+    fn channel_for(&self, t: Token) -> Option<Channel> {
+        self.channels
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&t.partition)
+            .filter(|(epoch, _)| *epoch == t.epoch)
+            .map(|(_, c)| c.clone())
+    }
+}
+
+struct Owned {
+    channel: Channel,
+    reader: JoinHandle<()>,
+    draining_since: Option<Instant>,
+}
+
+/// Reads one partition queue into the state.
+async fn read_partition(shared: Arc<Shared>, p: i32, mut consumer: lapin::Consumer, queue: String) {
+    while let Some(item) = consumer.next().await {
+        let d = match item {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::debug!(queue, error = %e, "amqp: partition consumer ended");
+                break;
+            }
+        };
+        let redelivered = d
+            .properties
+            .headers()
+            .as_ref()
+            .and_then(|h| h.inner().get("x-delivery-count").and_then(codec::number))
+            .unwrap_or(0);
+        let tag = d.delivery_tag;
+        let message = codec::decode(&d.properties, d.data, format!("amqp/{queue}/{tag}"));
+        let attempt = u32::try_from(redelivered + 1).unwrap_or(u32::MAX);
+        if shared
+            .state()
+            .receive_attempt(p, tag as i64, message, attempt)
+        {
+            shared.wake.notify_one();
+        }
+    }
+}
+
+/// The member's control loop: membership, partition assignment and hand-over.
+struct Member {
+    id: String,
+    conn: Connection,
+    control: Channel,
+    shared: Arc<Shared>,
+    owned: HashMap<u32, Owned>,
+    peers: HashMap<String, Instant>,
+    beat_now: bool,
+}
+
+impl Member {
+    async fn announce(&self, what: &str) -> Result<()> {
+        match tokio::time::timeout(BROKER_CALL, self.announce_now(what)).await {
+            Ok(r) => r,
+            Err(_) => Err(Error::new(
+                busbar_core::ErrorKind::Timeout,
+                format!("announcing the member took longer than {BROKER_CALL:?}"),
+            )
+            .with_backend(BACKEND)),
+        }
+    }
+
+    async fn announce_now(&self, what: &str) -> Result<()> {
+        let body = format!("{what}:{}", self.id);
+        self.control
+            .basic_publish(
+                ShortString::from(
+                    config::members_exchange(&self.shared.topic, &self.shared.options.group)
+                        .as_str(),
+                ),
+                ShortString::from(""),
+                BasicPublishOptions::default(),
+                body.as_bytes(),
+                BasicProperties::default(),
+            )
+            .await
+            .map_err(|e| map_err(e, "announcing the member"))?;
+        Ok(())
+    }
+
+    fn hear(&mut self, body: &[u8]) {
+        let text = String::from_utf8_lossy(body);
+        match text.split_once(':') {
+            Some(("hb", id)) if id != self.id => {
+                self.peers.insert(id.to_owned(), Instant::now());
+            }
+            Some(("join", id)) if id != self.id => {
+                // A newcomer: answer at once, so it learns the group before taking queues.
+                self.peers.insert(id.to_owned(), Instant::now());
+                self.beat_now = true;
+            }
+            Some(("leave", id)) => {
+                self.peers.remove(id);
+            }
+            _ => {}
+        }
+    }
+
+    /// The partitions this member should own now.
+    fn target(&mut self) -> Vec<u32> {
+        let now = Instant::now();
+        self.peers
+            .retain(|_, seen| now.duration_since(*seen) < MEMBER_TTL);
+        let mut live: Vec<&str> = self.peers.keys().map(String::as_str).collect();
+        live.push(&self.id);
+        live.sort_unstable();
+        let m = live.len() as u32;
+        let me = live.iter().position(|id| *id == self.id).unwrap_or(0) as u32;
+        (0..self.shared.inner.config.partitions)
+            .filter(|p| p % m == me)
+            .collect()
+    }
+
+    async fn take(&mut self, p: u32) -> Result<()> {
+        let s = &self.shared;
+        let queue = config::queue(&s.topic, &s.options.group, p);
+        let ch = self
+            .conn
+            .create_channel()
+            .await
+            .map_err(|e| map_err(e, "opening a partition channel"))?;
+        let prefetch = s.options.max_in_flight.clamp(16, 1000) as u16;
+        ch.basic_qos(prefetch, BasicQosOptions::default())
+            .await
+            .map_err(|e| map_err(e, "setting the prefetch"))?;
+        s.state().assign(p as i32);
+        let epoch = s.state().epoch_of(p as i32).unwrap_or(0);
+        let consumer = ch
+            .basic_consume(
+                ShortString::from(queue.as_str()),
+                ShortString::from(format!("{}-{p}", self.id).as_str()),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| map_err(e, &format!("consuming {queue}")))?;
+        s.channels
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(p as i32, (epoch, ch.clone()));
+        let reader = tokio::spawn(read_partition(s.clone(), p as i32, consumer, queue));
+        self.owned.insert(
+            p,
+            Owned {
+                channel: ch,
+                reader,
+                draining_since: None,
+            },
+        );
+        Ok(())
+    }
+
+    async fn release(&mut self, p: u32) -> Result<()> {
+        if let Some(o) = self.owned.remove(&p) {
+            o.reader.abort();
+            // Closing the channel returns its unacked messages to the head of the queue. If
+            // RabbitMQ does not confirm the close, the member leaves altogether (closing its
+            // connection returns everything too) rather than keep a queue nobody serves.
+            let close = o.channel.close(200, ShortString::from("handed over"));
+            match tokio::time::timeout(BROKER_CALL, close).await {
+                Ok(_) => {}
+                Err(_) => {
+                    return Err(Error::new(
+                        busbar_core::ErrorKind::Timeout,
+                        format!("RabbitMQ did not confirm closing partition {p}'s channel within {BROKER_CALL:?}"),
+                    )
+                    .with_backend(BACKEND))
+                }
+            }
+            self.shared
+                .channels
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .remove(&(p as i32));
+            self.shared.state().drop_partition(p as i32);
+            self.shared.wake.notify_one();
+        }
+        Ok(())
+    }
+
+    async fn reconcile(&mut self) -> Result<()> {
+        let target = self.target();
+        for &p in &target {
+            match self.owned.get_mut(&p) {
+                None => {
+                    let taken = match tokio::time::timeout(BROKER_CALL, self.take(p)).await {
+                        Ok(r) => r,
+                        Err(_) => Err(Error::new(
+                            busbar_core::ErrorKind::Timeout,
+                            format!("taking partition {p} took longer than {BROKER_CALL:?}"),
+                        )
+                        .with_backend(BACKEND)),
+                    };
+                    if let Err(e) = taken {
+                        // A refused channel (lapin can still be closing one with the same
+                        // id) is retried on the next tick; a lost connection ends the member.
+                        if !self.conn.status().connected() {
+                            return Err(e);
+                        }
+                        tracing::debug!(partition = p, error = %e, "amqp: taking a queue failed; retrying");
+                        self.shared.state().drop_partition(p as i32);
+                    }
+                }
+                Some(o) if o.draining_since.is_some() => {
+                    // Wanted again while draining: finish the hand-over first.
+                }
+                Some(_) => {}
+            }
+        }
+        let now = Instant::now();
+        let limit = self.shared.options.ack_timeout.min(DRAIN_MAX);
+        let owned: Vec<u32> = self.owned.keys().copied().collect();
+        for p in owned {
+            let draining = self.owned.get(&p).and_then(|o| o.draining_since);
+            match draining {
+                None if !target.contains(&p) => {
+                    self.shared.state().start_draining(p as i32);
+                    if let Some(o) = self.owned.get_mut(&p) {
+                        o.draining_since = Some(now);
+                    }
+                }
+                Some(since) => {
+                    let live = self.shared.state().live_in_flight(p as i32, now);
+                    if live == 0 || now.duration_since(since) >= limit {
+                        if live > 0 {
+                            tracing::warn!(partition = p, live, "amqp: handing a partition over with deliveries unsettled; they come back");
+                        }
+                        self.release(p).await?;
+                    }
+                }
+                None => {}
+            }
+        }
+        Ok(())
+    }
+
+    async fn run(mut self, mut heard: lapin::Consumer) {
+        let mut tick = tokio::time::interval(Duration::from_millis(200));
+        let mut last_beat = Instant::now() - HEARTBEAT;
+        // Join: announce, and listen for the members' answers before taking any queue, so a
+        // starting group does not shuffle queues (and prefetched messages) around.
+        if let Err(e) = self.announce("join").await {
+            self.shared.fail(e);
+        }
+        let listen_until = Instant::now() + JOIN_LISTEN;
+        while Instant::now() < listen_until && !self.shared.is_stopped() {
+            match tokio::time::timeout_at(listen_until, heard.next()).await {
+                Ok(Some(Ok(d))) => self.hear(&d.data),
+                Ok(_) | Err(_) => break,
+            }
+        }
+        loop {
+            if self.shared.is_stopped() {
+                break;
+            }
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = self.shared.stopped.notified() => break,
+                m = heard.next() => match m {
+                    Some(Ok(d)) => self.hear(&d.data),
+                    Some(Err(e)) => {
+                        self.shared.fail(map_err(e, "membership consumer"));
+                        break;
+                    }
+                    None => {
+                        self.shared.fail(Error::new(busbar_core::ErrorKind::Connection, "the RabbitMQ connection was lost").with_backend(BACKEND));
+                        break;
+                    }
+                },
+            }
+            if last_beat.elapsed() >= HEARTBEAT || self.beat_now {
+                last_beat = Instant::now();
+                self.beat_now = false;
+                if let Err(e) = self.announce("hb").await {
+                    self.shared.fail(e);
+                    break;
+                }
+            }
+            if let Err(e) = self.reconcile().await {
+                self.shared.fail(e);
+                break;
+            }
+        }
+        let _ = self.announce("leave").await;
+        for (_, o) in self.owned.drain() {
+            o.reader.abort();
+        }
+        // Closing the connection returns every unacked message to its queue, in order.
+        let close = self.conn.close(200, ShortString::from("member left"));
+        if tokio::time::timeout(BROKER_CALL, close).await.is_err() {
+            tracing::warn!("amqp: RabbitMQ did not confirm closing the member's connection");
+        }
+        self.shared.wake.notify_one();
+    }
+}
+
+/// A member of a consumer group on RabbitMQ.
+pub(crate) struct AmqpSubscriber {
+    shared: Arc<Shared>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl AmqpSubscriber {
+    pub(crate) async fn start(
+        inner: Arc<Inner>,
+        topic: &str,
+        options: SubscribeOptions,
+    ) -> Result<Self> {
+        let conn = crate::open(&inner.config).await?;
+        let control = conn
+            .create_channel()
+            .await
+            .map_err(|e| map_err(e, "opening the control channel"))?;
+        let id = uuid::Uuid::now_v7().simple().to_string();
+        let inbox = control
+            .queue_declare(
+                ShortString::from(""),
+                QueueDeclareOptions {
+                    exclusive: true,
+                    auto_delete: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| map_err(e, "declaring the member's inbox"))?;
+        control
+            .queue_bind(
+                inbox.name().clone(),
+                ShortString::from(config::members_exchange(topic, &options.group).as_str()),
+                ShortString::from(""),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| map_err(e, "binding the member's inbox"))?;
+        let heard = control
+            .basic_consume(
+                inbox.name().clone(),
+                ShortString::from(format!("{id}-members").as_str()),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| map_err(e, "reading the group's members"))?;
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State::new(options.ack_timeout, options.max_in_flight)),
+            wake: Notify::new(),
+            stop: AtomicBool::new(false),
+            stopped: Notify::new(),
+            failure: Mutex::new(None),
+            channels: Mutex::new(HashMap::new()),
+            topic: topic.into(),
+            options,
+            inner: inner.clone(),
+        });
+        let member = Member {
+            id,
+            conn,
+            control,
+            shared: shared.clone(),
+            owned: HashMap::new(),
+            peers: HashMap::new(),
+            beat_now: false,
+        };
+        let task = tokio::spawn(member.run(heard));
+        inner
+            .subscribers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(Arc::downgrade(&shared));
+        Ok(Self {
+            shared,
+            task: Some(task),
+        })
+    }
+}
+
+impl Drop for AmqpSubscriber {
+    fn drop(&mut self) {
+        self.shared.shut_down();
+    }
+}
+
+#[async_trait]
+impl Subscriber for AmqpSubscriber {
+    async fn next(&mut self) -> Result<Option<Delivery>> {
+        loop {
+            if let Some(e) = self
+                .shared
+                .failure
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .take()
+            {
+                return Err(e);
+            }
+            if self.shared.is_stopped() {
+                return Ok(None);
+            }
+            let now = Instant::now();
+            let (handed, wake_at) = {
+                let mut st = self.shared.state();
+                let h = st.take(now);
+                (h, st.next_wake())
+            };
+            if let Some(h) = handed {
+                let event =
+                    Event::from_shared(self.shared.topic.clone(), h.message.clone(), h.attempt);
+                return Ok(Some(Delivery::new(
+                    event,
+                    Box::new(AmqpAck {
+                        shared: self.shared.clone(),
+                        token: h.token(),
+                    }),
+                )));
+            }
+            let until = wake_at.unwrap_or(now + Duration::from_secs(1));
+            tokio::select! {
+                _ = self.shared.wake.notified() => {}
+                _ = tokio::time::sleep_until(until) => {}
+            }
+        }
+    }
+
+    async fn close(&mut self) -> Result<()> {
+        self.shared.shut_down();
+        if let Some(t) = self.task.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
+        }
+        Ok(())
+    }
+}
+
+/// Settles one delivery.
+struct AmqpAck {
+    shared: Arc<Shared>,
+    token: Token,
+}
+
+impl AmqpAck {
+    fn check_open(&self) -> Result<()> {
+        if self.shared.is_stopped() {
+            Err(Error::closed("amqp subscriber").with_backend(BACKEND))
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Acks in the state and, when that counted, on the broker.
+    async fn settle(&self) -> Result<()> {
+        let counted = self.shared.state().ack(self.token);
+        if counted {
+            if let Some(ch) = self.shared.channel_for(self.token) {
+                ch.basic_ack(self.token.offset as u64, BasicAckOptions::default())
+                    .await
+                    .map_err(|e| map_err(e, "acking"))?;
+            }
+        } else {
+            tracing::debug!(?self.token, "amqp: ack of a delivery no longer held; ignored");
+        }
+        self.shared.wake.notify_one();
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Ack for AmqpAck {
+    async fn ack(&self) -> Result<()> {
+        self.check_open()?;
+        self.settle().await
+    }
+
+    async fn nack(&self, action: NackAction) -> Result<()> {
+        self.check_open()?;
+        match action {
+            NackAction::Redeliver => {
+                self.shared.state().nack(self.token, None);
+            }
+            NackAction::RedeliverAfter(delay) => {
+                self.shared
+                    .state()
+                    .nack(self.token, Some(Instant::now() + delay));
+            }
+            NackAction::DeadLetter { reason } => {
+                let held = self.shared.state().held(self.token);
+                let Some((message, attempt)) = held else {
+                    return Ok(());
+                };
+                let dead = DeadLetterPolicy::new().dead_letter_message(
+                    &message,
+                    &self.shared.topic,
+                    &self.shared.options.group,
+                    attempt,
+                    &reason,
+                );
+                let dlq = default_dead_letter_topic(&self.shared.topic);
+                self.shared.inner.publish_many(&dlq, &[dead]).await?;
+                return self.settle().await;
+            }
+        }
+        self.shared.wake.notify_one();
+        Ok(())
+    }
+
+    async fn extend_deadline(&self, by: Duration) -> Result<()> {
+        self.check_open()?;
+        self.shared.state().extend(self.token, Instant::now() + by);
+        Ok(())
+    }
+}
