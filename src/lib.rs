@@ -8,10 +8,6 @@ use std::sync::Arc;
 #[cfg(feature = "nats")]
 pub use busbar_nats as nats;
 
-/// The RabbitMQ backend, re-exported when the `amqp` feature is on.
-#[cfg(feature = "amqp")]
-pub use busbar_amqp as amqp;
-
 /// The Kafka backend, re-exported when the `kafka` feature is on.
 #[cfg(feature = "kafka")]
 pub use busbar_kafka as kafka;
@@ -50,15 +46,6 @@ pub fn registry() -> Registry {
         #[cfg(feature = "kafka")]
         connect: Some(busbar_kafka::connect_boxed),
         #[cfg(not(feature = "kafka"))]
-        connect: None,
-    });
-    r.register(BackendEntry {
-        name: "amqp",
-        schemes: &["amqp", "amqps"],
-        feature: "amqp",
-        #[cfg(feature = "amqp")]
-        connect: Some(busbar_amqp::connect_boxed),
-        #[cfg(not(feature = "amqp"))]
         connect: None,
     });
     r.register(BackendEntry {

@@ -28,11 +28,6 @@ pub const BACKENDS: &[(&str, &str, &str)] = &[
     ("redis", "BUSBAR_REDIS_URL", "redis://127.0.0.1:6379"),
     ("nats", "BUSBAR_NATS_URL", "nats://127.0.0.1:4222"),
     ("kafka", "BUSBAR_KAFKA_URL", "kafka://127.0.0.1:9092"),
-    (
-        "amqp",
-        "BUSBAR_AMQP_URL",
-        "amqp://guest:guest@127.0.0.1:5672/%2f",
-    ),
 ];
 
 /// Payload size of every workload.

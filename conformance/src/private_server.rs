@@ -4,7 +4,12 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
 
 pub use libtest_mimic::Failed;
 
@@ -54,4 +59,73 @@ pub fn main(binary: &str, tests: &[(&'static str, bool, TestFn)]) -> ! {
         .collect();
     let conclusion = libtest_mimic::run(&args, trials);
     std::process::exit(if conclusion.has_failed() { 101 } else { 0 })
+}
+
+/// A TCP proxy on 127.0.0.1 that can cut all its connections and refuse new ones: a broker
+/// outage as clients see it, for tests that cannot restart the broker itself.
+pub struct Proxy {
+    port: u16,
+    up: Arc<AtomicBool>,
+    conns: Arc<Mutex<Vec<JoinHandle<()>>>>,
+    accept: JoinHandle<()>,
+}
+
+impl Proxy {
+    /// Starts forwarding a free port to `127.0.0.1:target`.
+    pub async fn start(target: u16) -> std::io::Result<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let port = listener.local_addr()?.port();
+        let up = Arc::new(AtomicBool::new(true));
+        let conns: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
+        let (up2, conns2) = (up.clone(), conns.clone());
+        let accept = tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                if !up2.load(Ordering::Acquire) {
+                    drop(client);
+                    continue;
+                }
+                let task = tokio::spawn(async move {
+                    if let Ok(mut server) = TcpStream::connect(("127.0.0.1", target)).await {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    }
+                });
+                if let Ok(mut c) = conns2.lock() {
+                    c.push(task);
+                }
+            }
+        });
+        Ok(Self {
+            port,
+            up,
+            conns,
+            accept,
+        })
+    }
+
+    /// The proxy's port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Drops every open connection and refuses new ones until [`Proxy::restore`].
+    pub fn cut(&self) {
+        self.up.store(false, Ordering::Release);
+        if let Ok(mut c) = self.conns.lock() {
+            for t in c.drain(..) {
+                t.abort();
+            }
+        }
+    }
+
+    /// Accepts connections again.
+    pub fn restore(&self) {
+        self.up.store(true, Ordering::Release);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.cut();
+        self.accept.abort();
+    }
 }

@@ -56,6 +56,12 @@ pub(crate) fn map_err(e: lapin::Error, doing: &str) -> Error {
         .with_source(e)
 }
 
+/// A failure of the client's channel or connection state rather than a refusal by the server.
+fn transient(e: &Error) -> bool {
+    let text = e.to_string();
+    text.contains("invalid channel state") || text.contains("invalid connection state")
+}
+
 pub(crate) fn table(pairs: &[(&str, AMQPValue)]) -> FieldTable {
     let mut t = FieldTable::default();
     for (k, v) in pairs {
@@ -80,6 +86,22 @@ fn queue_arguments(config: &AmqpConfig) -> FieldTable {
     table(&args)
 }
 
+/// Opens a channel. lapin may still be closing a channel whose id it hands out again
+/// ("invalid channel state: Closing"); that is retried a few times.
+pub(crate) async fn create_channel(conn: &Connection) -> Result<Channel> {
+    let mut attempt = 0;
+    loop {
+        match conn.create_channel().await {
+            Ok(c) => return Ok(c),
+            Err(e) if attempt < 10 && e.to_string().contains("invalid channel state") => {
+                attempt += 1;
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            Err(e) => return Err(map_err(e, "opening a channel")),
+        }
+    }
+}
+
 pub(crate) async fn open(config: &AmqpConfig) -> Result<Connection> {
     let connect = Connection::connect(&config.uri, ConnectionProperties::default());
     match tokio::time::timeout(std::time::Duration::from_secs(15), connect).await {
@@ -98,8 +120,10 @@ pub(crate) async fn open(config: &AmqpConfig) -> Result<Connection> {
 
 pub(crate) struct Inner {
     pub(crate) config: AmqpConfig,
-    conn: Connection,
+    /// Replaced by a new connection when the old one is lost (broker restart, network).
+    conn: tokio::sync::Mutex<Arc<Connection>>,
     publisher: tokio::sync::Mutex<Option<Channel>>,
+    declarer: tokio::sync::Mutex<Option<Channel>>,
     exchanges: Mutex<HashSet<String>>,
     groups: Mutex<HashSet<(String, String)>>,
     closed: AtomicBool,
@@ -116,12 +140,33 @@ impl Inner {
         }
     }
 
-    /// A short-lived channel for declarations (a refused declaration closes its channel).
+    /// The connection, re-opened first when it was lost.
+    async fn connection(&self) -> Result<Arc<Connection>> {
+        let mut conn = self.conn.lock().await;
+        if !conn.status().connected() {
+            self.check_open()?;
+            tracing::info!("amqp: the connection was lost; reconnecting");
+            *conn = Arc::new(open(&self.config).await?);
+        }
+        Ok(conn.clone())
+    }
+
+    /// The channel for declarations, kept open and reused: opening and closing channels in
+    /// quick succession makes lapin reuse the id of a channel still closing. A refused
+    /// declaration closes the channel; the next call opens a new one.
     async fn declare_channel(&self) -> Result<Channel> {
-        self.conn
-            .create_channel()
-            .await
-            .map_err(|e| map_err(e, "opening a channel"))
+        let mut guard = self.declarer.lock().await;
+        if let Some(ch) = guard.as_ref().filter(|c| c.status().connected()) {
+            return Ok(ch.clone());
+        }
+        let ch = create_channel(&*self.connection().await?).await?;
+        *guard = Some(ch.clone());
+        Ok(ch)
+    }
+
+    /// A channel of its own (the publisher's confirm-mode channel).
+    async fn new_channel(&self) -> Result<Channel> {
+        create_channel(&*self.connection().await?).await
     }
 
     /// Declares the topic's exchange (direct, durable; the partition count is recorded in
@@ -158,7 +203,6 @@ impl Inner {
             }
             err
         })?;
-        let _ = ch.close(200, ShortString::from("done")).await;
         self.exchanges
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -170,6 +214,24 @@ impl Inner {
     /// topic's exchange, and the group's membership exchange. A dead-letter topic gets its
     /// redrive group too, so dead letters are kept even before anyone reads them.
     pub(crate) async fn ensure_group(&self, topic: &str, group: &str) -> Result<()> {
+        let mut attempt = 0;
+        loop {
+            match self.declare_group(topic, group).await {
+                // The declaration channel or connection broke under us (seen with lapin 4.12
+                // under load, with no error on the server): declarations are idempotent, so
+                // they are simply made again on a fresh channel.
+                Err(e) if attempt < 3 && transient(&e) => {
+                    attempt += 1;
+                    tracing::debug!(error = %e, attempt, "amqp: declaring the group again");
+                    *self.declarer.lock().await = None;
+                    tokio::time::sleep(std::time::Duration::from_millis(50 * attempt)).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn declare_group(&self, topic: &str, group: &str) -> Result<()> {
         config::check_names(topic, group)?;
         let key = (topic.to_owned(), group.to_owned());
         if self
@@ -212,7 +274,6 @@ impl Inner {
         )
         .await
         .map_err(|e| map_err(e, "declaring the group's membership exchange"))?;
-        let _ = ch.close(200, ShortString::from("done")).await;
         self.groups
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -228,7 +289,7 @@ impl Inner {
         let mut guard = self.publisher.lock().await;
         let usable = guard.as_ref().is_some_and(|c| c.status().connected());
         if !usable {
-            let ch = self.declare_channel().await?;
+            let ch = self.new_channel().await?;
             ch.confirm_select(ConfirmSelectOptions::default())
                 .await
                 .map_err(|e| map_err(e, "enabling publisher confirms"))?;
@@ -321,8 +382,9 @@ impl AmqpBus {
         Ok(Self {
             inner: Arc::new(Inner {
                 config,
-                conn,
+                conn: tokio::sync::Mutex::new(Arc::new(conn)),
                 publisher: tokio::sync::Mutex::new(None),
+                declarer: tokio::sync::Mutex::new(None),
                 exchanges: Mutex::new(HashSet::new()),
                 groups: Mutex::new(HashSet::new()),
                 closed: AtomicBool::new(false),
@@ -419,7 +481,8 @@ impl EventBus for AmqpBus {
         for s in subs.iter().filter_map(Weak::upgrade) {
             s.shut_down();
         }
-        let _ = self.inner.conn.close(200, ShortString::from("bye")).await;
+        let conn = self.inner.conn.lock().await.clone();
+        let _ = conn.close(200, ShortString::from("bye")).await;
         Ok(())
     }
 }

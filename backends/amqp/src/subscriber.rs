@@ -201,11 +201,7 @@ impl Member {
     async fn take(&mut self, p: u32) -> Result<()> {
         let s = &self.shared;
         let queue = config::queue(&s.topic, &s.options.group, p);
-        let ch = self
-            .conn
-            .create_channel()
-            .await
-            .map_err(|e| map_err(e, "opening a partition channel"))?;
+        let ch = crate::create_channel(&self.conn).await?;
         let prefetch = s.options.max_in_flight.clamp(16, 1000) as u16;
         ch.basic_qos(prefetch, BasicQosOptions::default())
             .await
@@ -321,14 +317,10 @@ impl Member {
         Ok(())
     }
 
-    async fn run(mut self, mut heard: lapin::Consumer) {
-        let mut tick = tokio::time::interval(Duration::from_millis(200));
-        let mut last_beat = Instant::now() - HEARTBEAT;
-        // Join: announce, and listen for the members' answers before taking any queue, so a
-        // starting group does not shuffle queues (and prefetched messages) around.
-        if let Err(e) = self.announce("join").await {
-            self.shared.fail(e);
-        }
+    /// Joins: announces itself and listens for the members' answers before taking any
+    /// queue, so a starting group does not shuffle queues (and prefetched messages) around.
+    async fn join(&mut self, heard: &mut lapin::Consumer) -> Result<()> {
+        self.announce("join").await?;
         let listen_until = Instant::now() + JOIN_LISTEN;
         while Instant::now() < listen_until && !self.shared.is_stopped() {
             match tokio::time::timeout_at(listen_until, heard.next()).await {
@@ -336,36 +328,104 @@ impl Member {
                 Ok(_) | Err(_) => break,
             }
         }
+        Ok(())
+    }
+
+    /// Forgets every queue (their channels died with the connection; RabbitMQ returns their
+    /// unacked messages) and reconnects, with backoff, until it works or the member stops.
+    async fn recover(&mut self) -> Option<lapin::Consumer> {
+        let _ = tokio::time::timeout(
+            BROKER_CALL,
+            self.conn.close(200, ShortString::from("reconnecting")),
+        )
+        .await;
+        for (p, o) in self.owned.drain() {
+            o.reader.abort();
+            self.shared.state().drop_partition(p as i32);
+        }
+        self.shared
+            .channels
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
+        self.peers.clear();
+        self.shared.wake.notify_one();
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            if self.shared.is_stopped() {
+                return None;
+            }
+            let s = self.shared.clone();
+            match member_connection(&s.inner, &s.topic, &s.options.group, &self.id).await {
+                Ok((conn, control, heard)) => {
+                    tracing::info!(group = %s.options.group, "amqp: member reconnected");
+                    self.conn = conn;
+                    self.control = control;
+                    return Some(heard);
+                }
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        busbar_core::ErrorKind::Auth | busbar_core::ErrorKind::Config
+                    ) =>
+                {
+                    s.fail(e);
+                    return None;
+                }
+                Err(e) => {
+                    tracing::warn!(group = %s.options.group, error = %e, ?backoff, "amqp: member reconnect failed");
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = s.stopped.notified() => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    async fn run(mut self, mut heard: lapin::Consumer) {
+        let mut tick = tokio::time::interval(Duration::from_millis(200));
+        let mut last_beat = Instant::now() - HEARTBEAT;
+        let mut joined = false;
         loop {
             if self.shared.is_stopped() {
                 break;
             }
-            tokio::select! {
-                _ = tick.tick() => {}
-                _ = self.shared.stopped.notified() => break,
-                m = heard.next() => match m {
-                    Some(Ok(d)) => self.hear(&d.data),
-                    Some(Err(e)) => {
-                        self.shared.fail(map_err(e, "membership consumer"));
-                        break;
-                    }
-                    None => {
-                        self.shared.fail(Error::new(busbar_core::ErrorKind::Connection, "the RabbitMQ connection was lost").with_backend(BACKEND));
-                        break;
-                    }
-                },
+            let mut lost = !self.conn.status().connected();
+            if !lost && !joined {
+                lost = self.join(&mut heard).await.is_err();
+                joined = !lost;
             }
-            if last_beat.elapsed() >= HEARTBEAT || self.beat_now {
-                last_beat = Instant::now();
-                self.beat_now = false;
-                if let Err(e) = self.announce("hb").await {
-                    self.shared.fail(e);
-                    break;
+            if !lost {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = self.shared.stopped.notified() => break,
+                    m = heard.next() => match m {
+                        Some(Ok(d)) => self.hear(&d.data),
+                        Some(Err(_)) | None => lost = true,
+                    },
                 }
             }
-            if let Err(e) = self.reconcile().await {
-                self.shared.fail(e);
-                break;
+            if !lost && (last_beat.elapsed() >= HEARTBEAT || self.beat_now) {
+                last_beat = Instant::now();
+                self.beat_now = false;
+                lost = self.announce("hb").await.is_err();
+            }
+            if !lost {
+                if let Err(e) = self.reconcile().await {
+                    tracing::warn!(group = %self.shared.options.group, error = %e, "amqp: member lost its footing; reconnecting");
+                    lost = true;
+                }
+            }
+            if lost {
+                match self.recover().await {
+                    Some(h) => {
+                        heard = h;
+                        joined = false;
+                    }
+                    None => break,
+                }
             }
         }
         let _ = self.announce("leave").await;
@@ -381,6 +441,53 @@ impl Member {
     }
 }
 
+/// Opens a member's connection: its control channel and its inbox on the group's
+/// membership exchange.
+async fn member_connection(
+    inner: &Inner,
+    topic: &str,
+    group: &str,
+    id: &str,
+) -> Result<(Connection, Channel, lapin::Consumer)> {
+    let conn = crate::open(&inner.config).await?;
+    let control = crate::create_channel(&conn).await?;
+    let inbox = control
+        .queue_declare(
+            ShortString::from(""),
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| map_err(e, "declaring the member's inbox"))?;
+    control
+        .queue_bind(
+            inbox.name().clone(),
+            ShortString::from(config::members_exchange(topic, group).as_str()),
+            ShortString::from(""),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| map_err(e, "binding the member's inbox"))?;
+    let heard = control
+        .basic_consume(
+            inbox.name().clone(),
+            ShortString::from(format!("{id}-members").as_str()),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| map_err(e, "reading the group's members"))?;
+    Ok((conn, control, heard))
+}
+
 /// A member of a consumer group on RabbitMQ.
 pub(crate) struct AmqpSubscriber {
     shared: Arc<Shared>,
@@ -393,46 +500,8 @@ impl AmqpSubscriber {
         topic: &str,
         options: SubscribeOptions,
     ) -> Result<Self> {
-        let conn = crate::open(&inner.config).await?;
-        let control = conn
-            .create_channel()
-            .await
-            .map_err(|e| map_err(e, "opening the control channel"))?;
         let id = uuid::Uuid::now_v7().simple().to_string();
-        let inbox = control
-            .queue_declare(
-                ShortString::from(""),
-                QueueDeclareOptions {
-                    exclusive: true,
-                    auto_delete: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .map_err(|e| map_err(e, "declaring the member's inbox"))?;
-        control
-            .queue_bind(
-                inbox.name().clone(),
-                ShortString::from(config::members_exchange(topic, &options.group).as_str()),
-                ShortString::from(""),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .map_err(|e| map_err(e, "binding the member's inbox"))?;
-        let heard = control
-            .basic_consume(
-                inbox.name().clone(),
-                ShortString::from(format!("{id}-members").as_str()),
-                BasicConsumeOptions {
-                    no_ack: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .map_err(|e| map_err(e, "reading the group's members"))?;
+        let (conn, control, heard) = member_connection(&inner, topic, &options.group, &id).await?;
         let shared = Arc::new(Shared {
             state: Mutex::new(State::new(options.ack_timeout, options.max_in_flight)),
             wake: Notify::new(),

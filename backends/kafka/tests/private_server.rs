@@ -20,16 +20,14 @@
 use std::collections::HashSet;
 use std::path::PathBuf;
 use std::process::Stdio;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use busbar_conformance::private_server::{free_port, Failed, TestResult};
+use busbar_conformance::private_server::{free_port, Failed, Proxy, TestResult};
 use busbar_core::{Consumer, ErrorKind, Event, EventBus, Message, PublishOptions};
 use busbar_kafka::KafkaBus;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
-use tokio::task::JoinHandle;
 
 fn tansu_bin() -> String {
     if let Ok(b) = std::env::var("TANSU_BIN") {
@@ -49,67 +47,6 @@ fn tansu_bin() -> String {
         .unwrap_or_else(|| "tansu".into())
 }
 
-/// A TCP proxy on 127.0.0.1 that can cut all its connections and refuse new ones.
-struct Proxy {
-    port: u16,
-    up: Arc<AtomicBool>,
-    conns: Arc<Mutex<Vec<JoinHandle<()>>>>,
-    accept: JoinHandle<()>,
-}
-
-impl Proxy {
-    async fn start(target: u16) -> Result<Self, Failed> {
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
-        let port = listener.local_addr()?.port();
-        let up = Arc::new(AtomicBool::new(true));
-        let conns: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
-        let (up2, conns2) = (up.clone(), conns.clone());
-        let accept = tokio::spawn(async move {
-            while let Ok((mut client, _)) = listener.accept().await {
-                if !up2.load(Ordering::Acquire) {
-                    drop(client);
-                    continue;
-                }
-                let task = tokio::spawn(async move {
-                    if let Ok(mut server) = TcpStream::connect(("127.0.0.1", target)).await {
-                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
-                    }
-                });
-                if let Ok(mut c) = conns2.lock() {
-                    c.push(task);
-                }
-            }
-        });
-        Ok(Self {
-            port,
-            up,
-            conns,
-            accept,
-        })
-    }
-
-    /// Drops every open connection and refuses new ones until `restore`.
-    fn cut(&self) {
-        self.up.store(false, Ordering::Release);
-        if let Ok(mut c) = self.conns.lock() {
-            for t in c.drain(..) {
-                t.abort();
-            }
-        }
-    }
-
-    fn restore(&self) {
-        self.up.store(true, Ordering::Release);
-    }
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        self.cut();
-        self.accept.abort();
-    }
-}
-
 struct Broker {
     proxy: Proxy,
     _child: Child,
@@ -127,7 +64,7 @@ impl Broker {
             ])
             .args([
                 "--advertised-listener-url",
-                &format!("tcp://127.0.0.1:{}", proxy.port),
+                &format!("tcp://127.0.0.1:{}", proxy.port()),
             ])
             .args(["--storage-engine", "memory://tansu/"])
             .stdout(Stdio::null())
@@ -149,7 +86,7 @@ impl Broker {
     }
 
     fn url(&self) -> String {
-        format!("kafka://127.0.0.1:{}?partitions=4", self.proxy.port)
+        format!("kafka://127.0.0.1:{}?partitions=4", self.proxy.port())
     }
 }
 
