@@ -2,12 +2,14 @@
 //! password, unreachable server): cases that need the broker binary are IGNORED with a hint
 //! when it is missing, or FAILED with `BUSBAR_REQUIRE_BROKERS=1`.
 
+use std::collections::HashSet;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use busbar_core::{Consumer, ConsumerReport, Event, EventBus, Message, PublishOptions};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
@@ -127,5 +129,104 @@ impl Drop for Proxy {
     fn drop(&mut self) {
         self.cut();
         self.accept.abort();
+    }
+}
+
+/// Publishes `m` until it succeeds (the broker may be restarting or unreachable), giving up
+/// after `limit` or at the first error that is not retryable.
+pub async fn publish_retrying(
+    bus: &dyn EventBus,
+    topic: &str,
+    m: Message,
+    limit: Duration,
+) -> TestResult {
+    let deadline = Instant::now() + limit;
+    loop {
+        match bus
+            .publish(topic, m.clone(), &PublishOptions::default())
+            .await
+        {
+            Ok(()) => return Ok(()),
+            Err(e) if e.is_retryable() && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => return Err(format!("publish failed for good: {e}").into()),
+        }
+    }
+}
+
+/// A consumer runner that records the ids it handled, for tests that disrupt the broker
+/// while it consumes.
+pub struct Recorder {
+    handled: Arc<Mutex<HashSet<String>>>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: JoinHandle<busbar_core::Result<ConsumerReport>>,
+}
+
+impl Recorder {
+    /// Starts a runner of `group` on `topic` (the group should exist already).
+    pub fn start(bus: Arc<dyn EventBus>, topic: &str, group: &str, ack_timeout: Duration) -> Self {
+        let handled: Arc<Mutex<HashSet<String>>> = Arc::default();
+        let h = handled.clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(
+            Consumer::new(bus, topic)
+                .group(group)
+                .ack_timeout(ack_timeout)
+                .run_until(
+                    move |e: Event| {
+                        let h = h.clone();
+                        async move {
+                            h.lock().map_err(|_| "lock")?.insert(e.id().to_owned());
+                            Ok::<(), &str>(())
+                        }
+                    },
+                    async move {
+                        let _ = stopped.await;
+                    },
+                ),
+        );
+        Self {
+            handled,
+            stop: Some(stop),
+            task,
+        }
+    }
+
+    /// Waits until every id of `acked` was handled (at most `limit`), then stops the runner
+    /// and prints a line; `after` names the disruption in the messages.
+    pub async fn expect_all(
+        mut self,
+        acked: &[String],
+        limit: Duration,
+        after: &str,
+    ) -> TestResult {
+        let deadline = Instant::now() + limit;
+        loop {
+            let missing = {
+                let h = self.handled.lock().map_err(|_| "lock")?;
+                acked.iter().filter(|id| !h.contains(*id)).count()
+            };
+            if missing == 0 {
+                break;
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "{missing} of {} acked messages never arrived after the {after}",
+                    acked.len()
+                )
+                .into());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let report = (&mut self.task).await??;
+        eprintln!(
+            "  {after}: {} acked publishes all handled; runner report {report:?}",
+            acked.len()
+        );
+        Ok(())
     }
 }

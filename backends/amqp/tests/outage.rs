@@ -8,33 +8,16 @@
 
 #![allow(clippy::panic)]
 
-use std::collections::HashSet;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use busbar_amqp::AmqpBus;
-use busbar_conformance::private_server::{Proxy, TestResult};
-use busbar_core::{Consumer, Event, EventBus, Message, PublishOptions, SubscribeOptions};
+use busbar_conformance::private_server::{publish_retrying, Proxy, Recorder, TestResult};
+use busbar_core::{EventBus, Message, PublishOptions, SubscribeOptions};
 
 fn url() -> String {
     std::env::var("BUSBAR_AMQP_URL")
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
-}
-
-async fn publish_retrying(bus: &AmqpBus, topic: &str, m: Message, limit: Duration) -> TestResult {
-    let deadline = Instant::now() + limit;
-    loop {
-        match bus
-            .publish(topic, m.clone(), &PublishOptions::default())
-            .await
-        {
-            Ok(()) => return Ok(()),
-            Err(e) if e.is_retryable() && Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            Err(e) => return Err(format!("publish failed for good: {e}").into()),
-        }
-    }
 }
 
 async fn outage_mid_stream_loses_nothing_acked() -> TestResult {
@@ -51,26 +34,7 @@ async fn outage_mid_stream_loses_nothing_acked() -> TestResult {
     shared
         .provision(&topic, &SubscribeOptions::new("g"))
         .await?;
-    let handled: Arc<Mutex<HashSet<String>>> = Arc::default();
-    let h = handled.clone();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let consumer = tokio::spawn(
-        Consumer::new(shared, &topic)
-            .group("g")
-            .ack_timeout(Duration::from_secs(5))
-            .run_until(
-                move |e: Event| {
-                    let h = h.clone();
-                    async move {
-                        h.lock().map_err(|_| "lock")?.insert(e.id().to_owned());
-                        Ok::<(), &str>(())
-                    }
-                },
-                async move {
-                    let _ = stop_rx.await;
-                },
-            ),
-    );
+    let recorder = Recorder::start(shared, &topic, "g", Duration::from_secs(5));
     let mut acked = Vec::new();
     for i in 0..300 {
         let m = Message::new(format!("before-{i}")).with_key(format!("k{}", i % 10));
@@ -106,31 +70,9 @@ async fn outage_mid_stream_loses_nothing_acked() -> TestResult {
         acked.push(m.id.clone());
         publish_retrying(&bus, &topic, m, Duration::from_secs(30)).await?;
     }
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let missing = {
-            let h = handled.lock().map_err(|_| "lock")?;
-            acked.iter().filter(|id| !h.contains(*id)).count()
-        };
-        if missing == 0 {
-            break;
-        }
-        if Instant::now() > deadline {
-            let _ = stop_tx.send(());
-            return Err(format!(
-                "{missing} of {} acked messages never arrived after the outage",
-                acked.len()
-            )
-            .into());
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let _ = stop_tx.send(());
-    let report = consumer.await??;
-    eprintln!(
-        "  outage: {} acked publishes all handled; runner report {report:?}",
-        acked.len()
-    );
+    recorder
+        .expect_all(&acked, Duration::from_secs(60), "outage")
+        .await?;
     let _ = bus.close().await;
     Ok(())
 }

@@ -17,14 +17,15 @@
 
 #![allow(clippy::panic)]
 
-use std::collections::HashSet;
 use std::path::PathBuf;
 use std::process::Stdio;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use busbar_conformance::private_server::{free_port, Failed, Proxy, TestResult};
-use busbar_core::{Consumer, ErrorKind, Event, EventBus, Message, PublishOptions};
+use busbar_conformance::private_server::{
+    free_port, publish_retrying, Failed, Proxy, Recorder, TestResult,
+};
+use busbar_core::{ErrorKind, EventBus, Message, PublishOptions};
 use busbar_kafka::KafkaBus;
 use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
@@ -90,22 +91,6 @@ impl Broker {
     }
 }
 
-async fn publish_retrying(bus: &KafkaBus, topic: &str, m: Message, limit: Duration) -> TestResult {
-    let deadline = Instant::now() + limit;
-    loop {
-        match bus
-            .publish(topic, m.clone(), &PublishOptions::default())
-            .await
-        {
-            Ok(()) => return Ok(()),
-            Err(e) if e.is_retryable() && Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            Err(e) => return Err(format!("publish failed for good: {e}").into()),
-        }
-    }
-}
-
 /// Every connection to the broker dies for longer than the group session while a consumer
 /// reads and publishes go on: every publish that returned Ok is handled, and consuming
 /// resumes by itself.
@@ -113,30 +98,11 @@ async fn outage_mid_stream_loses_nothing_acked() -> TestResult {
     let broker = Broker::start().await?;
     let bus = KafkaBus::connect(&broker.url()).await?;
     let topic = "restart";
-    let handled: Arc<Mutex<HashSet<String>>> = Arc::default();
-    let h = handled.clone();
     let shared: Arc<dyn EventBus> = Arc::new(bus.clone());
     shared
         .provision(topic, &busbar_core::SubscribeOptions::new("g"))
         .await?;
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let consumer = tokio::spawn(
-        Consumer::new(shared, topic)
-            .group("g")
-            .ack_timeout(Duration::from_secs(5))
-            .run_until(
-                move |e: Event| {
-                    let h = h.clone();
-                    async move {
-                        h.lock().map_err(|_| "lock")?.insert(e.id().to_owned());
-                        Ok::<(), &str>(())
-                    }
-                },
-                async move {
-                    let _ = stop_rx.await;
-                },
-            ),
-    );
+    let recorder = Recorder::start(shared, topic, "g", Duration::from_secs(5));
     let mut acked = Vec::new();
     for i in 0..300 {
         let m = Message::new(format!("before-{i}")).with_key(format!("k{}", i % 10));
@@ -177,31 +143,9 @@ async fn outage_mid_stream_loses_nothing_acked() -> TestResult {
         acked.push(m.id.clone());
         publish_retrying(&bus, topic, m, Duration::from_secs(60)).await?;
     }
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let missing = {
-            let h = handled.lock().map_err(|_| "lock")?;
-            acked.iter().filter(|id| !h.contains(*id)).count()
-        };
-        if missing == 0 {
-            break;
-        }
-        if Instant::now() > deadline {
-            let _ = stop_tx.send(());
-            return Err(format!(
-                "{missing} of {} acked messages never arrived after the outage",
-                acked.len()
-            )
-            .into());
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let _ = stop_tx.send(());
-    let report = consumer.await??;
-    eprintln!(
-        "  outage: {} acked publishes all handled; runner report {report:?}",
-        acked.len()
-    );
+    recorder
+        .expect_all(&acked, Duration::from_secs(120), "outage")
+        .await?;
     let _ = bus.close().await;
     Ok(())
 }

@@ -4,15 +4,14 @@
 //! They need `redis-server` on PATH (`scripts/brokers.sh up` installs it). Without it they are
 //! reported ignored, or fail when `BUSBAR_REQUIRE_BROKERS=1`.
 
-use std::collections::HashSet;
 use std::process::Stdio;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use busbar_conformance::private_server::{free_port, Failed, TestResult};
-use busbar_core::{
-    Consumer, ErrorKind, Event, EventBus, Message, PublishOptions, SubscribeOptions,
+use busbar_conformance::private_server::{
+    free_port, publish_retrying, Failed, Recorder, TestResult,
 };
+use busbar_core::{ErrorKind, EventBus, Message, PublishOptions, SubscribeOptions};
 use busbar_redis::RedisBus;
 use tokio::process::{Child, Command};
 
@@ -97,50 +96,14 @@ impl Drop for Server {
     }
 }
 
-/// Publishes until it succeeds (the server may be restarting), giving up after `limit`.
-async fn publish_retrying(bus: &RedisBus, topic: &str, m: Message, limit: Duration) -> TestResult {
-    let deadline = Instant::now() + limit;
-    loop {
-        match bus
-            .publish(topic, m.clone(), &PublishOptions::default())
-            .await
-        {
-            Ok(()) => return Ok(()),
-            Err(e) if e.is_retryable() && Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            Err(e) => return Err(format!("publish failed for good: {e}").into()),
-        }
-    }
-}
-
 async fn restart_mid_stream_loses_nothing_acked() -> TestResult {
     let mut server = Server::start(None).await?;
     let bus = RedisBus::connect(&server.url("?lease_ttl_ms=1500")).await?;
     let topic = "restart";
     let opts = SubscribeOptions::new("g").ack_timeout(Duration::from_secs(3));
     bus.provision(topic, &opts).await?;
-    let handled: Arc<Mutex<HashSet<String>>> = Arc::default();
-    let h = handled.clone();
     let shared: Arc<dyn EventBus> = Arc::new(bus.clone());
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let consumer = tokio::spawn(
-        Consumer::new(shared, topic)
-            .group("g")
-            .ack_timeout(Duration::from_secs(3))
-            .run_until(
-                move |e: Event| {
-                    let h = h.clone();
-                    async move {
-                        h.lock().map_err(|_| "lock")?.insert(e.id().to_owned());
-                        Ok::<(), &str>(())
-                    }
-                },
-                async move {
-                    let _ = stop_rx.await;
-                },
-            ),
-    );
+    let recorder = Recorder::start(shared, topic, "g", Duration::from_secs(3));
 
     // Before the crash: everything whose publish returned Ok must arrive.
     let mut acked = Vec::new();
@@ -176,31 +139,9 @@ async fn restart_mid_stream_loses_nothing_acked() -> TestResult {
         acked.push(m.id.clone());
         publish_retrying(&bus, topic, m, Duration::from_secs(30)).await?;
     }
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let missing = {
-            let h = handled.lock().map_err(|_| "lock")?;
-            acked.iter().filter(|id| !h.contains(*id)).count()
-        };
-        if missing == 0 {
-            break;
-        }
-        if Instant::now() > deadline {
-            let _ = stop_tx.send(());
-            return Err(format!(
-                "{missing} of {} acked messages never arrived after the restart",
-                acked.len()
-            )
-            .into());
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let _ = stop_tx.send(());
-    let report = consumer.await??;
-    eprintln!(
-        "  restart: {} acked publishes all handled; runner report {report:?}",
-        acked.len()
-    );
+    recorder
+        .expect_all(&acked, Duration::from_secs(60), "restart")
+        .await?;
     Ok(())
 }
 
