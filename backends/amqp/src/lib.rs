@@ -30,6 +30,9 @@ pub const SCHEMES: &[&str] = &["amqp", "amqps"];
 
 pub(crate) const BACKEND: &str = "amqp";
 
+/// The longest the declarations of one group may take before they are made again.
+const DECLARE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// The group that keeps a dead-letter topic's messages until they are redriven.
 const REDRIVE_GROUP: &str = "busbar-redrive";
 
@@ -59,7 +62,9 @@ pub(crate) fn map_err(e: lapin::Error, doing: &str) -> Error {
 /// A failure of the client's channel or connection state rather than a refusal by the server.
 fn transient(e: &Error) -> bool {
     let text = e.to_string();
-    text.contains("invalid channel state") || text.contains("invalid connection state")
+    e.kind() == ErrorKind::Timeout
+        || text.contains("invalid channel state")
+        || text.contains("invalid connection state")
 }
 
 pub(crate) fn table(pairs: &[(&str, AMQPValue)]) -> FieldTable {
@@ -216,19 +221,45 @@ impl Inner {
     pub(crate) async fn ensure_group(&self, topic: &str, group: &str) -> Result<()> {
         let mut attempt = 0;
         loop {
-            match self.declare_group(topic, group).await {
-                // The declaration channel or connection broke under us (seen with lapin 4.12
-                // under load, with no error on the server): declarations are idempotent, so
-                // they are simply made again on a fresh channel.
-                Err(e) if attempt < 3 && transient(&e) => {
-                    attempt += 1;
-                    tracing::debug!(error = %e, attempt, "amqp: declaring the group again");
-                    *self.declarer.lock().await = None;
-                    tokio::time::sleep(std::time::Duration::from_millis(50 * attempt)).await;
-                }
-                other => return other,
+            let declared =
+                tokio::time::timeout(DECLARE_TIMEOUT, self.declare_group(topic, group)).await;
+            let e = match declared {
+                Ok(Ok(())) => return Ok(()),
+                Ok(Err(e)) if !transient(&e) => return Err(e),
+                Ok(Err(e)) => e,
+                Err(_) => Error::new(
+                    ErrorKind::Timeout,
+                    format!("declaring group {group} of topic {topic} took longer than {DECLARE_TIMEOUT:?}"),
+                )
+                .with_backend(BACKEND),
+            };
+            if attempt >= 3 {
+                return Err(e);
             }
+            // The declaration channel or connection broke under us (seen with lapin 4.12 under
+            // load, with no error on the server): declarations are idempotent, so they are made
+            // again on a fresh channel, and from the second retry on a fresh connection.
+            attempt += 1;
+            tracing::debug!(error = %e, attempt, "amqp: declaring the group again");
+            *self.declarer.lock().await = None;
+            if attempt >= 2 {
+                self.reconnect().await?;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50 * attempt)).await;
         }
+    }
+
+    /// Replaces the connection with a new one, whatever state the old one claims.
+    async fn reconnect(&self) -> Result<()> {
+        self.check_open()?;
+        let mut conn = self.conn.lock().await;
+        let _ = tokio::time::timeout(
+            std::time::Duration::from_secs(2),
+            conn.close(200, ShortString::from("reconnecting")),
+        )
+        .await;
+        *conn = Arc::new(open(&self.config).await?);
+        Ok(())
     }
 
     async fn declare_group(&self, topic: &str, group: &str) -> Result<()> {

@@ -235,12 +235,16 @@ impl Member {
 
     async fn release(&mut self, p: u32) -> Result<()> {
         if let Some(o) = self.owned.remove(&p) {
-            o.reader.abort();
-            // Closing the channel returns its unacked messages to the head of the queue. If
+            // The channel is closed before the reader is dropped: dropping lapin's consumer
+            // cancels it, which would make the next member active while this channel still
+            // holds unacked messages — it would receive later messages first. Closing the
+            // channel returns its unacked messages to the head of the queue. If
             // RabbitMQ does not confirm the close, the member leaves altogether (closing its
             // connection returns everything too) rather than keep a queue nobody serves.
             let close = o.channel.close(200, ShortString::from("handed over"));
-            match tokio::time::timeout(BROKER_CALL, close).await {
+            let closed = tokio::time::timeout(BROKER_CALL, close).await;
+            o.reader.abort();
+            match closed {
                 Ok(_) => {}
                 Err(_) => {
                     return Err(Error::new(
@@ -429,13 +433,14 @@ impl Member {
             }
         }
         let _ = self.announce("leave").await;
-        for (_, o) in self.owned.drain() {
-            o.reader.abort();
-        }
-        // Closing the connection returns every unacked message to its queue, in order.
+        // Closing the connection returns every unacked message to its queue, in order. The
+        // readers are dropped only afterwards (dropping one cancels its consumer first).
         let close = self.conn.close(200, ShortString::from("member left"));
         if tokio::time::timeout(BROKER_CALL, close).await.is_err() {
             tracing::warn!("amqp: RabbitMQ did not confirm closing the member's connection");
+        }
+        for (_, o) in self.owned.drain() {
+            o.reader.abort();
         }
         self.shared.wake.notify_one();
     }

@@ -4,7 +4,7 @@ fn main() {
     if std::env::var("BUSBAR_AMQP_WIP").as_deref() != Ok("1") {
         eprintln!(
             "IGNORED the amqp conformance suite: busbar-amqp is work in progress (issue #8): about 1 \
-             full-suite run in 4 fails (per-key order under member churn, a lapin connection error). \
+             run in 10 stalls in the crash-and-join ordering case (a lapin connection error). \
              Run it with BUSBAR_AMQP_WIP=1."
         );
         return;
