@@ -122,7 +122,7 @@ pub fn markdown(
     chart: &str,
 ) -> String {
     let mut by: BTreeMap<(String, String), BTreeMap<String, f64>> = BTreeMap::new();
-    for r in rows {
+    for r in rows.iter().filter(|r| r.backend != OUTBOX) {
         by.entry((r.backend.clone(), r.workload.clone()))
             .or_default()
             .insert(r.subject.clone(), r.msgs_per_s);
@@ -180,11 +180,34 @@ pub fn markdown(
             );
         }
     }
+    // `outbox/<bus>/<n>_relay[s]`: rows/s drained from PostgreSQL.
+    let outbox: Vec<&Row> = rows.iter().filter(|r| r.backend == OUTBOX).collect();
+    if !outbox.is_empty() {
+        let _ = writeln!(
+            out,
+            "\n## Outbox relay (rows/s drained from PostgreSQL into the bus, mean)\n"
+        );
+        let _ = writeln!(out, "| into | relays | rows/s |");
+        let _ = writeln!(out, "|---|---|---|");
+        for r in outbox {
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} |",
+                r.workload,
+                r.subject.replace('_', " "),
+                fmt_rate(Some(r.msgs_per_s))
+            );
+        }
+    }
     out
 }
 
+/// The criterion group prefix of the outbox relay benches (reported in a table of their own).
+pub const OUTBOX: &str = "outbox";
+
 /// Draws grouped bars (log scale) of messages/s per backend and workload.
 pub fn chart(rows: &[Row], path: &Path) -> Result<()> {
+    let rows: Vec<&Row> = rows.iter().filter(|r| r.backend != OUTBOX).collect();
     let mut groups: Vec<(String, String)> = rows
         .iter()
         .map(|r| (r.backend.clone(), r.workload.clone()))
@@ -253,4 +276,31 @@ pub fn chart(rows: &[Row], path: &Path) -> Result<()> {
         .draw()?;
     root.present()?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(backend: &str, workload: &str, subject: &str, rate: f64) -> Row {
+        Row {
+            backend: backend.into(),
+            workload: workload.into(),
+            subject: subject.into(),
+            msgs_per_s: rate,
+        }
+    }
+
+    #[test]
+    fn outbox_rows_get_their_own_table() {
+        let rows = vec![
+            row("redis", "e2e", "busbar", 40_000.0),
+            row("redis", "e2e", "raw", 80_000.0),
+            row("outbox", "memory", "2_relays", 47_200.0),
+        ];
+        let md = markdown(&rows, &BTreeMap::new(), "today", "chart.svg");
+        assert!(md.contains("| redis | e2e | 40.0 k | 80.0 k | – | 0.50 | – |"), "{md}");
+        assert!(md.contains("| memory | 2 relays | 47.2 k |"), "{md}");
+        assert!(!md.contains("| outbox |"), "{md}");
+    }
 }
