@@ -299,7 +299,10 @@ mod tests {
             row("outbox", "memory", "2_relays", 47_200.0),
         ];
         let md = markdown(&rows, &BTreeMap::new(), "today", "chart.svg");
-        assert!(md.contains("| redis | e2e | 40.0 k | 80.0 k | – | 0.50 | – |"), "{md}");
+        assert!(
+            md.contains("| redis | e2e | 40.0 k | 80.0 k | – | 0.50 | – |"),
+            "{md}"
+        );
         assert!(md.contains("| memory | 2 relays | 47.2 k |"), "{md}");
         assert!(!md.contains("| outbox |"), "{md}");
     }
