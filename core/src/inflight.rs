@@ -17,9 +17,11 @@
 //!   resumes from the committed offset and delivers them again.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
+use crate::error::Result;
 use crate::message::Message;
+use tokio::sync::Notify;
 use tokio::time::{Duration, Instant};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -458,6 +460,36 @@ impl State {
     pub fn committed(&mut self, partition: i32, offset: i64) {
         if let Some(p) = self.parts.get_mut(&partition) {
             p.committed = p.committed.max(offset);
+        }
+    }
+}
+
+/// The `Subscriber::next` loop of a backend built on [`State`]: hands out the next eligible
+/// record, or waits for `wake` (records arrived, a delivery settled) or the next delayed or
+/// timed-out record. `ended` is asked before every attempt; `Some(result)` ends the wait with
+/// it (the subscriber closed: `Ok(None)`; it failed: `Err`).
+pub async fn next_handed(
+    state: &Mutex<State>,
+    wake: &Notify,
+    mut ended: impl FnMut() -> Option<Result<Option<Handed>>>,
+) -> Result<Option<Handed>> {
+    loop {
+        if let Some(result) = ended() {
+            return result;
+        }
+        let now = Instant::now();
+        let (handed, wake_at) = {
+            let mut st = state.lock().unwrap_or_else(PoisonError::into_inner);
+            let h = st.take(now);
+            (h, st.next_wake())
+        };
+        if handed.is_some() {
+            return Ok(handed);
+        }
+        let until = wake_at.unwrap_or(now + Duration::from_secs(1));
+        tokio::select! {
+            _ = wake.notified() => {}
+            _ = tokio::time::sleep_until(until) => {}
         }
     }
 }

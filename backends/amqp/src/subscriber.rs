@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use busbar_core::inflight::{State, Token};
+use busbar_core::inflight::{next_handed, State, Token};
 use busbar_core::{
     default_dead_letter_topic, Ack, DeadLetterPolicy, Delivery, Error, Event, NackAction, Result,
     SubscribeOptions, Subscriber,
@@ -549,42 +549,29 @@ impl Drop for AmqpSubscriber {
 #[async_trait]
 impl Subscriber for AmqpSubscriber {
     async fn next(&mut self) -> Result<Option<Delivery>> {
-        loop {
-            if let Some(e) = self
-                .shared
+        let shared = &self.shared;
+        let handed = next_handed(&shared.state, &shared.wake, || {
+            let failure = shared
                 .failure
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
-                .take()
-            {
-                return Err(e);
+                .take();
+            match failure {
+                Some(e) => Some(Err(e)),
+                None => shared.is_stopped().then_some(Ok(None)),
             }
-            if self.shared.is_stopped() {
-                return Ok(None);
-            }
-            let now = Instant::now();
-            let (handed, wake_at) = {
-                let mut st = self.shared.state();
-                let h = st.take(now);
-                (h, st.next_wake())
-            };
-            if let Some(h) = handed {
-                let event =
-                    Event::from_shared(self.shared.topic.clone(), h.message.clone(), h.attempt);
-                return Ok(Some(Delivery::new(
-                    event,
-                    Box::new(AmqpAck {
-                        shared: self.shared.clone(),
-                        token: h.token(),
-                    }),
-                )));
-            }
-            let until = wake_at.unwrap_or(now + Duration::from_secs(1));
-            tokio::select! {
-                _ = self.shared.wake.notified() => {}
-                _ = tokio::time::sleep_until(until) => {}
-            }
-        }
+        })
+        .await?;
+        Ok(handed.map(|h| {
+            let event = Event::from_shared(shared.topic.clone(), h.message.clone(), h.attempt);
+            Delivery::new(
+                event,
+                Box::new(AmqpAck {
+                    shared: shared.clone(),
+                    token: h.token(),
+                }),
+            )
+        }))
     }
 
     async fn close(&mut self) -> Result<()> {

@@ -18,7 +18,7 @@ use tokio::sync::{oneshot, Notify};
 use tokio::time::Instant;
 
 use crate::{codec, error, Inner, BACKEND};
-use busbar_core::inflight::{State, Token};
+use busbar_core::inflight::{next_handed, State, Token};
 
 /// The longest a revoked partition waits for its in-flight deliveries before it is handed
 /// over anyway (they are then delivered again by the new owner).
@@ -37,8 +37,6 @@ pub(crate) struct Shared {
     stop: AtomicBool,
     /// Leaving for good: revocations do not wait for in-flight deliveries.
     closing: AtomicBool,
-    /// The thread ended.
-    finished: AtomicBool,
     /// An error for `next` to report (authorization refused, ...).
     failure: Mutex<Option<Error>>,
     topic: Arc<str>,
@@ -243,7 +241,6 @@ fn run(consumer: BaseConsumer<MemberContext>, shared: Arc<Shared>, done: oneshot
     commit(&consumer, &shared, None);
     // Leaving the group runs the revoke callback (which commits once more) and closes.
     drop(consumer);
-    shared.finished.store(true, AtomicOrdering::Release);
     shared.wake.notify_one();
     let _ = done.send(());
 }
@@ -262,7 +259,6 @@ impl KafkaSubscriber {
             wake: Notify::new(),
             stop: AtomicBool::new(false),
             closing: AtomicBool::new(false),
-            finished: AtomicBool::new(false),
             failure: Mutex::new(None),
             topic: topic.into(),
             options,
@@ -327,45 +323,29 @@ impl Drop for KafkaSubscriber {
 #[async_trait]
 impl Subscriber for KafkaSubscriber {
     async fn next(&mut self) -> Result<Option<Delivery>> {
-        loop {
-            if self.shared.is_stopped() {
-                return Ok(None);
+        let shared = &self.shared;
+        let handed = next_handed(&shared.state, &shared.wake, || {
+            if shared.is_stopped() {
+                return Some(Ok(None));
             }
-            if let Some(e) = self
-                .shared
+            let failure = shared
                 .failure
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
-                .take()
-            {
-                return Err(e);
-            }
-            let now = Instant::now();
-            let (handed, wake_at) = {
-                let mut st = self.shared.state();
-                let h = st.take(now);
-                (h, st.next_wake())
-            };
-            if let Some(h) = handed {
-                let event =
-                    Event::from_shared(self.shared.topic.clone(), h.message.clone(), h.attempt);
-                return Ok(Some(Delivery::new(
-                    event,
-                    Box::new(KafkaAck {
-                        shared: self.shared.clone(),
-                        token: h.token(),
-                    }),
-                )));
-            }
-            if self.shared.finished.load(AtomicOrdering::Acquire) {
-                return Ok(None);
-            }
-            let sleep_until = wake_at.unwrap_or(now + Duration::from_secs(1));
-            tokio::select! {
-                _ = self.shared.wake.notified() => {}
-                _ = tokio::time::sleep_until(sleep_until) => {}
-            }
-        }
+                .take();
+            failure.map(Err)
+        })
+        .await?;
+        Ok(handed.map(|h| {
+            let event = Event::from_shared(shared.topic.clone(), h.message.clone(), h.attempt);
+            Delivery::new(
+                event,
+                Box::new(KafkaAck {
+                    shared: shared.clone(),
+                    token: h.token(),
+                }),
+            )
+        }))
     }
 
     async fn close(&mut self) -> Result<()> {
