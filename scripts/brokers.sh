@@ -211,9 +211,9 @@ print_env() {
   cat <<EOF
 export BUSBAR_REDIS_URL="redis://127.0.0.1:6379"
 export BUSBAR_NATS_URL="nats://127.0.0.1:4222"
-export BUSBAR_AMQP_URL="amqp://guest:guest@127.0.0.1:5672/%2f?queue_expires_ms=600000"
+export BUSBAR_AMQP_URL="amqp://guest:guest@127.0.0.1:5672/%2f?partitions=4&queue_expires_ms=60000"
 export BUSBAR_KAFKA_URL="kafka://127.0.0.1:$KAFKA_PORT"
-export BUSBAR_SQS_URL="sqs://127.0.0.1:$SQS_PORT?region=us-east-1&tls=false"
+export BUSBAR_SQS_URL="sqs://test:test@127.0.0.1:$SQS_PORT?region=us-east-1&tls=false"
 export BUSBAR_POSTGRES_URL="postgres://postgres@127.0.0.1:5432/test"
 EOF
 }

@@ -12,6 +12,14 @@ pub use busbar_nats as nats;
 #[cfg(feature = "kafka")]
 pub use busbar_kafka as kafka;
 
+/// The RabbitMQ backend, re-exported when the `amqp` feature is on.
+#[cfg(feature = "amqp")]
+pub use busbar_amqp as amqp;
+
+/// The AWS SQS + SNS backend, re-exported when the `sqs` feature is on.
+#[cfg(feature = "sqs")]
+pub use busbar_sqs as sqs;
+
 /// The Redis backend, re-exported when the `redis` feature is on.
 #[cfg(feature = "redis")]
 pub use busbar_redis as redis;
@@ -55,6 +63,24 @@ pub fn registry() -> Registry {
         #[cfg(feature = "nats")]
         connect: Some(busbar_nats::connect_boxed),
         #[cfg(not(feature = "nats"))]
+        connect: None,
+    });
+    r.register(BackendEntry {
+        name: "amqp",
+        schemes: &["amqp", "amqps"],
+        feature: "amqp",
+        #[cfg(feature = "amqp")]
+        connect: Some(busbar_amqp::connect_boxed),
+        #[cfg(not(feature = "amqp"))]
+        connect: None,
+    });
+    r.register(BackendEntry {
+        name: "sqs",
+        schemes: &["sqs"],
+        feature: "sqs",
+        #[cfg(feature = "sqs")]
+        connect: Some(busbar_sqs::connect_boxed),
+        #[cfg(not(feature = "sqs"))]
         connect: None,
     });
     r

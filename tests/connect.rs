@@ -84,3 +84,37 @@ async fn kafka_scheme_connects_when_the_feature_is_on() {
         Err(e) => panic!("connect {url}: {e}"),
     }
 }
+
+#[cfg(feature = "sqs")]
+#[tokio::test]
+async fn sqs_scheme_connects_when_the_feature_is_on() {
+    let url = std::env::var("BUSBAR_SQS_URL")
+        .unwrap_or_else(|_| "sqs://test:test@127.0.0.1:4566?region=us-east-1&tls=false".into());
+    match busbar::connect(&url).await {
+        Ok(bus) => assert_eq!(bus.backend(), "sqs"),
+        Err(e)
+            if e.kind() == ErrorKind::Connection
+                && std::env::var("BUSBAR_REQUIRE_BROKERS").as_deref() != Ok("1") =>
+        {
+            eprintln!("IGNORED: no SQS endpoint at {url}; start fauxqs with scripts/brokers.sh up");
+        }
+        Err(e) => panic!("connect {}: {e}", busbar::redact_url(&url)),
+    }
+}
+
+#[cfg(feature = "amqp")]
+#[tokio::test]
+async fn amqp_scheme_connects_when_the_feature_is_on() {
+    let url = std::env::var("BUSBAR_AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
+    match busbar::connect(&url).await {
+        Ok(bus) => assert_eq!(bus.backend(), "amqp"),
+        Err(e)
+            if e.kind() == ErrorKind::Connection
+                && std::env::var("BUSBAR_REQUIRE_BROKERS").as_deref() != Ok("1") =>
+        {
+            eprintln!("IGNORED: no RabbitMQ at {url}; start one with scripts/brokers.sh up");
+        }
+        Err(e) => panic!("connect {}: {e}", busbar::redact_url(&url)),
+    }
+}

@@ -8,6 +8,8 @@
 #![allow(clippy::print_stdout)]
 
 mod raw;
+mod raw_amqp;
+mod raw_sqs;
 pub mod report;
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering as AtomicOrdering};
@@ -21,6 +23,8 @@ use serde::{Deserialize, Serialize};
 pub mod outbox;
 
 pub use raw::{OmniQueue, RawKafka, RawNats, RawRedis};
+pub use raw_amqp::RawAmqp;
+pub use raw_sqs::RawSqs;
 
 /// The backends benchmarked: name, URL variable, default URL. A new backend adds a line.
 pub const BACKENDS: &[(&str, &str, &str)] = &[
@@ -28,6 +32,16 @@ pub const BACKENDS: &[(&str, &str, &str)] = &[
     ("redis", "BUSBAR_REDIS_URL", "redis://127.0.0.1:6379"),
     ("nats", "BUSBAR_NATS_URL", "nats://127.0.0.1:4222"),
     ("kafka", "BUSBAR_KAFKA_URL", "kafka://127.0.0.1:9092"),
+    (
+        "amqp",
+        "BUSBAR_AMQP_URL",
+        "amqp://guest:guest@127.0.0.1:5672/%2f?partitions=4&queue_expires_ms=60000",
+    ),
+    (
+        "sqs",
+        "BUSBAR_SQS_URL",
+        "sqs://test:test@127.0.0.1:4566?region=us-east-1&tls=false",
+    ),
 ];
 
 /// Payload size of every workload.
@@ -48,6 +62,10 @@ pub enum Subject {
     RawNats(RawNats),
     /// rdkafka directly (idempotent producer, stream consumer with auto-committed offsets).
     RawKafka(RawKafka),
+    /// lapin directly (confirmed publishes to quorum partition queues, a consumer per queue).
+    RawAmqp(RawAmqp),
+    /// The AWS SDK directly (SNS FIFO publish batches, SQS long polls + batched deletes).
+    RawSqs(RawSqs),
     /// The omniqueue crate (memory or Redis).
     Omni(OmniQueue),
 }
@@ -57,7 +75,11 @@ impl Subject {
     pub fn label(&self) -> &'static str {
         match self {
             Subject::Busbar(_) => "busbar",
-            Subject::RawRedis(_) | Subject::RawNats(_) | Subject::RawKafka(_) => "raw",
+            Subject::RawRedis(_)
+            | Subject::RawNats(_)
+            | Subject::RawKafka(_)
+            | Subject::RawAmqp(_)
+            | Subject::RawSqs(_) => "raw",
             Subject::Omni(_) => "omniqueue",
         }
     }
@@ -78,6 +100,8 @@ pub async fn subjects_for(url: &str) -> Result<Vec<Subject>> {
         }
         "nats" | "tls" => out.push(Subject::RawNats(RawNats::connect(url).await?)),
         "kafka" => out.push(Subject::RawKafka(RawKafka::connect(url).await?)),
+        "amqp" | "amqps" => out.push(Subject::RawAmqp(RawAmqp::connect(url).await?)),
+        "sqs" => out.push(Subject::RawSqs(RawSqs::connect(url).await?)),
         _ => {}
     }
     Ok(out)
@@ -141,6 +165,8 @@ pub async fn publish(subject: &Subject, n: usize, batch: Option<usize>) -> Resul
         Subject::RawRedis(r) => r.publish(&topic, n, batch.unwrap_or(1), payload).await?,
         Subject::RawNats(r) => r.publish(&topic, n, batch.unwrap_or(1), payload).await?,
         Subject::RawKafka(r) => r.publish(&topic, n, batch.unwrap_or(1), payload).await?,
+        Subject::RawAmqp(r) => r.publish(&topic, n, batch.unwrap_or(1), payload).await?,
+        Subject::RawSqs(r) => r.publish(&topic, n, batch.unwrap_or(1), payload).await?,
         Subject::Omni(o) => o.publish(&topic, n, batch, payload).await?,
     }
     Ok(started.elapsed())
@@ -189,6 +215,8 @@ pub async fn end_to_end(subject: &Subject, n: usize) -> Result<Duration> {
         Subject::RawRedis(r) => r.end_to_end(&topic, n, payload).await,
         Subject::RawNats(r) => r.end_to_end(&topic, n, payload).await,
         Subject::RawKafka(r) => r.end_to_end(&topic, n, payload).await,
+        Subject::RawAmqp(r) => r.end_to_end(&topic, n, payload).await,
+        Subject::RawSqs(r) => r.end_to_end(&topic, n, payload).await,
         Subject::Omni(o) => o.end_to_end(&topic, n, payload).await,
     }
 }

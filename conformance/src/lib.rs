@@ -282,10 +282,23 @@ pub fn test_runtime() -> Arc<tokio::runtime::Runtime> {
     }
 }
 
+/// With `BUSBAR_TEST_LOG` set (a `tracing` filter such as `busbar_amqp=debug,lapin=trace`),
+/// logs go to stderr: for chasing a failing case. Off by default.
+pub fn init_test_log() {
+    if let Ok(filter) = std::env::var("BUSBAR_TEST_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_writer(std::io::stderr)
+            .with_ansi(false)
+            .try_init();
+    }
+}
+
 /// Runs the suite as a libtest-style test binary (`harness = false`): honours the usual
 /// filter and `--list` / `--ignored` arguments, prints why cases are ignored, and exits with
 /// the test status.
 pub fn main(harness: Harness) -> ! {
+    init_test_log();
     let args = libtest_mimic::Arguments::from_args();
     let runtime = test_runtime();
     let probe = runtime.block_on(harness.probe());

@@ -31,14 +31,25 @@ pub fn free_port() -> std::io::Result<u16> {
 /// Runs `tests` (name, whether it needs `binary`, body) as a libtest-style binary, each with
 /// a 180 s limit, and exits with the result.
 pub fn main(binary: &str, tests: &[(&'static str, bool, TestFn)]) -> ! {
-    let args = libtest_mimic::Arguments::from_args();
     let have_binary = std::process::Command::new(binary)
         .arg("--version")
         .output()
         .is_ok();
+    main_when(
+        have_binary,
+        &format!("{binary} is not installed; run scripts/brokers.sh up"),
+        tests,
+    )
+}
+
+/// Like [`main`], for a broker whose binary cannot be probed with `--version` (it would start
+/// a server): `have_binary` says whether it is there, `hint` how to get it.
+pub fn main_when(have_binary: bool, hint: &str, tests: &[(&'static str, bool, TestFn)]) -> ! {
+    crate::init_test_log();
+    let args = libtest_mimic::Arguments::from_args();
     let required = crate::Harness::brokers_required();
     let runtime = crate::test_runtime();
-    let hint = format!("{binary} is not installed; run scripts/brokers.sh up");
+    let hint = hint.to_owned();
     let trials = tests
         .iter()
         .map(|&(name, needs_binary, test)| {
@@ -61,6 +72,47 @@ pub fn main(binary: &str, tests: &[(&'static str, bool, TestFn)]) -> ! {
         .collect();
     let conclusion = libtest_mimic::run(&args, trials);
     std::process::exit(if conclusion.has_failed() { 101 } else { 0 })
+}
+
+/// Fails unless `attempt` (connecting to a closed port) fails within `limit` with a retryable
+/// `Connection` (or `Timeout`) error.
+pub async fn expect_connection_error<T: std::fmt::Debug>(
+    attempt: impl Future<Output = busbar_core::Result<T>>,
+    limit: Duration,
+) -> TestResult {
+    let started = Instant::now();
+    let e = attempt.await.err().ok_or("connected to a closed port")?;
+    let kind_ok = matches!(
+        e.kind(),
+        busbar_core::ErrorKind::Connection | busbar_core::ErrorKind::Timeout
+    );
+    if !kind_ok || !e.is_retryable() {
+        return Err(format!(
+            "expected a retryable Connection error, got {:?}: {e}",
+            e.kind()
+        )
+        .into());
+    }
+    if started.elapsed() > limit {
+        return Err(format!("took {:?} to fail", started.elapsed()).into());
+    }
+    Ok(())
+}
+
+/// Fails unless `connect` refuses every URL of `urls` with a `Config` error.
+pub async fn expect_config_errors<T, F, Fut>(urls: &[&str], connect: F) -> TestResult
+where
+    T: std::fmt::Debug,
+    F: Fn(String) -> Fut,
+    Fut: Future<Output = busbar_core::Result<T>>,
+{
+    for url in urls {
+        match connect((*url).to_owned()).await {
+            Err(e) if e.kind() == busbar_core::ErrorKind::Config => {}
+            other => return Err(format!("{url}: expected Config, got {other:?}").into()),
+        }
+    }
+    Ok(())
 }
 
 /// A TCP proxy on 127.0.0.1 that can cut all its connections and refuse new ones: a broker
@@ -209,6 +261,14 @@ impl Recorder {
             };
             if missing == 0 {
                 break;
+            }
+            if self.task.is_finished() {
+                let ended = (&mut self.task).await;
+                return Err(format!(
+                    "the consumer ended with {missing} of {} acked messages unhandled: {ended:?}",
+                    acked.len()
+                )
+                .into());
             }
             if Instant::now() > deadline {
                 return Err(format!(

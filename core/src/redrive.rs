@@ -11,6 +11,11 @@ use crate::topic::validate_topic;
 /// Header added to a redriven message: the dead-letter topic it came from.
 pub const REDRIVEN_FROM_HEADER: &str = "busbar-redriven-from";
 
+/// Header added to a redriven message: when it was redriven (RFC 3339). It also makes each
+/// redrive of the same message distinct for brokers that drop re-published duplicates by id
+/// and headers within a window (NATS JetStream's duplicate window, SQS FIFO de-duplication).
+pub const REDRIVEN_AT_HEADER: &str = "busbar-redriven-at";
+
 /// Options of [`redrive`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -45,7 +50,7 @@ pub struct RedriveReport {
 
 /// Reads `dlq_topic` (from the earliest retained message where the backend can replay) and
 /// republishes each message to its original topic (header `busbar-dlq-original-topic`) or to
-/// `options.target_topic`, without the dead-letter headers and with `busbar-redriven-from`.
+/// `options.target_topic`, without the dead-letter headers and with `busbar-redriven-from` and `busbar-redriven-at`.
 /// Each message is acked on the dead-letter topic only after its republish succeeded, so a
 /// failure part-way loses nothing (it may duplicate the message being moved).
 pub async fn redrive(
@@ -101,6 +106,10 @@ pub async fn redrive(
                 message.headers.remove(h);
             }
             message.headers.insert(REDRIVEN_FROM_HEADER, dlq_topic);
+            message.headers.insert(
+                REDRIVEN_AT_HEADER,
+                chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Nanos, true),
+            );
             bus.publish(&target, message, &PublishOptions::default())
                 .await?;
             delivery.ack().await?;

@@ -11,7 +11,7 @@
 //! Messages are persistent (delivery mode 2). A message without `message_id` (written by
 //! another client) gets the id `amqp/<queue>/<delivery tag>`.
 
-use busbar_core::{Headers, Message};
+use busbar_core::{dlq_headers, Headers, Message};
 use chrono::{DateTime, SecondsFormat, Utc};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::BasicProperties;
@@ -108,6 +108,21 @@ pub(crate) fn decode(props: &BasicProperties, body: Vec<u8>, fallback_id: String
                 Err(e) => {
                     tracing::debug!(error = %e, "amqp: busbar-headers is not a JSON list of pairs")
                 }
+            }
+        }
+        // Dead-lettered by RabbitMQ itself (delivery limit): busbar's dead-letter headers, so
+        // redrive knows where the message came from.
+        if let Some(reason) = get("x-first-death-reason") {
+            let queue = get("x-first-death-queue").unwrap_or_default();
+            m.headers.insert(
+                dlq_headers::ERROR,
+                format!("RabbitMQ dead-lettered it from queue {queue}: {reason}"),
+            );
+            if let Some(topic) = get("x-first-death-exchange")
+                .as_deref()
+                .and_then(|x| x.strip_prefix("busbar."))
+            {
+                m.headers.insert(dlq_headers::ORIGINAL_TOPIC, topic);
             }
         }
     }

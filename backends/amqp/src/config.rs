@@ -12,7 +12,9 @@ use crate::BACKEND;
 /// options: `partitions` (partition queues per consumer group of a new topic, default 8),
 /// `max_message_bytes` (largest message accepted, default 4 MiB), `queue_expires_ms` (delete a
 /// group's queues, messages included, once unused that long — for test and short-lived
-/// groups; off by default). Other options (`heartbeat`,
+/// groups; off by default), `delivery_limit` (RabbitMQ dead-letters a message into
+/// `<topic>.dlq` by itself once it was delivered more than this many times — crashes and
+/// hand-overs, not busbar's in-member retries; off by default). Other options (`heartbeat`,
 /// `frame_max`, `channel_max`, `connection_timeout`) go to the AMQP client.
 #[derive(Clone, PartialEq, Eq)]
 pub struct AmqpConfig {
@@ -25,6 +27,9 @@ pub struct AmqpConfig {
     /// Delete a group's queues after they went unused (no consumer) this long (`x-expires`);
     /// `None` keeps them forever (the default).
     pub queue_expires: Option<std::time::Duration>,
+    /// `x-delivery-limit` of the group queues, with dead-lettering into `<topic>.dlq`;
+    /// `None` = no native dead-lettering (the default).
+    pub delivery_limit: Option<u32>,
 }
 
 impl fmt::Debug for AmqpConfig {
@@ -34,6 +39,7 @@ impl fmt::Debug for AmqpConfig {
             .field("partitions", &self.partitions)
             .field("max_message_bytes", &self.max_message_bytes)
             .field("queue_expires", &self.queue_expires)
+            .field("delivery_limit", &self.delivery_limit)
             .finish()
     }
 }
@@ -64,6 +70,7 @@ impl AmqpConfig {
             partitions: 8,
             max_message_bytes: 4 * 1024 * 1024,
             queue_expires: None,
+            delivery_limit: None,
         };
         let mut passed = Vec::new();
         for (k, v) in parsed.query_pairs() {
@@ -83,12 +90,15 @@ impl AmqpConfig {
                 "queue_expires_ms" => {
                     cfg.queue_expires = Some(std::time::Duration::from_millis(num(1000, u32::MAX as u64)?))
                 }
+                "delivery_limit" => {
+                    cfg.delivery_limit = Some(num(0, 100_000)? as u32).filter(|n| *n > 0)
+                }
                 "heartbeat" | "frame_max" | "channel_max" | "connection_timeout" | "auth_mechanism" => {
                     passed.push((k.into_owned(), v.into_owned()))
                 }
                 other => {
                     return Err(config_error(format!(
-                        "unknown AMQP URL option {other:?} (known: partitions, max_message_bytes, queue_expires_ms, heartbeat, frame_max, channel_max, connection_timeout, auth_mechanism)"
+                        "unknown AMQP URL option {other:?} (known: partitions, max_message_bytes, queue_expires_ms, delivery_limit, heartbeat, frame_max, channel_max, connection_timeout, auth_mechanism)"
                     )))
                 }
             }

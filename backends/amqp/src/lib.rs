@@ -75,8 +75,10 @@ pub(crate) fn table(pairs: &[(&str, AMQPValue)]) -> FieldTable {
     t
 }
 
-/// The arguments of a partition queue: quorum, single active consumer, optional expiry.
-fn queue_arguments(config: &AmqpConfig) -> FieldTable {
+/// The arguments of a partition queue of `topic`: quorum, single active consumer, optional
+/// expiry, optional delivery limit with at-least-once dead-lettering into `<topic>.dlq`
+/// (the routing key, the partition, is kept).
+fn queue_arguments(config: &AmqpConfig, topic: &str) -> FieldTable {
     let mut args = vec![
         (
             "x-queue-type",
@@ -87,6 +89,25 @@ fn queue_arguments(config: &AmqpConfig) -> FieldTable {
     if let Some(d) = config.queue_expires {
         let ms = i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
         args.push(("x-expires", AMQPValue::LongLongInt(ms)));
+    }
+    if let Some(limit) = config.delivery_limit.filter(|_| !topic.ends_with(".dlq")) {
+        let dlq = config::exchange(&busbar_core::default_dead_letter_topic(topic));
+        args.extend([
+            ("x-delivery-limit", AMQPValue::LongLongInt(i64::from(limit))),
+            (
+                "x-dead-letter-exchange",
+                AMQPValue::LongString(LongString::from(dlq.as_str())),
+            ),
+            (
+                "x-dead-letter-strategy",
+                AMQPValue::LongString(LongString::from("at-least-once")),
+            ),
+            // at-least-once dead-lettering requires it.
+            (
+                "x-overflow",
+                AMQPValue::LongString(LongString::from("reject-publish")),
+            ),
+        ]);
     }
     table(&args)
 }
@@ -121,6 +142,22 @@ pub(crate) async fn open(config: &AmqpConfig) -> Result<Connection> {
         )
         .with_backend(BACKEND)),
     }
+}
+
+/// Declares the group's membership exchange (fanout, durable: it must outlive a broker
+/// restart, or members could not re-join after one).
+pub(crate) async fn declare_members_exchange(ch: &Channel, topic: &str, group: &str) -> Result<()> {
+    ch.exchange_declare(
+        ShortString::from(config::members_exchange(topic, group).as_str()),
+        ExchangeKind::Fanout,
+        ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .map_err(|e| map_err(e, "declaring the group's membership exchange"))
 }
 
 pub(crate) struct Inner {
@@ -216,8 +253,7 @@ impl Inner {
     }
 
     /// Declares the group's partition queues (quorum, single active consumer) bound to the
-    /// topic's exchange, and the group's membership exchange. A dead-letter topic gets its
-    /// redrive group too, so dead letters are kept even before anyone reads them.
+    /// topic's exchange, and the group's membership exchange.
     pub(crate) async fn ensure_group(&self, topic: &str, group: &str) -> Result<()> {
         let mut attempt = 0;
         loop {
@@ -274,6 +310,12 @@ impl Inner {
             return Ok(());
         }
         self.ensure_exchange(topic).await?;
+        if self.config.delivery_limit.is_some() && !topic.ends_with(".dlq") {
+            // RabbitMQ's dead letters need somewhere to go: the dead-letter topic and its
+            // redrive group exist before the first queue points at them.
+            let dlq = busbar_core::default_dead_letter_topic(topic);
+            Box::pin(self.ensure_group(&dlq, REDRIVE_GROUP)).await?;
+        }
         let ch = self.declare_channel().await?;
         for p in 0..self.config.partitions {
             let q = config::queue(topic, group, p);
@@ -283,7 +325,7 @@ impl Inner {
                     durable: true,
                     ..Default::default()
                 },
-                queue_arguments(&self.config),
+                queue_arguments(&self.config, topic),
             )
             .await
             .map_err(|e| map_err(e, &format!("declaring queue {q}")))?;
@@ -297,22 +339,11 @@ impl Inner {
             .await
             .map_err(|e| map_err(e, &format!("binding queue {q}")))?;
         }
-        ch.exchange_declare(
-            ShortString::from(config::members_exchange(topic, group).as_str()),
-            ExchangeKind::Fanout,
-            ExchangeDeclareOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .map_err(|e| map_err(e, "declaring the group's membership exchange"))?;
+        declare_members_exchange(&ch, topic, group).await?;
         self.groups
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .insert(key);
-        let dlq = busbar_core::default_dead_letter_topic(topic);
-        if !topic.ends_with(".dlq") && busbar_core::validate_topic(&dlq).is_ok() {
-            Box::pin(self.ensure_group(&dlq, REDRIVE_GROUP)).await?;
-        }
         Ok(())
     }
 
@@ -332,6 +363,12 @@ impl Inner {
     /// Publishes in order (mandatory, persistent, confirmed) and returns once RabbitMQ
     /// confirmed every message. A message no group receives is an error, not a silent loss.
     pub(crate) async fn publish_many(&self, topic: &str, messages: &[Message]) -> Result<()> {
+        if topic.ends_with(".dlq") {
+            // Dead letters are kept until redriven: the dead-letter topic gets its redrive
+            // group before its first message (created here, lazily, rather than with every
+            // group: quorum queues are not cheap).
+            self.ensure_group(topic, REDRIVE_GROUP).await?;
+        }
         self.ensure_exchange(topic).await?;
         let exchange = config::exchange(topic);
         let n = self.config.partitions;
@@ -445,6 +482,7 @@ impl EventBus for AmqpBus {
         c.nack_can_delay = true;
         c.ack_deadline_can_extend = true;
         c.message_max_bytes = Some(self.inner.config.max_message_bytes);
+        c.native_dead_letter = self.inner.config.delivery_limit.is_some();
         c
     }
 

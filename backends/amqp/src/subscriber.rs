@@ -133,6 +133,8 @@ struct Member {
     owned: HashMap<u32, Owned>,
     peers: HashMap<String, Instant>,
     beat_now: bool,
+    /// Size of the group at the last view (for logging changes).
+    last_view: usize,
 }
 
 impl Member {
@@ -193,9 +195,14 @@ impl Member {
         live.sort_unstable();
         let m = live.len() as u32;
         let me = live.iter().position(|id| *id == self.id).unwrap_or(0) as u32;
-        (0..self.shared.inner.config.partitions)
+        let target: Vec<u32> = (0..self.shared.inner.config.partitions)
             .filter(|p| p % m == me)
-            .collect()
+            .collect();
+        if live.len() != self.last_view {
+            tracing::debug!(member = %self.id, members = m, index = me, ?target, "amqp: group view changed");
+            self.last_view = live.len();
+        }
+        target
     }
 
     async fn take(&mut self, p: u32) -> Result<()> {
@@ -206,6 +213,7 @@ impl Member {
         ch.basic_qos(prefetch, BasicQosOptions::default())
             .await
             .map_err(|e| map_err(e, "setting the prefetch"))?;
+        tracing::debug!(member = %self.id, partition = p, "amqp: taking a queue");
         s.state().assign(p as i32);
         let epoch = s.state().epoch_of(p as i32).unwrap_or(0);
         let consumer = ch
@@ -235,6 +243,7 @@ impl Member {
 
     async fn release(&mut self, p: u32) -> Result<()> {
         if let Some(o) = self.owned.remove(&p) {
+            tracing::debug!(member = %self.id, partition = p, "amqp: handing a queue over");
             // The channel is closed before the reader is dropped: dropping lapin's consumer
             // cancels it, which would make the next member active while this channel still
             // holds unacked messages — it would receive later messages first. Closing the
@@ -456,6 +465,8 @@ async fn member_connection(
 ) -> Result<(Connection, Channel, lapin::Consumer)> {
     let conn = crate::open(&inner.config).await?;
     let control = crate::create_channel(&conn).await?;
+    // Declared again (idempotent) in case the broker lost it.
+    crate::declare_members_exchange(&control, topic, group).await?;
     let inbox = control
         .queue_declare(
             ShortString::from(""),
@@ -526,6 +537,7 @@ impl AmqpSubscriber {
             owned: HashMap::new(),
             peers: HashMap::new(),
             beat_now: false,
+            last_view: 0,
         };
         let task = tokio::spawn(member.run(heard));
         inner

@@ -1,14 +1,6 @@
 //! The RabbitMQ backend against the whole conformance suite (`BUSBAR_AMQP_URL`).
 
 fn main() {
-    if std::env::var("BUSBAR_AMQP_WIP").as_deref() != Ok("1") {
-        eprintln!(
-            "IGNORED the amqp conformance suite: busbar-amqp is work in progress (issue #8): about 1 \
-             run in 10 stalls in the crash-and-join ordering case (a lapin connection error). \
-             Run it with BUSBAR_AMQP_WIP=1."
-        );
-        return;
-    }
     busbar_conformance::main(busbar_conformance::Harness::from_env(
         "amqp",
         "BUSBAR_AMQP_URL",

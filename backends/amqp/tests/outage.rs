@@ -78,13 +78,6 @@ async fn outage_mid_stream_loses_nothing_acked() -> TestResult {
 }
 
 fn main() {
-    if std::env::var("BUSBAR_AMQP_WIP").as_deref() != Ok("1") {
-        eprintln!(
-            "IGNORED outage_mid_stream_loses_nothing_acked: busbar-amqp is work in progress \
-             (issue #8); run it with BUSBAR_AMQP_WIP=1."
-        );
-        return;
-    }
     let args = libtest_mimic::Arguments::from_args();
     let runtime = busbar_conformance::test_runtime();
     let reachable = runtime.block_on(async {

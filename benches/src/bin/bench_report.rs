@@ -1,6 +1,7 @@
 //! `bench-report [CRITERION_DIR] [OUT_MD] [OUT_SVG]`: reads criterion's results, measures
 //! publish-to-handler latency on every reachable backend, and writes BENCHMARKS.md and the
-//! chart. Run by `scripts/bench-report` after `cargo bench -p busbar-benches`.
+//! chart (plus `docs/benchmarks-notes.md`, the hand-written reading notes, at the end). Run by
+//! `scripts/bench-report` after `cargo bench -p busbar-benches`.
 #![allow(clippy::print_stdout)]
 
 use std::collections::BTreeMap;
@@ -49,7 +50,14 @@ async fn main() -> anyhow::Result<()> {
         .unwrap_or(&svg)
         .display()
         .to_string();
-    std::fs::write(&md, report::markdown(&rows, &latencies, &date, &rel))?;
+    let mut text = report::markdown(&rows, &latencies, &date, &rel);
+    // Hand-written reading notes (what is unfair or unexplained), kept across regenerations.
+    let notes = svg.with_file_name("benchmarks-notes.md");
+    if let Ok(extra) = std::fs::read_to_string(&notes) {
+        text.push('\n');
+        text.push_str(&extra);
+    }
+    std::fs::write(&md, text)?;
     println!("wrote {} and {}", md.display(), svg.display());
     Ok(())
 }

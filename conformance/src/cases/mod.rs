@@ -79,7 +79,7 @@ pub fn all() -> Vec<Case> {
             basic::batch_publish,
             needs_groups,
             60,
-            "a published batch arrives whole and in order per key"
+            "a published batch arrives whole, in order per key where ordering is PerKey"
         ),
         case!(
             basic::topic_isolation,

@@ -183,6 +183,12 @@ pub async fn per_key_order_competing_consumers(ctx: Ctx) -> Result<Outcome> {
     }
     for (i, c) in consumers.into_iter().enumerate() {
         match c.await {
+            // Closing the buses above can catch the consumer that joined last still
+            // subscribing (a slow join): that is the test ending, not a lost guarantee — loss
+            // and order are checked by the tracker.
+            Ok(Err(e))
+                if e.downcast_ref::<busbar_core::Error>()
+                    .is_some_and(|e| e.kind() == busbar_core::ErrorKind::Closed) => {}
             Ok(r) => {
                 r.with_context(|| format!("consumer {i}"))?;
             }

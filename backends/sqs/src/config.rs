@@ -1,0 +1,326 @@
+//! `sqs://` URL parsing and the SNS/SQS names busbar derives from topics and groups.
+
+use std::fmt;
+use std::time::Duration;
+
+use busbar_core::{redact_url, Error, ErrorKind, Result};
+
+use crate::BACKEND;
+
+/// Where the credentials come from.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Credentials {
+    /// The standard AWS chain (environment, profile, SSO, IMDS, ...).
+    DefaultChain,
+    /// A static key pair from the URL's user part (`sqs://KEY:SECRET@host:port`), meant for
+    /// emulators. Never printed.
+    Static {
+        /// Access key id.
+        access_key_id: String,
+        /// Secret access key.
+        secret_access_key: String,
+    },
+}
+
+impl fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Credentials::DefaultChain => f.write_str("DefaultChain"),
+            Credentials::Static { access_key_id, .. } => {
+                write!(f, "Static({access_key_id:?}, ***)")
+            }
+        }
+    }
+}
+
+/// Configuration of a [`crate::SqsBus`].
+///
+/// URL: `sqs://[KEY:SECRET@][host[:port]][?options]`. Without a host the SDK's own endpoint
+/// resolution is used (real AWS); with one, both SQS and SNS are sent to
+/// `https://host:port` (`http://` with `tls=false`) — an emulator or a VPC endpoint.
+///
+/// Options: `region` (default: the SDK chain, else `us-east-1`), `tls` (`true`/`false`,
+/// default true), `fifo` (`true`/`false`, default true: FIFO topics and queues, per-key
+/// order), `prefix` (prepended to every SNS topic and SQS queue name, default `busbar-`),
+/// `max_receive_count` (deliveries before SQS moves a message to the group's `-dlq` queue,
+/// default 50 — receives include messages handed back unprocessed, see the README; 0 turns native redrive off), `receivers` (concurrent long polls per subscriber,
+/// default 2), `wait_seconds` (long-poll wait, 1–20, default 2), `retention_seconds`
+/// (queue retention, default 4 days).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SqsConfig {
+    /// Endpoint override (`http(s)://host:port`), if the URL names a host.
+    pub endpoint: Option<String>,
+    /// AWS region.
+    pub region: Option<String>,
+    /// Credentials.
+    pub credentials: Credentials,
+    /// FIFO topics and queues (per-key order) or standard ones (no order).
+    pub fifo: bool,
+    /// Prefix of every SNS topic and SQS queue name.
+    pub prefix: String,
+    /// `maxReceiveCount` of the redrive policy; `None` = no native redrive.
+    pub max_receive_count: Option<u32>,
+    /// Concurrent long polls per subscriber.
+    pub receivers: usize,
+    /// Long-poll wait.
+    pub wait: Duration,
+    /// Queue retention.
+    pub retention: Duration,
+}
+
+fn config_error(msg: String) -> Error {
+    Error::new(ErrorKind::Config, msg).with_backend(BACKEND)
+}
+
+impl SqsConfig {
+    /// Parses an `sqs://` URL.
+    pub fn from_url(url: &str) -> Result<Self> {
+        let parsed = url::Url::parse(url)
+            .map_err(|e| config_error(format!("invalid SQS URL {}: {e}", redact_url(url))))?;
+        if parsed.scheme() != "sqs" {
+            return Err(config_error(format!(
+                "expected an sqs:// URL, got scheme {:?}",
+                parsed.scheme()
+            )));
+        }
+        if !matches!(parsed.path(), "" | "/") {
+            return Err(config_error(format!(
+                "the SQS URL {} has a path; queues are named by topic and group, not by URL",
+                redact_url(url)
+            )));
+        }
+        let user = decode(parsed.username());
+        let credentials = match (user.is_empty(), parsed.password()) {
+            (true, None) => Credentials::DefaultChain,
+            (false, Some(secret)) => Credentials::Static {
+                access_key_id: user,
+                secret_access_key: decode(secret),
+            },
+            _ => {
+                return Err(config_error(format!(
+                    "the SQS URL {} must carry both KEY and SECRET (KEY:SECRET@) or neither",
+                    redact_url(url)
+                )))
+            }
+        };
+        let mut cfg = Self {
+            endpoint: None,
+            region: None,
+            credentials,
+            fifo: true,
+            prefix: "busbar-".into(),
+            max_receive_count: Some(50),
+            receivers: 2,
+            wait: Duration::from_secs(2),
+            retention: Duration::from_secs(4 * 24 * 3600),
+        };
+        let mut tls = true;
+        for (k, v) in parsed.query_pairs() {
+            let num = |min: u64, max: u64| -> Result<u64> {
+                v.parse::<u64>()
+                    .ok()
+                    .filter(|n| (min..=max).contains(n))
+                    .ok_or_else(|| {
+                        config_error(format!(
+                            "SQS URL option {k}={v:?} must be a number from {min} to {max}"
+                        ))
+                    })
+            };
+            let flag = || -> Result<bool> {
+                match &*v {
+                    "true" | "1" | "yes" => Ok(true),
+                    "false" | "0" | "no" => Ok(false),
+                    _ => Err(config_error(format!(
+                        "SQS URL option {k}={v:?} must be true or false"
+                    ))),
+                }
+            };
+            match &*k {
+                "region" if !v.is_empty() => cfg.region = Some(v.into_owned()),
+                "tls" => tls = flag()?,
+                "fifo" => cfg.fifo = flag()?,
+                "prefix" => {
+                    if !v.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+                        return Err(config_error(format!(
+                            "SQS URL option prefix={v:?} may hold only ASCII letters, digits, '-' and '_'"
+                        )));
+                    }
+                    cfg.prefix = v.into_owned();
+                }
+                "max_receive_count" => {
+                    cfg.max_receive_count = Some(num(0, 1000)? as u32).filter(|n| *n > 0)
+                }
+                "receivers" => cfg.receivers = num(1, 64)? as usize,
+                "wait_seconds" => cfg.wait = Duration::from_secs(num(1, 20)?),
+                "retention_seconds" => cfg.retention = Duration::from_secs(num(60, 1_209_600)?),
+                other => {
+                    return Err(config_error(format!(
+                        "unknown SQS URL option {other:?} (known: region, tls, fifo, prefix, max_receive_count, receivers, wait_seconds, retention_seconds)"
+                    )))
+                }
+            }
+        }
+        if let Some(host) = parsed.host_str().filter(|h| !h.is_empty()) {
+            let scheme = if tls { "https" } else { "http" };
+            cfg.endpoint = Some(match parsed.port() {
+                Some(port) => format!("{scheme}://{host}:{port}"),
+                None => format!("{scheme}://{host}"),
+            });
+        }
+        Ok(cfg)
+    }
+
+    /// The SNS topic name of a busbar topic (`.fifo` appended in FIFO mode).
+    pub fn topic_name(&self, topic: &str) -> String {
+        self.resource_name(&[topic], 256)
+    }
+
+    /// The SQS queue name of a consumer group of `topic`.
+    pub fn queue_name(&self, topic: &str, group: &str) -> String {
+        self.resource_name(&[topic, group], 80 - DLQ_SUFFIX.len())
+    }
+
+    /// The dead-letter queue of a group queue: `<queue>-dlq` (before `.fifo`).
+    pub fn dead_letter_queue_name(&self, queue: &str) -> String {
+        match queue.strip_suffix(FIFO_SUFFIX) {
+            Some(base) => format!("{base}{DLQ_SUFFIX}{FIFO_SUFFIX}"),
+            None => format!("{queue}{DLQ_SUFFIX}"),
+        }
+    }
+
+    /// `prefix` + the escaped parts joined by `_-` (+ `.fifo`), within `max` bytes: a name
+    /// that would be longer keeps its start and ends in a hash of the whole.
+    fn resource_name(&self, parts: &[&str], max: usize) -> String {
+        let suffix = if self.fifo { FIFO_SUFFIX } else { "" };
+        let body = parts
+            .iter()
+            .map(|p| escape(p))
+            .collect::<Vec<_>>()
+            .join(SEPARATOR);
+        let full = format!("{}{body}", self.prefix);
+        let room = max - suffix.len();
+        if full.len() <= room {
+            return format!("{full}{suffix}");
+        }
+        let hash = uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, full.as_bytes()).simple();
+        let hash = &hash.to_string()[..16];
+        let keep = room - hash.len() - 1;
+        format!("{}-{hash}{suffix}", &full[..keep])
+    }
+}
+
+const FIFO_SUFFIX: &str = ".fifo";
+const DLQ_SUFFIX: &str = "-dlq";
+/// Joins topic and group; [`escape`] never produces it, so names cannot collide.
+const SEPARATOR: &str = "_-";
+
+/// SNS and SQS names allow ASCII letters, digits, `-` and `_`; busbar names also allow `.`.
+/// `_` escapes: `.` → `_d`, `_` → `__`, so distinct busbar names stay distinct.
+fn escape(name: &str) -> String {
+    let mut out = String::with_capacity(name.len() + 4);
+    for c in name.chars() {
+        match c {
+            '.' => out.push_str("_d"),
+            '_' => out.push_str("__"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+fn decode(s: &str) -> String {
+    url::form_urlencoded::parse(format!("x={s}").as_bytes())
+        .next()
+        .map(|(_, v)| v.into_owned())
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_emulator_urls_and_options() {
+        let c = SqsConfig::from_url(
+            "sqs://test:se%2Fcret@127.0.0.1:4566?region=us-east-1&tls=false&fifo=false&max_receive_count=0&receivers=3&wait_seconds=5&prefix=app-",
+        )
+        .expect("valid");
+        assert_eq!(c.endpoint.as_deref(), Some("http://127.0.0.1:4566"));
+        assert_eq!(c.region.as_deref(), Some("us-east-1"));
+        assert_eq!(
+            c.credentials,
+            Credentials::Static {
+                access_key_id: "test".into(),
+                secret_access_key: "se/cret".into()
+            }
+        );
+        assert!(!format!("{c:?}").contains("se/cret"), "secret not printed");
+        assert!(!c.fifo);
+        assert_eq!(c.max_receive_count, None);
+        assert_eq!((c.receivers, c.wait), (3, Duration::from_secs(5)));
+        assert_eq!(c.prefix, "app-");
+
+        let aws = SqsConfig::from_url("sqs://").expect("real AWS");
+        assert_eq!(aws.endpoint, None);
+        assert_eq!(aws.credentials, Credentials::DefaultChain);
+        assert!(aws.fifo);
+        assert_eq!(aws.max_receive_count, Some(50));
+        let https = SqsConfig::from_url("sqs://vpce.example?region=eu-west-1").expect("https");
+        assert_eq!(https.endpoint.as_deref(), Some("https://vpce.example"));
+    }
+
+    #[test]
+    fn rejects_bad_urls_with_config_errors() {
+        for url in [
+            "sqs:/x",
+            "http://127.0.0.1:4566",
+            "sqs://127.0.0.1:4566/queue",
+            "sqs://onlykey@127.0.0.1",
+            "sqs://127.0.0.1?fifo=maybe",
+            "sqs://127.0.0.1?wait_seconds=21",
+            "sqs://127.0.0.1?receivers=0",
+            "sqs://127.0.0.1?prefix=a.b",
+            "sqs://127.0.0.1?colour=blue",
+        ] {
+            let e = SqsConfig::from_url(url).expect_err(url);
+            assert_eq!(e.kind(), ErrorKind::Config, "{url}: {e}");
+        }
+        let e = SqsConfig::from_url("sqs://key:hunter2@127.0.0.1/q").expect_err("path");
+        assert!(!e.to_string().contains("hunter2"), "{e}");
+    }
+
+    #[test]
+    fn names_are_valid_distinct_and_bounded() {
+        let fifo = SqsConfig::from_url("sqs://").expect("url");
+        assert_eq!(
+            fifo.topic_name("orders.created"),
+            "busbar-orders_dcreated.fifo"
+        );
+        assert_ne!(fifo.topic_name("a.b"), fifo.topic_name("a_b"));
+        assert_ne!(fifo.queue_name("a-_b", "c"), fifo.queue_name("a", "b_-c"));
+        assert_ne!(fifo.queue_name("a_", "-b"), fifo.queue_name("a", "b"));
+        let q = fifo.queue_name("orders", "billing");
+        assert_eq!(q, "busbar-orders_-billing.fifo");
+        assert_eq!(
+            fifo.dead_letter_queue_name(&q),
+            "busbar-orders_-billing-dlq.fifo"
+        );
+        let long = fifo.queue_name(&"t".repeat(200), &"g".repeat(120));
+        assert!(long.len() <= 80 - 4, "{}", long.len());
+        assert!(long.ends_with(".fifo"));
+        assert_ne!(long, fifo.queue_name(&"t".repeat(200), &"h".repeat(120)));
+        assert!(fifo.dead_letter_queue_name(&long).len() <= 80);
+        let standard = SqsConfig::from_url("sqs://?fifo=false").expect("url");
+        assert_eq!(standard.queue_name("a", "b"), "busbar-a_-b");
+        assert_eq!(
+            standard.dead_letter_queue_name("busbar-a_-b"),
+            "busbar-a_-b-dlq"
+        );
+        for name in [long, fifo.topic_name(&"x.y_z-".repeat(30))] {
+            let base = name.trim_end_matches(".fifo");
+            assert!(base
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'));
+        }
+    }
+}

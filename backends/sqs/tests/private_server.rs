@@ -1,0 +1,285 @@
+//! Tests that need an SQS endpoint of their own: an outage mid-stream, native redrive into the
+//! group's `-dlq` queue, a queue deleted under a subscriber, an unreachable endpoint and
+//! malformed URLs.
+//!
+//! The private endpoint is a fauxqs@1.9.2 process (installed by `scripts/brokers.sh up` under
+//! `~/.cache/busbar-brokers/fauxqs`; `BUSBAR_BROKER_TOOLS` moves it) on a spare loopback port,
+//! reached through a TCP proxy of the test that can cut every connection and refuse new ones.
+//! fauxqs keeps everything in memory, so a restart would only measure the emulator forgetting
+//! its queues (real SQS does not restart); the outage is made by the proxy instead.
+
+#![allow(clippy::panic)]
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use busbar_conformance::private_server::{
+    expect_config_errors, expect_connection_error, free_port, publish_retrying, Failed, Proxy,
+    Recorder, TestResult,
+};
+use busbar_core::{ErrorKind, EventBus, Message, NackAction, PublishOptions, SubscribeOptions};
+use busbar_sqs::SqsBus;
+use tokio::net::TcpStream;
+use tokio::process::{Child, Command};
+
+fn start_script() -> PathBuf {
+    let home = std::env::var("HOME").unwrap_or_default();
+    std::env::var("BUSBAR_BROKER_TOOLS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(home).join(".cache/busbar-brokers"))
+        .join("fauxqs/start.mjs")
+}
+
+struct Endpoint {
+    proxy: Proxy,
+    _child: Child,
+}
+
+impl Endpoint {
+    async fn start() -> Result<Self, Failed> {
+        let script = start_script();
+        if !script.exists() {
+            return Err(
+                format!("{} is missing; run scripts/brokers.sh up", script.display()).into(),
+            );
+        }
+        let port = free_port()?;
+        let proxy = Proxy::start(port).await?;
+        let child = Command::new("node")
+            .arg(&script)
+            .env("PORT", port.to_string())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| format!("cannot start fauxqs: {e}"))?;
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+            if Instant::now() > deadline {
+                return Err("fauxqs did not listen within 15 s".into());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(Self {
+            proxy,
+            _child: child,
+        })
+    }
+
+    fn url(&self, options: &str) -> String {
+        format!(
+            "sqs://test:test@127.0.0.1:{}?region=us-east-1&tls=false{options}",
+            self.proxy.port()
+        )
+    }
+}
+
+/// Every connection to the endpoint dies for 8 s while a consumer reads and publishes go on:
+/// every publish that returned Ok is handled, and consuming resumes by itself.
+async fn outage_mid_stream_loses_nothing_acked() -> TestResult {
+    let endpoint = Endpoint::start().await?;
+    let bus = SqsBus::connect(&endpoint.url("")).await?;
+    let topic = "outage";
+    let shared: Arc<dyn EventBus> = Arc::new(bus.clone());
+    shared.provision(topic, &SubscribeOptions::new("g")).await?;
+    let recorder = Recorder::start(shared, topic, "g", Duration::from_secs(5));
+    let mut acked = Vec::new();
+    for i in 0..300 {
+        let m = Message::new(format!("before-{i}")).with_key(format!("k{}", i % 10));
+        let id = m.id.clone();
+        if bus
+            .publish(topic, m, &PublishOptions::default())
+            .await
+            .is_ok()
+        {
+            acked.push(id);
+        }
+        if i == 150 {
+            endpoint.proxy.cut();
+            let started = Instant::now();
+            let m = Message::new("down");
+            match tokio::time::timeout(
+                Duration::from_secs(90),
+                bus.publish(topic, m, &PublishOptions::default()),
+            )
+            .await
+            {
+                Ok(Err(e)) if e.is_retryable() => {}
+                Ok(Err(e)) => return Err(format!("publish while down: {e}").into()),
+                Ok(Ok(())) => return Err("a publish succeeded through a cut proxy".into()),
+                Err(_) => return Err("a publish during the outage hung for 90 s".into()),
+            }
+            tokio::time::sleep(Duration::from_secs(8).saturating_sub(started.elapsed())).await;
+            endpoint.proxy.restore();
+        }
+    }
+    for i in 0..100 {
+        let m = Message::new(format!("after-{i}")).with_key(format!("k{}", i % 10));
+        acked.push(m.id.clone());
+        publish_retrying(&bus, topic, m, Duration::from_secs(60)).await?;
+    }
+    recorder
+        .expect_all(&acked, Duration::from_secs(120), "outage")
+        .await?;
+    let _ = bus.close().await;
+    Ok(())
+}
+
+/// With `max_receive_count=2`, a message received twice without ack is moved by SQS into the
+/// group's `-dlq` queue, with its attributes, and the group's queue moves on.
+async fn native_redrive_moves_to_the_dlq_queue() -> TestResult {
+    let endpoint = Endpoint::start().await?;
+    let bus = SqsBus::connect(&endpoint.url("&max_receive_count=2")).await?;
+    if !bus.capabilities().native_dead_letter {
+        return Err("native_dead_letter is off with max_receive_count=2".into());
+    }
+    let topic = "redrive";
+    let options = SubscribeOptions::new("g").ack_timeout(Duration::from_secs(1));
+    let mut sub = bus.subscribe(topic, options).await?;
+    let poison = Message::new("poison").with_key("k").with_header("h", "v");
+    bus.publish(topic, poison.clone(), &PublishOptions::default())
+        .await?;
+    for attempt in 1..=2 {
+        let d = tokio::time::timeout(Duration::from_secs(20), sub.next())
+            .await
+            .map_err(|_| format!("delivery {attempt} did not arrive"))??
+            .ok_or("the subscription ended")?;
+        if d.id() != poison.id || d.attempt() != attempt {
+            return Err(format!("got {} attempt {}", d.id(), d.attempt()).into());
+        }
+        d.nack(NackAction::Redeliver).await?;
+    }
+    let after = Message::new("after").with_key("k");
+    bus.publish(topic, after.clone(), &PublishOptions::default())
+        .await?;
+    let d = tokio::time::timeout(Duration::from_secs(20), sub.next())
+        .await
+        .map_err(|_| "the next message of the key did not arrive")??
+        .ok_or("the subscription ended")?;
+    if d.id() != after.id {
+        return Err(format!(
+            "expected the next message, got {} (attempt {})",
+            d.id(),
+            d.attempt()
+        )
+        .into());
+    }
+    d.ack().await?;
+    sub.close().await?;
+
+    let queue_url = bus.group_queue_url(topic, "g").await?;
+    let dlq_name = bus
+        .config()
+        .dead_letter_queue_name(queue_url.rsplit('/').next().unwrap_or_default());
+    let client = bus.sqs_client();
+    let dlq_url = client
+        .get_queue_url()
+        .queue_name(&dlq_name)
+        .send()
+        .await
+        .map_err(|e| format!("no dead-letter queue {dlq_name}: {e}"))?
+        .queue_url
+        .ok_or("no dead-letter queue URL")?;
+    let got = client
+        .receive_message()
+        .queue_url(&dlq_url)
+        .max_number_of_messages(10)
+        .wait_time_seconds(5)
+        .message_attribute_names("All")
+        .send()
+        .await
+        .map_err(|e| format!("reading the dead-letter queue: {e}"))?
+        .messages
+        .unwrap_or_default();
+    let ids: Vec<Option<&str>> = got
+        .iter()
+        .map(|m| {
+            m.message_attributes
+                .as_ref()
+                .and_then(|a| a.get("busbar.id"))
+                .and_then(|v| v.string_value())
+        })
+        .collect();
+    if ids != [Some(poison.id.as_str())] || got[0].body.as_deref() != Some("poison") {
+        return Err(format!("dead-letter queue {dlq_name} holds {ids:?}").into());
+    }
+    let _ = bus.close().await;
+    Ok(())
+}
+
+/// A queue deleted under a running subscriber: `next` reports a Broker error naming the
+/// missing queue instead of waiting silently forever.
+async fn deleted_queue_is_reported() -> TestResult {
+    let endpoint = Endpoint::start().await?;
+    let bus = SqsBus::connect(&endpoint.url("")).await?;
+    let mut sub = bus.subscribe("gone", SubscribeOptions::new("g")).await?;
+    let url = bus.group_queue_url("gone", "g").await?;
+    bus.sqs_client()
+        .delete_queue()
+        .queue_url(&url)
+        .send()
+        .await
+        .map_err(|e| format!("deleting the queue: {e}"))?;
+    let e = tokio::time::timeout(Duration::from_secs(30), sub.next())
+        .await
+        .map_err(|_| "no error within 30 s")?
+        .err()
+        .ok_or("next returned a delivery or the end")?;
+    if e.kind() != ErrorKind::Broker || !e.to_string().contains("does not exist") {
+        return Err(format!(
+            "expected a Broker error about a missing queue, got {:?}: {e}",
+            e.kind()
+        )
+        .into());
+    }
+    sub.close().await?;
+    Ok(())
+}
+
+async fn unreachable_endpoint_is_a_connection_error() -> TestResult {
+    let port = free_port()?;
+    expect_connection_error(
+        SqsBus::connect(&format!("sqs://test:test@127.0.0.1:{port}?tls=false")),
+        Duration::from_secs(30),
+    )
+    .await
+}
+
+async fn malformed_urls_are_config_errors() -> TestResult {
+    expect_config_errors(
+        &[
+            "sqs://127.0.0.1:4566/a-queue",
+            "sqs://key-without-secret@127.0.0.1:4566",
+            "sqs://127.0.0.1:4566?fifo=perhaps",
+            "sqs://127.0.0.1:notaport",
+            "sqs://127.0.0.1:4566?unknown=1",
+        ],
+        |url| async move { SqsBus::connect(&url).await },
+    )
+    .await
+}
+
+fn main() {
+    busbar_conformance::private_server::main(
+        "node",
+        &[
+            ("outage_mid_stream_loses_nothing_acked", true, || {
+                Box::pin(outage_mid_stream_loses_nothing_acked())
+            }),
+            ("native_redrive_moves_to_the_dlq_queue", true, || {
+                Box::pin(native_redrive_moves_to_the_dlq_queue())
+            }),
+            ("deleted_queue_is_reported", true, || {
+                Box::pin(deleted_queue_is_reported())
+            }),
+            ("unreachable_endpoint_is_a_connection_error", false, || {
+                Box::pin(unreachable_endpoint_is_a_connection_error())
+            }),
+            ("malformed_urls_are_config_errors", false, || {
+                Box::pin(malformed_urls_are_config_errors())
+            }),
+        ],
+    )
+}
