@@ -216,6 +216,8 @@ struct TrackerState {
     history: HashMap<String, Vec<String>>,
     /// The first violation: key and position in that key's history.
     first_violating_key: Option<(String, usize)>,
+    /// Consumers whose run ended while the case still needed them: who, and how.
+    ended: Vec<String>,
 }
 
 impl OrderTracker {
@@ -290,6 +292,45 @@ impl OrderTracker {
         while done.contains_key(low) {
             *low += 1;
         }
+    }
+
+    /// Records that consumer `who` stopped by itself (its run returned), with how it ended.
+    pub fn consumer_ended(&self, who: &str, how: &str) {
+        self.state().ended.push(format!("{who}: {how}"));
+    }
+
+    /// The consumers that stopped by themselves, with how they ended.
+    pub fn ended_consumers(&self) -> Vec<String> {
+        self.state().ended.clone()
+    }
+
+    /// For a case that timed out: how many keys are incomplete, and for a few of them how
+    /// far they got and the last thing that happened to them.
+    pub fn progress(&self, keys: &[String], per_key: usize) -> String {
+        let s = self.state();
+        let stuck: Vec<&String> = keys
+            .iter()
+            .filter(|k| s.low.get(*k).copied().unwrap_or(0) < per_key)
+            .collect();
+        let examples: Vec<String> = stuck
+            .iter()
+            .take(6)
+            .map(|k| {
+                let low = s.low.get(*k).copied().unwrap_or(0);
+                let last = s
+                    .history
+                    .get(*k)
+                    .and_then(|h| h.last())
+                    .map_or("nothing", String::as_str);
+                format!("{k}: {low}/{per_key} in order, last: {last}")
+            })
+            .collect();
+        format!(
+            "{} of {} keys incomplete; {}",
+            stuck.len(),
+            keys.len(),
+            examples.join("; ")
+        )
     }
 
     /// Number of distinct messages handled successfully.

@@ -14,8 +14,8 @@ use crate::BACKEND;
 /// group's queues, messages included, once unused that long — for test and short-lived
 /// groups; off by default), `delivery_limit` (RabbitMQ dead-letters a message into
 /// `<topic>.dlq` by itself once it was delivered more than this many times — crashes and
-/// hand-overs, not busbar's in-member retries; off by default). Other options (`heartbeat`,
-/// `frame_max`, `channel_max`, `connection_timeout`) go to the AMQP client.
+/// hand-overs, not busbar's in-member retries; off by default). Other options (`heartbeat`, default
+/// [`DEFAULT_HEARTBEAT_SECS`] here, `frame_max`, `channel_max`, `connection_timeout`) go to the AMQP client.
 #[derive(Clone, PartialEq, Eq)]
 pub struct AmqpConfig {
     /// The AMQP URI handed to lapin (busbar's own options removed).
@@ -43,6 +43,9 @@ impl fmt::Debug for AmqpConfig {
             .finish()
     }
 }
+
+/// The AMQP heartbeat asked for when the URL sets none, in seconds.
+pub const DEFAULT_HEARTBEAT_SECS: u16 = 10;
 
 fn config_error(msg: String) -> Error {
     Error::new(ErrorKind::Config, msg).with_backend(BACKEND)
@@ -102,6 +105,11 @@ impl AmqpConfig {
                     )))
                 }
             }
+        }
+        if !passed.iter().any(|(k, _)| k == "heartbeat") {
+            // RabbitMQ's default (60 s) leaves a silently dead connection holding its queues'
+            // single active consumer for minutes; 10 s bounds that to about 20 s.
+            passed.push(("heartbeat".into(), DEFAULT_HEARTBEAT_SECS.to_string()));
         }
         parsed.set_query(None);
         if !passed.is_empty() {

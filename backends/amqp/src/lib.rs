@@ -548,10 +548,18 @@ impl EventBus for AmqpBus {
                 .unwrap_or_else(PoisonError::into_inner),
         );
         for s in subs.iter().filter_map(Weak::upgrade) {
-            s.shut_down();
+            s.shut_down("bus closed");
         }
         let conn = self.inner.conn.lock().await.clone();
-        let _ = conn.close(200, ShortString::from("bye")).await;
+        // Bounded: a broker that stopped answering must not hang the caller's shutdown
+        // (the connection is dropped either way).
+        let close = conn.close(200, ShortString::from("bye"));
+        if tokio::time::timeout(std::time::Duration::from_secs(5), close)
+            .await
+            .is_err()
+        {
+            tracing::warn!("amqp: RabbitMQ did not confirm closing the bus's connection within 5 s");
+        }
         Ok(())
     }
 }

@@ -39,13 +39,30 @@ const HEARTBEAT: Duration = Duration::from_millis(1000);
 const JOIN_LISTEN: Duration = Duration::from_millis(400);
 /// A member not heard of for this long is gone.
 const MEMBER_TTL: Duration = Duration::from_millis(3500);
-/// The longest one broker call of the member's control loop may take.
-const BROKER_CALL: Duration = Duration::from_secs(5);
+/// The longest one broker call of a member may take. Generous: a RabbitMQ busy creating or
+/// deleting quorum queues was seen taking over 5 s to declare a queue; the bound is there so
+/// that a broker that stopped answering cannot freeze a member, not to hurry a slow one.
+const BROKER_CALL: Duration = Duration::from_secs(20);
 /// The longest a partition being given up waits for its deliveries to settle.
 const DRAIN_MAX: Duration = Duration::from_secs(30);
 
+/// Runs one broker call, failing with a retryable timeout after [`BROKER_CALL`]: a broker
+/// that stops answering must not freeze a member (its queues would be served by nobody).
+async fn bounded<T>(what: &str, call: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+    match tokio::time::timeout(BROKER_CALL, call).await {
+        Ok(r) => r,
+        Err(_) => Err(Error::new(
+            busbar_core::ErrorKind::Timeout,
+            format!("{what}: no answer from RabbitMQ within {BROKER_CALL:?}"),
+        )
+        .with_backend(BACKEND)),
+    }
+}
+
 /// What the member's tasks and its deliveries share.
 pub(crate) struct Shared {
+    /// The member's id (in logs and announcements).
+    member: String,
     state: Mutex<State>,
     wake: Notify,
     stop: AtomicBool,
@@ -63,8 +80,11 @@ impl Shared {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Asks the member to leave; `next` then ends.
-    pub(crate) fn shut_down(&self) {
+    /// Asks the member to leave; `next` then ends. `why` is logged.
+    pub(crate) fn shut_down(&self, why: &str) {
+        if !self.is_stopped() {
+            tracing::debug!(member = %self.member, group = %self.options.group, why, "amqp: member asked to leave");
+        }
         self.stop.store(true, AtomicOrdering::Release);
         self.stopped.notify_waiters();
         self.wake.notify_one();
@@ -77,7 +97,7 @@ impl Shared {
     fn fail(&self, e: Error) {
         tracing::warn!(group = %self.options.group, error = %e, "amqp: member failed");
         *self.failure.lock().unwrap_or_else(PoisonError::into_inner) = Some(e);
-        self.shut_down();
+        self.shut_down("failed");
     }
 
     fn channel_for(&self, t: Token) -> Option<Channel> {
@@ -124,6 +144,22 @@ async fn read_partition(shared: Arc<Shared>, p: i32, mut consumer: lapin::Consum
     }
 }
 
+/// Publishes `what:<id>` on the group's membership exchange (`hb`, `join` or `leave`).
+async fn announce(control: &Channel, exchange: &str, what: &str, id: &str) -> Result<()> {
+    let body = format!("{what}:{id}");
+    control
+        .basic_publish(
+            ShortString::from(exchange),
+            ShortString::from(""),
+            BasicPublishOptions::default(),
+            body.as_bytes(),
+            BasicProperties::default(),
+        )
+        .await
+        .map_err(|e| map_err(e, "announcing the member"))?;
+    Ok(())
+}
+
 /// The member's control loop: membership, partition assignment and hand-over.
 struct Member {
     id: String,
@@ -132,39 +168,53 @@ struct Member {
     shared: Arc<Shared>,
     owned: HashMap<u32, Owned>,
     peers: HashMap<String, Instant>,
-    beat_now: bool,
+    /// Wakes the heartbeat task at once (to answer a newcomer).
+    beat_now: Arc<Notify>,
+    /// The heartbeat task of the current connection.
+    beater: Option<JoinHandle<()>>,
     /// Size of the group at the last view (for logging changes).
     last_view: usize,
 }
 
 impl Member {
     async fn announce(&self, what: &str) -> Result<()> {
-        match tokio::time::timeout(BROKER_CALL, self.announce_now(what)).await {
-            Ok(r) => r,
-            Err(_) => Err(Error::new(
-                busbar_core::ErrorKind::Timeout,
-                format!("announcing the member took longer than {BROKER_CALL:?}"),
-            )
-            .with_backend(BACKEND)),
-        }
+        let exchange = config::members_exchange(&self.shared.topic, &self.shared.options.group);
+        bounded(
+            "announcing the member",
+            announce(&self.control, &exchange, what, &self.id),
+        )
+        .await
     }
 
-    async fn announce_now(&self, what: &str) -> Result<()> {
-        let body = format!("{what}:{}", self.id);
-        self.control
-            .basic_publish(
-                ShortString::from(
-                    config::members_exchange(&self.shared.topic, &self.shared.options.group)
-                        .as_str(),
-                ),
-                ShortString::from(""),
-                BasicPublishOptions::default(),
-                body.as_bytes(),
-                BasicProperties::default(),
-            )
-            .await
-            .map_err(|e| map_err(e, "announcing the member"))?;
-        Ok(())
+    /// Starts announcing the member every [`HEARTBEAT`] on the current connection, from a
+    /// task of its own: a control loop busy with a slow broker call must not look dead to
+    /// the others (they would take its queues, and hand them back when it reappears).
+    fn start_heartbeat(&mut self) {
+        self.stop_heartbeat();
+        let control = self.control.clone();
+        let exchange = config::members_exchange(&self.shared.topic, &self.shared.options.group);
+        let id = self.id.clone();
+        let now = self.beat_now.clone();
+        self.beater = Some(tokio::spawn(async move {
+            loop {
+                let beat = announce(&control, &exchange, "hb", &id);
+                match tokio::time::timeout(BROKER_CALL, beat).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => tracing::debug!(member = %id, error = %e, "amqp: heartbeat failed"),
+                    Err(_) => tracing::debug!(member = %id, "amqp: heartbeat timed out"),
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(HEARTBEAT) => {}
+                    _ = now.notified() => {}
+                }
+            }
+        }));
+    }
+
+    fn stop_heartbeat(&mut self) {
+        if let Some(b) = self.beater.take() {
+            b.abort();
+        }
     }
 
     fn hear(&mut self, body: &[u8]) {
@@ -176,7 +226,7 @@ impl Member {
             Some(("join", id)) if id != self.id => {
                 // A newcomer: answer at once, so it learns the group before taking queues.
                 self.peers.insert(id.to_owned(), Instant::now());
-                self.beat_now = true;
+                self.beat_now.notify_one();
             }
             Some(("leave", id)) => {
                 self.peers.remove(id);
@@ -205,26 +255,35 @@ impl Member {
         target
     }
 
+    /// Starts consuming partition `p` on a channel of its own. Every broker call is bounded,
+    /// and a half-done take closes its channel again: a consumer left registered there could
+    /// be the queue's single active consumer with nobody reading it. A channel that cannot
+    /// be closed either is a [`busbar_core::ErrorKind::Connection`] error: the member
+    /// reconnects, which removes it for sure.
     async fn take(&mut self, p: u32) -> Result<()> {
-        let s = &self.shared;
-        let queue = config::queue(&s.topic, &s.options.group, p);
-        let ch = crate::create_channel(&self.conn).await?;
-        let prefetch = s.options.max_in_flight.clamp(16, 1000) as u16;
-        ch.basic_qos(prefetch, BasicQosOptions::default())
-            .await
-            .map_err(|e| map_err(e, "setting the prefetch"))?;
+        let ch = bounded("opening a channel", crate::create_channel(&self.conn)).await?;
         tracing::debug!(member = %self.id, partition = p, "amqp: taking a queue");
-        s.state().assign(p as i32);
-        let epoch = s.state().epoch_of(p as i32).unwrap_or(0);
-        let consumer = ch
-            .basic_consume(
-                ShortString::from(queue.as_str()),
-                ShortString::from(format!("{}-{p}", self.id).as_str()),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .map_err(|e| map_err(e, &format!("consuming {queue}")))?;
+        let consumed = bounded(
+            &format!("consuming partition {p}"),
+            self.consume(&ch, p),
+        )
+        .await;
+        let (epoch, consumer, queue) = match consumed {
+            Ok(c) => c,
+            Err(e) => {
+                self.shared.state().drop_partition(p as i32);
+                let close = ch.close(200, ShortString::from("not taken"));
+                if tokio::time::timeout(BROKER_CALL, close).await.is_err() {
+                    return Err(Error::new(
+                        busbar_core::ErrorKind::Connection,
+                        format!("{e}; closing its channel got no answer either"),
+                    )
+                    .with_backend(BACKEND));
+                }
+                return Err(e);
+            }
+        };
+        let s = &self.shared;
         s.channels
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -241,6 +300,28 @@ impl Member {
         Ok(())
     }
 
+    /// Sets the prefetch on `ch`, assigns partition `p` a fresh epoch and consumes its queue.
+    async fn consume(&self, ch: &Channel, p: u32) -> Result<(u64, lapin::Consumer, String)> {
+        let s = &self.shared;
+        let queue = config::queue(&s.topic, &s.options.group, p);
+        let prefetch = s.options.max_in_flight.clamp(16, 1000) as u16;
+        ch.basic_qos(prefetch, BasicQosOptions::default())
+            .await
+            .map_err(|e| map_err(e, "setting the prefetch"))?;
+        s.state().assign(p as i32);
+        let epoch = s.state().epoch_of(p as i32).unwrap_or(0);
+        let consumer = ch
+            .basic_consume(
+                ShortString::from(queue.as_str()),
+                ShortString::from(format!("{}-{p}", self.id).as_str()),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| map_err(e, &format!("consuming {queue}")))?;
+        Ok((epoch, consumer, queue))
+    }
+
     async fn release(&mut self, p: u32) -> Result<()> {
         if let Some(o) = self.owned.remove(&p) {
             tracing::debug!(member = %self.id, partition = p, "amqp: handing a queue over");
@@ -250,51 +331,55 @@ impl Member {
             // channel returns its unacked messages to the head of the queue. If
             // RabbitMQ does not confirm the close, the member leaves altogether (closing its
             // connection returns everything too) rather than keep a queue nobody serves.
-            let close = o.channel.close(200, ShortString::from("handed over"));
-            let closed = tokio::time::timeout(BROKER_CALL, close).await;
-            o.reader.abort();
-            match closed {
-                Ok(_) => {}
-                Err(_) => {
-                    return Err(Error::new(
-                        busbar_core::ErrorKind::Timeout,
-                        format!("RabbitMQ did not confirm closing partition {p}'s channel within {BROKER_CALL:?}"),
-                    )
-                    .with_backend(BACKEND))
-                }
-            }
+            // The partition is forgotten first: a late ack (racing the hand-over) then changes
+            // nothing instead of failing on a closing channel, and its message comes back.
             self.shared
                 .channels
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .remove(&(p as i32));
             self.shared.state().drop_partition(p as i32);
+            let close = o.channel.close(200, ShortString::from("handed over"));
+            let closed = tokio::time::timeout(BROKER_CALL, close).await;
+            o.reader.abort();
+            if closed.is_err() {
+                return Err(Error::new(
+                    busbar_core::ErrorKind::Timeout,
+                    format!("RabbitMQ did not confirm closing partition {p}'s channel within {BROKER_CALL:?}"),
+                )
+                .with_backend(BACKEND));
+            }
             self.shared.wake.notify_one();
         }
         Ok(())
     }
 
     async fn reconcile(&mut self) -> Result<()> {
+        // A queue whose consumer the broker ended (a channel error, a cancel) while this
+        // member still owns it would be served by nobody: give it up and take it again.
+        let ended: Vec<u32> = self
+            .owned
+            .iter()
+            .filter(|(_, o)| o.draining_since.is_none() && o.reader.is_finished())
+            .map(|(p, _)| *p)
+            .collect();
+        for p in ended {
+            tracing::warn!(member = %self.id, partition = p, "amqp: the consumer of an owned queue ended; taking the queue again");
+            self.release(p).await?;
+        }
         let target = self.target();
         for &p in &target {
             match self.owned.get_mut(&p) {
                 None => {
-                    let taken = match tokio::time::timeout(BROKER_CALL, self.take(p)).await {
-                        Ok(r) => r,
-                        Err(_) => Err(Error::new(
-                            busbar_core::ErrorKind::Timeout,
-                            format!("taking partition {p} took longer than {BROKER_CALL:?}"),
-                        )
-                        .with_backend(BACKEND)),
-                    };
-                    if let Err(e) = taken {
+                    if let Err(e) = self.take(p).await {
                         // A refused channel (lapin can still be closing one with the same
                         // id) is retried on the next tick; a lost connection ends the member.
-                        if !self.conn.status().connected() {
+                        if !self.conn.status().connected()
+                            || e.kind() == busbar_core::ErrorKind::Connection
+                        {
                             return Err(e);
                         }
                         tracing::debug!(partition = p, error = %e, "amqp: taking a queue failed; retrying");
-                        self.shared.state().drop_partition(p as i32);
                     }
                 }
                 Some(o) if o.draining_since.is_some() => {
@@ -347,6 +432,7 @@ impl Member {
     /// Forgets every queue (their channels died with the connection; RabbitMQ returns their
     /// unacked messages) and reconnects, with backoff, until it works or the member stops.
     async fn recover(&mut self) -> Option<lapin::Consumer> {
+        self.stop_heartbeat();
         let _ = tokio::time::timeout(
             BROKER_CALL,
             self.conn.close(200, ShortString::from("reconnecting")),
@@ -399,7 +485,6 @@ impl Member {
 
     async fn run(mut self, mut heard: lapin::Consumer) {
         let mut tick = tokio::time::interval(Duration::from_millis(200));
-        let mut last_beat = Instant::now() - HEARTBEAT;
         let mut joined = false;
         loop {
             if self.shared.is_stopped() {
@@ -409,6 +494,9 @@ impl Member {
             if !lost && !joined {
                 lost = self.join(&mut heard).await.is_err();
                 joined = !lost;
+                if joined {
+                    self.start_heartbeat();
+                }
             }
             if !lost {
                 tokio::select! {
@@ -419,11 +507,6 @@ impl Member {
                         Some(Err(_)) | None => lost = true,
                     },
                 }
-            }
-            if !lost && (last_beat.elapsed() >= HEARTBEAT || self.beat_now) {
-                last_beat = Instant::now();
-                self.beat_now = false;
-                lost = self.announce("hb").await.is_err();
             }
             if !lost {
                 if let Err(e) = self.reconcile().await {
@@ -441,6 +524,8 @@ impl Member {
                 }
             }
         }
+        tracing::debug!(member = %self.id, "amqp: member leaving");
+        self.stop_heartbeat();
         let _ = self.announce("leave").await;
         // Closing the connection returns every unacked message to its queue, in order. The
         // readers are dropped only afterwards (dropping one cancels its consumer first).
@@ -464,44 +549,63 @@ async fn member_connection(
     id: &str,
 ) -> Result<(Connection, Channel, lapin::Consumer)> {
     let conn = crate::open(&inner.config).await?;
-    let control = crate::create_channel(&conn).await?;
+    let control = bounded("opening the control channel", crate::create_channel(&conn)).await?;
     // Declared again (idempotent) in case the broker lost it.
-    crate::declare_members_exchange(&control, topic, group).await?;
-    let inbox = control
-        .queue_declare(
-            ShortString::from(""),
-            QueueDeclareOptions {
-                exclusive: true,
-                auto_delete: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .map_err(|e| map_err(e, "declaring the member's inbox"))?;
-    control
-        .queue_bind(
-            inbox.name().clone(),
-            ShortString::from(config::members_exchange(topic, group).as_str()),
-            ShortString::from(""),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .map_err(|e| map_err(e, "binding the member's inbox"))?;
-    let heard = control
-        .basic_consume(
-            inbox.name().clone(),
-            ShortString::from(format!("{id}-members").as_str()),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .map_err(|e| map_err(e, "reading the group's members"))?;
+    bounded(
+        "declaring the group's membership exchange",
+        crate::declare_members_exchange(&control, topic, group),
+    )
+    .await?;
+    let inbox = bounded("declaring the member's inbox", async {
+        control
+            .queue_declare(
+                ShortString::from(""),
+                QueueDeclareOptions {
+                    exclusive: true,
+                    auto_delete: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| map_err(e, "declaring the member's inbox"))
+    })
+    .await?;
+    bounded("binding the member's inbox", async {
+        control
+            .queue_bind(
+                inbox.name().clone(),
+                ShortString::from(config::members_exchange(topic, group).as_str()),
+                ShortString::from(""),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| map_err(e, "binding the member's inbox"))
+    })
+    .await?;
+    let heard = bounded("reading the group's members", async {
+        control
+            .basic_consume(
+                inbox.name().clone(),
+                ShortString::from(format!("{id}-members").as_str()),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| map_err(e, "reading the group's members"))
+    })
+    .await?;
     Ok((conn, control, heard))
+}
+
+impl Drop for Member {
+    fn drop(&mut self) {
+        self.stop_heartbeat();
+    }
 }
 
 /// A member of a consumer group on RabbitMQ.
@@ -519,6 +623,7 @@ impl AmqpSubscriber {
         let id = uuid::Uuid::now_v7().simple().to_string();
         let (conn, control, heard) = member_connection(&inner, topic, &options.group, &id).await?;
         let shared = Arc::new(Shared {
+            member: id.clone(),
             state: Mutex::new(State::new(options.ack_timeout, options.max_in_flight)),
             wake: Notify::new(),
             stop: AtomicBool::new(false),
@@ -536,7 +641,8 @@ impl AmqpSubscriber {
             shared: shared.clone(),
             owned: HashMap::new(),
             peers: HashMap::new(),
-            beat_now: false,
+            beat_now: Arc::new(Notify::new()),
+            beater: None,
             last_view: 0,
         };
         let task = tokio::spawn(member.run(heard));
@@ -554,7 +660,7 @@ impl AmqpSubscriber {
 
 impl Drop for AmqpSubscriber {
     fn drop(&mut self) {
-        self.shared.shut_down();
+        self.shared.shut_down("subscriber dropped");
     }
 }
 
@@ -587,7 +693,7 @@ impl Subscriber for AmqpSubscriber {
     }
 
     async fn close(&mut self) -> Result<()> {
-        self.shared.shut_down();
+        self.shared.shut_down("subscriber closed");
         if let Some(t) = self.task.take() {
             let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
         }
@@ -615,9 +721,19 @@ impl AmqpAck {
         let counted = self.shared.state().ack(self.token);
         if counted {
             if let Some(ch) = self.shared.channel_for(self.token) {
-                ch.basic_ack(self.token.offset as u64, BasicAckOptions::default())
-                    .await
-                    .map_err(|e| map_err(e, "acking"))?;
+                let ack = async {
+                    ch.basic_ack(self.token.offset as u64, BasicAckOptions::default())
+                        .await
+                        .map_err(|e| map_err(e, "acking"))
+                };
+                if let Err(e) = bounded("acking", ack).await {
+                    if self.shared.channel_for(self.token).is_some() {
+                        return Err(e);
+                    }
+                    // The queue was handed over (or the connection lost) meanwhile: RabbitMQ
+                    // hands the message out again, as for any ack that came too late.
+                    tracing::debug!(?self.token, error = %e, "amqp: ack raced a hand-over; the message comes back");
+                }
             }
         } else {
             tracing::debug!(?self.token, "amqp: ack of a delivery no longer held; ignored");

@@ -4,7 +4,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{anyhow, ensure, Context, Result};
+use anyhow::{anyhow, bail, ensure, Context, Result};
 use busbar_core::{Consumer, Event, EventBus, RetryPolicy, StartPosition};
 
 use crate::support::{
@@ -92,8 +92,9 @@ fn start_consumer(
                 .build()
                 .unwrap_or_default(),
         );
+    let ended = tracker.clone();
     tokio::spawn(async move {
-        consumer
+        let report = consumer
             .run(move |e: Event| {
                 let tracker = tracker.clone();
                 async move {
@@ -109,8 +110,26 @@ fn start_consumer(
                 }
             })
             .await
-            .map_err(anyhow::Error::from)
+            .map_err(anyhow::Error::from);
+        // Nothing in the case stops a consumer but the buses' close at its end: an earlier
+        // end is reported while the case still waits.
+        match &report {
+            Ok(r) => ended.consumer_ended(who, &format!("{r:?}")),
+            Err(e) => ended.consumer_ended(who, &format!("{e:#}")),
+        }
+        report
     })
+}
+
+/// Fails if a consumer of the case stopped by itself (the case stops none before its end).
+fn ensure_all_running(tracker: &OrderTracker) -> Result<()> {
+    let ended = tracker.ended_consumers();
+    ensure!(
+        ended.is_empty(),
+        "a consumer stopped while the case still needed it: {}",
+        ended.join("; ")
+    );
+    Ok(())
 }
 
 fn fastrand_like(id: &str) -> u64 {
@@ -153,9 +172,11 @@ pub async fn per_key_order_competing_consumers(ctx: Ctx) -> Result<Outcome> {
     wait_for(
         Duration::from_secs(120),
         "half of the messages to be handled",
-        move || t.handled() >= total / 2,
+        move || t.handled() >= total / 2 || !t.ended_consumers().is_empty(),
     )
-    .await?;
+    .await
+    .with_context(|| tracker.progress(&keys, per_key))?;
+    ensure_all_running(&tracker)?;
     // Crash one consumer (c2): its runner and subscriber are dropped, nothing is closed or
     // acked.
     tracker.note_all("-- c2 crashes, c4 joins --");
@@ -175,25 +196,42 @@ pub async fn per_key_order_competing_consumers(ctx: Ctx) -> Result<Outcome> {
     let all = wait_for(
         Duration::from_secs(150),
         "every message to be handled",
-        move || t.handled() >= total,
+        move || t.handled() >= total || !t.ended_consumers().is_empty(),
     )
-    .await;
-    for b in &buses {
-        let _ = b.close().await;
+    .await
+    .and_then(|()| ensure_all_running(&tracker))
+    .with_context(|| tracker.progress(&keys, per_key));
+    // Closing is bounded: a broker that stopped answering fails the case with its own
+    // findings, not the harness's timeout.
+    let closing = async {
+        for b in &buses {
+            let _ = b.close().await;
+        }
+    };
+    if tokio::time::timeout(Duration::from_secs(20), closing).await.is_err() {
+        all?;
+        bail!("closing the consumers' buses took longer than 20 s");
     }
     for (i, c) in consumers.into_iter().enumerate() {
-        match c.await {
+        let joined = tokio::time::timeout(Duration::from_secs(20), c)
+            .await
+            .map_err(|_| anyhow!("consumer {i} did not stop within 20 s of its bus closing"));
+        match joined {
+            Err(e) => {
+                all?;
+                return Err(e);
+            }
             // Closing the buses above can catch the consumer that joined last still
             // subscribing (a slow join): that is the test ending, not a lost guarantee — loss
             // and order are checked by the tracker.
-            Ok(Err(e))
+            Ok(Ok(Err(e)))
                 if e.downcast_ref::<busbar_core::Error>()
                     .is_some_and(|e| e.kind() == busbar_core::ErrorKind::Closed) => {}
-            Ok(r) => {
+            Ok(Ok(r)) => {
                 r.with_context(|| format!("consumer {i}"))?;
             }
-            Err(e) if e.is_cancelled() => {}
-            Err(e) => return Err(anyhow!("consumer {i} panicked: {e}")),
+            Ok(Err(e)) if e.is_cancelled() => {}
+            Ok(Err(e)) => return Err(anyhow!("consumer {i} panicked: {e}")),
         }
     }
     tracker.verify(&keys, per_key)?;
