@@ -145,6 +145,7 @@ pub async fn publish(subject: &Subject, n: usize, batch: Option<usize>) -> Resul
         bus.provision(&topic, &SubscribeOptions::new("bench"))
             .await?;
     }
+    // Each side's setup (topics, queues, groups) stays out of the timed region.
     let started = Instant::now();
     match subject {
         Subject::Busbar(bus) => match batch {
@@ -162,19 +163,20 @@ pub async fn publish(subject: &Subject, n: usize, batch: Option<usize>) -> Resul
                 }
             }
         },
-        Subject::RawRedis(r) => r.publish(&topic, n, batch.unwrap_or(1), payload).await?,
-        Subject::RawNats(r) => r.publish(&topic, n, batch.unwrap_or(1), payload).await?,
-        Subject::RawKafka(r) => r.publish(&topic, n, batch.unwrap_or(1), payload).await?,
-        Subject::RawAmqp(r) => r.publish(&topic, n, batch.unwrap_or(1), payload).await?,
-        Subject::RawSqs(r) => r.publish(&topic, n, batch.unwrap_or(1), payload).await?,
-        Subject::Omni(o) => o.publish(&topic, n, batch, payload).await?,
+        Subject::RawRedis(r) => return r.publish(&topic, n, batch.unwrap_or(1), payload).await,
+        Subject::RawNats(r) => return r.publish(&topic, n, batch.unwrap_or(1), payload).await,
+        Subject::RawKafka(r) => return r.publish(&topic, n, batch.unwrap_or(1), payload).await,
+        Subject::RawAmqp(r) => return r.publish(&topic, n, batch.unwrap_or(1), payload).await,
+        Subject::RawSqs(r) => return r.publish(&topic, n, batch.unwrap_or(1), payload).await,
+        Subject::Omni(o) => return o.publish(&topic, n, batch, payload).await,
     }
     Ok(started.elapsed())
 }
 
 /// Publishes `n` messages over 64 keys and consumes + acks all of them (busbar through the
 /// consumer runner, concurrency 16, per-key order kept); returns the time from the first
-/// publish to the last ack.
+/// publish to the last ack. Every side first gets one probe message through, untimed (see
+/// [`wait_seen`]).
 pub async fn end_to_end(subject: &Subject, n: usize) -> Result<Duration> {
     let topic = fresh_topic("e2e");
     match subject {
@@ -193,21 +195,24 @@ pub async fn end_to_end(subject: &Subject, n: usize) -> Result<Duration> {
                 move |_e: Event| {
                     let (d, f) = (d.clone(), f.clone());
                     async move {
-                        if d.fetch_add(1, AtomicOrdering::AcqRel) + 1 >= n {
+                        if d.fetch_add(1, AtomicOrdering::AcqRel) + 1 >= n + 1 {
                             f.notify_one();
                         }
                         Ok::<(), std::convert::Infallible>(())
                     }
                 },
-                wait_all(done.clone(), finished.clone(), n),
+                wait_all(done.clone(), finished.clone(), n + 1),
             ));
+            bus.publish(&topic, message(0), &PublishOptions::default())
+                .await?;
+            wait_seen(&done, 1, PROBE_LIMIT).await?;
             let started = Instant::now();
             for chunk in (0..n).collect::<Vec<_>>().chunks(100) {
                 let msgs = chunk.iter().map(|i| message(*i)).collect();
                 bus.publish_batch(&topic, msgs, &PublishOptions::default())
                     .await?;
             }
-            wait_all(done, finished, n).await;
+            wait_all(done, finished, n + 1).await;
             let elapsed = started.elapsed();
             run.await??;
             Ok(elapsed)
@@ -220,6 +225,25 @@ pub async fn end_to_end(subject: &Subject, n: usize) -> Result<Duration> {
         Subject::Omni(o) => o.end_to_end(&topic, n, payload).await,
     }
 }
+
+/// Waits until `seen` reaches `at_least`, failing after `limit`. The end-to-end workloads
+/// use it for their probe: one message published and consumed before the clock starts, so
+/// every side's consumer is attached and fetching (a Kafka group joined, a RabbitMQ member
+/// holding its queues, a long poll running) when the measured messages go out.
+pub(crate) async fn wait_seen(seen: &AtomicUsize, at_least: usize, limit: Duration) -> Result<()> {
+    let deadline = Instant::now() + limit;
+    while seen.load(AtomicOrdering::Acquire) < at_least {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the consumer did not get its first message within {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    Ok(())
+}
+
+/// How long a probe may take to come through (a Kafka group join, say).
+pub(crate) const PROBE_LIMIT: Duration = Duration::from_secs(120);
 
 async fn wait_all(done: Arc<AtomicUsize>, finished: Arc<tokio::sync::Notify>, n: usize) {
     loop {

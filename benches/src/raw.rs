@@ -24,14 +24,15 @@ impl RawRedis {
         Ok(Self { client, conn })
     }
 
-    /// Pipelined XADD of `n` entries, `batch` per round trip.
+    /// Pipelined XADD of `n` entries, `batch` per round trip; returns the time taken.
     pub async fn publish(
         &self,
         topic: &str,
         n: usize,
         batch: usize,
         payload: fn(usize) -> Vec<u8>,
-    ) -> Result<()> {
+    ) -> Result<Duration> {
+        let started = Instant::now();
         let key = format!("raw:{topic}");
         let mut conn = self.conn.clone();
         let mut i = 0;
@@ -53,7 +54,7 @@ impl RawRedis {
             pipe.query_async::<()>(&mut conn).await?;
             i += batch;
         }
-        Ok(())
+        Ok(started.elapsed())
     }
 
     /// XREADGROUP (COUNT 100) + one XACK per read, against pipelined XADD in batches of 100.
@@ -75,9 +76,10 @@ impl RawRedis {
             .await?;
         let mut reader = self.client.get_multiplexed_async_connection().await?;
         let k = key.clone();
+        let seen = Arc::new(AtomicUsize::new(0));
+        let s = seen.clone();
         let consumer = tokio::spawn(async move {
-            let mut seen = 0usize;
-            while seen < n {
+            while s.load(AtomicOrdering::Acquire) < n + 1 {
                 let reply: redis::Value = redis::cmd("XREADGROUP")
                     .arg("GROUP")
                     .arg("g")
@@ -95,16 +97,18 @@ impl RawRedis {
                 if ids.is_empty() {
                     continue;
                 }
-                seen += ids.len();
                 redis::cmd("XACK")
                     .arg(&k)
                     .arg("g")
                     .arg(&ids)
                     .query_async::<i64>(&mut reader)
                     .await?;
+                s.fetch_add(ids.len(), AtomicOrdering::AcqRel);
             }
             Ok::<(), redis::RedisError>(())
         });
+        self.publish(topic, 1, 1, payload).await?;
+        crate::wait_seen(&seen, 1, crate::PROBE_LIMIT).await?;
         let started = Instant::now();
         self.publish(topic, n, 100, payload).await?;
         consumer.await??;
@@ -170,16 +174,19 @@ impl RawNats {
         Ok((stream, subject))
     }
 
-    /// JetStream publish with up to `batch` acks outstanding.
+    /// JetStream publish with up to `batch` acks outstanding; returns the time taken after
+    /// the stream exists.
     pub async fn publish(
         &self,
         topic: &str,
         n: usize,
         batch: usize,
         payload: fn(usize) -> Vec<u8>,
-    ) -> Result<()> {
+    ) -> Result<Duration> {
         let (_, subject) = self.stream(topic).await?;
-        self.publish_on(&subject, n, batch, payload).await
+        let started = Instant::now();
+        self.publish_on(&subject, n, batch, payload).await?;
+        Ok(started.elapsed())
     }
 
     async fn publish_on(
@@ -228,6 +235,8 @@ impl RawNats {
             )
             .await
             .map_err(|e| anyhow!("consumer: {e}"))?;
+        let seen = Arc::new(AtomicUsize::new(0));
+        let s = seen.clone();
         let reader = tokio::spawn(async move {
             let mut messages = consumer
                 .stream()
@@ -235,18 +244,19 @@ impl RawNats {
                 .messages()
                 .await
                 .map_err(|e| anyhow!("pull: {e}"))?;
-            let mut seen = 0;
-            while seen < n {
+            while s.load(AtomicOrdering::Acquire) < n + 1 {
                 let m = messages
                     .next()
                     .await
                     .ok_or_else(|| anyhow!("pull ended"))?
                     .map_err(|e| anyhow!("pull: {e}"))?;
                 m.ack().await.map_err(|e| anyhow!("ack: {e}"))?;
-                seen += 1;
+                s.fetch_add(1, AtomicOrdering::AcqRel);
             }
             Ok::<(), anyhow::Error>(())
         });
+        self.publish_on(&subject, 1, 1, payload).await?;
+        crate::wait_seen(&seen, 1, crate::PROBE_LIMIT).await?;
         let started = Instant::now();
         self.publish_on(&subject, n, 100, payload).await?;
         reader.await??;
@@ -297,16 +307,19 @@ impl RawKafka {
         Ok(())
     }
 
-    /// Keyed sends with up to `batch` deliveries outstanding.
+    /// Keyed sends with up to `batch` deliveries outstanding; returns the time taken after
+    /// the topic exists.
     pub async fn publish(
         &self,
         topic: &str,
         n: usize,
         batch: usize,
         payload: fn(usize) -> Vec<u8>,
-    ) -> Result<()> {
+    ) -> Result<Duration> {
         self.create_topic(topic).await?;
-        self.publish_on(topic, n, batch, payload).await
+        let started = Instant::now();
+        self.publish_on(topic, n, batch, payload).await?;
+        Ok(started.elapsed())
     }
 
     async fn publish_on(
@@ -356,17 +369,20 @@ impl RawKafka {
             .set("enable.metrics.push", "false")
             .create()?;
         consumer.subscribe(&[topic])?;
+        let seen = Arc::new(AtomicUsize::new(0));
+        let s = seen.clone();
         let reader = tokio::spawn(async move {
-            let mut seen = 0;
-            while seen < n {
+            while s.load(AtomicOrdering::Acquire) < n + 1 {
                 let m = consumer.recv().await?;
                 consumer.store_offset_from_message(&m)?;
-                seen += 1;
+                s.fetch_add(1, AtomicOrdering::AcqRel);
             }
             // Dropping a consumer can block inside librdkafka: do it off the runtime.
             tokio::task::spawn_blocking(move || drop(consumer));
             Ok::<(), anyhow::Error>(())
         });
+        self.publish_on(topic, 1, 1, payload).await?;
+        crate::wait_seen(&seen, 1, crate::PROBE_LIMIT).await?;
         let started = Instant::now();
         self.publish_on(topic, n, 100, payload).await?;
         reader.await??;
@@ -445,16 +461,19 @@ impl OmniQueue {
         }
     }
 
-    /// `send_raw` one at a time, or `send_raw_batch` in batches.
+    /// `send_raw` one at a time, or `send_raw_batch` in batches; returns the time taken
+    /// after the producer exists.
     pub async fn publish(
         &self,
         topic: &str,
         n: usize,
         batch: Option<usize>,
         payload: fn(usize) -> Vec<u8>,
-    ) -> Result<()> {
+    ) -> Result<Duration> {
         let (producer, _consumer) = self.pair(topic).await?;
-        send(&producer, n, batch, payload).await
+        let started = Instant::now();
+        send(&producer, n, batch, payload).await?;
+        Ok(started.elapsed())
     }
 
     /// A consumer receiving and acking every message, against batches of 100.
@@ -468,7 +487,7 @@ impl OmniQueue {
         let seen = Arc::new(AtomicUsize::new(0));
         let s = seen.clone();
         let reader = tokio::spawn(async move {
-            while s.load(AtomicOrdering::Acquire) < n {
+            while s.load(AtomicOrdering::Acquire) < n + 1 {
                 let d = consumer
                     .receive()
                     .await
@@ -478,6 +497,8 @@ impl OmniQueue {
             }
             Ok::<(), anyhow::Error>(())
         });
+        send(&producer, 1, None, payload).await?;
+        crate::wait_seen(&seen, 1, crate::PROBE_LIMIT).await?;
         let started = Instant::now();
         send(&producer, n, Some(100), payload).await?;
         reader.await??;

@@ -122,18 +122,21 @@ impl RawAmqp {
         Ok(())
     }
 
-    /// `n` confirmed publishes, up to `batch` unconfirmed at a time.
+    /// `n` confirmed publishes, up to `batch` unconfirmed at a time; returns the time taken
+    /// after the exchange and queues exist.
     pub async fn publish(
         &self,
         topic: &str,
         n: usize,
         batch: usize,
         payload: fn(usize) -> Vec<u8>,
-    ) -> Result<()> {
+    ) -> Result<Duration> {
         let (conn, exchange, _) = self.declare(topic).await?;
+        let started = Instant::now();
         let result = Self::publish_on(&conn, &exchange, n, batch, payload).await;
+        let elapsed = started.elapsed();
         let _ = conn.close(200, ShortString::from("done")).await;
-        result
+        result.map(|()| elapsed)
     }
 
     /// One consumer per partition queue acking each message, against confirmed publishes
@@ -164,17 +167,19 @@ impl RawAmqp {
                 while let Some(d) = consumer.next().await {
                     let d = d?;
                     d.ack(BasicAckOptions::default()).await?;
-                    if seen.fetch_add(1, std::sync::atomic::Ordering::AcqRel) + 1 >= n {
+                    if seen.fetch_add(1, std::sync::atomic::Ordering::AcqRel) + 1 >= n + 1 {
                         done.notify_one();
                     }
                 }
                 Ok::<(), lapin::Error>(())
             }));
         }
+        Self::publish_on(&conn, &exchange, 1, 1, payload).await?;
+        crate::wait_seen(&seen, 1, crate::PROBE_LIMIT).await?;
         let started = Instant::now();
         Self::publish_on(&conn, &exchange, n, 100, payload).await?;
         tokio::time::timeout(Duration::from_secs(300), async {
-            while seen.load(std::sync::atomic::Ordering::Acquire) < n {
+            while seen.load(std::sync::atomic::Ordering::Acquire) < n + 1 {
                 let _ = tokio::time::timeout(Duration::from_millis(50), done.notified()).await;
             }
         })

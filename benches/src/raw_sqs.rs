@@ -72,16 +72,19 @@ impl RawSqs {
         Ok((arn, url))
     }
 
-    /// `n` keyed messages: one `Publish` each (`batch` = 1) or `PublishBatch` calls of 10.
+    /// `n` keyed messages: one `Publish` each (`batch` = 1) or `PublishBatch` calls of 10;
+    /// returns the time taken after the topic and queue exist.
     pub async fn publish(
         &self,
         topic: &str,
         n: usize,
         batch: usize,
         payload: fn(usize) -> Vec<u8>,
-    ) -> Result<()> {
+    ) -> Result<Duration> {
         let (arn, _) = self.topic_and_queue(topic).await?;
-        self.publish_on(&arn, n, batch, payload).await
+        let started = Instant::now();
+        self.publish_on(&arn, n, batch, payload).await?;
+        Ok(started.elapsed())
     }
 
     async fn publish_on(
@@ -150,7 +153,7 @@ impl RawSqs {
                 let (sqs, url, seen) = (self.sqs.clone(), url.clone(), seen.clone());
                 tokio::spawn(async move {
                     use std::sync::atomic::Ordering;
-                    while seen.load(Ordering::Acquire) < n {
+                    while seen.load(Ordering::Acquire) < n + 1 {
                         let got = sqs
                             .receive_message()
                             .queue_url(&url)
@@ -187,11 +190,19 @@ impl RawSqs {
                 })
             })
             .collect();
+        self.publish_on(&arn, 1, 1, payload).await?;
+        crate::wait_seen(&seen, 1, crate::PROBE_LIMIT).await?;
         let started = Instant::now();
         self.publish_on(&arn, n, 10, payload).await?;
+        // The clock stops at the last delete, not when the other receiver's long poll ends.
+        let all = crate::wait_seen(&seen, n + 1, Duration::from_secs(300)).await;
+        let elapsed = started.elapsed();
         for r in readers {
-            r.await??;
+            r.abort();
+            if let Ok(Err(e)) = r.await {
+                return Err(e);
+            }
         }
-        Ok(started.elapsed())
+        all.map(|()| elapsed)
     }
 }

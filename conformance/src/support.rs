@@ -218,6 +218,8 @@ struct TrackerState {
     first_violating_key: Option<(String, usize)>,
     /// Consumers whose run ended while the case still needed them: who, and how.
     ended: Vec<String>,
+    /// Successful handlings per consumer.
+    by_consumer: HashMap<String, usize>,
 }
 
 impl OrderTracker {
@@ -278,6 +280,7 @@ impl OrderTracker {
     /// As [`OrderTracker::done`], naming the consumer.
     pub fn done_by(&self, key: &str, n: usize, who: &str) {
         let mut s = self.state();
+        *s.by_consumer.entry(who.to_owned()).or_default() += 1;
         s.history
             .entry(key.to_owned())
             .or_default()
@@ -292,6 +295,11 @@ impl OrderTracker {
         while done.contains_key(low) {
             *low += 1;
         }
+    }
+
+    /// Successful handlings by consumer `who`.
+    pub fn handled_by(&self, who: &str) -> usize {
+        self.state().by_consumer.get(who).copied().unwrap_or(0)
     }
 
     /// Records that consumer `who` stopped by itself (its run returned), with how it ended.

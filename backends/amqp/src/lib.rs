@@ -558,7 +558,9 @@ impl EventBus for AmqpBus {
             .await
             .is_err()
         {
-            tracing::warn!("amqp: RabbitMQ did not confirm closing the bus's connection within 5 s");
+            tracing::warn!(
+                "amqp: RabbitMQ did not confirm closing the bus's connection within 5 s"
+            );
         }
         Ok(())
     }

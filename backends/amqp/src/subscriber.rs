@@ -200,7 +200,9 @@ impl Member {
                 let beat = announce(&control, &exchange, "hb", &id);
                 match tokio::time::timeout(BROKER_CALL, beat).await {
                     Ok(Ok(())) => {}
-                    Ok(Err(e)) => tracing::debug!(member = %id, error = %e, "amqp: heartbeat failed"),
+                    Ok(Err(e)) => {
+                        tracing::debug!(member = %id, error = %e, "amqp: heartbeat failed")
+                    }
                     Err(_) => tracing::debug!(member = %id, "amqp: heartbeat timed out"),
                 }
                 tokio::select! {
@@ -263,11 +265,7 @@ impl Member {
     async fn take(&mut self, p: u32) -> Result<()> {
         let ch = bounded("opening a channel", crate::create_channel(&self.conn)).await?;
         tracing::debug!(member = %self.id, partition = p, "amqp: taking a queue");
-        let consumed = bounded(
-            &format!("consuming partition {p}"),
-            self.consume(&ch, p),
-        )
-        .await;
+        let consumed = bounded(&format!("consuming partition {p}"), self.consume(&ch, p)).await;
         let (epoch, consumer, queue) = match consumed {
             Ok(c) => c,
             Err(e) => {

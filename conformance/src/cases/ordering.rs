@@ -12,19 +12,19 @@ use crate::support::{
 };
 use crate::Outcome;
 
-/// Publishes `per_key` messages for each key, each key from its own task (so keys
+/// Publishes messages `seq` (e.g. `0..100`) of each key, each key from its own task (so keys
 /// interleave), and returns all ids.
 async fn publish_keys(
     bus: &Arc<dyn EventBus>,
     topic: &str,
     keys: &[String],
-    per_key: usize,
+    seq: std::ops::Range<usize>,
 ) -> Result<Vec<String>> {
     let mut tasks = tokio::task::JoinSet::new();
     for k in keys {
-        let (bus, topic, k) = (bus.clone(), topic.to_owned(), k.clone());
+        let (bus, topic, k, seq) = (bus.clone(), topic.to_owned(), k.clone(), seq.clone());
         tasks.spawn(async move {
-            let msgs = (0..per_key).map(|n| keyed(&k, n)).collect();
+            let msgs = seq.map(|n| keyed(&k, n)).collect();
             publish_all(bus.as_ref(), &topic, msgs).await
         });
     }
@@ -43,7 +43,7 @@ pub async fn per_key_order_single_consumer(ctx: Ctx) -> Result<Outcome> {
     let group = ctx.group("g");
     ctx.bus.provision(&topic, &latest(&group)).await?;
     let mut sub = ctx.bus.subscribe(&topic, latest(&group)).await?;
-    let ids = publish_keys(&ctx.bus, &topic, &keys, per_key).await?;
+    let ids = publish_keys(&ctx.bus, &topic, &keys, 0..per_key).await?;
     let expected: HashSet<String> = ids.into_iter().collect();
     let got = collect(&mut sub, &expected, Duration::from_secs(90), true).await?;
     let mut next: HashMap<String, usize> = HashMap::new();
@@ -138,13 +138,14 @@ fn fastrand_like(id: &str) -> u64 {
 }
 
 /// Per-key order holds through the consumer runner with 3 consumers in one group, one of
-/// them dropped (not closed) halfway, a new one joining, and injected handler failures that
-/// the runner retries: whenever a handler starts message n of a key, every earlier message
-/// of that key has been handled successfully at least once. Nothing is lost.
+/// them dropped (not closed) halfway, a new one joining — and getting work: messages keep
+/// coming until it has handled some — and injected handler failures that the runner
+/// retries: whenever a handler starts message n of a key, every earlier message of that key
+/// has been handled successfully at least once. Nothing is lost.
 pub async fn per_key_order_competing_consumers(ctx: Ctx) -> Result<Outcome> {
     let keys: Vec<String> = (0..64).map(|k| format!("key{k}")).collect();
-    let per_key = ctx.count(50);
-    let total = keys.len() * per_key;
+    // Messages per key before the crash; more follow while c4 joins.
+    let first = ctx.count(50);
     let topic = ctx.topic("t");
     let group = ctx.group("g");
     let ack_timeout = Duration::from_secs(3);
@@ -166,16 +167,17 @@ pub async fn per_key_order_competing_consumers(ctx: Ctx) -> Result<Outcome> {
         ));
         buses.push(bus);
     }
-    publish_keys(&ctx.bus, &topic, &keys, per_key).await?;
+    publish_keys(&ctx.bus, &topic, &keys, 0..first).await?;
 
     let t = tracker.clone();
+    let half = keys.len() * first / 2;
     wait_for(
         Duration::from_secs(120),
         "half of the messages to be handled",
-        move || t.handled() >= total / 2 || !t.ended_consumers().is_empty(),
+        move || t.handled() >= half || !t.ended_consumers().is_empty(),
     )
     .await
-    .with_context(|| tracker.progress(&keys, per_key))?;
+    .with_context(|| tracker.progress(&keys, first))?;
     ensure_all_running(&tracker)?;
     // Crash one consumer (c2): its runner and subscriber are dropped, nothing is closed or
     // acked.
@@ -191,6 +193,33 @@ pub async fn per_key_order_competing_consumers(ctx: Ctx) -> Result<Outcome> {
         ack_timeout,
     ));
     buses.push(bus);
+
+    // c4 must get work, not join a group that already finished: one more message per key
+    // every round until c4 has handled one, then a few rounds more.
+    let mut per_key = first;
+    let joining_since = tokio::time::Instant::now();
+    let mut rounds_left: Option<u32> = None;
+    let mut c4_first = Duration::ZERO;
+    while rounds_left != Some(0) {
+        publish_keys(&ctx.bus, &topic, &keys, per_key..per_key + 1).await?;
+        per_key += 1;
+        ensure_all_running(&tracker).with_context(|| tracker.progress(&keys, per_key))?;
+        match rounds_left.as_mut() {
+            Some(left) => *left -= 1,
+            None if tracker.handled_by("c4") > 0 => {
+                c4_first = joining_since.elapsed();
+                rounds_left = Some(5);
+            }
+            None if joining_since.elapsed() > Duration::from_secs(90) => bail!(
+                "c4 handled nothing within 90 s of joining while the group kept receiving messages ({})",
+                tracker.progress(&keys, per_key)
+            ),
+            None => {}
+        }
+        let pause = if per_key - first < 50 { 100 } else { 500 };
+        tokio::time::sleep(Duration::from_millis(pause)).await;
+    }
+    let total = keys.len() * per_key;
 
     let t = tracker.clone();
     let all = wait_for(
@@ -208,7 +237,10 @@ pub async fn per_key_order_competing_consumers(ctx: Ctx) -> Result<Outcome> {
             let _ = b.close().await;
         }
     };
-    if tokio::time::timeout(Duration::from_secs(20), closing).await.is_err() {
+    if tokio::time::timeout(Duration::from_secs(20), closing)
+        .await
+        .is_err()
+    {
         all?;
         bail!("closing the consumers' buses took longer than 20 s");
     }
@@ -237,7 +269,9 @@ pub async fn per_key_order_competing_consumers(ctx: Ctx) -> Result<Outcome> {
     tracker.verify(&keys, per_key)?;
     all?;
     Ok(Outcome::with_duplicates(tracker.duplicates()).note(format!(
-        "{total} messages, 64 keys, one consumer crashed, one joined"
+        "{total} messages, 64 keys; c2 crashed, c4 joined, handled its first after {:.1}s and {} in all",
+        c4_first.as_secs_f64(),
+        tracker.handled_by("c4")
     )))
 }
 
