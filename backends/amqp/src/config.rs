@@ -176,4 +176,12 @@ mod tests {
             );
         }
     }
+
+    #[test]
+    fn heartbeat_defaults_to_10_s_and_the_url_wins() {
+        let c = AmqpConfig::from_url("amqp://h/%2f").expect("ok");
+        assert!(c.uri.ends_with("?heartbeat=10"), "{}", c.uri);
+        let c = AmqpConfig::from_url("amqp://h/%2f?heartbeat=30").expect("ok");
+        assert!(c.uri.ends_with("?heartbeat=30"), "{}", c.uri);
+    }
 }
