@@ -195,7 +195,8 @@ pub async fn end_to_end(subject: &Subject, n: usize) -> Result<Duration> {
                 move |_e: Event| {
                     let (d, f) = (d.clone(), f.clone());
                     async move {
-                        if d.fetch_add(1, AtomicOrdering::AcqRel) + 1 >= n + 1 {
+                        // n measured messages after the probe
+                        if d.fetch_add(1, AtomicOrdering::AcqRel) >= n {
                             f.notify_one();
                         }
                         Ok::<(), std::convert::Infallible>(())

@@ -167,7 +167,7 @@ impl RawAmqp {
                 while let Some(d) = consumer.next().await {
                     let d = d?;
                     d.ack(BasicAckOptions::default()).await?;
-                    if seen.fetch_add(1, std::sync::atomic::Ordering::AcqRel) + 1 >= n + 1 {
+                    if seen.fetch_add(1, std::sync::atomic::Ordering::AcqRel) >= n {
                         done.notify_one();
                     }
                 }
