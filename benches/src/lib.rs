@@ -176,7 +176,7 @@ pub async fn publish(subject: &Subject, n: usize, batch: Option<usize>) -> Resul
 /// Publishes `n` messages over 64 keys and consumes + acks all of them (busbar through the
 /// consumer runner, concurrency 16, per-key order kept); returns the time from the first
 /// publish to the last ack. Every side first gets one probe message through, untimed (see
-/// [`wait_seen`]).
+/// `wait_seen`).
 pub async fn end_to_end(subject: &Subject, n: usize) -> Result<Duration> {
     let topic = fresh_topic("e2e");
     match subject {
@@ -270,7 +270,7 @@ pub struct Latency {
 }
 
 /// Publishes `count` messages at `rate` per second (one at a time) and measures publish ->
-/// handler time through busbar's consumer runner, in an HDR histogram.
+/// handler time through busbar's consumer runner, in an HDR histogram (after an unmeasured probe).
 pub async fn latency(bus: &Arc<dyn EventBus>, rate: u32, count: usize) -> Result<Latency> {
     let topic = fresh_topic("latency");
     let consumer = Consumer::new(bus.clone(), &topic)
@@ -285,12 +285,17 @@ pub async fn latency(bus: &Arc<dyn EventBus>, rate: u32, count: usize) -> Result
     ));
     let epoch = Instant::now();
     let seen = Arc::new(AtomicU64::new(0));
-    let (h, s) = (hist.clone(), seen.clone());
+    let probed = Arc::new(AtomicUsize::new(0));
+    let (h, s, pr) = (hist.clone(), seen.clone(), probed.clone());
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let run = tokio::spawn(consumer.run_until(
         move |e: Event| {
-            let (h, s) = (h.clone(), s.clone());
+            let (h, s, pr) = (h.clone(), s.clone(), pr.clone());
             async move {
+                if e.payload().starts_with(b"probe") {
+                    pr.fetch_add(1, AtomicOrdering::AcqRel);
+                    return Ok(());
+                }
                 let sent: u64 = std::str::from_utf8(&e.payload()[..20])
                     .ok()
                     .and_then(|t| t.parse().ok())
@@ -307,6 +312,10 @@ pub async fn latency(bus: &Arc<dyn EventBus>, rate: u32, count: usize) -> Result
             let _ = stop_rx.await;
         },
     ));
+    // Not measured: a probe through first, so the consumer is attached (see `wait_seen`).
+    bus.publish(&topic, Message::new("probe"), &PublishOptions::default())
+        .await?;
+    wait_seen(&probed, 1, PROBE_LIMIT).await?;
     let gap = Duration::from_secs_f64(1.0 / f64::from(rate.max(1)));
     let mut next = tokio::time::Instant::now();
     for i in 0..count {
