@@ -1,6 +1,6 @@
 //! Criterion throughput benches: `<backend>/publish`, `<backend>/publish_batch100` and
-//! `<backend>/e2e`, each with `busbar`, `raw` (the client crate directly) and `omniqueue`
-//! where it supports the broker. Brokers come from `BUSBAR_<BACKEND>_URL` (defaults on
+//! `<backend>/e2e`, each with `busbar`, `raw` (the client crate directly) and the peer crates
+//! where they support the broker (`omniqueue`: memory, Redis; `ruststream`: NATS, Redis, Kafka). Brokers come from `BUSBAR_<BACKEND>_URL` (defaults on
 //! 127.0.0.1); a backend whose broker is unreachable is skipped with a message.
 //! `BUSBAR_BENCH_QUICK=1` (CI's smoke run) uses small message counts.
 #![allow(missing_docs, clippy::panic)]

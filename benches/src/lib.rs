@@ -11,6 +11,7 @@ mod raw;
 mod raw_amqp;
 mod raw_sqs;
 pub mod report;
+mod ruststream_peer;
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering as AtomicOrdering};
 use std::sync::{Arc, Mutex};
@@ -25,6 +26,7 @@ pub mod outbox;
 pub use raw::{OmniQueue, RawKafka, RawNats, RawRedis};
 pub use raw_amqp::RawAmqp;
 pub use raw_sqs::RawSqs;
+pub use ruststream_peer::RustStreamPeer;
 
 /// The backends benchmarked: name, URL variable, default URL. A new backend adds a line.
 pub const BACKENDS: &[(&str, &str, &str)] = &[
@@ -68,10 +70,12 @@ pub enum Subject {
     RawSqs(RawSqs),
     /// The omniqueue crate (memory or Redis).
     Omni(OmniQueue),
+    /// The ruststream framework (NATS, Redis, Kafka).
+    RustStream(RustStreamPeer),
 }
 
 impl Subject {
-    /// `busbar`, `raw` or `omniqueue`.
+    /// `busbar`, `raw`, `omniqueue` or `ruststream`.
     pub fn label(&self) -> &'static str {
         match self {
             Subject::Busbar(_) => "busbar",
@@ -81,6 +85,7 @@ impl Subject {
             | Subject::RawAmqp(_)
             | Subject::RawSqs(_) => "raw",
             Subject::Omni(_) => "omniqueue",
+            Subject::RustStream(_) => "ruststream",
         }
     }
 }
@@ -97,9 +102,19 @@ pub async fn subjects_for(url: &str) -> Result<Vec<Subject>> {
         "redis" | "rediss" => {
             out.push(Subject::RawRedis(RawRedis::connect(url).await?));
             out.push(Subject::Omni(OmniQueue::redis(url)));
+            out.push(Subject::RustStream(RustStreamPeer::redis(url)));
         }
-        "nats" | "tls" => out.push(Subject::RawNats(RawNats::connect(url).await?)),
-        "kafka" => out.push(Subject::RawKafka(RawKafka::connect(url).await?)),
+        "nats" => {
+            let raw = RawNats::connect(url).await?;
+            out.push(Subject::RawNats(raw.clone()));
+            out.push(Subject::RustStream(RustStreamPeer::nats(raw, url)));
+        }
+        "tls" => out.push(Subject::RawNats(RawNats::connect(url).await?)),
+        "kafka" => {
+            let raw = RawKafka::connect(url).await?;
+            out.push(Subject::RawKafka(raw.clone()));
+            out.push(Subject::RustStream(RustStreamPeer::kafka(raw, url)));
+        }
         "amqp" | "amqps" => out.push(Subject::RawAmqp(RawAmqp::connect(url).await?)),
         "sqs" => out.push(Subject::RawSqs(RawSqs::connect(url).await?)),
         _ => {}
@@ -169,6 +184,7 @@ pub async fn publish(subject: &Subject, n: usize, batch: Option<usize>) -> Resul
         Subject::RawAmqp(r) => return r.publish(&topic, n, batch.unwrap_or(1), payload).await,
         Subject::RawSqs(r) => return r.publish(&topic, n, batch.unwrap_or(1), payload).await,
         Subject::Omni(o) => return o.publish(&topic, n, batch, payload).await,
+        Subject::RustStream(r) => return r.publish(&topic, n, batch, payload).await,
     }
     Ok(started.elapsed())
 }
@@ -224,6 +240,7 @@ pub async fn end_to_end(subject: &Subject, n: usize) -> Result<Duration> {
         Subject::RawAmqp(r) => r.end_to_end(&topic, n, payload).await,
         Subject::RawSqs(r) => r.end_to_end(&topic, n, payload).await,
         Subject::Omni(o) => o.end_to_end(&topic, n, payload).await,
+        Subject::RustStream(r) => r.end_to_end(&topic, n, payload).await,
     }
 }
 

@@ -145,6 +145,11 @@ pub struct RawNats {
     js: async_nats::jetstream::Context,
 }
 
+/// The JetStream stream the raw NATS baseline (and the ruststream peer) use for `topic`.
+pub(crate) fn nats_stream_name(topic: &str) -> String {
+    format!("RAW_{}", busbar::nats::encode_topic(topic))
+}
+
 impl RawNats {
     /// Connects to `url` (`nats://host:port`).
     pub async fn connect(url: &str) -> Result<Self> {
@@ -159,8 +164,11 @@ impl RawNats {
         })
     }
 
-    async fn stream(&self, topic: &str) -> Result<(async_nats::jetstream::stream::Stream, String)> {
-        let name = format!("RAW_{}", busbar::nats::encode_topic(topic));
+    pub(crate) async fn stream(
+        &self,
+        topic: &str,
+    ) -> Result<(async_nats::jetstream::stream::Stream, String)> {
+        let name = nats_stream_name(topic);
         let subject = format!("raw.{}", busbar::nats::encode_topic(topic));
         let stream = self
             .js
@@ -292,7 +300,7 @@ impl RawKafka {
         Ok(Self { servers, producer })
     }
 
-    async fn create_topic(&self, topic: &str) -> Result<()> {
+    pub(crate) async fn create_topic(&self, topic: &str) -> Result<()> {
         use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
         let admin: AdminClient<rdkafka::client::DefaultClientContext> =
             rdkafka::ClientConfig::new()

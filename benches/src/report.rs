@@ -17,11 +17,14 @@ pub struct Row {
     pub backend: String,
     /// `publish`, `publish_batch100` or `e2e`.
     pub workload: String,
-    /// `busbar`, `raw` or `omniqueue`.
+    /// `busbar`, `raw` or a peer (see [`PEERS`]).
     pub subject: String,
     /// Mean messages per second.
     pub msgs_per_s: f64,
 }
+
+/// The peer crates compared, in column order.
+pub const PEERS: [&str; 2] = ["omniqueue", "ruststream"];
 
 /// Reads every `<group>/<function>/new/{benchmark,estimates}.json` under criterion's output
 /// directory (normally `target/criterion`).
@@ -136,34 +139,46 @@ pub fn markdown(
          compare the ratios measured side by side, not the absolute numbers. 100-byte payloads, \
          fresh topic per run, consumer attached before publishing, criterion's warm-up discarded. \
          `e2e` publishes N messages over 64 keys (batches of 100) and consumes + acks them: \
-         busbar through its consumer runner (concurrency 16, per-key order kept, one confirmed ack \
-         per message), raw = the client crate with its best settings (Redis: XREADGROUP COUNT 100 \
-         and one XACK per read; NATS: pull consumer, fire-and-forget acks), omniqueue = its own \
-         consumer, one ack per message.\n",
+         busbar through its consumer runner (concurrency 16, per-key order kept, every message \
+         acked: Redis XACK coalesced per partition, NATS confirmed double ack, Kafka offsets \
+         committed periodically, RabbitMQ basic.ack, SQS batched deletes), raw = the client crate \
+         with its best settings (Redis: XREADGROUP COUNT 100 and one XACK per read; NATS: pull \
+         consumer, one ack per message), omniqueue = its own \
+         consumer, one ack per message; ruststream = an app with one `#[subscriber]` on 16 lanes \
+         keyed by the partition key (`workers(16, by_key)`), its publisher in rounds of 100 \
+         concurrent publishes.\n",
         machine_info()
     );
     let _ = writeln!(out, "![msgs/s per backend]({chart})\n");
     let _ = writeln!(out, "## Throughput (messages/s, mean)\n");
-    let _ = writeln!(
-        out,
-        "| backend | workload | busbar | raw client | omniqueue | busbar/raw | busbar/omniqueue |"
-    );
-    let _ = writeln!(out, "|---|---|---|---|---|---|---|");
+    let mut header = String::from("| backend | workload | busbar | raw client |");
+    let mut rule = String::from("|---|---|---|---|");
+    for peer in PEERS {
+        let _ = write!(header, " {peer} |");
+        rule.push_str("---|");
+    }
+    header.push_str(" busbar/raw |");
+    rule.push_str("---|");
+    for peer in PEERS {
+        let _ = write!(header, " busbar/{peer} |");
+        rule.push_str("---|");
+    }
+    let _ = writeln!(out, "{header}\n{rule}");
     for ((backend, workload), m) in &by {
-        let (b, r, o) = (
-            m.get("busbar").copied(),
-            m.get("raw").copied(),
-            m.get("omniqueue").copied(),
-        );
-        let _ = writeln!(
-            out,
-            "| {backend} | {workload} | {} | {} | {} | {} | {} |",
+        let (b, r) = (m.get("busbar").copied(), m.get("raw").copied());
+        let mut line = format!(
+            "| {backend} | {workload} | {} | {} |",
             fmt_rate(b),
-            fmt_rate(r),
-            fmt_rate(o),
-            ratio(b, r),
-            ratio(b, o)
+            fmt_rate(r)
         );
+        for peer in PEERS {
+            let _ = write!(line, " {} |", fmt_rate(m.get(peer).copied()));
+        }
+        let _ = write!(line, " {} |", ratio(b, r));
+        for peer in PEERS {
+            let _ = write!(line, " {} |", ratio(b, m.get(peer).copied()));
+        }
+        let _ = writeln!(out, "{line}");
     }
     if !latencies.is_empty() {
         let _ = writeln!(
@@ -213,12 +228,14 @@ pub fn chart(rows: &[Row], path: &Path) -> Result<()> {
         .map(|r| (r.backend.clone(), r.workload.clone()))
         .collect();
     groups.dedup();
-    let subjects = ["busbar", "raw", "omniqueue"];
+    let subjects = ["busbar", "raw", PEERS[0], PEERS[1]];
     let colors = [
         RGBColor(31, 119, 180),
         RGBColor(255, 127, 14),
         RGBColor(44, 160, 44),
+        RGBColor(148, 103, 189),
     ];
+    let bar = 0.8 / subjects.len() as f64;
     let max = rows.iter().map(|r| r.msgs_per_s).fold(10.0, f64::max);
     let width = (160 * groups.len().max(1)) as u32 + 120;
     let root = SVGBackend::new(path, (width, 480)).into_drawing_area();
@@ -226,7 +243,7 @@ pub fn chart(rows: &[Row], path: &Path) -> Result<()> {
     let names: Vec<String> = groups.iter().map(|(b, w)| format!("{b}/{w}")).collect();
     let mut chart = ChartBuilder::on(&root)
         .caption(
-            "busbar vs raw client vs omniqueue (msgs/s, log scale)",
+            "busbar vs raw client vs peers (msgs/s, log scale)",
             ("sans-serif", 20),
         )
         .margin(15)
@@ -256,9 +273,9 @@ pub fn chart(rows: &[Row], path: &Path) -> Result<()> {
                 rows.iter()
                     .find(|r| &r.backend == b && &r.workload == w && r.subject == *subject)
                     .map(|r| {
-                        let x0 = i as f64 + 0.1 + j as f64 * 0.27;
+                        let x0 = i as f64 + 0.1 + j as f64 * bar;
                         Rectangle::new(
-                            [(x0, 10.0), (x0 + 0.25, r.msgs_per_s.max(10.0))],
+                            [(x0, 10.0), (x0 + bar * 0.9, r.msgs_per_s.max(10.0))],
                             color.filled(),
                         )
                     })
@@ -296,11 +313,12 @@ mod tests {
         let rows = vec![
             row("redis", "e2e", "busbar", 40_000.0),
             row("redis", "e2e", "raw", 80_000.0),
+            row("redis", "e2e", "ruststream", 20_000.0),
             row("outbox", "memory", "2_relays", 47_200.0),
         ];
         let md = markdown(&rows, &BTreeMap::new(), "today", "chart.svg");
         assert!(
-            md.contains("| redis | e2e | 40.0 k | 80.0 k | – | 0.50 | – |"),
+            md.contains("| redis | e2e | 40.0 k | 80.0 k | – | 20.0 k | 0.50 | – | 2.00 |"),
             "{md}"
         );
         assert!(md.contains("| memory | 2 relays | 47.2 k |"), "{md}");

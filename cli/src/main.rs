@@ -232,27 +232,40 @@ async fn bench(url: &str, n: usize, rate: u32) -> anyhow::Result<()> {
         "busbar bench {} ({n} messages of 100 bytes per workload)\n",
         busbar::redact_url(url)
     );
-    println!(
-        "{:<18} {:>14} {:>14} {:>14} {:>11} {:>17}",
-        "workload", "busbar msg/s", "raw msg/s", "omniqueue", "busbar/raw", "busbar/omniqueue"
+    // Only the peers that support this broker get columns.
+    let peers: Vec<&str> = busbar_benches::report::PEERS
+        .into_iter()
+        .filter(|p| table.iter().any(|(_, row)| get(row, p).is_some()))
+        .collect();
+    let mut header = format!(
+        "{:<18} {:>14} {:>14}",
+        "workload", "busbar msg/s", "raw msg/s"
     );
+    for p in &peers {
+        header.push_str(&format!(" {p:>14}"));
+    }
+    header.push_str(&format!(" {:>11}", "busbar/raw"));
+    for p in &peers {
+        header.push_str(&format!(" {:>18}", format!("busbar/{p}")));
+    }
+    println!("{header}");
+    let f = |x: Option<f64>| x.map_or("-".to_owned(), |v| format!("{v:.0}"));
+    let q = |a: Option<f64>, c: Option<f64>| match (a, c) {
+        (Some(a), Some(c)) if c > 0.0 => format!("{:.2}", a / c),
+        _ => "-".to_owned(),
+    };
     for (w, row) in &table {
         let b = get(row, "busbar");
         let r = get(row, "raw");
-        let o = get(row, "omniqueue");
-        let f = |x: Option<f64>| x.map_or("-".to_owned(), |v| format!("{v:.0}"));
-        let q = |a: Option<f64>, c: Option<f64>| match (a, c) {
-            (Some(a), Some(c)) if c > 0.0 => format!("{:.2}", a / c),
-            _ => "-".to_owned(),
-        };
-        println!(
-            "{w:<18} {:>14} {:>14} {:>14} {:>11} {:>17}",
-            f(b),
-            f(r),
-            f(o),
-            q(b, r),
-            q(b, o)
-        );
+        let mut line = format!("{w:<18} {:>14} {:>14}", f(b), f(r));
+        for p in &peers {
+            line.push_str(&format!(" {:>14}", f(get(row, p))));
+        }
+        line.push_str(&format!(" {:>11}", q(b, r)));
+        for p in &peers {
+            line.push_str(&format!(" {:>18}", q(b, get(row, p))));
+        }
+        println!("{line}");
     }
     if let Some(l) = lat {
         println!(

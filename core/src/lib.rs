@@ -2,6 +2,7 @@
 
 pub mod bus;
 pub mod capabilities;
+pub mod coalesce;
 pub mod error;
 pub mod inflight;
 pub mod memory;

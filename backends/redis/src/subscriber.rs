@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use busbar_core::coalesce::Coalescer;
 use busbar_core::{
     default_dead_letter_topic, Ack, DeadLetterPolicy, Delivery, Error, ErrorKind, Event, Message,
     NackAction, Result, SubscribeOptions, Subscriber,
@@ -55,6 +56,11 @@ struct State {
     retry: BTreeMap<(Instant, u64), Entry>,
     /// Handed-out deliveries and their ack deadlines.
     inflight: HashMap<(u32, String), Instant>,
+    /// Partitions an XREADGROUP of `next()` is reading right now. Such a partition is not
+    /// released until the read returned: an entry it brings would otherwise become pending on
+    /// this member after the next owner recovered the partition, and that owner would read
+    /// newer entries of the key first.
+    reading: Vec<u32>,
     seq: u64,
     cursor: usize,
 }
@@ -131,6 +137,8 @@ pub(crate) struct SubShared {
     closed: AtomicBool,
     wake: Notify,
     wake_bg: Notify,
+    /// Acks of concurrently finishing handlers, sent as one XACK per partition.
+    acks: Coalescer<u32, String>,
 }
 
 impl SubShared {
@@ -250,7 +258,7 @@ impl SubShared {
                         });
                         st.retry.retain(|_, e| e.partition != p);
                         let stuck = drain.is_some_and(|d| now - d > self.options.ack_timeout);
-                        if st.inflight_in(p) == 0 || stuck {
+                        if (st.inflight_in(p) == 0 && !st.reading.contains(&p)) || stuck {
                             to_release.push(p);
                         }
                     }
@@ -401,22 +409,11 @@ impl SubShared {
                 );
                 let dlq = default_dead_letter_topic(&self.topic);
                 if self.inner.publish_many(&dlq, &[dead], None).await.is_ok() {
-                    let _ = self.xack(p, &raw.stream_id).await;
+                    let _ = self.acks.submit(p, raw.stream_id.clone()).await;
                 }
                 None
             }
         }
-    }
-
-    async fn xack(&self, p: u32, id: &str) -> Result<()> {
-        redis::cmd("XACK")
-            .arg(self.stream(p))
-            .arg(&self.options.group)
-            .arg(id)
-            .query_async::<i64>(&mut self.conn())
-            .await
-            .map(|_| ())
-            .map_err(|e| map(e, "acking"))
     }
 
     /// Redelivers our deliveries whose ack timeout expired (and entries read but lost before
@@ -522,6 +519,21 @@ impl SubShared {
             .map_err(|e| map(e, "moving due delayed messages"))
     }
 
+    /// `next()`'s read returned: a partition it held back from a hand-over may go now.
+    fn read_done(&self) {
+        let mut st = self.lock();
+        let draining = st.reading.iter().any(|p| {
+            st.parts
+                .get(p)
+                .is_some_and(|part| part.draining_since.is_some())
+        });
+        st.reading.clear();
+        drop(st);
+        if draining {
+            self.wake_bg.notify_one();
+        }
+    }
+
     /// A delivery was settled: forget it, and let a draining partition go when it is empty.
     fn settled(&self, entry: &Entry) {
         let mut st = self.lock();
@@ -612,6 +624,26 @@ async fn background(shared: Arc<SubShared>) {
     }
 }
 
+/// Most ids one XACK carries.
+const XACK_BATCH: usize = 256;
+
+/// One XACK per partition for the acks waiting together (see [`Coalescer`]).
+fn xack_coalescer(inner: Arc<Inner>, topic: String, group: String) -> Coalescer<u32, String> {
+    Coalescer::spawn(XACK_BATCH, move |p: u32, ids: Vec<String>| {
+        let mut cmd = redis::cmd("XACK");
+        cmd.arg(inner.config.stream_key(&topic, p))
+            .arg(&group)
+            .arg(ids);
+        let mut conn = inner.conn.clone();
+        async move {
+            cmd.query_async::<i64>(&mut conn)
+                .await
+                .map(|_| ())
+                .map_err(|e| map(e, "acking"))
+        }
+    })
+}
+
 pub(crate) struct RedisSubscriber {
     shared: Arc<SubShared>,
     read_conn: ConnectionManager,
@@ -626,7 +658,9 @@ impl RedisSubscriber {
         partitions: u32,
     ) -> Result<Self> {
         let read_conn = inner.dedicated_connection().await?;
+        let acks = xack_coalescer(inner.clone(), topic.clone(), options.group.clone());
         let shared = Arc::new(SubShared {
+            acks,
             inner,
             topic: topic.into(),
             options,
@@ -739,6 +773,7 @@ impl Subscriber for RedisSubscriber {
                     Vec::new()
                 };
                 let next_due = st.retry.keys().next().map(|k| k.0);
+                st.reading.clone_from(&plan);
                 (picked, (plan, room), next_due)
             };
             if let Some(e) = picked {
@@ -751,21 +786,29 @@ impl Subscriber for RedisSubscriber {
                     block = block.min(due.saturating_duration_since(Instant::now()));
                 }
                 let count = room.min(self.shared.inner.config.fetch_count);
-                let fetched = self.read(&parts, count, block).await?;
+                let fetched = self
+                    .read(&parts, count, block)
+                    .await
+                    .inspect_err(|_| self.shared.read_done())?;
                 let mut decoded = Vec::with_capacity(fetched.len());
                 for (p, raw) in fetched {
                     if let Some(e) = self.shared.to_entry(p, raw, 1).await {
                         decoded.push(e);
                     }
                 }
-                let mut st = self.shared.lock();
-                let now = Instant::now();
-                for e in decoded {
-                    // Entries of a partition we no longer own stay pending for its next owner.
-                    if let Some(part) = st.parts.get_mut(&e.partition).filter(|p| p.active(now)) {
-                        part.buffer.push_back(e);
+                {
+                    let mut st = self.shared.lock();
+                    let now = Instant::now();
+                    for e in decoded {
+                        // Entries of a partition being handed over stay pending for its next
+                        // owner, which recovers them (the partition is released only now).
+                        if let Some(part) = st.parts.get_mut(&e.partition).filter(|p| p.active(now))
+                        {
+                            part.buffer.push_back(e);
+                        }
                     }
                 }
+                self.shared.read_done();
                 continue;
             }
             let wait = next_due
@@ -784,6 +827,13 @@ impl Subscriber for RedisSubscriber {
             return Ok(());
         }
         self.task.abort();
+        let interrupted_read = !self.shared.lock().reading.is_empty();
+        if interrupted_read {
+            // A `next()` was dropped during its blocking read: Redis may still hand that read
+            // entries (pending on this member) until its block time is over. Let it end before
+            // the next owners recover the partitions.
+            tokio::time::sleep(self.shared.inner.config.block + Duration::from_millis(50)).await;
+        }
         let owned: Vec<u32> = self.shared.lock().parts.keys().copied().collect();
         // Unacked deliveries stay pending in Redis; the next owner of each partition claims
         // them at once.
@@ -812,7 +862,8 @@ impl Ack for RedisAck {
     async fn ack(&self) -> Result<()> {
         self.shared.check_open()?;
         self.shared
-            .xack(self.entry.partition, &self.entry.stream_id)
+            .acks
+            .submit(self.entry.partition, self.entry.stream_id.clone())
             .await?;
         self.shared.settled(&self.entry);
         Ok(())

@@ -454,14 +454,23 @@ async fn receive_loop(shared: Arc<Shared>) {
     }
 }
 
+/// `DeleteMessageBatch` calls in flight at once per subscriber.
+const DELETES_IN_FLIGHT: usize = 4;
+
 /// Deletes acked messages, up to 10 per `DeleteMessageBatch` call: whatever acks are queued
-/// when a call starts go together, so a lone ack is not delayed.
+/// when a call starts go together, so a lone ack is not delayed, and up to
+/// [`DELETES_IN_FLIGHT`] calls run at once (one HTTP round trip per 10 acks would otherwise cap
+/// a busy consumer).
 async fn delete_loop(
     inner: Arc<Inner>,
     queue_url: String,
     mut requests: mpsc::UnboundedReceiver<(String, oneshot::Sender<Result<()>>)>,
 ) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(DELETES_IN_FLIGHT));
     while let Some(first) = requests.recv().await {
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
         let mut batch = vec![first];
         while batch.len() < SQS_BATCH_MAX {
             match requests.try_recv() {
@@ -469,51 +478,64 @@ async fn delete_loop(
                 Err(_) => break,
             }
         }
-        let entries = batch
-            .iter()
-            .enumerate()
-            .filter_map(|(i, (receipt, _))| {
-                DeleteMessageBatchRequestEntry::builder()
-                    .id(i.to_string())
-                    .receipt_handle(receipt)
-                    .build()
-                    .ok()
-            })
-            .collect();
-        let result = inner
-            .sqs
-            .delete_message_batch()
-            .queue_url(&queue_url)
-            .set_entries(Some(entries))
-            .send()
-            .await;
-        match result {
-            Ok(out) => {
-                let failed: HashMap<String, String> = out
-                    .failed
-                    .into_iter()
-                    .map(|f| {
-                        let why = format!("{}: {}", f.code, f.message.unwrap_or_default());
-                        (f.id, why)
-                    })
-                    .collect();
-                for (i, (_, reply)) in batch.into_iter().enumerate() {
-                    let r = match failed.get(&i.to_string()) {
-                        None => Ok(()),
-                        Some(why) => Err(Error::new(
-                            ErrorKind::Broker,
-                            format!("SQS refused to delete the message [{why}]"),
-                        )
-                        .with_backend(BACKEND)),
-                    };
-                    let _ = reply.send(r);
-                }
+        let (inner, queue_url) = (inner.clone(), queue_url.clone());
+        tokio::spawn(async move {
+            delete_batch(&inner, &queue_url, batch).await;
+            drop(slot);
+        });
+    }
+}
+
+/// One `DeleteMessageBatch` call; answers each ack with its entry's outcome.
+async fn delete_batch(
+    inner: &Inner,
+    queue_url: &str,
+    batch: Vec<(String, oneshot::Sender<Result<()>>)>,
+) {
+    let entries = batch
+        .iter()
+        .enumerate()
+        .filter_map(|(i, (receipt, _))| {
+            DeleteMessageBatchRequestEntry::builder()
+                .id(i.to_string())
+                .receipt_handle(receipt)
+                .build()
+                .ok()
+        })
+        .collect();
+    let result = inner
+        .sqs
+        .delete_message_batch()
+        .queue_url(queue_url)
+        .set_entries(Some(entries))
+        .send()
+        .await;
+    match result {
+        Ok(out) => {
+            let failed: HashMap<String, String> = out
+                .failed
+                .into_iter()
+                .map(|f| {
+                    let why = format!("{}: {}", f.code, f.message.unwrap_or_default());
+                    (f.id, why)
+                })
+                .collect();
+            for (i, (_, reply)) in batch.into_iter().enumerate() {
+                let r = match failed.get(&i.to_string()) {
+                    None => Ok(()),
+                    Some(why) => Err(Error::new(
+                        ErrorKind::Broker,
+                        format!("SQS refused to delete the message [{why}]"),
+                    )
+                    .with_backend(BACKEND)),
+                };
+                let _ = reply.send(r);
             }
-            Err(e) => {
-                let err = error::map(e, "deleting acked messages");
-                for (_, reply) in batch {
-                    let _ = reply.send(Err(error::copy(&err)));
-                }
+        }
+        Err(e) => {
+            let err = error::map(e, "deleting acked messages");
+            for (_, reply) in batch {
+                let _ = reply.send(Err(error::copy(&err)));
             }
         }
     }
