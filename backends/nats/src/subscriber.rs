@@ -1,7 +1,7 @@
 //! A member of a consumer group: partition leases in a KV bucket, one puller per owned
 //! partition, acks and redelivery by JetStream.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering as AtomicOrdering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -36,6 +36,9 @@ struct Part {
     draining_since: Option<Instant>,
     stop: Arc<AtomicBool>,
     puller_done: Arc<AtomicBool>,
+    /// Set while the partition waits for (or fetches) what the previous owner left unacked:
+    /// until it is cleared, handing the partition over must make the next owner wait too.
+    recovering: Arc<AtomicBool>,
     /// Messages forwarded by the puller and not yet taken from the channel.
     queued: Arc<AtomicUsize>,
     puller: JoinHandle<()>,
@@ -60,8 +63,8 @@ impl Drop for Part {
 #[derive(Default)]
 struct State {
     parts: BTreeMap<u32, Part>,
-    /// Handed-out deliveries: tag -> (partition, ack subject).
-    inflight: HashMap<u64, (u32, String)>,
+    /// Handed-out deliveries: tag -> (partition, ack subject); tags grow in hand-out order.
+    inflight: BTreeMap<u64, (u32, String)>,
 }
 
 impl State {
@@ -215,10 +218,16 @@ impl SubShared {
                         } else {
                             Vec::new()
                         };
+                        let unrecovered = part.recovering.load(AtomicOrdering::Acquire);
                         let release = match part.draining_since {
                             None => None,
                             Some(since) => {
-                                if done && inflight == 0 {
+                                if done && unrecovered {
+                                    // Stopped during its hold: the previous owner's
+                                    // deliveries are still unacked, so the next owner
+                                    // must wait for them as this one would have.
+                                    Some(RELEASED_HOLD)
+                                } else if done && inflight == 0 {
                                     Some(RELEASED_CLEAN)
                                 } else if since.elapsed() > self.options.ack_timeout {
                                     Some(RELEASED_HOLD)
@@ -301,9 +310,15 @@ impl SubShared {
         let stop = Arc::new(AtomicBool::new(false));
         let done = Arc::new(AtomicBool::new(false));
         let queued = Arc::new(AtomicUsize::new(0));
-        let (st, dn, q) = (stop.clone(), done.clone(), queued.clone());
+        let recovering = Arc::new(AtomicBool::new(!hold.is_zero()));
+        let (st, dn, q, rc) = (
+            stop.clone(),
+            done.clone(),
+            queued.clone(),
+            recovering.clone(),
+        );
         let puller = tokio::spawn(async move {
-            shared.pull(p, consumer, hold, &st, &q).await;
+            shared.pull(p, consumer, hold, &st, &q, &rc).await;
             dn.store(true, AtomicOrdering::Release);
             shared.wake_bg.notify_one();
         });
@@ -315,6 +330,7 @@ impl SubShared {
                 draining_since: None,
                 stop,
                 puller_done: done,
+                recovering,
                 queued,
                 puller,
                 returned: Vec::new(),
@@ -334,6 +350,7 @@ impl SubShared {
         hold: Duration,
         stop: &AtomicBool,
         queued: &Arc<AtomicUsize>,
+        recovering: &AtomicBool,
     ) {
         let until = Instant::now() + hold;
         while Instant::now() < until {
@@ -342,8 +359,11 @@ impl SubShared {
             }
             tokio::time::sleep(Duration::from_millis(100).min(until - Instant::now())).await;
         }
-        if !hold.is_zero() && !self.recover(p, &mut consumer, queued).await {
-            return;
+        if !hold.is_zero() {
+            if !self.recover(p, &mut consumer, queued).await {
+                return;
+            }
+            recovering.store(false, AtomicOrdering::Release);
         }
         while !stop.load(AtomicOrdering::Acquire) {
             let batch = consumer
@@ -478,6 +498,8 @@ impl SubShared {
         }
         let (owned, held, returned) = {
             let mut st = self.lock();
+            // Clean only when the puller finished and was not waiting for the previous
+            // owner's unacked deliveries.
             let owned: Vec<(u32, u64, bool)> = st
                 .parts
                 .iter()
@@ -485,7 +507,8 @@ impl SubShared {
                     (
                         *p,
                         part.lease_revision,
-                        part.puller_done.load(AtomicOrdering::Acquire),
+                        part.puller_done.load(AtomicOrdering::Acquire)
+                            && !part.recovering.load(AtomicOrdering::Acquire),
                     )
                 })
                 .collect();
@@ -495,7 +518,11 @@ impl SubShared {
                 .flat_map(|part| std::mem::take(&mut part.returned))
                 .collect();
             st.parts.clear();
-            let held: Vec<String> = st.inflight.drain().map(|(_, (_, reply))| reply).collect();
+            // In hand-out order, so that a key's deliveries come back in their order.
+            let held: Vec<String> = std::mem::take(&mut st.inflight)
+                .into_values()
+                .map(|(_, reply)| reply)
+                .collect();
             (owned, held, returned)
         };
         // Oldest first: deliveries the application still holds, then what was stashed, then
@@ -508,8 +535,8 @@ impl SubShared {
         nack_in_order(returned).await;
         nack_in_order(forwarded).await;
         if let Ok(kv) = self.inner.leases().await {
-            for (p, rev, done) in owned {
-                let value = if done { RELEASED_CLEAN } else { RELEASED_HOLD };
+            for (p, rev, clean) in owned {
+                let value = if clean { RELEASED_CLEAN } else { RELEASED_HOLD };
                 let _ = kv
                     .put_if(&self.lease_key(p), Bytes::from_static(value), rev)
                     .await;

@@ -9,11 +9,14 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use base64::Engine as _;
 use busbar_conformance::private_server::{
     expect_config_errors, expect_connection_error, free_port, publish_retrying, Failed, Recorder,
     TestResult,
 };
-use busbar_core::{ErrorKind, EventBus, Message, PublishOptions, SubscribeOptions};
+use busbar_core::{
+    Delivery, ErrorKind, EventBus, Message, PublishOptions, SubscribeOptions, Subscriber,
+};
 use busbar_nats::NatsBus;
 use tokio::process::{Child, Command};
 
@@ -134,6 +137,104 @@ async fn restart_mid_stream_loses_nothing_acked() -> TestResult {
     Ok(())
 }
 
+/// The current value of a partition lease (see the README's layout: one message per
+/// subject on the lease stream of the lease TTL), or `None` when it expired.
+async fn lease_value(url: &str, ttl_ms: u64, key: &str) -> Result<Option<Vec<u8>>, Failed> {
+    let client = async_nats::connect(url).await?;
+    let request = serde_json::json!({ "last_by_subj": format!("busbar-lease.{ttl_ms}.{key}") });
+    let reply = client
+        .request(
+            format!("$JS.API.STREAM.MSG.GET.BUSBAR_LEASES_{ttl_ms}"),
+            request.to_string().into(),
+        )
+        .await?;
+    let v: serde_json::Value = serde_json::from_slice(&reply.payload)?;
+    let Some(data) = v.pointer("/message/data") else {
+        return Ok(None);
+    };
+    let data = data.as_str().unwrap_or_default();
+    Ok(Some(
+        base64::engine::general_purpose::STANDARD.decode(data)?,
+    ))
+}
+
+async fn next_within(sub: &mut Box<dyn Subscriber>, what: &str) -> Result<Delivery, Failed> {
+    tokio::time::timeout(Duration::from_secs(20), sub.next())
+        .await
+        .map_err(|_| format!("no {what} within 20 s"))??
+        .ok_or_else(|| format!("the subscription ended before the {what}").into())
+}
+
+/// A member that takes over a crashed member's partition waits one ack wait, then hands out
+/// what the crashed member left unacked in stream order. When it is itself asked to hand
+/// the partition over during that wait, the next owner must wait as well: here the crashed
+/// member extended its first message's deadline (as the runner does before a retry), so
+/// JetStream alone would redeliver the key's second message first.
+async fn handover_during_recovery_keeps_key_order() -> TestResult {
+    let server = Server::start(None).await?;
+    let url = format!("{}?partitions=1&lease_ttl_ms=600", server.url());
+    let (topic, lease) = ("handover", "handover.g.p0");
+    let ack_wait = Duration::from_secs(4);
+    let opts = SubscribeOptions::new("g").ack_timeout(ack_wait);
+    let crashing = NatsBus::connect(&url).await?;
+    crashing.provision(topic, &opts).await?;
+    let mut ids = Vec::new();
+    for payload in ["first", "second"] {
+        let m = Message::new(payload).with_key("k");
+        ids.push(m.id.clone());
+        crashing
+            .publish(topic, m, &PublishOptions::default())
+            .await?;
+    }
+    let mut sub1 = crashing.subscribe(topic, opts.clone()).await?;
+    let d1 = next_within(&mut sub1, "first delivery").await?;
+    let d2 = next_within(&mut sub1, "second delivery").await?;
+    if [d1.id(), d2.id()] != [ids[0].as_str(), ids[1].as_str()] {
+        return Err("the first owner got the key's messages out of order".into());
+    }
+    let crashed_owner = lease_value(&server.url(), 600, lease)
+        .await?
+        .ok_or("the first owner holds no lease")?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // The first message is now due one second after the second.
+    d1.extend_deadline(ack_wait).await?;
+    // Crash: nothing is acked, nacked or released.
+    drop((d1, d2, sub1));
+
+    let taking_over = NatsBus::connect(&url).await?;
+    let mut sub2 = taking_over.subscribe(topic, opts.clone()).await?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let v = lease_value(&server.url(), 600, lease).await?;
+        if v.as_ref()
+            .is_some_and(|v| !v.is_empty() && v != b"-hold-" && *v != crashed_owner)
+        {
+            break;
+        }
+        if Instant::now() > deadline {
+            return Err("the second member did not take the partition within 10 s".into());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Still within its wait: leave the group, handing the partition over.
+    sub2.close().await?;
+
+    let next_owner = NatsBus::connect(&url).await?;
+    let mut sub3 = next_owner.subscribe(topic, opts).await?;
+    let a = next_within(&mut sub3, "first redelivery").await?;
+    let b = next_within(&mut sub3, "second redelivery").await?;
+    let got = [a.payload().clone(), b.payload().clone()];
+    a.ack().await?;
+    b.ack().await?;
+    if [a.id(), b.id()] != [ids[0].as_str(), ids[1].as_str()] {
+        return Err(format!("redelivered out of order after the hand-over: {got:?}").into());
+    }
+    for bus in [crashing, taking_over, next_owner] {
+        bus.close().await?;
+    }
+    Ok(())
+}
+
 async fn wrong_password_is_an_auth_error() -> TestResult {
     let server = Server::start(Some(("busbar", "s3cret-pw"))).await?;
     let url = format!("nats://busbar:wrong-pw@127.0.0.1:{}", server.port);
@@ -178,6 +279,9 @@ fn main() {
         &[
             ("restart_mid_stream_loses_nothing_acked", true, || {
                 Box::pin(restart_mid_stream_loses_nothing_acked())
+            }),
+            ("handover_during_recovery_keeps_key_order", true, || {
+                Box::pin(handover_during_recovery_keeps_key_order())
             }),
             ("wrong_password_is_an_auth_error", true, || {
                 Box::pin(wrong_password_is_an_auth_error())
