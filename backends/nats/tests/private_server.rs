@@ -1,10 +1,11 @@
 //! Tests that need a NATS server of their own (started here on a spare loopback port, with
-//! its own store directory): a restart mid-stream, a wrong password, an unreachable server
-//! and malformed URLs.
+//! its own store directory): a restart mid-stream, partition hand-overs after a crash (with
+//! short leases), a wrong password, an unreachable server and malformed URLs.
 //!
 //! They need `nats-server` on PATH (`scripts/brokers.sh up` installs it). Without it they are
 //! reported ignored, or fail when `BUSBAR_REQUIRE_BROKERS=1`.
 
+use std::collections::BTreeMap;
 use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -137,14 +138,20 @@ async fn restart_mid_stream_loses_nothing_acked() -> TestResult {
     Ok(())
 }
 
-/// The current value of a partition lease (see the README's layout: one message per
-/// subject on the lease stream of the lease TTL), or `None` when it expired.
-async fn lease_value(url: &str, ttl_ms: u64, key: &str) -> Result<Option<Vec<u8>>, Failed> {
-    let client = async_nats::connect(url).await?;
-    let request = serde_json::json!({ "last_by_subj": format!("busbar-lease.{ttl_ms}.{key}") });
+/// Lease TTL of the hand-over tests, short so that a crashed member's leases expire fast.
+const LEASE_TTL_MS: u64 = 600;
+/// Ack wait of the hand-over tests: long enough for the whole hand-over to happen inside it.
+const HANDOVER_ACK_WAIT: Duration = Duration::from_secs(4);
+
+/// The current value of a partition lease of group `g` (see the README's layout: one message
+/// per subject on the lease stream of the lease TTL), or `None` when it expired.
+async fn lease_value(server: &Server, topic: &str, p: u32) -> Result<Option<Vec<u8>>, Failed> {
+    let client = async_nats::connect(server.url()).await?;
+    let subject = format!("busbar-lease.{LEASE_TTL_MS}.{topic}.g.p{p}");
+    let request = serde_json::json!({ "last_by_subj": subject });
     let reply = client
         .request(
-            format!("$JS.API.STREAM.MSG.GET.BUSBAR_LEASES_{ttl_ms}"),
+            format!("$JS.API.STREAM.MSG.GET.BUSBAR_LEASES_{LEASE_TTL_MS}"),
             request.to_string().into(),
         )
         .await?;
@@ -165,71 +172,159 @@ async fn next_within(sub: &mut Box<dyn Subscriber>, what: &str) -> Result<Delive
         .ok_or_else(|| format!("the subscription ended before the {what}").into())
 }
 
+/// A key of each of `partitions` partitions.
+fn key_per_partition(partitions: u32) -> Vec<String> {
+    (0..partitions)
+        .map(|p| {
+            (0..)
+                .map(|i| format!("k{i}"))
+                .find(|k| busbar_nats::partition_for(k, partitions) == p)
+                .unwrap_or_default()
+        })
+        .collect()
+}
+
+/// Publishes "first" and "second" for each key, lets a member take them all, extends every
+/// "first"'s deadline a second later (as the runner does before a retry: JetStream alone would
+/// now redeliver each key's "second" first) and crashes that member. Returns the lease value
+/// the crashed member left.
+async fn crash_holding(
+    server: &Server,
+    url: &str,
+    topic: &str,
+    keys: &[String],
+) -> Result<(NatsBus, Vec<u8>), Failed> {
+    let opts = SubscribeOptions::new("g").ack_timeout(HANDOVER_ACK_WAIT);
+    let bus = NatsBus::connect(url).await?;
+    bus.provision(topic, &opts).await?;
+    for key in keys {
+        for payload in ["first", "second"] {
+            let m = Message::new(payload).with_key(key.as_str());
+            bus.publish(topic, m, &PublishOptions::default()).await?;
+        }
+    }
+    let mut sub = bus.subscribe(topic, opts).await?;
+    let mut held = Vec::new();
+    for _ in 0..keys.len() * 2 {
+        held.push(next_within(&mut sub, "delivery to the first member").await?);
+    }
+    let owner = lease_value(server, topic, 0)
+        .await?
+        .ok_or("the first member holds no lease")?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for d in held.iter().filter(|d| d.payload().as_ref() == b"first") {
+        d.extend_deadline(HANDOVER_ACK_WAIT).await?;
+    }
+    // Crash: nothing is acked, nacked or released.
+    drop((held, sub));
+    Ok((bus, owner))
+}
+
+/// Waits until a member other than the crashed one holds every partition's lease.
+async fn wait_taken_over(
+    server: &Server,
+    topic: &str,
+    partitions: u32,
+    crashed: &[u8],
+) -> TestResult {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for p in 0..partitions {
+        loop {
+            let v = lease_value(server, topic, p).await?;
+            if v.is_some_and(|v| !v.is_empty() && v != b"-hold-" && v != crashed) {
+                break;
+            }
+            if Instant::now() > deadline {
+                return Err(format!("no member took partition {p} within 10 s").into());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    Ok(())
+}
+
+/// Receives `n` deliveries from any of `subs`, acks them and returns each key's payloads in
+/// the order they were handed out.
+async fn receive_by_key(
+    subs: &mut [Box<dyn Subscriber>],
+    n: usize,
+) -> Result<BTreeMap<String, Vec<String>>, Failed> {
+    let mut by_key: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut got = 0;
+    while got < n {
+        if Instant::now() > deadline {
+            return Err(format!("{got} of {n} redeliveries within 30 s: {by_key:?}").into());
+        }
+        for sub in subs.iter_mut() {
+            let Ok(d) = tokio::time::timeout(Duration::from_millis(100), sub.next()).await else {
+                continue;
+            };
+            let d = d?.ok_or("a subscription ended")?;
+            let key = d.key().unwrap_or_default().to_string();
+            let payload = String::from_utf8_lossy(d.payload()).into_owned();
+            by_key.entry(key).or_default().push(payload);
+            d.ack().await?;
+            got += 1;
+        }
+    }
+    Ok(by_key)
+}
+
+fn expect_in_order(by_key: &BTreeMap<String, Vec<String>>, keys: &[String]) -> TestResult {
+    for key in keys {
+        if by_key.get(key).map(Vec::as_slice) != Some(&["first".to_string(), "second".into()][..]) {
+            return Err(format!("key {key} redelivered out of order: {by_key:?}").into());
+        }
+    }
+    Ok(())
+}
+
 /// A member that takes over a crashed member's partition waits one ack wait, then hands out
-/// what the crashed member left unacked in stream order. When it is itself asked to hand
-/// the partition over during that wait, the next owner must wait as well: here the crashed
-/// member extended its first message's deadline (as the runner does before a retry), so
-/// JetStream alone would redeliver the key's second message first.
+/// what the crashed member left unacked in stream order. When it leaves the group during that
+/// wait, the next owner must wait as well.
 async fn handover_during_recovery_keeps_key_order() -> TestResult {
     let server = Server::start(None).await?;
-    let url = format!("{}?partitions=1&lease_ttl_ms=600", server.url());
-    let (topic, lease) = ("handover", "handover.g.p0");
-    let ack_wait = Duration::from_secs(4);
-    let opts = SubscribeOptions::new("g").ack_timeout(ack_wait);
-    let crashing = NatsBus::connect(&url).await?;
-    crashing.provision(topic, &opts).await?;
-    let mut ids = Vec::new();
-    for payload in ["first", "second"] {
-        let m = Message::new(payload).with_key("k");
-        ids.push(m.id.clone());
-        crashing
-            .publish(topic, m, &PublishOptions::default())
-            .await?;
-    }
-    let mut sub1 = crashing.subscribe(topic, opts.clone()).await?;
-    let d1 = next_within(&mut sub1, "first delivery").await?;
-    let d2 = next_within(&mut sub1, "second delivery").await?;
-    if [d1.id(), d2.id()] != [ids[0].as_str(), ids[1].as_str()] {
-        return Err("the first owner got the key's messages out of order".into());
-    }
-    let crashed_owner = lease_value(&server.url(), 600, lease)
-        .await?
-        .ok_or("the first owner holds no lease")?;
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    // The first message is now due one second after the second.
-    d1.extend_deadline(ack_wait).await?;
-    // Crash: nothing is acked, nacked or released.
-    drop((d1, d2, sub1));
-
+    let url = format!("{}?partitions=1&lease_ttl_ms={LEASE_TTL_MS}", server.url());
+    let topic = "handover";
+    let keys = key_per_partition(1);
+    let (crashed_bus, crashed) = crash_holding(&server, &url, topic, &keys).await?;
+    let opts = SubscribeOptions::new("g").ack_timeout(HANDOVER_ACK_WAIT);
     let taking_over = NatsBus::connect(&url).await?;
     let mut sub2 = taking_over.subscribe(topic, opts.clone()).await?;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let v = lease_value(&server.url(), 600, lease).await?;
-        if v.as_ref()
-            .is_some_and(|v| !v.is_empty() && v != b"-hold-" && *v != crashed_owner)
-        {
-            break;
-        }
-        if Instant::now() > deadline {
-            return Err("the second member did not take the partition within 10 s".into());
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_taken_over(&server, topic, 1, &crashed).await?;
     // Still within its wait: leave the group, handing the partition over.
     sub2.close().await?;
-
     let next_owner = NatsBus::connect(&url).await?;
-    let mut sub3 = next_owner.subscribe(topic, opts).await?;
-    let a = next_within(&mut sub3, "first redelivery").await?;
-    let b = next_within(&mut sub3, "second redelivery").await?;
-    let got = [a.payload().clone(), b.payload().clone()];
-    a.ack().await?;
-    b.ack().await?;
-    if [a.id(), b.id()] != [ids[0].as_str(), ids[1].as_str()] {
-        return Err(format!("redelivered out of order after the hand-over: {got:?}").into());
+    let sub3 = next_owner.subscribe(topic, opts).await?;
+    let by_key = receive_by_key(&mut [sub3], 2).await?;
+    expect_in_order(&by_key, &keys)?;
+    for bus in [crashed_bus, taking_over, next_owner] {
+        bus.close().await?;
     }
-    for bus in [crashing, taking_over, next_owner] {
+    Ok(())
+}
+
+/// The same through a rebalance: the member that took over both partitions of a crashed
+/// member gives one up to a member joining during its wait; both keys still come back in
+/// order, whichever partition moved.
+async fn rebalance_during_recovery_keeps_key_order() -> TestResult {
+    let server = Server::start(None).await?;
+    let url = format!("{}?partitions=2&lease_ttl_ms={LEASE_TTL_MS}", server.url());
+    let topic = "rebalance";
+    let keys = key_per_partition(2);
+    let (crashed_bus, crashed) = crash_holding(&server, &url, topic, &keys).await?;
+    let opts = SubscribeOptions::new("g").ack_timeout(HANDOVER_ACK_WAIT);
+    let taking_over = NatsBus::connect(&url).await?;
+    let sub2 = taking_over.subscribe(topic, opts.clone()).await?;
+    wait_taken_over(&server, topic, 2, &crashed).await?;
+    // Joins within the second member's wait: one of the two partitions moves to it.
+    let joining = NatsBus::connect(&url).await?;
+    let sub3 = joining.subscribe(topic, opts).await?;
+    let mut subs = [sub2, sub3];
+    let by_key = receive_by_key(&mut subs, 4).await?;
+    expect_in_order(&by_key, &keys)?;
+    for bus in [crashed_bus, taking_over, joining] {
         bus.close().await?;
     }
     Ok(())
@@ -282,6 +377,9 @@ fn main() {
             }),
             ("handover_during_recovery_keeps_key_order", true, || {
                 Box::pin(handover_during_recovery_keeps_key_order())
+            }),
+            ("rebalance_during_recovery_keeps_key_order", true, || {
+                Box::pin(rebalance_during_recovery_keeps_key_order())
             }),
             ("wrong_password_is_an_auth_error", true, || {
                 Box::pin(wrong_password_is_an_auth_error())
