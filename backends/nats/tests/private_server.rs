@@ -145,8 +145,11 @@ const HANDOVER_ACK_WAIT: Duration = Duration::from_secs(4);
 
 /// The current value of a partition lease of group `g` (see the README's layout: one message
 /// per subject on the lease stream of the lease TTL), or `None` when it expired.
-async fn lease_value(server: &Server, topic: &str, p: u32) -> Result<Option<Vec<u8>>, Failed> {
-    let client = async_nats::connect(server.url()).await?;
+async fn lease_value(
+    client: &async_nats::Client,
+    topic: &str,
+    p: u32,
+) -> Result<Option<Vec<u8>>, Failed> {
     let subject = format!("busbar-lease.{LEASE_TTL_MS}.{topic}.g.p{p}");
     let request = serde_json::json!({ "last_by_subj": subject });
     let reply = client
@@ -184,31 +187,51 @@ fn key_per_partition(partitions: u32) -> Vec<String> {
         .collect()
 }
 
-/// Publishes "first" and "second" for each key, lets a member take them all, extends every
-/// "first"'s deadline a second later (as the runner does before a retry: JetStream alone would
-/// now redeliver each key's "second" first) and crashes that member. Returns the lease value
-/// the crashed member left.
-async fn crash_holding(
+/// A group after a crash and a take-over: the member that took the crashed member's
+/// partitions is still within its wait, nothing redelivered yet.
+struct TakenOver {
+    url: String,
+    keys: Vec<String>,
+    opts: SubscribeOptions,
+    /// The crashed member's bus (still connected) and the taking-over member's.
+    buses: Vec<NatsBus>,
+    /// The taking-over member's subscription.
+    sub: Box<dyn Subscriber>,
+}
+
+/// On a topic of `partitions` partitions, publishes "first" and "second" for one key per
+/// partition, lets a member take them all, extends every "first"'s deadline a second later
+/// (as the runner does before a retry: JetStream alone would now redeliver each key's
+/// "second" first) and crashes that member; then subscribes a second member and waits until
+/// it holds every partition's lease.
+async fn crash_then_take_over(
     server: &Server,
-    url: &str,
     topic: &str,
-    keys: &[String],
-) -> Result<(NatsBus, Vec<u8>), Failed> {
+    partitions: u32,
+) -> Result<TakenOver, Failed> {
+    let url = format!(
+        "{}?partitions={partitions}&lease_ttl_ms={LEASE_TTL_MS}",
+        server.url()
+    );
+    let keys = key_per_partition(partitions);
     let opts = SubscribeOptions::new("g").ack_timeout(HANDOVER_ACK_WAIT);
-    let bus = NatsBus::connect(url).await?;
-    bus.provision(topic, &opts).await?;
-    for key in keys {
+    let leases = async_nats::connect(server.url()).await?;
+    let crashing = NatsBus::connect(&url).await?;
+    crashing.provision(topic, &opts).await?;
+    for key in &keys {
         for payload in ["first", "second"] {
             let m = Message::new(payload).with_key(key.as_str());
-            bus.publish(topic, m, &PublishOptions::default()).await?;
+            crashing
+                .publish(topic, m, &PublishOptions::default())
+                .await?;
         }
     }
-    let mut sub = bus.subscribe(topic, opts).await?;
+    let mut sub = crashing.subscribe(topic, opts.clone()).await?;
     let mut held = Vec::new();
     for _ in 0..keys.len() * 2 {
         held.push(next_within(&mut sub, "delivery to the first member").await?);
     }
-    let owner = lease_value(server, topic, 0)
+    let crashed = lease_value(&leases, topic, 0)
         .await?
         .ok_or("the first member holds no lease")?;
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -217,20 +240,13 @@ async fn crash_holding(
     }
     // Crash: nothing is acked, nacked or released.
     drop((held, sub));
-    Ok((bus, owner))
-}
 
-/// Waits until a member other than the crashed one holds every partition's lease.
-async fn wait_taken_over(
-    server: &Server,
-    topic: &str,
-    partitions: u32,
-    crashed: &[u8],
-) -> TestResult {
+    let taking_over = NatsBus::connect(&url).await?;
+    let sub = taking_over.subscribe(topic, opts.clone()).await?;
     let deadline = Instant::now() + Duration::from_secs(10);
     for p in 0..partitions {
         loop {
-            let v = lease_value(server, topic, p).await?;
+            let v = lease_value(&leases, topic, p).await?;
             if v.is_some_and(|v| !v.is_empty() && v != b"-hold-" && v != crashed) {
                 break;
             }
@@ -240,7 +256,13 @@ async fn wait_taken_over(
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
-    Ok(())
+    Ok(TakenOver {
+        url,
+        keys,
+        opts,
+        buses: vec![crashing, taking_over],
+        sub,
+    })
 }
 
 /// Receives `n` deliveries from any of `subs`, acks them and returns each key's payloads in
@@ -285,21 +307,15 @@ fn expect_in_order(by_key: &BTreeMap<String, Vec<String>>, keys: &[String]) -> T
 /// wait, the next owner must wait as well.
 async fn handover_during_recovery_keeps_key_order() -> TestResult {
     let server = Server::start(None).await?;
-    let url = format!("{}?partitions=1&lease_ttl_ms={LEASE_TTL_MS}", server.url());
-    let topic = "handover";
-    let keys = key_per_partition(1);
-    let (crashed_bus, crashed) = crash_holding(&server, &url, topic, &keys).await?;
-    let opts = SubscribeOptions::new("g").ack_timeout(HANDOVER_ACK_WAIT);
-    let taking_over = NatsBus::connect(&url).await?;
-    let mut sub2 = taking_over.subscribe(topic, opts.clone()).await?;
-    wait_taken_over(&server, topic, 1, &crashed).await?;
+    let mut t = crash_then_take_over(&server, "handover", 1).await?;
     // Still within its wait: leave the group, handing the partition over.
-    sub2.close().await?;
-    let next_owner = NatsBus::connect(&url).await?;
-    let sub3 = next_owner.subscribe(topic, opts).await?;
+    t.sub.close().await?;
+    let next_owner = NatsBus::connect(&t.url).await?;
+    let sub3 = next_owner.subscribe("handover", t.opts.clone()).await?;
     let by_key = receive_by_key(&mut [sub3], 2).await?;
-    expect_in_order(&by_key, &keys)?;
-    for bus in [crashed_bus, taking_over, next_owner] {
+    expect_in_order(&by_key, &t.keys)?;
+    t.buses.push(next_owner);
+    for bus in t.buses {
         bus.close().await?;
     }
     Ok(())
@@ -310,21 +326,14 @@ async fn handover_during_recovery_keeps_key_order() -> TestResult {
 /// order, whichever partition moved.
 async fn rebalance_during_recovery_keeps_key_order() -> TestResult {
     let server = Server::start(None).await?;
-    let url = format!("{}?partitions=2&lease_ttl_ms={LEASE_TTL_MS}", server.url());
-    let topic = "rebalance";
-    let keys = key_per_partition(2);
-    let (crashed_bus, crashed) = crash_holding(&server, &url, topic, &keys).await?;
-    let opts = SubscribeOptions::new("g").ack_timeout(HANDOVER_ACK_WAIT);
-    let taking_over = NatsBus::connect(&url).await?;
-    let sub2 = taking_over.subscribe(topic, opts.clone()).await?;
-    wait_taken_over(&server, topic, 2, &crashed).await?;
+    let mut t = crash_then_take_over(&server, "rebalance", 2).await?;
     // Joins within the second member's wait: one of the two partitions moves to it.
-    let joining = NatsBus::connect(&url).await?;
-    let sub3 = joining.subscribe(topic, opts).await?;
-    let mut subs = [sub2, sub3];
-    let by_key = receive_by_key(&mut subs, 4).await?;
-    expect_in_order(&by_key, &keys)?;
-    for bus in [crashed_bus, taking_over, joining] {
+    let joining = NatsBus::connect(&t.url).await?;
+    let sub3 = joining.subscribe("rebalance", t.opts.clone()).await?;
+    let by_key = receive_by_key(&mut [t.sub, sub3], 4).await?;
+    expect_in_order(&by_key, &t.keys)?;
+    t.buses.push(joining);
+    for bus in t.buses {
         bus.close().await?;
     }
     Ok(())
