@@ -40,7 +40,7 @@ async fn a_backend_whose_feature_is_off_names_the_feature() {
 #[cfg(feature = "redis")]
 #[tokio::test]
 async fn redis_scheme_connects_when_the_feature_is_on() {
-    let url = std::env::var("BUSBAR_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let url = first_url("BUSBAR_REDIS_URL", "redis://127.0.0.1:6379");
     match busbar::connect(&url).await {
         Ok(bus) => assert_eq!(bus.backend(), "redis"),
         Err(e)
@@ -56,7 +56,7 @@ async fn redis_scheme_connects_when_the_feature_is_on() {
 #[cfg(feature = "nats")]
 #[tokio::test]
 async fn nats_scheme_connects_when_the_feature_is_on() {
-    let url = std::env::var("BUSBAR_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into());
+    let url = first_url("BUSBAR_NATS_URL", "nats://127.0.0.1:4222");
     match busbar::connect(&url).await {
         Ok(bus) => assert_eq!(bus.backend(), "nats"),
         Err(e)
@@ -72,7 +72,7 @@ async fn nats_scheme_connects_when_the_feature_is_on() {
 #[cfg(feature = "kafka")]
 #[tokio::test]
 async fn kafka_scheme_connects_when_the_feature_is_on() {
-    let url = std::env::var("BUSBAR_KAFKA_URL").unwrap_or_else(|_| "kafka://127.0.0.1:9092".into());
+    let url = first_url("BUSBAR_KAFKA_URL", "kafka://127.0.0.1:9092");
     match busbar::connect(&url).await {
         Ok(bus) => assert_eq!(bus.backend(), "kafka"),
         Err(e)
@@ -88,8 +88,10 @@ async fn kafka_scheme_connects_when_the_feature_is_on() {
 #[cfg(feature = "sqs")]
 #[tokio::test]
 async fn sqs_scheme_connects_when_the_feature_is_on() {
-    let url = std::env::var("BUSBAR_SQS_URL")
-        .unwrap_or_else(|_| "sqs://test:test@127.0.0.1:4566?region=us-east-1&tls=false".into());
+    let url = first_url(
+        "BUSBAR_SQS_URL",
+        "sqs://test:test@127.0.0.1:4566?region=us-east-1&tls=false",
+    );
     match busbar::connect(&url).await {
         Ok(bus) => assert_eq!(bus.backend(), "sqs"),
         Err(e)
@@ -105,8 +107,7 @@ async fn sqs_scheme_connects_when_the_feature_is_on() {
 #[cfg(feature = "amqp")]
 #[tokio::test]
 async fn amqp_scheme_connects_when_the_feature_is_on() {
-    let url = std::env::var("BUSBAR_AMQP_URL")
-        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
+    let url = first_url("BUSBAR_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f");
     match busbar::connect(&url).await {
         Ok(bus) => assert_eq!(bus.backend(), "amqp"),
         Err(e)
@@ -117,4 +118,13 @@ async fn amqp_scheme_connects_when_the_feature_is_on() {
         }
         Err(e) => panic!("connect {}: {e}", busbar::redact_url(&url)),
     }
+}
+
+/// The URL in `var` (the first, where it lists a matrix of servers), or `default`.
+#[allow(dead_code)]
+fn first_url(var: &str, default: &str) -> String {
+    std::env::var(var)
+        .ok()
+        .and_then(|v| v.split_whitespace().next().map(str::to_owned))
+        .unwrap_or_else(|| default.to_owned())
 }

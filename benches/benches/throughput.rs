@@ -31,7 +31,7 @@ fn bench(c: &mut Criterion) {
         .build()
         .expect("tokio runtime");
     for (backend, var, default) in BACKENDS {
-        let url = std::env::var(var).unwrap_or_else(|_| (*default).to_owned());
+        let url = busbar_benches::url_from_env(var, default);
         let subjects = match rt.block_on(subjects_for(&url)) {
             Ok(s) => s,
             Err(e) if std::env::var("BUSBAR_REQUIRE_BROKERS").is_ok_and(|v| v == "1") => {
@@ -106,7 +106,7 @@ fn bench_outbox(c: &mut Criterion) {
         .iter()
         .filter(|b| matches!(b.0, "memory" | "redis"))
     {
-        let url = std::env::var(var).unwrap_or_else(|_| (*default).to_owned());
+        let url = busbar_benches::url_from_env(var, default);
         let bus = match rt.block_on(busbar::connect(&url)) {
             Ok(b) => b,
             Err(e) if required => panic!("{backend}: {e}; BUSBAR_REQUIRE_BROKERS=1"),

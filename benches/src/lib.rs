@@ -46,6 +46,15 @@ pub const BACKENDS: &[(&str, &str, &str)] = &[
     ),
 ];
 
+/// The URL in `var` (the first, where it lists a matrix of servers, newest first), or
+/// `default`.
+pub fn url_from_env(var: &str, default: &str) -> String {
+    std::env::var(var)
+        .ok()
+        .and_then(|v| v.split_whitespace().next().map(str::to_owned))
+        .unwrap_or_else(|| default.to_owned())
+}
+
 /// Payload size of every workload.
 pub const PAYLOAD_BYTES: usize = 100;
 /// Keys used by the end-to-end workload.

@@ -6,7 +6,8 @@
 //!
 //! ```no_run
 //! // backends/<name>/tests/conformance.rs
-//! busbar_conformance::main(busbar_conformance::Harness::from_env(
+//! // (a whitespace-separated list of URLs runs the suite against each server)
+//! busbar_conformance::main(busbar_conformance::Harness::matrix_from_env(
 //!     "memory",
 //!     "BUSBAR_MEMORY_URL",
 //!     "memory://conformance",
@@ -23,6 +24,7 @@
 
 pub mod cases;
 pub mod private_server;
+mod report;
 pub mod support;
 
 use std::sync::Arc;
@@ -173,6 +175,31 @@ impl std::fmt::Debug for Harness {
     }
 }
 
+/// What a successful probe learnt about the server.
+#[derive(Debug, Clone)]
+pub struct Probe {
+    /// The capabilities the backend declares on this server.
+    pub capabilities: Capabilities,
+    /// The version the server reported, where the protocol says.
+    pub server_version: Option<String>,
+}
+
+/// The URLs of an environment variable: one or more, separated by whitespace (a matrix of
+/// servers, e.g. `BUSBAR_NATS_URL="nats://127.0.0.1:14222 nats://127.0.0.1:4222"`), or
+/// `default_url` when it is unset or blank.
+pub fn urls_from_env(env_var: &str, default_url: &str) -> Vec<String> {
+    let urls: Vec<String> = std::env::var(env_var)
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect();
+    if urls.is_empty() {
+        vec![default_url.to_owned()]
+    } else {
+        urls
+    }
+}
+
 impl Harness {
     /// A harness for `url`, connecting with `connect_url`.
     pub fn new(
@@ -191,7 +218,7 @@ impl Harness {
         }
     }
 
-    /// A harness whose URL comes from `env_var`, or `default_url` when it is unset.
+    /// A harness whose URL is the first of `env_var` (see [`urls_from_env`]).
     pub fn from_env(
         backend: &'static str,
         env_var: &str,
@@ -199,8 +226,23 @@ impl Harness {
         start_hint: &'static str,
         connect_url: busbar_core::ConnectFn,
     ) -> Self {
-        let url = std::env::var(env_var).unwrap_or_else(|_| default_url.to_owned());
+        let url = urls_from_env(env_var, default_url).swap_remove(0);
         Self::new(backend, url, start_hint, connect_url)
+    }
+
+    /// One harness per URL of `env_var` (see [`urls_from_env`]): the suite runs against
+    /// every server of the matrix.
+    pub fn matrix_from_env(
+        backend: &'static str,
+        env_var: &str,
+        default_url: &str,
+        start_hint: &'static str,
+        connect_url: busbar_core::ConnectFn,
+    ) -> Vec<Self> {
+        urls_from_env(env_var, default_url)
+            .into_iter()
+            .map(|url| Self::new(backend, url, start_hint, connect_url))
+            .collect()
     }
 
     /// Whether `BUSBAR_REQUIRE_BROKERS=1` is set: a missing broker then fails every case.
@@ -208,15 +250,18 @@ impl Harness {
         std::env::var("BUSBAR_REQUIRE_BROKERS").is_ok_and(|v| v == "1" || v == "true")
     }
 
-    /// Connects once to learn the capabilities; `Err` carries a message saying how to start
-    /// the broker.
-    pub async fn probe(&self) -> Result<Capabilities, String> {
+    /// Connects once to learn the capabilities and the server version; `Err` carries a
+    /// message saying how to start the broker.
+    pub async fn probe(&self) -> Result<Probe, String> {
         let attempt = tokio::time::timeout(Duration::from_secs(20), (self.connect)()).await;
         let failure = match attempt {
             Ok(Ok(bus)) => {
-                let caps = bus.capabilities();
+                let probe = Probe {
+                    capabilities: bus.capabilities(),
+                    server_version: bus.server_version(),
+                };
                 let _ = bus.close().await;
-                return Ok(caps);
+                return Ok(probe);
             }
             Ok(Err(e)) => e.to_string(),
             Err(_) => "no answer within 20 s".to_owned(),
@@ -294,56 +339,104 @@ pub fn init_test_log() {
     }
 }
 
-/// Runs the suite as a libtest-style test binary (`harness = false`): honours the usual
+/// Runs the suite as a libtest-style test binary (`harness = false`) against every harness
+/// given (one per server of a matrix, see [`Harness::matrix_from_env`]): honours the usual
 /// filter and `--list` / `--ignored` arguments, prints why cases are ignored, and exits with
-/// the test status.
-pub fn main(harness: Harness) -> ! {
+/// the test status. With several harnesses a case is named `backend@server::module::case`,
+/// the server being the version it reported (or its address).
+///
+/// With `BUSBAR_CONFORMANCE_REPORT=<file>`, one JSON line per case is appended to the file
+/// (`backend`, `server`, `url`, `case`, `result`, `seconds`, `note`): what
+/// `scripts/compat-table` turns into the README's compatibility table.
+pub fn main(harnesses: impl IntoIterator<Item = Harness>) -> ! {
     init_test_log();
     let args = libtest_mimic::Arguments::from_args();
     let runtime = test_runtime();
-    let probe = runtime.block_on(harness.probe());
     let required = Harness::brokers_required();
     let scale = Scale::from_env();
+    let report = report::Report::from_env();
+    let harnesses: Vec<Harness> = harnesses.into_iter().collect();
+    let several = harnesses.len() > 1;
     let mut trials = Vec::new();
-    for case in all_cases() {
-        let name = format!("{}::{}", harness.backend, case.name);
-        let ignored_reason = match &probe {
-            Err(why) if !required => Some(why.clone()),
-            Ok(caps) => (case.needs)(caps).map(str::to_owned),
-            Err(_) => None,
+    for harness in harnesses {
+        let probe = runtime.block_on(harness.probe());
+        let server = match &probe {
+            Ok(Probe {
+                server_version: Some(v),
+                ..
+            }) => v.clone(),
+            _ => report::address(&harness.url),
         };
-        if let Some(reason) = ignored_reason {
-            eprintln!("IGNORED {name}: {reason}");
-            trials.push(libtest_mimic::Trial::test(name, || Ok(())).with_ignored_flag(true));
-            continue;
-        }
-        let (h, rt, probe_err) = (harness.clone(), runtime.clone(), probe.clone().err());
-        trials.push(libtest_mimic::Trial::test(name.clone(), move || {
-            if let Some(why) = probe_err {
-                return Err(format!("BUSBAR_REQUIRE_BROKERS=1 and {why}").into());
+        let prefix = if several {
+            format!("{}@{server}", harness.backend)
+        } else {
+            harness.backend.to_owned()
+        };
+        for case in all_cases() {
+            let name = format!("{prefix}::{}", case.name);
+            let record = report.entry(&harness, &server, case.name);
+            let ignored_reason = match &probe {
+                Err(why) if !required => Some(why.clone()),
+                Ok(p) => (case.needs)(&p.capabilities).map(str::to_owned),
+                Err(_) => None,
+            };
+            if let Some(reason) = ignored_reason {
+                eprintln!("IGNORED {name}: {reason}");
+                if selected(&args, &name) {
+                    record.write("ignored", Duration::ZERO, &reason);
+                }
+                trials.push(libtest_mimic::Trial::test(name, || Ok(())).with_ignored_flag(true));
+                continue;
             }
-            let result = rt.block_on(h.run_case(&case, scale));
-            match result.verdict {
-                Verdict::Passed(o) => {
-                    if o.duplicates > 0 || o.note.is_some() {
-                        eprintln!(
-                            "  {name}: {} duplicate(s){}",
+            let (h, rt, probe_err) = (harness.clone(), runtime.clone(), probe.clone().err());
+            trials.push(libtest_mimic::Trial::test(name.clone(), move || {
+                if let Some(why) = probe_err {
+                    record.write("failed", Duration::ZERO, &why);
+                    return Err(format!("BUSBAR_REQUIRE_BROKERS=1 and {why}").into());
+                }
+                let result = rt.block_on(h.run_case(&case, scale));
+                match result.verdict {
+                    Verdict::Passed(o) => {
+                        let note = format!(
+                            "{} duplicate(s){}",
                             o.duplicates,
                             o.note.map(|n| format!("; {n}")).unwrap_or_default()
                         );
+                        if o.duplicates > 0 || note.contains(';') {
+                            eprintln!("  {name}: {note}");
+                        }
+                        record.write("passed", result.elapsed, &note);
+                        Ok(())
                     }
-                    Ok(())
+                    Verdict::Failed(why) => {
+                        record.write("failed", result.elapsed, &why);
+                        Err(why.into())
+                    }
+                    Verdict::Ignored(why) => {
+                        record.write("failed", result.elapsed, &why);
+                        Err(format!(
+                            "the capabilities changed between connections; the case now says: {why}"
+                        )
+                        .into())
+                    }
                 }
-                Verdict::Failed(why) => Err(why.into()),
-                Verdict::Ignored(why) => Err(format!(
-                    "the capabilities changed between connections; the case now says: {why}"
-                )
-                .into()),
-            }
-        }));
+            }));
+        }
     }
     let conclusion = libtest_mimic::run(&args, trials);
     // Some client libraries keep background threads that would block a normal exit.
     let code = if conclusion.has_failed() { 101 } else { 0 };
     std::process::exit(code)
+}
+
+/// Whether a libtest run with `args` runs (or reports) the trial `name`.
+fn selected(args: &libtest_mimic::Arguments, name: &str) -> bool {
+    if args.list || args.skip.iter().any(|s| name.contains(s.as_str())) {
+        return false;
+    }
+    match &args.filter {
+        None => true,
+        Some(f) if args.exact => name == f,
+        Some(f) => name.contains(f.as_str()),
+    }
 }

@@ -45,29 +45,86 @@ pub fn main(binary: &str, tests: &[(&'static str, bool, TestFn)]) -> ! {
 /// Like [`main`], for a broker whose binary cannot be probed with `--version` (it would start
 /// a server): `have_binary` says whether it is there, `hint` how to get it.
 pub fn main_when(have_binary: bool, hint: &str, tests: &[(&'static str, bool, TestFn)]) -> ! {
+    let trials = tests
+        .iter()
+        .map(|&(name, needs_binary, test)| {
+            let missing = (needs_binary && !have_binary).then(|| hint.to_owned());
+            (name.to_owned(), missing, Box::new(test) as Body)
+        })
+        .collect();
+    run_trials(trials)
+}
+
+/// A private-server test run once per server of a matrix; its argument says which server
+/// (a binary's path, an installation's root, a URL: whatever the test file chose).
+pub type MatrixFn = fn(String) -> Pin<Box<dyn Future<Output = TestResult> + Send>>;
+
+/// One server of a matrix of private-server tests.
+#[derive(Debug, Clone)]
+pub struct Server {
+    /// Its name in test names (`test@label`), e.g. the version.
+    pub label: String,
+    /// What the tests get as their argument.
+    pub param: String,
+    /// Why it cannot be used (not installed, say), if it cannot.
+    pub missing: Option<String>,
+}
+
+/// Runs every test of `matrix` once per server of `servers` (named `test@label` when there is
+/// more than one server), then the tests of `once`, as a libtest-style binary: a missing
+/// server's tests are IGNORED with its reason, or FAILED with `BUSBAR_REQUIRE_BROKERS=1`.
+pub fn main_matrix(
+    servers: &[Server],
+    matrix: &[(&'static str, MatrixFn)],
+    once: &[(&'static str, TestFn)],
+) -> ! {
+    let several = servers.len() > 1;
+    let mut trials: Vec<(String, Option<String>, Body)> = Vec::new();
+    for &(name, test) in matrix {
+        for server in servers {
+            let full = if several {
+                format!("{name}@{}", server.label)
+            } else {
+                name.to_owned()
+            };
+            let param = server.param.clone();
+            trials.push((
+                full,
+                server.missing.clone(),
+                Box::new(move || test(param.clone())),
+            ));
+        }
+    }
+    for &(name, test) in once {
+        trials.push((name.to_owned(), None, Box::new(test)));
+    }
+    run_trials(trials)
+}
+
+type Body = Box<dyn Fn() -> Pin<Box<dyn Future<Output = TestResult> + Send>> + Send + Sync>;
+
+/// Runs named test bodies (each with a 180 s limit; `Some(why)` = cannot run) and exits.
+fn run_trials(tests: Vec<(String, Option<String>, Body)>) -> ! {
     crate::init_test_log();
     let args = libtest_mimic::Arguments::from_args();
     let required = crate::Harness::brokers_required();
     let runtime = crate::test_runtime();
-    let hint = hint.to_owned();
     let trials = tests
-        .iter()
-        .map(|&(name, needs_binary, test)| {
-            let (rt, why) = (runtime.clone(), hint.clone());
-            let missing = needs_binary && !have_binary;
+        .into_iter()
+        .map(|(name, missing, test)| {
+            let rt = runtime.clone();
+            let ignore = missing.is_some() && !required;
+            if let (true, Some(why)) = (ignore, &missing) {
+                eprintln!("IGNORED {name}: {why}");
+            }
             let trial = libtest_mimic::Trial::test(name, move || {
-                if missing {
-                    return Err(why.into());
+                if let Some(why) = &missing {
+                    return Err(why.clone().into());
                 }
                 rt.block_on(async { tokio::time::timeout(Duration::from_secs(180), test()).await })
                     .map_err(|_| Failed::from("timed out after 180 s"))?
             });
-            if missing && !required {
-                eprintln!("IGNORED {name}: {hint}");
-                trial.with_ignored_flag(true)
-            } else {
-                trial
-            }
+            trial.with_ignored_flag(ignore)
         })
         .collect();
     let conclusion = libtest_mimic::run(&args, trials);
@@ -207,10 +264,12 @@ pub async fn publish_retrying(
     }
 }
 
-/// A consumer runner that records the ids it handled, for tests that disrupt the broker
-/// while it consumes.
+/// A consumer runner that records the ids it handled (and, per key, the order in which each
+/// was first handled), for tests that disrupt the broker while it consumes.
 pub struct Recorder {
     handled: Arc<Mutex<HashSet<String>>>,
+    /// Per key, ids in the order they were first handled.
+    first_by_key: Arc<Mutex<std::collections::HashMap<String, Vec<String>>>>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: JoinHandle<busbar_core::Result<ConsumerReport>>,
 }
@@ -219,7 +278,9 @@ impl Recorder {
     /// Starts a runner of `group` on `topic` (the group should exist already).
     pub fn start(bus: Arc<dyn EventBus>, topic: &str, group: &str, ack_timeout: Duration) -> Self {
         let handled: Arc<Mutex<HashSet<String>>> = Arc::default();
-        let h = handled.clone();
+        let first_by_key: Arc<Mutex<std::collections::HashMap<String, Vec<String>>>> =
+            Arc::default();
+        let (h, f) = (handled.clone(), first_by_key.clone());
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(
             Consumer::new(bus, topic)
@@ -227,9 +288,16 @@ impl Recorder {
                 .ack_timeout(ack_timeout)
                 .run_until(
                     move |e: Event| {
-                        let h = h.clone();
+                        let (h, f) = (h.clone(), f.clone());
                         async move {
-                            h.lock().map_err(|_| "lock")?.insert(e.id().to_owned());
+                            let first = h.lock().map_err(|_| "lock")?.insert(e.id().to_owned());
+                            if let (true, Some(k)) = (first, e.key()) {
+                                f.lock()
+                                    .map_err(|_| "lock")?
+                                    .entry(k.to_owned())
+                                    .or_default()
+                                    .push(e.id().to_owned());
+                            }
                             Ok::<(), &str>(())
                         }
                     },
@@ -240,8 +308,53 @@ impl Recorder {
         );
         Self {
             handled,
+            first_by_key,
             stop: Some(stop),
             task,
+        }
+    }
+
+    /// As [`Recorder::expect_all`], and also fails when a keyed message of `acked` (given in
+    /// publish order, one publisher per key) was first handled before an earlier acked
+    /// message of its key.
+    pub async fn expect_all_in_key_order(
+        self,
+        acked: &[String],
+        limit: Duration,
+        after: &str,
+    ) -> TestResult {
+        let first_by_key = self.first_by_key.clone();
+        self.expect_all(acked, limit, after).await?;
+        let position: std::collections::HashMap<&str, usize> = acked
+            .iter()
+            .enumerate()
+            .map(|(i, id)| (id.as_str(), i))
+            .collect();
+        let by_key = first_by_key.lock().map_err(|_| "lock")?;
+        let mut violations = Vec::new();
+        for (key, ids) in by_key.iter() {
+            let order: Vec<usize> = ids
+                .iter()
+                .filter_map(|id| position.get(id.as_str()).copied())
+                .collect();
+            if let Some(w) = order.windows(2).find(|w| w[0] > w[1]) {
+                violations.push(format!(
+                    "key {key}: publish #{} first handled after publish #{}",
+                    w[1], w[0]
+                ));
+            }
+        }
+        if violations.is_empty() {
+            eprintln!("  {after}: per-key order kept over {} keys", by_key.len());
+            Ok(())
+        } else {
+            violations.sort();
+            Err(format!(
+                "per-key order broken after the {after} on {} key(s): {}",
+                violations.len(),
+                violations.join("; ")
+            )
+            .into())
         }
     }
 

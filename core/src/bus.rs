@@ -26,8 +26,15 @@ pub trait EventBus: Send + Sync + fmt::Debug {
     /// The short name of the backend (`memory`, `redis`, ...), used in errors and reports.
     fn backend(&self) -> &'static str;
 
-    /// What this backend can do.
+    /// What this backend can do (on the server it is connected to: capabilities that depend
+    /// on the server's version are decided at connect time).
     fn capabilities(&self) -> Capabilities;
+
+    /// The version the broker reported when this bus connected (`"2.15.1"` for NATS,
+    /// `"4.0.5"` for RabbitMQ, ...), or `None` where the protocol does not say.
+    fn server_version(&self) -> Option<String> {
+        None
+    }
 
     /// Publishes one message to `topic` and returns once the broker has accepted it durably
     /// (as durable as the backend is).

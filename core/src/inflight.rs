@@ -15,6 +15,11 @@
 //! - A partition carries an epoch, renewed on every assignment. Acks of deliveries from an
 //!   earlier epoch (the partition was revoked meanwhile) change nothing: the new owner
 //!   resumes from the committed offset and delivers them again.
+//! - Beside the committed offset, a partition's [`Progress`] says what its next owner should
+//!   know: which offsets past the committed one were acked already (it skips them) and how
+//!   many times handlers received each unacked one (its attempt goes on from there). A backend
+//!   stores it with the commit (Kafka: the commit's metadata) and hands it to
+//!   [`State::assign_with`].
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -44,6 +49,14 @@ struct Entry {
 #[derive(Debug, Default)]
 struct Partition {
     epoch: u64,
+    /// Offsets the previous owner acked past its commit point: skipped when received.
+    done: BTreeSet<i64>,
+    /// Handler receptions of offsets the previous owner held unacked.
+    seen: HashMap<i64, u32>,
+    /// Bumped whenever the partition's [`Progress`] may have changed.
+    changes: u64,
+    /// `changes` at the last commit.
+    committed_changes: u64,
     /// Received and not acked, by offset.
     entries: BTreeMap<i64, Entry>,
     /// Not-acked offsets per key, in offset order: only the front may be in flight.
@@ -54,6 +67,29 @@ struct Partition {
     committed: i64,
     /// Revoked and waiting for in-flight deliveries to settle: nothing more is handed out.
     draining: bool,
+}
+
+/// What the next owner of a partition should know about it (see the module docs).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Progress {
+    /// The lowest offset not acked: where the next owner resumes (Kafka's committed offset).
+    pub commit: i64,
+    /// Offset ranges (`start..end`, ascending, all at or past `commit`) already acked: the
+    /// next owner skips them.
+    pub acked: Vec<(i64, i64)>,
+    /// Offsets at or past `commit`, not acked, with how many times a handler received them:
+    /// the next owner hands them out with the attempt after that.
+    pub seen: Vec<(i64, u32)>,
+}
+
+impl Progress {
+    /// Nothing known beyond the committed offset.
+    pub fn at(commit: i64) -> Self {
+        Self {
+            commit,
+            ..Self::default()
+        }
+    }
 }
 
 /// A record handed out to the application.
@@ -143,18 +179,86 @@ impl State {
     /// Starts owning `partition` (a fresh epoch; anything left from an earlier assignment
     /// is dropped).
     pub fn assign(&mut self, partition: i32) {
+        self.assign_with(partition, None);
+    }
+
+    /// Starts owning `partition`, knowing what its previous owner recorded with its commit.
+    pub fn assign_with(&mut self, partition: i32, progress: Option<Progress>) {
         self.drop_partition(partition);
         let epoch = self.next_epoch;
         self.next_epoch += 1;
-        self.parts.insert(
-            partition,
-            Partition {
-                epoch,
-                next_offset: -1,
-                committed: -1,
-                ..Partition::default()
-            },
+        let mut p = Partition {
+            epoch,
+            next_offset: -1,
+            committed: -1,
+            ..Partition::default()
+        };
+        if let Some(progress) = progress {
+            p.committed = progress.commit;
+            for (start, end) in progress.acked {
+                // Bounded: a range past a sane size is not trusted (a foreign note).
+                if start >= progress.commit && end > start && end - start <= 1_000_000 {
+                    p.done.extend(start..end);
+                }
+            }
+            p.seen = progress
+                .seen
+                .into_iter()
+                .filter(|(o, n)| *o >= progress.commit && *n > 0)
+                .collect();
+        }
+        self.parts.insert(partition, p);
+    }
+
+    /// What the next owner of `partition` should know, if it is owned.
+    pub fn progress(&self, partition: i32) -> Option<Progress> {
+        let p = self.parts.get(&partition)?;
+        let commit = match (p.entries.keys().next().copied(), p.next_offset) {
+            (Some(o), _) => o,
+            (None, n) if n >= 0 => n,
+            // Nothing received yet: what the previous owner left stands.
+            (None, _) => p.committed,
+        };
+        let mut acked: Vec<(i64, i64)> = Vec::new();
+        let mut push = |o: i64| match acked.last_mut() {
+            Some((_, end)) if *end == o => *end += 1,
+            _ => acked.push((o, o + 1)),
+        };
+        // Received past the commit point and no longer held: acked.
+        if p.next_offset > commit {
+            for o in commit..p.next_offset {
+                if !p.entries.contains_key(&o) {
+                    push(o);
+                }
+            }
+        }
+        // Not received yet but acked by an earlier owner.
+        for &o in p.done.range(commit.max(p.next_offset)..) {
+            push(o);
+        }
+        let mut seen: Vec<(i64, u32)> = p
+            .entries
+            .iter()
+            .filter_map(|(&o, e)| {
+                let n = match e.status {
+                    Status::InFlight { .. } => e.attempt,
+                    Status::Queued | Status::Delayed(_) => e.attempt - 1,
+                };
+                (n > 0).then_some((o, n))
+            })
+            .collect();
+        seen.extend(
+            p.seen
+                .iter()
+                .filter(|(o, _)| **o >= commit.max(p.next_offset))
+                .map(|(o, n)| (*o, *n)),
         );
+        seen.sort_unstable();
+        Some(Progress {
+            commit,
+            acked,
+            seen,
+        })
     }
 
     /// Stops handing out records of `partition`; deliveries already out may still settle.
@@ -214,6 +318,15 @@ impl State {
             return false;
         }
         p.next_offset = offset + 1;
+        if p.done.remove(&offset) {
+            // Acked by the partition's previous owner: not delivered again.
+            p.changes += 1;
+            return false;
+        }
+        let attempt = match p.seen.remove(&offset) {
+            Some(n) => attempt.max(n.saturating_add(1)),
+            None => attempt,
+        };
         let eligible = match &message.key {
             Some(k) => {
                 let q = p.keys.entry(k.clone()).or_default();
@@ -309,6 +422,7 @@ impl State {
             self.next_tag += 1;
             let deadline = now + self.ack_timeout;
             e.status = Status::InFlight { tag, deadline };
+            p.changes += 1;
             self.deadlines.insert((deadline, part, offset, tag));
             self.in_flight += 1;
             found = Some(Handed {
@@ -377,6 +491,7 @@ impl State {
         };
         let key = e.message.key.clone();
         p.entries.remove(&offset);
+        p.changes += 1;
         let mut next_ready = None;
         if let Some(k) = key {
             if let Some(q) = p.keys.get_mut(&k) {
@@ -456,10 +571,33 @@ impl State {
             .collect()
     }
 
+    /// What to commit now, with the progress to store beside it: every owned partition whose
+    /// commit point advanced or whose [`Progress`] changed since its last commit. The `u64` is
+    /// the change count to hand back to [`State::committed_progress`].
+    pub fn progress_to_commit(&self) -> Vec<(i32, Progress, u64)> {
+        self.parts
+            .iter()
+            .filter_map(|(&part, p)| {
+                let progress = self.progress(part)?;
+                let advanced = progress.commit > p.committed;
+                (progress.commit >= 0 && (advanced || p.changes != p.committed_changes))
+                    .then_some((part, progress, p.changes))
+            })
+            .collect()
+    }
+
     /// Records that `offset` was committed for `partition`.
     pub fn committed(&mut self, partition: i32, offset: i64) {
         if let Some(p) = self.parts.get_mut(&partition) {
             p.committed = p.committed.max(offset);
+        }
+    }
+
+    /// Records that `progress`, taken at change count `changes`, was committed.
+    pub fn committed_progress(&mut self, partition: i32, progress: &Progress, changes: u64) {
+        if let Some(p) = self.parts.get_mut(&partition) {
+            p.committed = p.committed.max(progress.commit);
+            p.committed_changes = p.committed_changes.max(changes);
         }
     }
 }
@@ -574,6 +712,59 @@ mod tests {
         assert_eq!(s.next_wake(), Some(now + Duration::from_secs(2)));
         let again = s.take(now + Duration::from_secs(2)).expect("due");
         assert_eq!(again.attempt, 2);
+    }
+
+    #[test]
+    fn progress_says_what_was_acked_and_seen_past_the_commit_point() {
+        let mut s = state();
+        let now = Instant::now();
+        for o in 10..15 {
+            s.receive(0, o, msg(None));
+        }
+        let handed: Vec<Handed> = (0..4).filter_map(|_| s.take(now)).collect();
+        // 10 unacked and in flight, 11 acked, 12 nacked (seen once, queued), 13 acked,
+        // 14 never handed out.
+        assert!(s.ack(handed[1].token()));
+        assert!(s.nack(handed[2].token(), None));
+        assert!(s.ack(handed[3].token()));
+        let p = s.progress(0).expect("owned");
+        assert_eq!(p.commit, 10);
+        assert_eq!(p.acked, vec![(11, 12), (13, 14)]);
+        assert_eq!(p.seen, vec![(10, 1), (12, 1)]);
+        let to_commit = s.progress_to_commit();
+        assert_eq!(to_commit.len(), 1);
+        let (part, progress, changes) = to_commit[0].clone();
+        s.committed_progress(part, &progress, changes);
+        assert!(s.progress_to_commit().is_empty(), "nothing new since");
+    }
+
+    #[test]
+    fn the_next_owner_skips_acked_records_and_goes_on_counting_attempts() {
+        let mut s = state();
+        s.assign_with(
+            0,
+            Some(Progress {
+                commit: 10,
+                acked: vec![(11, 12), (13, 14)],
+                seen: vec![(10, 1), (12, 3)],
+            }),
+        );
+        let now = Instant::now();
+        let added: Vec<bool> = (10..15).map(|o| s.receive(0, o, msg(None))).collect();
+        assert_eq!(added, vec![true, false, true, false, true]);
+        let attempts: Vec<(i64, u32)> = std::iter::from_fn(|| s.take(now))
+            .map(|h| (h.offset, h.attempt))
+            .collect();
+        assert_eq!(attempts, vec![(10, 2), (12, 4), (14, 1)]);
+        // Before anything is received, the previous owner's note stands as it was.
+        let mut fresh = state();
+        let note = Progress {
+            commit: 10,
+            acked: vec![(11, 12)],
+            seen: vec![(10, 2)],
+        };
+        fresh.assign_with(0, Some(note.clone()));
+        assert_eq!(fresh.progress(0), Some(note));
     }
 
     #[test]

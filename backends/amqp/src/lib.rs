@@ -2,6 +2,7 @@
 
 mod codec;
 pub mod config;
+mod server;
 mod subscriber;
 
 use std::collections::HashSet;
@@ -77,8 +78,9 @@ pub(crate) fn table(pairs: &[(&str, AMQPValue)]) -> FieldTable {
 
 /// The arguments of a partition queue of `topic`: quorum, single active consumer, optional
 /// expiry, optional delivery limit with at-least-once dead-lettering into `<topic>.dlq`
-/// (the routing key, the partition, is kept).
-fn queue_arguments(config: &AmqpConfig, topic: &str) -> FieldTable {
+/// (the routing key, the partition, is kept); without one, whatever makes the server keep a
+/// message however often it is handed back (see [`server::Server::unlimited_delivery_limit`]).
+fn queue_arguments(config: &AmqpConfig, server: &server::Server, topic: &str) -> FieldTable {
     let mut args = vec![
         (
             "x-queue-type",
@@ -90,7 +92,13 @@ fn queue_arguments(config: &AmqpConfig, topic: &str) -> FieldTable {
         let ms = i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
         args.push(("x-expires", AMQPValue::LongLongInt(ms)));
     }
-    if let Some(limit) = config.delivery_limit.filter(|_| !topic.ends_with(".dlq")) {
+    let limit = config.delivery_limit.filter(|_| !topic.ends_with(".dlq"));
+    if limit.is_none() {
+        if let Some(unlimited) = server.unlimited_delivery_limit() {
+            args.push(("x-delivery-limit", AMQPValue::LongLongInt(unlimited)));
+        }
+    }
+    if let Some(limit) = limit {
         let dlq = config::exchange(&busbar_core::default_dead_letter_topic(topic));
         args.extend([
             ("x-delivery-limit", AMQPValue::LongLongInt(i64::from(limit))),
@@ -162,6 +170,8 @@ pub(crate) async fn declare_members_exchange(ch: &Channel, topic: &str, group: &
 
 pub(crate) struct Inner {
     pub(crate) config: AmqpConfig,
+    /// The server, as its handshake described it.
+    server: server::Server,
     /// Replaced by a new connection when the old one is lost (broker restart, network).
     conn: tokio::sync::Mutex<Arc<Connection>>,
     publisher: tokio::sync::Mutex<Option<Channel>>,
@@ -325,7 +335,7 @@ impl Inner {
                     durable: true,
                     ..Default::default()
                 },
-                queue_arguments(&self.config, topic),
+                queue_arguments(&self.config, &self.server, topic),
             )
             .await
             .map_err(|e| map_err(e, &format!("declaring queue {q}")))?;
@@ -447,9 +457,11 @@ impl AmqpBus {
     pub async fn connect(url: &str) -> Result<Self> {
         let config = AmqpConfig::from_url(url)?;
         let conn = open(&config).await?;
+        let server = server::probe(&config.uri, std::time::Duration::from_secs(5)).await;
         Ok(Self {
             inner: Arc::new(Inner {
                 config,
+                server,
                 conn: tokio::sync::Mutex::new(Arc::new(conn)),
                 publisher: tokio::sync::Mutex::new(None),
                 declarer: tokio::sync::Mutex::new(None),
@@ -484,6 +496,10 @@ impl EventBus for AmqpBus {
         c.message_max_bytes = Some(self.inner.config.max_message_bytes);
         c.native_dead_letter = self.inner.config.delivery_limit.is_some();
         c
+    }
+
+    fn server_version(&self) -> Option<String> {
+        self.inner.server.version.clone()
     }
 
     async fn publish(&self, topic: &str, message: Message, options: &PublishOptions) -> Result<()> {

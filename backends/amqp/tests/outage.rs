@@ -1,5 +1,5 @@
 //! RabbitMQ unreachable mid-stream: every connection of the bus and of its consumers is cut
-//! through a TCP proxy in front of the shared server (`BUSBAR_AMQP_URL`'s host:port) and
+//! through a TCP proxy in front of each shared server of `BUSBAR_AMQP_URL` (a matrix) and
 //! restored 3 s later. Publishes during the outage fail with retryable errors or succeed;
 //! every publish that returned Ok is handled afterwards, the consumer reconnecting by itself.
 //!
@@ -15,13 +15,13 @@ use busbar_amqp::AmqpBus;
 use busbar_conformance::private_server::{publish_retrying, Proxy, Recorder, TestResult};
 use busbar_core::{EventBus, Message, PublishOptions, SubscribeOptions};
 
-fn url() -> String {
-    std::env::var("BUSBAR_AMQP_URL")
-        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+/// The shared servers: every URL of `BUSBAR_AMQP_URL`.
+fn urls() -> Vec<String> {
+    busbar_conformance::urls_from_env("BUSBAR_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f")
 }
 
-async fn outage_mid_stream_loses_nothing_acked() -> TestResult {
-    let target = url::Url::parse(&url())?;
+async fn outage_mid_stream_loses_nothing_acked(url: String) -> TestResult {
+    let target = url::Url::parse(&url)?;
     let port = target.port().unwrap_or(5672);
     let proxy = Proxy::start(port).await?;
     let mut via = target.clone();
@@ -78,38 +78,35 @@ async fn outage_mid_stream_loses_nothing_acked() -> TestResult {
 }
 
 fn main() {
-    let args = libtest_mimic::Arguments::from_args();
     let runtime = busbar_conformance::test_runtime();
-    let reachable = runtime.block_on(async {
-        match tokio::time::timeout(Duration::from_secs(20), AmqpBus::connect(&url())).await {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(_) => Err("no answer within 20 s".to_owned()),
-        }
-    });
-    let required = busbar_conformance::Harness::brokers_required();
-    let rt = runtime.clone();
-    let why = reachable.clone().err();
-    let trial = libtest_mimic::Trial::test("outage_mid_stream_loses_nothing_acked", move || {
-        if let Some(why) = &why {
-            return Err(format!("no RabbitMQ: {why}; run scripts/brokers.sh up").into());
-        }
-        rt.block_on(async {
-            tokio::time::timeout(
-                Duration::from_secs(150),
-                outage_mid_stream_loses_nothing_acked(),
-            )
-            .await
+    let servers: Vec<_> = urls()
+        .into_iter()
+        .map(|url| {
+            let probe = runtime.block_on(async {
+                match tokio::time::timeout(Duration::from_secs(20), AmqpBus::connect(&url)).await {
+                    Ok(Ok(bus)) => Ok(bus.server_version()),
+                    Ok(Err(e)) => Err(e.to_string()),
+                    Err(_) => Err("no answer within 20 s".to_owned()),
+                }
+            });
+            busbar_conformance::private_server::Server {
+                label: match &probe {
+                    Ok(Some(v)) => v.clone(),
+                    _ => busbar_core::redact_url(&url),
+                },
+                missing: probe
+                    .err()
+                    .map(|why| format!("no RabbitMQ: {why}; run scripts/brokers.sh up")),
+                param: url,
+            }
         })
-        .map_err(|_| libtest_mimic::Failed::from("timed out after 150 s"))?
-    });
-    let trial = match &reachable {
-        Err(why) if !required => {
-            eprintln!("IGNORED outage_mid_stream_loses_nothing_acked: no RabbitMQ ({why}); run scripts/brokers.sh up");
-            trial.with_ignored_flag(true)
-        }
-        _ => trial,
-    };
-    let conclusion = libtest_mimic::run(&args, vec![trial]);
-    std::process::exit(if conclusion.has_failed() { 101 } else { 0 })
+        .collect();
+    drop(runtime);
+    busbar_conformance::private_server::main_matrix(
+        &servers,
+        &[("outage_mid_stream_loses_nothing_acked", |url| {
+            Box::pin(outage_mid_stream_loses_nothing_acked(url))
+        })],
+        &[],
+    )
 }

@@ -1,12 +1,15 @@
 //! A private RabbitMQ node (own ports, own data directory, no plugins) stopped and restarted
 //! mid-stream: no confirmed message is lost and consuming resumes by itself.
 //!
-//! The node is the machine's RabbitMQ installation (`rabbitmq-server` from
-//! `RABBITMQ_SERVER_BIN`, else Debian's `/usr/lib/rabbitmq/lib/rabbitmq_server-*/sbin`, else
-//! `PATH`) started as the current user with everything under a temporary directory: node name
-//! `busbar-<port>@localhost`, AMQP on a spare 127.0.0.1 port, distribution on another, a private
-//! Erlang cookie (`HOME`). Without the binary the test is reported ignored, or fails with
-//! `BUSBAR_REQUIRE_BROKERS=1`.
+//! The tests run once per RabbitMQ installation of `BUSBAR_RABBITMQ_ROOTS` (whitespace-separated
+//! root directories: `/` for the machine's own, Debian's 3.10; the Debian trixie chroot that
+//! `scripts/brokers.sh up` builds for 4.x), named `test@<version>`; unset, the machine's own.
+//! A node is that installation's `rabbitmq-server` (`usr/lib/rabbitmq/lib/rabbitmq_server-*/sbin`
+//! under the root; run through `chroot` for another root, which needs root privileges and the
+//! root's `/proc` mounted, as brokers.sh leaves it) started as the current user with everything
+//! under a temporary directory inside the root: node name `busbar-<port>@localhost`, AMQP on a
+//! spare 127.0.0.1 port, distribution on another, a private Erlang cookie (`HOME`). Without the
+//! installation the tests are reported ignored, or fail with `BUSBAR_REQUIRE_BROKERS=1`.
 
 #![allow(clippy::panic)]
 
@@ -23,23 +26,27 @@ use busbar_core::{EventBus, Message, PublishOptions, SubscribeOptions};
 use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
 
-fn server_bin() -> String {
-    if let Ok(b) = std::env::var("RABBITMQ_SERVER_BIN") {
-        return b;
-    }
-    std::fs::read_dir("/usr/lib/rabbitmq/lib")
-        .ok()
-        .and_then(|mut d| {
-            d.find_map(|e| {
-                let p = e.ok()?.path().join("sbin/rabbitmq-server");
-                p.exists().then_some(p)
-            })
+/// The `rabbitmq-server` script of the installation under `root`, as a path inside it.
+fn server_bin(root: &Path) -> Option<String> {
+    let lib = root.join("usr/lib/rabbitmq/lib");
+    let mut found: Vec<String> = std::fs::read_dir(lib)
+        .ok()?
+        .filter_map(|e| {
+            let name = e.ok()?.file_name().to_string_lossy().into_owned();
+            let inside = format!("/usr/lib/rabbitmq/lib/{name}/sbin/rabbitmq-server");
+            root.join(inside.trim_start_matches('/'))
+                .exists()
+                .then_some(inside)
         })
-        .map(|p| p.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "rabbitmq-server".into())
+        .collect();
+    found.sort();
+    found.pop()
 }
 
 struct Node {
+    /// The installation's root (`/` for the machine's own).
+    root: PathBuf,
+    /// The node's directory as the node sees it (inside `root`).
     dir: PathBuf,
     port: u16,
     dist_port: u16,
@@ -47,16 +54,20 @@ struct Node {
 }
 
 impl Node {
-    async fn start() -> Result<Self, Failed> {
-        let dir =
-            std::env::temp_dir().join(format!("busbar-rabbit-{}", uuid::Uuid::now_v7().simple()));
+    async fn start(root: &str) -> Result<Self, Failed> {
+        let root = PathBuf::from(root);
+        let dir = PathBuf::from(format!(
+            "/tmp/busbar-rabbit-{}",
+            uuid::Uuid::now_v7().simple()
+        ));
         let (port, dist_port) = (free_port()?, free_port()?);
+        let host_dir = root.join(dir.strip_prefix("/").unwrap_or(&dir));
         for sub in ["home", "mnesia", "log"] {
-            std::fs::create_dir_all(dir.join(sub))?;
+            std::fs::create_dir_all(host_dir.join(sub))?;
         }
-        std::fs::write(dir.join("enabled_plugins"), "[].\n")?;
+        std::fs::write(host_dir.join("enabled_plugins"), "[].\n")?;
         std::fs::write(
-            dir.join("rabbitmq.conf"),
+            host_dir.join("rabbitmq.conf"),
             format!(
                 "listeners.tcp.default = 127.0.0.1:{port}\n\
                  distribution.listener.interface = 127.0.0.1\n\
@@ -66,6 +77,7 @@ impl Node {
             ),
         )?;
         let mut node = Self {
+            root,
             dir,
             port,
             dist_port,
@@ -77,8 +89,20 @@ impl Node {
 
     async fn boot(&mut self) -> TestResult {
         let d: &Path = &self.dir;
-        let child = Command::new(server_bin())
-            .current_dir(d)
+        let bin = server_bin(&self.root).ok_or("no rabbitmq-server in the installation")?;
+        let mut cmd = if self.root == Path::new("/") {
+            Command::new(&bin)
+        } else {
+            // Another Debian release's RabbitMQ: its own libc and Erlang, so it runs chrooted
+            // (with an epmd of its own, the one brokers.sh started for that installation).
+            let mut c = Command::new("chroot");
+            c.arg(&self.root)
+                .arg(&bin)
+                .env("ERL_EPMD_PORT", RABBIT_NEW_EPMD_PORT);
+            c
+        };
+        let child = cmd
+            .current_dir(self.host_dir())
             .env("HOME", d.join("home"))
             .env(
                 "RABBITMQ_NODENAME",
@@ -97,7 +121,7 @@ impl Node {
             .process_group(0)
             .kill_on_drop(true)
             .spawn()
-            .map_err(|e| format!("cannot start {}: {e}", server_bin()))?;
+            .map_err(|e| format!("cannot start {bin}: {e}"))?;
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
@@ -109,7 +133,7 @@ impl Node {
             if Instant::now() > deadline {
                 return Err(format!(
                     "the private RabbitMQ node did not accept AMQP within 60 s (logs in {})",
-                    self.dir.display()
+                    self.host_dir().display()
                 )
                 .into());
             }
@@ -144,6 +168,12 @@ impl Node {
         Ok(())
     }
 
+    /// The node's directory as seen from here.
+    fn host_dir(&self) -> PathBuf {
+        self.root
+            .join(self.dir.strip_prefix("/").unwrap_or(&self.dir))
+    }
+
     fn url(&self) -> String {
         format!(
             "amqp://guest:guest@127.0.0.1:{}/%2f?partitions=4",
@@ -159,15 +189,18 @@ impl Drop for Node {
                 .args(["-s", "KILL", "--", &format!("-{pid}")])
                 .status();
         }
-        let _ = std::fs::remove_dir_all(&self.dir);
+        let _ = std::fs::remove_dir_all(self.host_dir());
     }
 }
+
+/// The epmd port of the chrooted RabbitMQ (`scripts/brokers.sh`).
+const RABBIT_NEW_EPMD_PORT: &str = "14369";
 
 /// The node stops (clean shutdown) and starts again on the same data while a consumer reads
 /// and publishes go on: every publish that returned Ok is handled exactly as the durable
 /// quorum queues kept it, and the consumer resumes by itself.
-async fn node_restart_loses_nothing_confirmed() -> TestResult {
-    let mut node = Node::start().await?;
+async fn node_restart_loses_nothing_confirmed(root: String) -> TestResult {
+    let mut node = Node::start(&root).await?;
     let bus = AmqpBus::connect(&node.url()).await?;
     let topic = "restart";
     let shared: Arc<dyn EventBus> = Arc::new(bus.clone());
@@ -215,8 +248,8 @@ async fn node_restart_loses_nothing_confirmed() -> TestResult {
 /// With `delivery_limit=1`, a message handed back twice by members that closed without
 /// acking is dead-lettered by RabbitMQ into `<topic>.dlq` (its redrive group keeps it), with
 /// busbar's dead-letter headers, and redrive brings it back.
-async fn delivery_limit_dead_letters_into_the_dlq_topic() -> TestResult {
-    let node = Node::start().await?;
+async fn delivery_limit_dead_letters_into_the_dlq_topic(root: String) -> TestResult {
+    let node = Node::start(&root).await?;
     let url = format!("{}&delivery_limit=1", node.url());
     let bus = AmqpBus::connect(&url).await?;
     if !bus.capabilities().native_dead_letter {
@@ -273,21 +306,61 @@ async fn delivery_limit_dead_letters_into_the_dlq_topic() -> TestResult {
     Ok(())
 }
 
+/// The installations of the matrix (see the module docs), labelled by version.
+fn servers() -> Vec<busbar_conformance::private_server::Server> {
+    let roots: Vec<String> = std::env::var("BUSBAR_RABBITMQ_ROOTS")
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect();
+    let roots = if roots.is_empty() {
+        vec!["/".to_owned()]
+    } else {
+        roots
+    };
+    roots
+        .into_iter()
+        .map(|root| {
+            let r = Path::new(&root);
+            let bin = server_bin(r);
+            let version = bin.as_deref().and_then(|b| {
+                b.split("rabbitmq_server-")
+                    .nth(1)?
+                    .split('/')
+                    .next()
+                    .map(str::to_owned)
+            });
+            let missing = if bin.is_none() {
+                Some(format!(
+                    "no RabbitMQ installation under {root} (Debian: apt-get install rabbitmq-server; the 4.x chroot: scripts/brokers.sh up)"
+                ))
+            } else if r != Path::new("/") && !r.join("proc/self").exists() {
+                Some(format!(
+                    "{root}/proc is not mounted; run scripts/brokers.sh up"
+                ))
+            } else {
+                None
+            };
+            busbar_conformance::private_server::Server {
+                label: version.unwrap_or_else(|| root.clone()),
+                param: root,
+                missing,
+            }
+        })
+        .collect()
+}
+
 fn main() {
-    let bin = server_bin();
-    let installed = Path::new(&bin).exists()
-        || std::env::var_os("PATH")
-            .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(&bin).exists()));
-    busbar_conformance::private_server::main_when(
-        installed,
-        "rabbitmq-server is not installed (Debian: apt-get install rabbitmq-server; or set RABBITMQ_SERVER_BIN)",
+    busbar_conformance::private_server::main_matrix(
+        &servers(),
         &[
-            ("node_restart_loses_nothing_confirmed", true, || {
-                Box::pin(node_restart_loses_nothing_confirmed())
+            ("node_restart_loses_nothing_confirmed", |r| {
+                Box::pin(node_restart_loses_nothing_confirmed(r))
             }),
-            ("delivery_limit_dead_letters_into_the_dlq_topic", true, || {
-                Box::pin(delivery_limit_dead_letters_into_the_dlq_topic())
+            ("delivery_limit_dead_letters_into_the_dlq_topic", |r| {
+                Box::pin(delivery_limit_dead_letters_into_the_dlq_topic(r))
             }),
         ],
+        &[],
     )
 }

@@ -53,3 +53,38 @@ pub(crate) fn is_active_group(e: &KafkaError) -> bool {
         Some(Code::RebalanceInProgress | Code::UnknownMemberId | Code::IllegalGeneration)
     )
 }
+
+/// Whether the error is a partition between leaders (just created, or its leader moving):
+/// worth asking again in a moment.
+pub(crate) fn is_leader_moving(e: &KafkaError) -> bool {
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            Code::NotLeaderForPartition
+                | Code::LeaderNotAvailable
+                | Code::UnknownTopicOrPartition
+                | Code::NotCoordinator
+                | Code::CoordinatorLoadInProgress
+                | Code::CoordinatorNotAvailable
+        )
+    )
+}
+
+/// Runs a blocking librdkafka request again while it fails with [`is_leader_moving`]
+/// (backing off from 10 ms to 200 ms), for at most `limit`.
+pub(crate) fn retry_while_leader_moves<T>(
+    limit: std::time::Duration,
+    mut request: impl FnMut() -> Result<T, KafkaError>,
+) -> Result<T, KafkaError> {
+    let deadline = std::time::Instant::now() + limit;
+    let mut pause = std::time::Duration::from_millis(10);
+    loop {
+        match request() {
+            Err(e) if is_leader_moving(&e) && std::time::Instant::now() < deadline => {
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(std::time::Duration::from_millis(200));
+            }
+            other => return other,
+        }
+    }
+}

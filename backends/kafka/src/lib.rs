@@ -3,6 +3,7 @@
 mod codec;
 pub mod config;
 mod error;
+mod progress;
 mod subscriber;
 
 use std::collections::HashSet;
@@ -46,7 +47,7 @@ pub(crate) struct Inner {
     /// Replaced when librdkafka reports a fatal producer error (the idempotent producer was
     /// fenced, its sequence state was lost, ...): such a producer accepts nothing more.
     producer: RwLock<FutureProducer>,
-    admin: AdminClient<DefaultClientContext>,
+    admin: Arc<AdminClient<DefaultClientContext>>,
     /// Topics known to exist (created or seen by this client).
     topics: Mutex<HashSet<String>>,
     closed: AtomicBool,
@@ -108,11 +109,52 @@ impl Inner {
                 }
             }
         }
+        self.wait_for_leaders(topic).await?;
         self.topics
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .insert(topic.to_owned());
         Ok(())
+    }
+
+    /// Waits until every partition of `topic` has a leader: a real broker answers
+    /// `CreateTopics` before its controller elected them, and offset requests in between
+    /// fail with `NotLeaderForPartition`.
+    async fn wait_for_leaders(&self, topic: &str) -> Result<()> {
+        let deadline = std::time::Instant::now() + REQUEST_TIMEOUT;
+        let mut pause = Duration::from_millis(10);
+        loop {
+            let (admin, name) = (self.admin.clone(), topic.to_owned());
+            let ready = blocking(move || {
+                let meta = admin
+                    .inner()
+                    .fetch_metadata(Some(&name), REQUEST_TIMEOUT)
+                    .map_err(|e| error::map(e, "reading the topic's partitions"))?;
+                Ok(meta.topics().iter().any(|t| {
+                    t.name() == name
+                        && t.error().is_none()
+                        && !t.partitions().is_empty()
+                        && t.partitions()
+                            .iter()
+                            .all(|p| p.error().is_none() && p.leader() >= 0)
+                }))
+            })
+            .await?;
+            if ready {
+                return Ok(());
+            }
+            if std::time::Instant::now() >= deadline {
+                return Err(Error::new(
+                    ErrorKind::Timeout,
+                    format!(
+                        "topic {topic} was created but its partitions had no leader within {REQUEST_TIMEOUT:?}"
+                    ),
+                )
+                .with_backend(BACKEND));
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(200));
+        }
     }
 
     fn producer(&self) -> FutureProducer {
@@ -243,17 +285,19 @@ impl Inner {
                 )
                 .with_backend(BACKEND));
             }
-            let committed = client
-                .committed_offsets(tpl, REQUEST_TIMEOUT)
-                .map_err(|e| error::map(e, "reading the group's committed offsets"))?;
+            let committed = error::retry_while_leader_moves(REQUEST_TIMEOUT, || {
+                client.committed_offsets(tpl.clone(), REQUEST_TIMEOUT)
+            })
+            .map_err(|e| error::map(e, "reading the group's committed offsets"))?;
             let mut missing = TopicPartitionList::new();
             for e in committed.elements() {
                 if matches!(e.offset(), Offset::Offset(_)) {
                     continue;
                 }
-                let (low, high) = client
-                    .fetch_watermarks(&topic, e.partition(), REQUEST_TIMEOUT)
-                    .map_err(|e| error::map(e, "reading the partition's offsets"))?;
+                let (low, high) = error::retry_while_leader_moves(REQUEST_TIMEOUT, || {
+                    client.fetch_watermarks(&topic, e.partition(), REQUEST_TIMEOUT)
+                })
+                .map_err(|e| error::map(e, "reading the partition's offsets"))?;
                 let at = match start {
                     StartPosition::Latest => high,
                     StartPosition::Earliest => low,
@@ -265,7 +309,9 @@ impl Inner {
             if missing.count() == 0 {
                 return Ok(());
             }
-            match client.commit(&missing, CommitMode::Sync) {
+            match error::retry_while_leader_moves(REQUEST_TIMEOUT, || {
+                client.commit(&missing, CommitMode::Sync)
+            }) {
                 Ok(()) => Ok(()),
                 // Members are active: they already resolved their start positions.
                 Err(e) if error::is_active_group(&e) => Ok(()),
@@ -344,7 +390,7 @@ impl KafkaBus {
             inner: Arc::new(Inner {
                 config,
                 producer: RwLock::new(producer),
-                admin,
+                admin: Arc::new(admin),
                 topics: Mutex::new(HashSet::new()),
                 closed: AtomicBool::new(false),
                 subscribers: Mutex::new(Vec::new()),

@@ -17,12 +17,14 @@ use rdkafka::{Message as _, Offset, TopicPartitionList};
 use tokio::sync::{oneshot, Notify};
 use tokio::time::Instant;
 
-use crate::{codec, error, Inner, BACKEND};
+use crate::{codec, error, progress, Inner, BACKEND};
 use busbar_core::inflight::{next_handed, State, Token};
 
 /// The longest a revoked partition waits for its in-flight deliveries before it is handed
 /// over anyway (they are then delivered again by the new owner).
 const DRAIN_MAX: Duration = Duration::from_secs(30);
+/// How long a new owner waits for the committed progress notes of its partitions.
+const NOTE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long `close` waits for the consumer thread to leave the group.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -110,14 +112,40 @@ impl ConsumerContext for MemberContext {
         }
     }
 
-    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(tpl) = rebalance {
             let parts: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
             tracing::debug!(group = %self.shared.options.group, ?parts, "kafka: partitions assigned");
+            let notes = committed_notes(consumer, tpl);
             let mut st = self.shared.state();
             for p in parts {
-                st.assign(p);
+                st.assign_with(p, notes.get(&p).cloned());
             }
+        }
+    }
+}
+
+/// What the previous owners of the assigned partitions noted with their commits (an
+/// unreadable answer means none: records are then handed out again as at-least-once allows).
+fn committed_notes(
+    consumer: &BaseConsumer<MemberContext>,
+    assigned: &TopicPartitionList,
+) -> std::collections::HashMap<i32, busbar_core::inflight::Progress> {
+    let committed = error::retry_while_leader_moves(NOTE_TIMEOUT, || {
+        consumer.committed_offsets(assigned.clone(), NOTE_TIMEOUT)
+    });
+    match committed {
+        Ok(list) => list
+            .elements()
+            .iter()
+            .filter_map(|e| match e.offset() {
+                Offset::Offset(o) => Some((e.partition(), progress::decode(o, e.metadata())?)),
+                _ => None,
+            })
+            .collect(),
+        Err(e) => {
+            tracing::warn!(error = %e, "kafka: cannot read the committed progress notes; records past the committed offsets come again");
+            std::collections::HashMap::new()
         }
     }
 }
@@ -158,29 +186,37 @@ impl MemberContext {
     }
 }
 
-/// Commits the acked progress of the owned partitions (or of `only`), synchronously.
+/// Commits the acked progress of the owned partitions (or of `only`), synchronously: the
+/// lowest unacked offset, with a note of what lies past it (see [`crate::progress`]).
 fn commit(consumer: &BaseConsumer<MemberContext>, shared: &Shared, only: Option<&[i32]>) {
-    let points: Vec<(i32, i64)> = shared
+    let points: Vec<_> = shared
         .state()
-        .commit_points()
+        .progress_to_commit()
         .into_iter()
-        .filter(|(p, _)| only.is_none_or(|o| o.contains(p)))
+        .filter(|(p, _, _)| only.is_none_or(|o| o.contains(p)))
         .collect();
     if points.is_empty() {
         return;
     }
     let mut tpl = TopicPartitionList::new();
-    for (p, o) in &points {
-        if let Err(e) = tpl.add_partition_offset(&shared.topic, *p, Offset::Offset(*o)) {
-            tracing::warn!(error = %e, "kafka: bad commit offset");
-            return;
+    for (p, progress, _) in &points {
+        match tpl.add_partition_offset(&shared.topic, *p, Offset::Offset(progress.commit)) {
+            Ok(()) => {
+                if let Some(mut e) = tpl.find_partition(&shared.topic, *p) {
+                    e.set_metadata(progress::encode(progress, progress::MAX_NOTE));
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "kafka: bad commit offset");
+                return;
+            }
         }
     }
     match consumer.commit(&tpl, CommitMode::Sync) {
         Ok(()) => {
             let mut st = shared.state();
-            for (p, o) in points {
-                st.committed(p, o);
+            for (p, progress, changes) in points {
+                st.committed_progress(p, &progress, changes);
             }
         }
         Err(e) => {

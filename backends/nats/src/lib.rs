@@ -43,6 +43,11 @@ pub(crate) struct Inner {
     topics: Mutex<HashMap<String, u32>>,
     leases: tokio::sync::OnceCell<leases::LeaseStore>,
     round_robin: AtomicU32,
+    /// The version the server announced on connect.
+    server_version: String,
+    /// The server schedules messages (`Nats-Schedule`, server 2.12 and later): delayed
+    /// publish is native.
+    schedules: bool,
 }
 
 impl Inner {
@@ -72,6 +77,7 @@ impl Inner {
             storage: stream::StorageType::File,
             max_messages: self.config.retention,
             duplicate_window: Duration::from_secs(120),
+            allow_message_schedules: self.schedules,
             ..Default::default()
         };
         let mut stream = self.js.get_or_create_stream(cfg).await.map_err(|e| {
@@ -85,6 +91,15 @@ impl Inner {
             let kind = error::request_kind(&e);
             error::map(kind, e, "reading the topic stream")
         })?;
+        if self.schedules && !info.config.allow_message_schedules {
+            // A stream created before (or by an older busbar): schedules can be switched on.
+            let mut cfg = info.config.clone();
+            cfg.allow_message_schedules = true;
+            if let Err(e) = self.js.update_stream(cfg).await {
+                tracing::warn!(stream = %name, error = %e,
+                    "nats: cannot allow message schedules on an existing stream; delayed publishes to it will fail");
+            }
+        }
         let n = info
             .config
             .description
@@ -165,8 +180,16 @@ impl Inner {
         }
     }
 
-    /// Publishes in order and returns once JetStream acknowledged every message.
-    pub(crate) async fn publish_many(&self, topic: &str, messages: &[Message]) -> Result<()> {
+    /// Publishes in order and returns once JetStream acknowledged every message; with a
+    /// delay, each message is a schedule (`Nats-Schedule: @at <time>`) on a subject of its
+    /// own that the server publishes to the partition's subject when the time comes.
+    pub(crate) async fn publish_many(
+        &self,
+        topic: &str,
+        messages: &[Message],
+        delay: Option<Duration>,
+    ) -> Result<()> {
+        let due = delay.map(codec::schedule_at).transpose()?;
         // The stream is created (and its partition count read) once per topic and process.
         let n = match self.cached_partitions(topic) {
             Some(n) => n,
@@ -174,7 +197,13 @@ impl Inner {
         };
         let mut acks = Vec::with_capacity(messages.len());
         for m in messages {
-            let headers = codec::encode(m);
+            let mut headers = codec::encode(m);
+            let mut subject = config::subject(topic, self.partition_of(m, n));
+            if let Some(due) = &due {
+                headers.insert(codec::SCHEDULE, due.as_str());
+                headers.insert(codec::SCHEDULE_TARGET, subject.as_str());
+                subject = config::schedule_subject(topic);
+            }
             let size = codec::wire_len(&headers) + m.payload.len();
             if size > self.max_payload {
                 return Err(Error::new(
@@ -186,7 +215,6 @@ impl Inner {
                 )
                 .with_backend(BACKEND));
             }
-            let subject = config::subject(topic, self.partition_of(m, n));
             let ack = self
                 .js
                 .publish_with_headers(subject, headers, m.payload.clone())
@@ -256,6 +284,8 @@ impl NatsBus {
             })?
             .map_err(|e| error::map(error::connect_kind(e.kind()), e, "connecting to NATS"))?;
         let max_payload = client.server_info().max_payload;
+        let server_version = client.server_info().version;
+        let schedules = config::version_at_least(&server_version, (2, 12));
         check_jetstream(&client).await?;
         let js = jetstream::new(client);
         Ok(Self {
@@ -267,6 +297,8 @@ impl NatsBus {
                 topics: Mutex::new(HashMap::new()),
                 leases: tokio::sync::OnceCell::new(),
                 round_robin: AtomicU32::new(0),
+                server_version,
+                schedules,
             }),
         })
     }
@@ -317,14 +349,22 @@ impl EventBus for NatsBus {
         c.nack_can_delay = true;
         c.ack_deadline_can_extend = true;
         c.message_max_bytes = Some(self.inner.max_payload.saturating_sub(HEADER_ROOM));
+        if self.inner.schedules {
+            c.publish_with_delay = true;
+            c.publish_delay_max = Some(codec::SCHEDULE_MAX);
+        }
         c
+    }
+
+    fn server_version(&self) -> Option<String> {
+        Some(self.inner.server_version.clone())
     }
 
     async fn publish(&self, topic: &str, message: Message, options: &PublishOptions) -> Result<()> {
         self.inner.check_open()?;
         let batch = [message];
         check_publish(BACKEND, &self.capabilities(), topic, &batch, options)?;
-        self.inner.publish_many(topic, &batch).await
+        self.inner.publish_many(topic, &batch, options.delay).await
     }
 
     async fn publish_batch(
@@ -338,7 +378,9 @@ impl EventBus for NatsBus {
         if messages.is_empty() {
             return Ok(());
         }
-        self.inner.publish_many(topic, &messages).await
+        self.inner
+            .publish_many(topic, &messages, options.delay)
+            .await
     }
 
     async fn subscribe(

@@ -720,7 +720,7 @@ impl Subscriber for NatsSubscriber {
                         &e.to_string(),
                     );
                     let dlq = default_dead_letter_topic(&shared.topic);
-                    if shared.inner.publish_many(&dlq, &[dead]).await.is_ok() {
+                    if shared.inner.publish_many(&dlq, &[dead], None).await.is_ok() {
                         let _ = msg.double_ack().await;
                     }
                     shared.settled(tag);
@@ -810,7 +810,7 @@ impl Ack for NatsAck {
                     &reason,
                 );
                 let dlq = default_dead_letter_topic(&self.shared.topic);
-                self.shared.inner.publish_many(&dlq, &[dead]).await?;
+                self.shared.inner.publish_many(&dlq, &[dead], None).await?;
                 return self.ack().await;
             }
         };

@@ -1,7 +1,7 @@
 //! The NATS JetStream backend against the whole conformance suite (`BUSBAR_NATS_URL`).
 
 fn main() {
-    busbar_conformance::main(busbar_conformance::Harness::from_env(
+    busbar_conformance::main(busbar_conformance::Harness::matrix_from_env(
         "nats",
         "BUSBAR_NATS_URL",
         "nats://127.0.0.1:4222",

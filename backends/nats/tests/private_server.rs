@@ -2,8 +2,10 @@
 //! its own store directory): a restart mid-stream, partition hand-overs after a crash (with
 //! short leases), a wrong password, an unreachable server and malformed URLs.
 //!
-//! They need `nats-server` on PATH (`scripts/brokers.sh up` installs it). Without it they are
-//! reported ignored, or fail when `BUSBAR_REQUIRE_BROKERS=1`.
+//! They run once per server binary of `BUSBAR_NATS_SERVERS` (whitespace-separated paths;
+//! `scripts/brokers.sh env` lists NATS 2.15 and Debian's 2.9), or `nats-server` on PATH when
+//! it is unset; a test is named `test@<version>`. A missing binary makes its tests IGNORED, or
+//! FAILED when `BUSBAR_REQUIRE_BROKERS=1`.
 
 use std::collections::BTreeMap;
 use std::process::Stdio;
@@ -22,6 +24,7 @@ use busbar_nats::NatsBus;
 use tokio::process::{Child, Command};
 
 struct Server {
+    bin: String,
     port: u16,
     dir: std::path::PathBuf,
     auth: Option<(&'static str, &'static str)>,
@@ -29,12 +32,13 @@ struct Server {
 }
 
 impl Server {
-    async fn start(auth: Option<(&'static str, &'static str)>) -> Result<Self, Failed> {
+    async fn start(bin: &str, auth: Option<(&'static str, &'static str)>) -> Result<Self, Failed> {
         let port = free_port()?;
         let dir =
             std::env::temp_dir().join(format!("busbar-nats-test-{port}-{}", std::process::id()));
         std::fs::create_dir_all(&dir)?;
         let mut s = Self {
+            bin: bin.to_owned(),
             port,
             dir,
             auth,
@@ -45,7 +49,7 @@ impl Server {
     }
 
     async fn spawn(&mut self) -> TestResult {
-        let mut cmd = Command::new("nats-server");
+        let mut cmd = Command::new(&self.bin);
         cmd.args(["-js", "-a", "127.0.0.1", "-p", &self.port.to_string()])
             .arg("-sd")
             .arg(&self.dir)
@@ -93,8 +97,8 @@ impl Drop for Server {
     }
 }
 
-async fn restart_mid_stream_loses_nothing_acked() -> TestResult {
-    let mut server = Server::start(None).await?;
+async fn restart_mid_stream_loses_nothing_acked(bin: String) -> TestResult {
+    let mut server = Server::start(&bin, None).await?;
     let bus = NatsBus::connect(&format!("{}?lease_ttl_ms=2000", server.url())).await?;
     let topic = "restart";
     let opts = SubscribeOptions::new("g").ack_timeout(Duration::from_secs(3));
@@ -305,8 +309,8 @@ fn expect_in_order(by_key: &BTreeMap<String, Vec<String>>, keys: &[String]) -> T
 /// A member that takes over a crashed member's partition waits one ack wait, then hands out
 /// what the crashed member left unacked in stream order. When it leaves the group during that
 /// wait, the next owner must wait as well.
-async fn handover_during_recovery_keeps_key_order() -> TestResult {
-    let server = Server::start(None).await?;
+async fn handover_during_recovery_keeps_key_order(bin: String) -> TestResult {
+    let server = Server::start(&bin, None).await?;
     let mut t = crash_then_take_over(&server, "handover", 1).await?;
     // Still within its wait: leave the group, handing the partition over.
     t.sub.close().await?;
@@ -324,8 +328,8 @@ async fn handover_during_recovery_keeps_key_order() -> TestResult {
 /// The same through a rebalance: the member that took over both partitions of a crashed
 /// member gives one up to a member joining during its wait; both keys still come back in
 /// order, whichever partition moved.
-async fn rebalance_during_recovery_keeps_key_order() -> TestResult {
-    let server = Server::start(None).await?;
+async fn rebalance_during_recovery_keeps_key_order(bin: String) -> TestResult {
+    let server = Server::start(&bin, None).await?;
     let mut t = crash_then_take_over(&server, "rebalance", 2).await?;
     // Joins within the second member's wait: one of the two partitions moves to it.
     let joining = NatsBus::connect(&t.url).await?;
@@ -339,8 +343,8 @@ async fn rebalance_during_recovery_keeps_key_order() -> TestResult {
     Ok(())
 }
 
-async fn wrong_password_is_an_auth_error() -> TestResult {
-    let server = Server::start(Some(("busbar", "s3cret-pw"))).await?;
+async fn wrong_password_is_an_auth_error(bin: String) -> TestResult {
+    let server = Server::start(&bin, Some(("busbar", "s3cret-pw"))).await?;
     let url = format!("nats://busbar:wrong-pw@127.0.0.1:{}", server.port);
     let e = NatsBus::connect(&url)
         .await
@@ -377,26 +381,64 @@ async fn malformed_urls_are_config_errors() -> TestResult {
     .await
 }
 
+/// The servers of the matrix: each binary of `BUSBAR_NATS_SERVERS`, labelled by the version
+/// it reports.
+fn servers() -> Vec<busbar_conformance::private_server::Server> {
+    let bins: Vec<String> = std::env::var("BUSBAR_NATS_SERVERS")
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect();
+    let bins = if bins.is_empty() {
+        vec!["nats-server".to_owned()]
+    } else {
+        bins
+    };
+    bins.into_iter()
+        .map(|bin| {
+            let version = std::process::Command::new(&bin)
+                .arg("--version")
+                .output()
+                .ok()
+                .filter(|o| o.status.success())
+                .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned());
+            busbar_conformance::private_server::Server {
+                label: version
+                    .as_deref()
+                    .and_then(|v| v.rsplit('v').next())
+                    .unwrap_or(&bin)
+                    .to_owned(),
+                missing: version
+                    .is_none()
+                    .then(|| format!("{bin} is not installed; run scripts/brokers.sh up")),
+                param: bin,
+            }
+        })
+        .collect()
+}
+
 fn main() {
-    busbar_conformance::private_server::main(
-        "nats-server",
+    busbar_conformance::private_server::main_matrix(
+        &servers(),
         &[
-            ("restart_mid_stream_loses_nothing_acked", true, || {
-                Box::pin(restart_mid_stream_loses_nothing_acked())
+            ("restart_mid_stream_loses_nothing_acked", |b| {
+                Box::pin(restart_mid_stream_loses_nothing_acked(b))
             }),
-            ("handover_during_recovery_keeps_key_order", true, || {
-                Box::pin(handover_during_recovery_keeps_key_order())
+            ("handover_during_recovery_keeps_key_order", |b| {
+                Box::pin(handover_during_recovery_keeps_key_order(b))
             }),
-            ("rebalance_during_recovery_keeps_key_order", true, || {
-                Box::pin(rebalance_during_recovery_keeps_key_order())
+            ("rebalance_during_recovery_keeps_key_order", |b| {
+                Box::pin(rebalance_during_recovery_keeps_key_order(b))
             }),
-            ("wrong_password_is_an_auth_error", true, || {
-                Box::pin(wrong_password_is_an_auth_error())
+            ("wrong_password_is_an_auth_error", |b| {
+                Box::pin(wrong_password_is_an_auth_error(b))
             }),
-            ("unreachable_server_is_a_connection_error", false, || {
+        ],
+        &[
+            ("unreachable_server_is_a_connection_error", || {
                 Box::pin(unreachable_server_is_a_connection_error())
             }),
-            ("malformed_urls_are_config_errors", false, || {
+            ("malformed_urls_are_config_errors", || {
                 Box::pin(malformed_urls_are_config_errors())
             }),
         ],

@@ -1,7 +1,7 @@
 //! The Redis backend against the whole conformance suite (a real Redis, `BUSBAR_REDIS_URL`).
 
 fn main() {
-    busbar_conformance::main(busbar_conformance::Harness::from_env(
+    busbar_conformance::main(busbar_conformance::Harness::matrix_from_env(
         "redis",
         "BUSBAR_REDIS_URL",
         "redis://127.0.0.1:6379",

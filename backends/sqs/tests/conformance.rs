@@ -1,7 +1,7 @@
 //! The SQS + SNS backend against the whole conformance suite (`BUSBAR_SQS_URL`; FIFO mode).
 
 fn main() {
-    busbar_conformance::main(busbar_conformance::Harness::from_env(
+    busbar_conformance::main(busbar_conformance::Harness::matrix_from_env(
         "sqs",
         "BUSBAR_SQS_URL",
         "sqs://test:test@127.0.0.1:4566?region=us-east-1&tls=false",

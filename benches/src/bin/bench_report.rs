@@ -23,7 +23,7 @@ async fn main() -> anyhow::Result<()> {
     );
     let mut latencies = BTreeMap::new();
     for (backend, var, default) in BACKENDS {
-        let url = std::env::var(var).unwrap_or_else(|_| (*default).to_owned());
+        let url = busbar_benches::url_from_env(var, default);
         match busbar::connect(&url).await {
             Ok(bus) => {
                 let l = latency(&bus, 500, 3000).await?;

@@ -112,6 +112,12 @@ pub fn all() -> Vec<Case> {
             "a delivery dropped without ack comes back after the ack timeout"
         ),
         case!(
+            redelivery::handed_back_many_times_is_kept,
+            needs_groups,
+            240,
+            "a message handed back unacked by 22 members in turn (more than a RabbitMQ 4 default delivery limit) is still delivered"
+        ),
+        case!(
             redelivery::no_redelivery_after_ack,
             needs_groups,
             60,

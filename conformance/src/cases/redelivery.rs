@@ -223,3 +223,49 @@ pub async fn no_redelivery_after_ack(ctx: Ctx) -> Result<Outcome> {
     sub.close().await?;
     Ok(Outcome::with_duplicates(got.duplicates))
 }
+
+/// How many members in turn take the message and leave without settling it: more than the
+/// 20 deliveries after which RabbitMQ 4's quorum queues drop a message by default.
+const HAND_BACKS: usize = 22;
+
+/// A message that member after member receives and hands back unsettled (each closes its
+/// subscription cleanly) is never dropped or dead-lettered by a delivery limit: the next
+/// member still gets it.
+pub async fn handed_back_many_times_is_kept(ctx: Ctx) -> Result<Outcome> {
+    let topic = ctx.topic("t");
+    let group = ctx.group("g");
+    let o = latest(&group);
+    ctx.bus.provision(&topic, &o).await?;
+    let m = keyed("k", 0);
+    let id = m.id.clone();
+    ctx.bus
+        .publish(&topic, m, &busbar_core::PublishOptions::default())
+        .await?;
+    let mut attempts = Vec::new();
+    for round in 0..=HAND_BACKS {
+        let bus = ctx.connect().await?;
+        let mut sub = bus.subscribe(&topic, o.clone()).await?;
+        let d = tokio::time::timeout(Duration::from_secs(30), sub.next())
+            .await
+            .map_err(|_| {
+                anyhow!(
+                    "the message was not delivered again after {round} hand-backs (attempts so far {attempts:?}): dropped or dead-lettered"
+                )
+            })?
+            .context("next")?
+            .ok_or_else(|| anyhow!("the subscription ended early"))?;
+        ensure!(d.id() == id, "round {round}: unexpected message {}", d.id());
+        attempts.push(d.attempt());
+        if round == HAND_BACKS {
+            d.ack().await?;
+        } else {
+            drop(d); // handed back, unsettled, when the member closes
+        }
+        sub.close().await?;
+        bus.close().await?;
+    }
+    Ok(Outcome::ok().note(format!(
+        "delivered {} times; attempts seen {attempts:?}",
+        HAND_BACKS + 1
+    )))
+}
