@@ -15,9 +15,13 @@ step() { printf '\n=== %s (%ss)\n' "$*" "$SECONDS"; }
 # A hung test must fail the run with its output, not eat CI's whole time budget.
 TEST_TIMEOUT=${BUSBAR_TEST_TIMEOUT:-50m}
 
-step "brokers"
+step "brokers (installed and started by scripts/brokers.sh; the machine runs none)"
 eval "$(scripts/brokers.sh up)"
+scripts/brokers.sh versions | tee target/broker-versions.txt
 export BUSBAR_REQUIRE_BROKERS=1
+# Every conformance case appends its result here: the README's compatibility table.
+export BUSBAR_CONFORMANCE_REPORT=$PWD/target/conformance-report.jsonl
+rm -f "$BUSBAR_CONFORMANCE_REPORT"
 
 step "cargo fmt --check"
 cargo fmt --all -- --check
@@ -40,6 +44,11 @@ cargo run --quiet -p busbar-cli -- check memory://
 
 step "cargo test (all features, every crate, real brokers)"
 timeout --kill-after=30s "$TEST_TIMEOUT" cargo test --workspace --all-features --no-fail-fast
+
+step "compatibility table (backend x server, from this run's conformance report)"
+scripts/compat-table "$BUSBAR_CONFORMANCE_REPORT" --versions target/broker-versions.txt
+scripts/compat-table "$BUSBAR_CONFORMANCE_REPORT" --versions target/broker-versions.txt \
+  --readme README.md --check
 
 # After the tests: the benches create (and leave to expire) RabbitMQ quorum queues and load
 # every broker; the tests should not run under that load on a 2-core machine.

@@ -11,7 +11,7 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 /// The PostgreSQL URL of the outbox benches.
 pub fn postgres_url() -> String {
     std::env::var("BUSBAR_POSTGRES_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+        .unwrap_or_else(|_| "postgres://busbar@127.0.0.1:5432/busbar".into())
 }
 
 /// A pool on a fresh schema holding a migrated outbox table.

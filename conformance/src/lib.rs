@@ -23,6 +23,7 @@
 //! `BUSBAR_CONFORMANCE_SCALE` (a positive number, default 1) scales the message counts.
 
 pub mod cases;
+pub mod containers;
 pub mod private_server;
 mod report;
 pub mod support;
@@ -230,8 +231,9 @@ impl Harness {
         Self::new(backend, url, start_hint, connect_url)
     }
 
-    /// One harness per URL of `env_var` (see [`urls_from_env`]): the suite runs against
-    /// every server of the matrix.
+    /// One harness per URL of `env_var`: the suite runs against every server of the matrix.
+    /// Where `env_var` is unset, the broker comes from a container when a Docker daemon
+    /// answers, else from `default_url` (see [`containers`]).
     pub fn matrix_from_env(
         backend: &'static str,
         env_var: &str,
@@ -239,7 +241,7 @@ impl Harness {
         start_hint: &'static str,
         connect_url: busbar_core::ConnectFn,
     ) -> Vec<Self> {
-        urls_from_env(env_var, default_url)
+        containers::urls_for(backend, env_var, default_url)
             .into_iter()
             .map(|url| Self::new(backend, url, start_hint, connect_url))
             .collect()
@@ -424,6 +426,7 @@ pub fn main(harnesses: impl IntoIterator<Item = Harness>) -> ! {
         }
     }
     let conclusion = libtest_mimic::run(&args, trials);
+    containers::remove_all();
     // Some client libraries keep background threads that would block a normal exit.
     let code = if conclusion.has_failed() { 101 } else { 0 };
     std::process::exit(code)

@@ -128,6 +128,7 @@ fn run_trials(tests: Vec<(String, Option<String>, Body)>) -> ! {
         })
         .collect();
     let conclusion = libtest_mimic::run(&args, trials);
+    crate::containers::remove_all();
     std::process::exit(if conclusion.has_failed() { 101 } else { 0 })
 }
 

@@ -1,5 +1,5 @@
 //! The outbox against the real PostgreSQL (`BUSBAR_POSTGRES_URL`, default
-//! `postgres://postgres@127.0.0.1:5432/test`; `scripts/brokers.sh up` starts one). Each test
+//! `postgres://busbar@127.0.0.1:5432/busbar`; `scripts/brokers.sh up` starts one). Each test
 //! works in a schema of its own, so tests and relays of different tests never meet.
 //!
 //! Without a server the tests are reported ignored, or fail with `BUSBAR_REQUIRE_BROKERS=1`.
@@ -21,9 +21,19 @@ use busbar_core::{
 use busbar_outbox::{Outbox, Relay};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 
+/// `BUSBAR_POSTGRES_URL`, else a container where Docker answers, else the default (see
+/// `busbar_conformance::containers`).
 fn url() -> String {
-    std::env::var("BUSBAR_POSTGRES_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+    static URL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    URL.get_or_init(|| {
+        busbar_conformance::containers::urls_for(
+            "postgres",
+            "BUSBAR_POSTGRES_URL",
+            "postgres://busbar@127.0.0.1:5432/busbar",
+        )
+        .swap_remove(0)
+    })
+    .clone()
 }
 
 /// A pool whose connections work in a fresh schema.
@@ -490,5 +500,6 @@ fn main() {
         })
         .collect();
     let conclusion = libtest_mimic::run(&args, trials);
+    busbar_conformance::containers::remove_all();
     std::process::exit(if conclusion.has_failed() { 101 } else { 0 })
 }
