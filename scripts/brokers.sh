@@ -83,17 +83,29 @@ nats_new_ok() { nats_port_ok $NATS_NEW_PORT; }
 rabbit_ctl() {
   local which=$1; shift
   if [ "$which" = host ]; then
-    env HOME="$STATE/rabbitmq/home" RABBITMQ_NODENAME=rabbit@localhost ERL_EPMD_ADDRESS=127.0.0.1 \
+    env HOME="$TOOLS/rabbitmq-home" RABBITMQ_NODENAME=rabbit@localhost ERL_EPMD_ADDRESS=127.0.0.1 \
       /usr/lib/rabbitmq/bin/rabbitmqctl "$@"
   else
     chroot "$RABBIT_NEW_ROOT" env HOME=/var/lib/busbar/home RABBITMQ_NODENAME=rabbit4@localhost \
       ERL_EPMD_ADDRESS=127.0.0.1 ERL_EPMD_PORT=$RABBIT_NEW_EPMD_PORT /usr/lib/rabbitmq/bin/rabbitmqctl "$@"
   fi
 }
-rabbit_ok() { port_open $RABBIT_PORT && rabbit_ctl host -q await_startup --timeout 5; }
-rabbit_new_ok() { port_open $RABBIT_NEW_PORT && rabbit_ctl new -q await_startup --timeout 5; }
-# Kafka answers on its port only once the broker has started (KRaft log loaded).
-kafka_ok() { port_open $KAFKA_PORT && grep -q 'Kafka Server started' "$STATE/kafka.log" 2>/dev/null; }
+# RabbitMQ is ready when it answers the AMQP 0-9-1 protocol header with connection.start (its
+# listeners open last in the boot): a method frame (type 1) on channel 0, class 10 method 10.
+amqp_ok() {
+  local reply
+  reply=$(timeout 3 bash -c "exec 3<>/dev/tcp/127.0.0.1/$1; printf 'AMQP\x00\x00\x09\x01' >&3; head -c 11 <&3 | od -An -tx1" 2>/dev/null) || return 1
+  [[ $(echo $reply) == "01 00 00 "*" 00 0a 00 0a" ]]
+}
+rabbit_ok() { amqp_ok $RABBIT_PORT; }
+rabbit_new_ok() { amqp_ok $RABBIT_NEW_PORT; }
+# Kafka is ready when it answers an ApiVersions request (v0: size, key 18, version 0,
+# correlation id 1, no client id) with error code 0.
+kafka_ok() {
+  local reply
+  reply=$(timeout 3 bash -c "exec 3<>/dev/tcp/127.0.0.1/$KAFKA_PORT; printf '\x00\x00\x00\x0a\x00\x12\x00\x00\x00\x00\x00\x01\xff\xff' >&3; head -c 10 <&3 | od -An -tx1" 2>/dev/null) || return 1
+  [[ $(echo $reply) == *"00 00 00 01 00 00" ]]
+}
 kafka_port_ok() { port_open $KAFKA_PORT; }
 sqs_ok() { curl -sf "http://127.0.0.1:$SQS_PORT/health" >/dev/null 2>&1; }
 pg_ok() { pg_isready -h 127.0.0.1 -p $PG_PORT -q 2>/dev/null; }
@@ -274,8 +286,11 @@ start_rabbit() {
   log "starting rabbitmq $(rabbit_host_server | sed 's:.*rabbitmq_server-\([^/]*\)/.*:\1:') on 127.0.0.1:$RABBIT_PORT"
   local dir=$STATE/rabbitmq
   rabbit_files "$dir" $RABBIT_PORT 25672
+  # The Erlang cookie lives with the tools, so rabbitmqctl reaches the node from any clone.
+  mkdir -p "$TOOLS/rabbitmq-home"
   # shellcheck disable=SC2046
-  spawn rabbitmq env $(rabbit_env "$dir" rabbit@localhost $RABBIT_PORT 25672) "$(rabbit_host_server)"
+  spawn rabbitmq env $(rabbit_env "$dir" rabbit@localhost $RABBIT_PORT 25672) \
+    HOME="$TOOLS/rabbitmq-home" "$(rabbit_host_server)"
 }
 
 start_rabbit_new() {
