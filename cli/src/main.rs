@@ -27,7 +27,8 @@ struct Cli {
 enum Command {
     /// Runs the conformance suite against a broker and prints a table of the cases.
     Check {
-        /// Broker URL: memory://, redis://, kafka://, nats://, amqp://, sqs:// (as compiled in).
+        /// Broker URL: memory://, redis://, kafka://, nats://, amqp://, sqs:// (each broker
+        /// needs its cargo feature: --features redis, ..., or all-backends).
         #[arg(default_value = "memory://")]
         url: String,
         /// Only run cases whose name contains this text.
@@ -193,6 +194,15 @@ async fn check(url: String, filter: Option<String>, jobs: usize, scale: Option<f
     }
 }
 
+#[cfg(not(feature = "bench"))]
+async fn bench(_url: &str, _n: usize, _rate: u32) -> anyhow::Result<()> {
+    anyhow::bail!(
+        "this busbar was built without its `bench` feature (it pulls the raw clients and peer \
+         crates): cargo run --release -p busbar-cli --features bench -- bench URL"
+    )
+}
+
+#[cfg(feature = "bench")]
 async fn bench(url: &str, n: usize, rate: u32) -> anyhow::Result<()> {
     use busbar_benches::{end_to_end, latency, publish, rate as per_second, subjects_for, Subject};
     let subjects = subjects_for(url).await?;

@@ -51,6 +51,28 @@ async fn main() -> anyhow::Result<()> {
         .display()
         .to_string();
     let mut text = report::markdown(&rows, &latencies, &date, &rel);
+    // Which server each backend ran against (`scripts/brokers.sh versions`, passed by
+    // scripts/bench-report).
+    if let Ok(servers) = std::env::var("BUSBAR_BENCH_SERVERS") {
+        let list: Vec<String> = servers
+            .lines()
+            .filter_map(|l| {
+                let mut parts = l.splitn(3, ' ');
+                let (name, _addr, version) = (parts.next()?, parts.next()?, parts.next()?);
+                Some(format!("{name} {}", version.trim()))
+            })
+            .collect();
+        if !list.is_empty() {
+            text = text.replacen(
+                "\n\nEvery figure",
+                &format!(
+                    "\n\nServers (the first of each `BUSBAR_*_URL`): {}.\n\nEvery figure",
+                    list.join(", ")
+                ),
+                1,
+            );
+        }
+    }
     // Hand-written reading notes (what is unfair or unexplained), kept across regenerations.
     let notes = svg.with_file_name("benchmarks-notes.md");
     if let Ok(extra) = std::fs::read_to_string(&notes) {
