@@ -4,7 +4,7 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering as AtomicOrdering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -29,6 +29,13 @@ enum Fault {
     IgnoresPublishDelay,
     /// Declares nack_can_delay off, yet accepts a delayed nack silently.
     DeclaresOffButAccepts,
+    /// On close, takes a few more deliveries it never hands out and parks them (acked on the
+    /// broker) in a side store, from which a later member hands them out late: behind newer
+    /// messages of their keys.
+    ParksOnClose,
+    /// On close, takes a few more deliveries it never hands out and nacks them: the broker
+    /// counts hand-outs no handler saw.
+    CountsUnseenOnClose,
 }
 
 #[derive(Debug, Clone)]
@@ -36,6 +43,8 @@ struct Broken {
     inner: MemoryBus,
     fault: Fault,
     published: Arc<AtomicUsize>,
+    /// Messages parked by [`Fault::ParksOnClose`], shared by every connection.
+    parked: Arc<Mutex<VecDeque<Message>>>,
 }
 
 #[async_trait]
@@ -73,6 +82,8 @@ impl EventBus for Broken {
             inner: self.inner.subscribe(topic, o).await?,
             fault: self.fault,
             held: VecDeque::new(),
+            parked: self.parked.clone(),
+            topic: topic.to_owned(),
         }))
     }
     async fn provision(&self, topic: &str, o: &SubscribeOptions) -> Result<()> {
@@ -87,6 +98,24 @@ struct BrokenSub {
     inner: Box<dyn Subscriber>,
     fault: Fault,
     held: VecDeque<Delivery>,
+    parked: Arc<Mutex<VecDeque<Message>>>,
+    topic: String,
+}
+
+/// Settles nothing: for parked messages (acked on the broker when they were parked).
+struct NoAck;
+
+#[async_trait]
+impl Ack for NoAck {
+    async fn ack(&self) -> Result<()> {
+        Ok(())
+    }
+    async fn nack(&self, _: NackAction) -> Result<()> {
+        Ok(())
+    }
+    async fn extend_deadline(&self, _: Duration) -> Result<()> {
+        Ok(())
+    }
 }
 
 struct BrokenAck {
@@ -114,11 +143,28 @@ impl Ack for BrokenAck {
     async fn extend_deadline(&self, by: Duration) -> Result<()> {
         self.inner.extend_deadline(by).await
     }
+    async fn release(&self) -> Result<()> {
+        self.inner.release().await
+    }
 }
 
 #[async_trait]
 impl Subscriber for BrokenSub {
     async fn next(&mut self) -> Result<Option<Delivery>> {
+        if self.fault == Fault::ParksOnClose {
+            // Parked messages come out late: only when nothing fresh arrives.
+            match tokio::time::timeout(Duration::from_millis(200), self.inner.next()).await {
+                Ok(next) => return next,
+                Err(_) => {
+                    let parked = self.parked.lock().ok().and_then(|mut p| p.pop_front());
+                    if let Some(m) = parked {
+                        let event = busbar_core::Event::new(self.topic.clone(), m, 1);
+                        return Ok(Some(Delivery::new(event, Box::new(NoAck))));
+                    }
+                    return self.inner.next().await;
+                }
+            }
+        }
         let d = if self.fault == Fault::ReordersPairs {
             if let Some(d) = self.held.pop_front() {
                 d
@@ -154,6 +200,24 @@ impl Subscriber for BrokenSub {
         )))
     }
     async fn close(&mut self) -> Result<()> {
+        if matches!(self.fault, Fault::ParksOnClose | Fault::CountsUnseenOnClose) {
+            // "Read ahead": up to 3 deliveries no handler will see.
+            for _ in 0..3 {
+                let Ok(Ok(Some(d))) =
+                    tokio::time::timeout(Duration::from_millis(50), self.inner.next()).await
+                else {
+                    break;
+                };
+                if self.fault == Fault::ParksOnClose {
+                    if let Ok(mut p) = self.parked.lock() {
+                        p.push_back(d.message().clone());
+                    }
+                    d.ack().await?;
+                } else {
+                    d.nack(NackAction::Redeliver).await?;
+                }
+            }
+        }
         self.inner.close().await
     }
 }
@@ -161,17 +225,19 @@ impl Subscriber for BrokenSub {
 fn harness(fault: Fault) -> Harness {
     let name = format!("memory://broken-{}", uuid::Uuid::new_v4().simple());
     let published = Arc::new(AtomicUsize::new(0));
+    let parked: Arc<Mutex<VecDeque<Message>>> = Arc::default();
     Harness {
         backend: "broken",
         url: name.clone(),
         start_hint: "nothing to start",
         connect: Arc::new(move || {
-            let (name, published) = (name.clone(), published.clone());
+            let (name, published, parked) = (name.clone(), published.clone(), parked.clone());
             Box::pin(async move {
                 Ok(Arc::new(Broken {
                     inner: MemoryBus::from_url(&name)?,
                     fault,
                     published,
+                    parked: parked.clone(),
                 }) as Arc<dyn EventBus>)
             })
         }),
@@ -299,6 +365,45 @@ async fn the_unbroken_wrapper_passes_the_same_cases() {
         match verdict(Fault::IgnoresPublishDelay, case).await {
             Verdict::Passed(_) => {}
             other => panic!("{case} should pass: {other:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_handed_out_late_after_a_close_fail_the_churn_case() {
+    assert_fails(
+        Fault::ParksOnClose,
+        "churn::churn_raw_subscribers",
+        "had never been delivered",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn counting_unseen_hand_backs_fails_the_churn_cases() {
+    assert_fails(
+        Fault::CountsUnseenOnClose,
+        "churn::churn_raw_subscribers",
+        "attempts over-counted",
+    )
+    .await;
+    assert_fails(
+        Fault::CountsUnseenOnClose,
+        "churn::churn_runner_retries_once",
+        "dead-lettered though their retry would have succeeded",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_memory_backend_passes_the_churn_cases() {
+    for case in [
+        "churn::churn_raw_subscribers",
+        "churn::churn_runner_retries_once",
+    ] {
+        match verdict(Fault::IgnoresPublishDelay, case).await {
+            Verdict::Passed(_) => {}
+            other => panic!("{case} should pass on the memory backend: {other:?}"),
         }
     }
 }

@@ -128,6 +128,13 @@ pub trait Ack: Send + Sync {
     async fn nack(&self, action: NackAction) -> Result<()>;
     /// Pushes the ack timeout back by `by` from now (capability `ack_deadline_can_extend`).
     async fn extend_deadline(&self, by: Duration) -> Result<()>;
+    /// Hands the delivery back as if it had never been handed out: no handler saw it, so its
+    /// next delivery carries the same attempt, and it never counts toward a delivery limit.
+    /// Backends that cannot take a hand-out back uncounted keep this default, a plain
+    /// redeliver (say so in their README).
+    async fn release(&self) -> Result<()> {
+        self.nack(NackAction::Redeliver).await
+    }
 }
 
 /// The read-only part of a delivery: what handlers of the consumer runner receive.
@@ -292,6 +299,14 @@ impl Delivery {
     /// `nack_can_delay`. Errors: `AlreadySettled`, `Unsupported`, `Closed`, `Connection`.
     pub async fn nack(&self, action: NackAction) -> Result<()> {
         self.settle(self.acker.nack(action)).await
+    }
+
+    /// Hands the delivery back unseen: as if it had never been handed out, so its next
+    /// delivery carries the same attempt (for code that took a delivery it will not process,
+    /// such as the consumer runner's queue at shutdown). Errors: `AlreadySettled`, `Closed`,
+    /// `Connection`.
+    pub async fn release(&self) -> Result<()> {
+        self.settle(self.acker.release()).await
     }
 
     /// Pushes the ack timeout back by `by` (capability `ack_deadline_can_extend`).

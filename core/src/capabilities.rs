@@ -42,6 +42,13 @@ pub struct Capabilities {
     pub message_max_bytes: Option<usize>,
     /// The most messages one `publish_batch` call accepts.
     pub batch_max_size: Option<usize>,
+    /// `attempt` counts only hand-outs to application code, across the members of a group:
+    /// deliveries a member fetched but never handed out (read ahead when it closes, queued in
+    /// the consumer runner at shutdown, [`crate::Delivery::release`]d) do not count, so a
+    /// retry policy never gives up on a message handlers saw fewer times than it allows.
+    /// (A member that crashes says goodbye to nobody: what it had read ahead may still count
+    /// once; backends say in their README.)
+    pub exact_attempts: bool,
 }
 
 impl Capabilities {
@@ -59,6 +66,7 @@ impl Capabilities {
             publish_delay_max: None,
             message_max_bytes: None,
             batch_max_size: None,
+            exact_attempts: false,
         }
     }
 }

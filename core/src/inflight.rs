@@ -541,6 +541,22 @@ impl State {
         true
     }
 
+    /// Hands a held delivery back as if it had never been handed out: queued again at once,
+    /// first on its key, with the same attempt.
+    pub fn release(&mut self, t: Token) -> bool {
+        if !self.nack(t, None) {
+            return false;
+        }
+        if let Some(e) = self
+            .parts
+            .get_mut(&t.partition)
+            .and_then(|p| p.entries.get_mut(&t.offset))
+        {
+            e.attempt = e.attempt.saturating_sub(1).max(1);
+        }
+        true
+    }
+
     /// Moves the deadline of a held delivery to `until`.
     pub fn extend(&mut self, t: Token, until: Instant) -> bool {
         if !self.holds(t) {

@@ -10,8 +10,10 @@
 //!   delivery is left unacked, so nothing is lost);
 //! - a panicking handler counts as a failed attempt; the consumer keeps running;
 //! - on shutdown it stops pulling, lets in-flight handlers finish within `drain_timeout`,
-//!   acks what finished and leaves the rest unacked for redelivery; the returned
-//!   [`ConsumerReport`] says how many of each;
+//!   acks what finished and leaves the rest unacked for redelivery; deliveries no handler
+//!   received yet (queued behind their key) are released ([`Delivery::release`]), so their
+//!   next delivery does not count an attempt nobody made; the returned [`ConsumerReport`]
+//!   says how many of each;
 //! - at most `max_in_flight` deliveries are held (running, retrying or queued behind their key).
 
 use std::collections::{HashMap, VecDeque};
@@ -338,12 +340,21 @@ impl Run {
             self.tasks.abort_all();
             while self.tasks.join_next().await.is_some() {}
         }
-        // Whatever is still queued behind a key is left unacked.
-        self.shared
+        // Whatever is still queued behind a key was never handed to the handler: released
+        // (uncounted), key by key in delivery order.
+        let queued: Vec<VecDeque<Held>> = self
+            .shared
             .lanes
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .clear();
+            .drain()
+            .map(|(_, q)| q)
+            .collect();
+        for held in queued.into_iter().flatten() {
+            if let Err(e) = held.delivery.release().await {
+                tracing::debug!(id = held.delivery.id(), error = %e, "busbar consumer: releasing an unhandled delivery failed; it comes back after its ack timeout");
+            }
+        }
         if let Err(e) = subscriber.close().await {
             tracing::warn!(error = %e, "busbar consumer: closing the subscriber failed");
         }
@@ -382,7 +393,7 @@ impl Run {
                 shared.process(held).await;
                 let mut lanes = shared.lanes.lock().unwrap_or_else(PoisonError::into_inner);
                 if shared.stopping.load(AtomicOrdering::Acquire) {
-                    lanes.remove(&key);
+                    // What waits behind this key is released when the run ends.
                     return;
                 }
                 current = match lanes.get_mut(&key).and_then(VecDeque::pop_front) {
@@ -407,8 +418,13 @@ impl RunShared {
     async fn process(&self, held: Held) {
         let delivery = &held.delivery;
         let mut attempt = delivery.attempt().max(1);
+        let mut handled = false;
         loop {
             if self.stopping() {
+                if !handled {
+                    // Never reached the handler: hand it back uncounted.
+                    let _ = delivery.release().await;
+                }
                 return;
             }
             let outcome = {
@@ -417,6 +433,7 @@ impl RunShared {
                 };
                 let event = delivery.event().with_attempt(attempt);
                 let handler = self.handler.clone();
+                handled = true;
                 match std::panic::catch_unwind(AssertUnwindSafe(|| handler(event))) {
                     Ok(fut) => AssertUnwindSafe(fut)
                         .catch_unwind()

@@ -45,6 +45,10 @@ const MEMBER_TTL: Duration = Duration::from_millis(3500);
 const BROKER_CALL: Duration = Duration::from_secs(20);
 /// The longest a partition being given up waits for its deliveries to settle.
 const DRAIN_MAX: Duration = Duration::from_secs(30);
+/// A member leaving lets its last acks settle: this long without an ack…
+const ACK_SETTLE_QUIET: Duration = Duration::from_millis(250);
+/// …or at most this long.
+const ACK_SETTLE_MAX: Duration = Duration::from_secs(2);
 
 /// Runs one broker call, failing with a retryable timeout after [`BROKER_CALL`]: a broker
 /// that stops answering must not freeze a member (its queues would be served by nobody).
@@ -70,6 +74,8 @@ pub(crate) struct Shared {
     failure: Mutex<Option<Error>>,
     /// The channel consuming each owned partition, with the partition's epoch.
     channels: Mutex<HashMap<i32, (u64, Channel)>>,
+    /// When the last `basic.ack` went out.
+    last_ack: Mutex<Option<Instant>>,
     topic: Arc<str>,
     options: SubscribeOptions,
     inner: Arc<Inner>,
@@ -78,6 +84,18 @@ pub(crate) struct Shared {
 impl Shared {
     fn state(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn acked_now(&self) {
+        *self.last_ack.lock().unwrap_or_else(PoisonError::into_inner) = Some(Instant::now());
+    }
+
+    /// How long ago the last ack went out (a long time when none did).
+    fn last_ack_age(&self) -> Duration {
+        self.last_ack
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .map_or(Duration::MAX, |t| t.elapsed())
     }
 
     /// Asks the member to leave; `next` then ends. `why` is logged.
@@ -523,6 +541,15 @@ impl Member {
         tracing::debug!(member = %self.id, "amqp: member leaving");
         self.stop_heartbeat();
         let _ = self.announce("leave").await;
+        self.let_acks_settle().await;
+        // The partition channels are closed (and answered) before the connection, each behind
+        // its own acks.
+        for (p, o) in &self.owned {
+            let close = o.channel.close(200, ShortString::from("member left"));
+            if tokio::time::timeout(BROKER_CALL, close).await.is_err() {
+                tracing::warn!(partition = p, "amqp: RabbitMQ did not confirm closing a partition channel; acks on it may not count");
+            }
+        }
         // Closing the connection returns every unacked message to its queue, in order. The
         // readers are dropped only afterwards (dropping one cancels its consumer first).
         let close = self.conn.close(200, ShortString::from("member left"));
@@ -533,6 +560,27 @@ impl Member {
             o.reader.abort();
         }
         self.shared.wake.notify_one();
+    }
+}
+
+impl Member {
+    /// Waits (at most [`ACK_SETTLE_MAX`]) until no ack went out for [`ACK_SETTLE_QUIET`]. A
+    /// quorum queue's channel client sends settlements as Raft commands and, with more than
+    /// a few dozen of them unapplied, stashes further ones until earlier ones are applied; a
+    /// channel closed meanwhile drops the stash, and RabbitMQ hands those acked messages out
+    /// again (seen on 3.10.8 and 4.0.5: up to 420 of 5,000 messages after clean closes under
+    /// load, with every `basic.ack` frame written to the socket). AMQP 0-9-1 has no
+    /// confirmation for an ack, so this is a grace period, not a proof: a broker too busy to
+    /// apply acks within it can still redeliver them (at least once, never lost).
+    async fn let_acks_settle(&self) {
+        let started = Instant::now();
+        loop {
+            let quiet = self.shared.last_ack_age();
+            if quiet >= ACK_SETTLE_QUIET || started.elapsed() >= ACK_SETTLE_MAX {
+                return;
+            }
+            tokio::time::sleep(ACK_SETTLE_QUIET - quiet).await;
+        }
     }
 }
 
@@ -626,6 +674,7 @@ impl AmqpSubscriber {
             stopped: Notify::new(),
             failure: Mutex::new(None),
             channels: Mutex::new(HashMap::new()),
+            last_ack: Mutex::new(None),
             topic: topic.into(),
             options,
             inner: inner.clone(),
@@ -718,9 +767,12 @@ impl AmqpAck {
         if counted {
             if let Some(ch) = self.shared.channel_for(self.token) {
                 let ack = async {
-                    ch.basic_ack(self.token.offset as u64, BasicAckOptions::default())
+                    let sent = ch
+                        .basic_ack(self.token.offset as u64, BasicAckOptions::default())
                         .await
-                        .map_err(|e| map_err(e, "acking"))
+                        .map_err(|e| map_err(e, "acking"));
+                    self.shared.acked_now();
+                    sent
                 };
                 if let Err(e) = bounded("acking", ack).await {
                     if self.shared.channel_for(self.token).is_some() {

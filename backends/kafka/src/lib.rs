@@ -418,6 +418,7 @@ impl EventBus for KafkaBus {
         c.replay = true;
         c.nack_can_delay = true;
         c.ack_deadline_can_extend = true;
+        c.exact_attempts = true;
         c.message_max_bytes = Some(
             self.inner
                 .config

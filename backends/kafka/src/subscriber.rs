@@ -456,6 +456,13 @@ impl Ack for KafkaAck {
         Ok(())
     }
 
+    async fn release(&self) -> Result<()> {
+        self.check_open()?;
+        self.shared.state().release(self.token);
+        self.shared.notify_settled();
+        Ok(())
+    }
+
     async fn extend_deadline(&self, by: Duration) -> Result<()> {
         self.check_open()?;
         self.shared.state().extend(self.token, Instant::now() + by);

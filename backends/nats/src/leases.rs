@@ -34,22 +34,50 @@ impl LeaseStore {
     /// Opens (creating when missing) the lease stream for `ttl`.
     pub(crate) async fn open(js: &jetstream::Context, ttl: Duration) -> Result<Self> {
         let ms = ttl.as_millis();
-        let name = format!("BUSBAR_LEASES_{ms}");
-        let subject_prefix = format!("busbar-lease.{ms}");
+        Self::open_named(
+            js,
+            format!("BUSBAR_LEASES_{ms}"),
+            format!("busbar-lease.{ms}"),
+            "busbar partition leases and group members",
+            Some(ttl),
+        )
+        .await
+    }
+
+    /// Opens (creating when missing) the store of hand-outs no handler saw (see
+    /// `subscriber::Unseen`): like the leases, without expiry.
+    pub(crate) async fn open_unseen(js: &jetstream::Context) -> Result<Self> {
+        Self::open_named(
+            js,
+            "BUSBAR_UNSEEN".to_owned(),
+            "busbar-unseen".to_owned(),
+            "busbar: deliveries no handler saw, per group partition (attempt corrections)",
+            None,
+        )
+        .await
+    }
+
+    async fn open_named(
+        js: &jetstream::Context,
+        name: String,
+        subject_prefix: String,
+        description: &str,
+        max_age: Option<Duration>,
+    ) -> Result<Self> {
         let cfg = stream::Config {
             name: name.clone(),
             subjects: vec![format!("{subject_prefix}.>")],
-            description: Some("busbar partition leases and group members".into()),
-            // File storage: leases survive a server restart (they expire by themselves).
+            description: Some(description.into()),
+            // File storage: entries survive a server restart.
             storage: stream::StorageType::File,
             max_messages_per_subject: 1,
-            max_age: ttl,
-            duplicate_window: Duration::from_secs(1).min(ttl),
+            max_age: max_age.unwrap_or_default(),
+            duplicate_window: Duration::from_secs(1).min(max_age.unwrap_or(Duration::MAX)),
             ..Default::default()
         };
         js.get_or_create_stream(cfg).await.map_err(|e| {
             let k = request_kind(&e);
-            map(k, e, "creating the lease stream")
+            map(k, e, "creating a busbar bookkeeping stream")
         })?;
         Ok(Self {
             js: js.clone(),

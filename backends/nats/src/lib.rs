@@ -42,6 +42,7 @@ pub(crate) struct Inner {
     max_payload: usize,
     topics: Mutex<HashMap<String, u32>>,
     leases: tokio::sync::OnceCell<leases::LeaseStore>,
+    unseen: tokio::sync::OnceCell<leases::LeaseStore>,
     round_robin: AtomicU32,
     /// The version the server announced on connect.
     server_version: String,
@@ -173,6 +174,13 @@ impl Inner {
             .await
     }
 
+    /// The store of hand-outs no handler saw (created on first use).
+    pub(crate) async fn unseen(&self) -> Result<&leases::LeaseStore> {
+        self.unseen
+            .get_or_try_init(|| leases::LeaseStore::open_unseen(&self.js))
+            .await
+    }
+
     fn partition_of(&self, m: &Message, n: u32) -> u32 {
         match &m.key {
             Some(k) => partition_for(k, n),
@@ -296,6 +304,7 @@ impl NatsBus {
                 max_payload,
                 topics: Mutex::new(HashMap::new()),
                 leases: tokio::sync::OnceCell::new(),
+                unseen: tokio::sync::OnceCell::new(),
                 round_robin: AtomicU32::new(0),
                 server_version,
                 schedules,
@@ -348,6 +357,7 @@ impl EventBus for NatsBus {
         c.replay = true;
         c.nack_can_delay = true;
         c.ack_deadline_can_extend = true;
+        c.exact_attempts = true;
         c.message_max_bytes = Some(self.inner.max_payload.saturating_sub(HEADER_ROOM));
         if self.inner.schedules {
             c.publish_with_delay = true;

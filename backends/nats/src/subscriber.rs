@@ -46,6 +46,58 @@ struct Part {
     /// puller finished (nacking earlier would let JetStream redeliver them into the pull
     /// still open, out of order).
     returned: Vec<JsMessage>,
+    /// Deliveries of this partition no handler saw (see [`Unseen`]).
+    unseen: Unseen,
+}
+
+/// JetStream counts every delivery to a member, also those no handler received: messages a
+/// member had pulled but not handed out when it left or handed its partition over, and
+/// deliveries the consumer runner released unhandled at shutdown. busbar counts them per
+/// stream sequence and takes them off `attempt` (JetStream's `num_delivered`), so `attempt`
+/// says how many times a handler received the message. The counts of a partition travel
+/// with it: loaded from the `BUSBAR_UNSEEN` store when a member takes the partition, written
+/// back when it gives it up (a crashed member writes nothing: what it had pulled unseen then
+/// counts, once). Entries below the consumer's ack floor are dropped.
+#[derive(Debug, Default)]
+struct Unseen {
+    counts: BTreeMap<u64, u32>,
+    /// The store's sequence of the entry this was read from (0: none).
+    store_seq: u64,
+    dirty: bool,
+}
+
+impl Unseen {
+    fn add(&mut self, seq: u64) {
+        *self.counts.entry(seq).or_default() += 1;
+        self.dirty = true;
+    }
+
+    fn done(&mut self, seq: u64) {
+        if self.counts.remove(&seq).is_some() {
+            self.dirty = true;
+        }
+    }
+
+    /// `delivered` (JetStream's count) less the deliveries no handler saw.
+    fn attempt(&self, seq: u64, delivered: u64) -> u32 {
+        let unseen = u64::from(self.counts.get(&seq).copied().unwrap_or(0));
+        u32::try_from(delivered.saturating_sub(unseen).max(1)).unwrap_or(u32::MAX)
+    }
+}
+
+/// A delivery handed out and not settled.
+#[derive(Debug)]
+struct Held {
+    partition: u32,
+    /// The message's reply subject (acks and nacks go there).
+    reply: String,
+    /// Its stream sequence.
+    seq: u64,
+    /// Released unhandled ([`Delivery::release`]): counted as unseen at once, left to
+    /// JetStream (its ack wait redelivers it) while this member keeps pulling — a nack now
+    /// would bring it back behind messages of its key this member already pulled — and nacked
+    /// in hand-out order when the member hands its partition over or leaves.
+    released: bool,
 }
 
 impl Part {
@@ -63,13 +115,39 @@ impl Drop for Part {
 #[derive(Default)]
 struct State {
     parts: BTreeMap<u32, Part>,
-    /// Handed-out deliveries: tag -> (partition, ack subject); tags grow in hand-out order.
-    inflight: BTreeMap<u64, (u32, String)>,
+    /// Handed-out deliveries by tag; tags grow in hand-out order.
+    inflight: BTreeMap<u64, Held>,
 }
 
 impl State {
+    /// Deliveries of partition `p` a handler still holds (released ones excepted).
     fn inflight_in(&self, p: u32) -> usize {
-        self.inflight.values().filter(|(q, _)| *q == p).count()
+        self.inflight
+            .values()
+            .filter(|h| h.partition == p && !h.released)
+            .count()
+    }
+
+    /// Deliveries a handler still holds (released ones excepted).
+    fn holding(&self) -> usize {
+        self.inflight.values().filter(|h| !h.released).count()
+    }
+
+    /// Removes and returns the released deliveries of partition `p`, in hand-out order.
+    fn take_released(&mut self, p: u32) -> Vec<Held> {
+        let tags: Vec<u64> = self
+            .inflight
+            .iter()
+            .filter(|(_, h)| h.partition == p && h.released)
+            .map(|(t, _)| *t)
+            .collect();
+        tags.into_iter()
+            .filter_map(|t| self.inflight.remove(&t))
+            .collect()
+    }
+
+    fn unseen(&mut self, p: u32) -> Option<&mut Unseen> {
+        self.parts.get_mut(&p).map(|part| &mut part.unseen)
     }
 
     /// Starts handing partition `p` over: its puller stops after its current pull.
@@ -200,7 +278,7 @@ impl SubShared {
                         soon = true;
                         continue;
                     };
-                    let (release, returned) = {
+                    let (release, released, returned) = {
                         let mut st = self.lock();
                         if !mine {
                             st.drain(p);
@@ -213,11 +291,6 @@ impl SubShared {
                         part.lease_valid_until = valid_until;
                         let done = part.puller_done.load(AtomicOrdering::Acquire)
                             && part.queued.load(AtomicOrdering::Acquire) == 0;
-                        let returned = if done {
-                            std::mem::take(&mut part.returned)
-                        } else {
-                            Vec::new()
-                        };
                         let unrecovered = part.recovering.load(AtomicOrdering::Acquire);
                         let release = match part.draining_since {
                             None => None,
@@ -236,20 +309,49 @@ impl SubShared {
                                 }
                             }
                         };
-                        (release, returned)
+                        // Only when the partition goes: what arrived while draining (and what
+                        // handlers released) was never seen. Nacked now (clean hand-over: no
+                        // older delivery is still out), or left to the ack wait (hold);
+                        // either way JetStream counts a delivery nobody saw.
+                        let returned = if release.is_some() {
+                            std::mem::take(&mut part.returned)
+                        } else {
+                            Vec::new()
+                        };
+                        for m in &returned {
+                            part.unseen.add(stream_seq(m));
+                        }
+                        let released = if release.is_some() {
+                            st.take_released(p)
+                        } else {
+                            Vec::new()
+                        };
+                        (release, released, returned)
                     };
-                    if release == Some(RELEASED_HOLD) {
+                    if release == Some(RELEASED_CLEAN) {
+                        // In hand-out order: released deliveries came before what arrived
+                        // while draining.
+                        let client = self.inner.js.client();
+                        for h in released.iter().filter(|h| !h.reply.is_empty()) {
+                            let _ = client
+                                .request(h.reply.clone(), Bytes::from_static(b"-NAK"))
+                                .await;
+                        }
+                        nack_in_order(returned).await;
+                    } else {
                         // Deliveries of this partition are still unsettled: nacking newer
                         // messages now would queue them before those. Leave everything to
                         // JetStream's ack wait, which redelivers in sequence order, and
                         // make the next owner wait for it.
-                        drop(returned);
-                    } else {
-                        nack_in_order(returned).await;
+                        drop((released, returned));
                     }
                     if let Some(value) = release {
+                        let part = self.lock().parts.remove(&p);
+                        if let Some(part) = &part {
+                            // Before the lease: the next owner reads them when it takes it.
+                            self.save_unseen(p, &part.unseen).await;
+                        }
                         let _ = kv.put_if(&key, Bytes::from_static(value), new_rev).await;
-                        self.lock().parts.remove(&p);
                         soon = true;
                         tracing::debug!(topic = %self.topic, partition = p, clean = value.is_empty(), "nats: partition handed over");
                     }
@@ -306,11 +408,17 @@ impl SubShared {
         } else {
             Duration::ZERO
         };
+        // Deliveries handed back by earlier owners wait in JetStream's redelivery queue in
+        // the order they were nacked, not in stream order: a member that left after taking
+        // back only some of them nacked those behind the others. So whenever something is
+        // pending, the new owner fetches all of it first and hands it out in stream order.
+        let recover_first = info.num_ack_pending > 0;
+        let unseen = self.load_unseen(p, info.ack_floor.stream_sequence).await;
         let shared = self.clone();
         let stop = Arc::new(AtomicBool::new(false));
         let done = Arc::new(AtomicBool::new(false));
         let queued = Arc::new(AtomicUsize::new(0));
-        let recovering = Arc::new(AtomicBool::new(!hold.is_zero()));
+        let recovering = Arc::new(AtomicBool::new(recover_first));
         let (st, dn, q, rc) = (
             stop.clone(),
             done.clone(),
@@ -334,6 +442,7 @@ impl SubShared {
                 queued,
                 puller,
                 returned: Vec::new(),
+                unseen,
             },
         );
         tracing::debug!(topic = %self.topic, partition = p, ?hold, "nats: partition acquired");
@@ -359,7 +468,8 @@ impl SubShared {
             }
             tokio::time::sleep(Duration::from_millis(100).min(until - Instant::now())).await;
         }
-        if !hold.is_zero() {
+        // `recovering` starts set when earlier owners left deliveries pending.
+        if recovering.load(AtomicOrdering::Acquire) {
             if !self.recover(p, &mut consumer, queued).await {
                 return;
             }
@@ -398,10 +508,11 @@ impl SubShared {
         }
     }
 
-    /// After a hold, every delivery the previous owner left unacked is due for redelivery,
-    /// but JetStream queues them in the order their ack waits expired (an in-progress ack
-    /// moves that), not in stream order. Fetch them all in one batch and forward them in
-    /// stream-sequence order. Returns false when the subscriber is gone.
+    /// When a member takes a partition, every delivery earlier owners left unacked is due
+    /// for redelivery (nacked at a clean hand-over, or its ack wait over after a hold), but
+    /// JetStream queues them in the order they were nacked or their ack waits expired (an
+    /// in-progress ack moves that), not in stream order. Fetch them all in one batch and
+    /// forward them in stream-sequence order. Returns false when the subscriber is gone.
     async fn recover(
         &self,
         p: u32,
@@ -453,7 +564,7 @@ impl SubShared {
 
     fn settled(&self, tag: u64) {
         let mut st = self.lock();
-        if let Some((p, _)) = st.inflight.remove(&tag) {
+        if let Some(Held { partition: p, .. }) = st.inflight.remove(&tag) {
             let draining = st
                 .parts
                 .get(&p)
@@ -464,6 +575,57 @@ impl SubShared {
         }
         drop(st);
         self.wake.notify_waiters();
+    }
+
+    /// Reads partition `p`'s unseen counts from the store, dropping entries at or below the
+    /// consumer's ack floor.
+    async fn load_unseen(&self, p: u32, ack_floor: u64) -> Unseen {
+        let read = async {
+            let store = self.inner.unseen().await?;
+            store.get(&self.lease_key(p)).await
+        };
+        match read.await {
+            Ok(current) => {
+                let counts: BTreeMap<u64, u32> =
+                    serde_json::from_slice(&current.value).unwrap_or_default();
+                let before = counts.len();
+                let counts: BTreeMap<u64, u32> =
+                    counts.into_iter().filter(|(s, _)| *s > ack_floor).collect();
+                let dirty = counts.len() != before;
+                Unseen {
+                    counts,
+                    store_seq: current.seq,
+                    dirty,
+                }
+            }
+            Err(e) => {
+                tracing::debug!(topic = %self.topic, partition = p, error = %e, "nats: cannot read the unseen-delivery counts; attempts may count hand-backs");
+                Unseen::default()
+            }
+        }
+    }
+
+    /// Writes partition `p`'s unseen counts back for its next owner (when they changed).
+    async fn save_unseen(&self, p: u32, unseen: &Unseen) {
+        if !unseen.dirty {
+            return;
+        }
+        let value = Bytes::from(serde_json::to_vec(&unseen.counts).unwrap_or_default());
+        let write = async {
+            let store = self.inner.unseen().await?;
+            store
+                .put_if(&self.lease_key(p), value, unseen.store_seq)
+                .await
+        };
+        match write.await {
+            Ok(Some(_)) => {}
+            Ok(None) => {
+                tracing::debug!(topic = %self.topic, partition = p, "nats: the unseen-delivery counts changed meanwhile; not overwritten")
+            }
+            Err(e) => {
+                tracing::debug!(topic = %self.topic, partition = p, error = %e, "nats: cannot write the unseen-delivery counts; attempts may count hand-backs")
+            }
+        }
     }
 
     /// Leaves the group: hands back what this member holds and releases its leases.
@@ -483,20 +645,20 @@ impl SubShared {
         let mut forwarded = Vec::new();
         let deadline = Instant::now() + Duration::from_secs(3);
         loop {
-            while let Ok((_, q, m)) = rx.try_recv() {
+            while let Ok((p, q, m)) = rx.try_recv() {
                 q.fetch_sub(1, AtomicOrdering::AcqRel);
-                forwarded.push(m);
+                forwarded.push((p, m));
             }
             if stops.iter().all(|d| d.load(AtomicOrdering::Acquire)) || Instant::now() > deadline {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        while let Ok((_, q, m)) = rx.try_recv() {
+        while let Ok((p, q, m)) = rx.try_recv() {
             q.fetch_sub(1, AtomicOrdering::AcqRel);
-            forwarded.push(m);
+            forwarded.push((p, m));
         }
-        let (owned, held, returned) = {
+        let (owned, held, returned, mut unseen) = {
             let mut st = self.lock();
             // Clean only when the puller finished and was not waiting for the previous
             // owner's unacked deliveries.
@@ -512,28 +674,45 @@ impl SubShared {
                     )
                 })
                 .collect();
-            let returned: Vec<JsMessage> = st
+            let returned: Vec<(u32, JsMessage)> = st
                 .parts
-                .values_mut()
-                .flat_map(|part| std::mem::take(&mut part.returned))
+                .iter_mut()
+                .flat_map(|(p, part)| {
+                    std::mem::take(&mut part.returned)
+                        .into_iter()
+                        .map(|m| (*p, m))
+                })
+                .collect();
+            let unseen: BTreeMap<u32, Unseen> = st
+                .parts
+                .iter_mut()
+                .map(|(p, part)| (*p, std::mem::take(&mut part.unseen)))
                 .collect();
             st.parts.clear();
             // In hand-out order, so that a key's deliveries come back in their order.
-            let held: Vec<String> = std::mem::take(&mut st.inflight)
-                .into_values()
-                .map(|(_, reply)| reply)
-                .collect();
-            (owned, held, returned)
+            let held: Vec<Held> = std::mem::take(&mut st.inflight).into_values().collect();
+            (owned, held, returned, unseen)
         };
-        // Oldest first: deliveries the application still holds, then what was stashed, then
-        // what the pullers forwarded last.
+        // Oldest first: deliveries the application still holds (or released), then what was
+        // stashed, then what the pullers forwarded last. Only the first ones were seen.
         let client = self.inner.js.client();
-        for reply in held.into_iter().filter(|r| !r.is_empty()) {
+        for h in held.iter().filter(|h| !h.reply.is_empty()) {
             // A request, so the server confirms the nack (as a double ack does).
-            let _ = client.request(reply, Bytes::from_static(b"-NAK")).await;
+            let _ = client
+                .request(h.reply.clone(), Bytes::from_static(b"-NAK"))
+                .await;
         }
-        nack_in_order(returned).await;
-        nack_in_order(forwarded).await;
+        // Pulled, never handed out: unseen.
+        for (p, m) in returned.iter().chain(&forwarded) {
+            if let Some(u) = unseen.get_mut(p) {
+                u.add(stream_seq(m));
+            }
+        }
+        nack_in_order(returned.into_iter().map(|(_, m)| m).collect()).await;
+        nack_in_order(forwarded.into_iter().map(|(_, m)| m).collect()).await;
+        for (p, u) in &unseen {
+            self.save_unseen(*p, u).await;
+        }
         if let Ok(kv) = self.inner.leases().await {
             for (p, rev, clean) in owned {
                 let value = if clean { RELEASED_CLEAN } else { RELEASED_HOLD };
@@ -546,6 +725,11 @@ impl SubShared {
             tracing::debug!(error = %e, "nats: leaving the member list failed; it expires by itself");
         }
     }
+}
+
+/// A message's stream sequence (0 when its reply subject says none).
+fn stream_seq(m: &JsMessage) -> u64 {
+    m.info().map(|i| i.stream_sequence).unwrap_or(0)
 }
 
 /// Nacks messages one after another, each confirmed by the server, so JetStream queues
@@ -647,7 +831,7 @@ impl Subscriber for NatsSubscriber {
             let notified = shared.wake.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if shared.lock().inflight.len() >= shared.options.max_in_flight {
+            if shared.lock().holding() >= shared.options.max_in_flight {
                 tokio::select! {
                     _ = &mut notified => {}
                     _ = tokio::time::sleep(Duration::from_millis(500)) => {}
@@ -662,6 +846,8 @@ impl Subscriber for NatsSubscriber {
                 return Ok(None);
             };
             let tag = shared.tags.fetch_add(1, AtomicOrdering::Relaxed);
+            let seq = stream_seq(&msg);
+            let delivered = msg.info().map(|i| i.delivered.max(0) as u64).unwrap_or(1);
             let deliverable = {
                 let mut st = shared.lock();
                 let now = Instant::now();
@@ -676,8 +862,21 @@ impl Subscriber for NatsSubscriber {
                             .as_ref()
                             .map(|r| r.to_string())
                             .unwrap_or_default();
-                        st.inflight.insert(tag, (p, reply));
-                        true
+                        let attempt = part.unseen.attempt(seq, delivered);
+                        // A released delivery came back (its ack wait ran out): the old
+                        // hand-out is gone.
+                        st.inflight
+                            .retain(|_, h| !(h.released && h.partition == p && h.seq == seq));
+                        st.inflight.insert(
+                            tag,
+                            Held {
+                                partition: p,
+                                reply,
+                                seq,
+                                released: false,
+                            },
+                        );
+                        Some(attempt)
                     }
                     Some(_) => {
                         st.drain(p);
@@ -690,20 +889,15 @@ impl Subscriber for NatsSubscriber {
                     }
                     None => {
                         queued.fetch_sub(1, AtomicOrdering::AcqRel);
-                        false
+                        None
                     }
                 }
             };
-            if !deliverable {
+            let Some(attempt) = deliverable else {
                 // A partition we no longer own: its new owner waits for JetStream's
                 // redelivery (the lease was not released cleanly), so leave it unacked.
                 continue;
-            }
-            let attempt = msg
-                .info()
-                .map(|i| u32::try_from(i.delivered).unwrap_or(u32::MAX))
-                .unwrap_or(1)
-                .max(1);
+            };
             let decoded = codec::decode_message(msg.headers.as_ref(), msg.payload.clone());
             let message = match decoded {
                 Ok(m) => m,
@@ -733,6 +927,7 @@ impl Subscriber for NatsSubscriber {
                 event,
                 Box::new(NatsAck {
                     partition: p,
+                    seq,
                     shared: shared.clone(),
                     msg,
                     message,
@@ -768,6 +963,7 @@ impl Drop for NatsSubscriber {
 
 struct NatsAck {
     partition: u32,
+    seq: u64,
     shared: Arc<SubShared>,
     msg: JsMessage,
     message: Arc<Message>,
@@ -792,6 +988,9 @@ impl Ack for NatsAck {
             .double_ack()
             .await
             .map_err(|e| Self::ack_error(e, "acking"))?;
+        if let Some(u) = self.shared.lock().unseen(self.partition) {
+            u.done(self.seq);
+        }
         self.shared.settled(self.tag);
         Ok(())
     }
@@ -819,6 +1018,28 @@ impl Ack for NatsAck {
             .await
             .map_err(|e| Self::ack_error(e, "nacking"))?;
         self.shared.settled(self.tag);
+        Ok(())
+    }
+
+    async fn release(&self) -> Result<()> {
+        self.shared.check_open()?;
+        let mut st = self.shared.lock();
+        let marked = match st.inflight.get_mut(&self.tag) {
+            Some(h) if !h.released => {
+                h.released = true;
+                true
+            }
+            _ => false,
+        };
+        if marked {
+            // JetStream will count its next delivery; no handler saw this one.
+            if let Some(u) = st.unseen(self.partition) {
+                u.add(self.seq);
+            }
+        }
+        drop(st);
+        self.shared.wake.notify_waiters();
+        self.shared.wake_bg.notify_one();
         Ok(())
     }
 

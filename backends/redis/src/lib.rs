@@ -304,6 +304,7 @@ impl EventBus for RedisBus {
         c.replay = true;
         c.nack_can_delay = true;
         c.ack_deadline_can_extend = true;
+        c.exact_attempts = true;
         c.publish_with_delay = true;
         c.message_max_bytes = Some(self.inner.config.max_message_bytes);
         c

@@ -71,6 +71,33 @@ impl State {
         self.seq
     }
 
+    /// Removes and returns the redeliveries queued for partition `p`.
+    fn take_retries(&mut self, p: u32) -> Vec<Entry> {
+        let keys: Vec<(Instant, u64)> = self
+            .retry
+            .iter()
+            .filter(|(_, e)| e.partition == p)
+            .map(|(k, _)| *k)
+            .collect();
+        keys.iter().filter_map(|k| self.retry.remove(k)).collect()
+    }
+
+    /// Entries of the given partitions waiting to be handed out (buffered or queued for
+    /// redelivery): no handler holds them.
+    fn waiting_in(&self, parts: &[u32]) -> Vec<Entry> {
+        let buffered = self
+            .parts
+            .iter()
+            .filter(|(p, _)| parts.contains(p))
+            .flat_map(|(_, part)| part.buffer.iter().cloned());
+        let retrying = self
+            .retry
+            .values()
+            .filter(|e| parts.contains(&e.partition))
+            .cloned();
+        buffered.chain(retrying).collect()
+    }
+
     fn drop_partition(&mut self, p: u32) {
         self.parts.remove(&p);
         self.retry.retain(|_, e| e.partition != p);
@@ -223,6 +250,7 @@ impl SubShared {
         let valid_until = started + ttl * 2 / 3;
         let mut acquired = Vec::new();
         let mut to_release = Vec::new();
+        let mut unseen: Vec<Entry> = Vec::new();
         let mut soon = false;
         {
             let mut st = self.lock();
@@ -251,12 +279,12 @@ impl SubShared {
                             if part.draining_since.is_none() {
                                 part.draining_since = Some(now);
                                 // Buffered entries stay pending in Redis; the next owner
-                                // recovers them.
-                                part.buffer.clear();
+                                // recovers them (no handler saw them: recounted below).
+                                unseen.extend(part.buffer.drain(..));
                             }
                             part.draining_since
                         });
-                        st.retry.retain(|_, e| e.partition != p);
+                        unseen.extend(st.take_retries(p));
                         let stuck = drain.is_some_and(|d| now - d > self.options.ack_timeout);
                         if (st.inflight_in(p) == 0 && !st.reading.contains(&p)) || stuck {
                             to_release.push(p);
@@ -273,6 +301,7 @@ impl SubShared {
                 }
             }
         }
+        self.recount(unseen).await;
         for p in &acquired {
             let recovered = self.recover(*p).await?;
             let count = recovered.len();
@@ -314,6 +343,81 @@ impl SubShared {
             .await
             .map(|_| ())
             .map_err(|e| map(e, "releasing partition leases"))
+    }
+
+    /// Sets the Redis delivery counter of entries no handler holds to the number of times a
+    /// handler received them (XCLAIM RETRYCOUNT): they stay pending for the partition's next
+    /// owner, whose `attempt` must not count hand-outs nobody saw (entries read ahead, or
+    /// released by the consumer runner). Best effort: a failure only over-counts.
+    async fn recount(&self, entries: Vec<Entry>) {
+        self.set_counts(
+            entries
+                .into_iter()
+                .map(|e| (e.partition, e.stream_id, e.attempt.saturating_sub(1)))
+                .collect(),
+        )
+        .await;
+    }
+
+    /// The pending entries of this member in the given partitions that no handler holds and
+    /// this member does not know of: read by an XREADGROUP whose `next()` was dropped before
+    /// it returned (the consumer runner shutting down), so never handed out. With the number
+    /// of times handlers received them (their delivery count less that read).
+    async fn lost_reads(&self, parts: &[u32]) -> Vec<(u32, String, u32)> {
+        let mut out = Vec::new();
+        for &p in parts {
+            let reply: redis::RedisResult<Value> = redis::cmd("XPENDING")
+                .arg(self.stream(p))
+                .arg(&self.options.group)
+                .arg("-")
+                .arg("+")
+                .arg(10_000)
+                .arg(&self.member)
+                .query_async(&mut self.conn())
+                .await;
+            let Ok(pending) = reply
+                .map_err(|e| map(e, "reading pending entries"))
+                .and_then(parse_pending)
+            else {
+                continue;
+            };
+            let st = self.lock();
+            let waiting: HashSet<String> = st
+                .waiting_in(&[p])
+                .into_iter()
+                .map(|e| e.stream_id)
+                .collect();
+            for (id, count) in pending {
+                if !st.inflight.contains_key(&(p, id.clone())) && !waiting.contains(&id) {
+                    out.push((p, id, count.saturating_sub(1)));
+                }
+            }
+        }
+        out
+    }
+
+    /// Sets the delivery counters of `(partition, id, count)` entries (XCLAIM RETRYCOUNT).
+    async fn set_counts(&self, entries: Vec<(u32, String, u32)>) {
+        let mut groups: BTreeMap<(u32, u32), Vec<String>> = BTreeMap::new();
+        for (p, id, seen) in entries {
+            groups.entry((p, seen)).or_default().push(id);
+        }
+        for ((p, seen), ids) in groups {
+            for chunk in ids.chunks(200) {
+                let mut cmd = redis::cmd("XCLAIM");
+                cmd.arg(self.stream(p))
+                    .arg(&self.options.group)
+                    .arg(&self.member)
+                    .arg(0);
+                for id in chunk {
+                    cmd.arg(id.as_str());
+                }
+                cmd.arg("RETRYCOUNT").arg(seen).arg("JUSTID");
+                if let Err(e) = cmd.query_async::<Value>(&mut self.conn()).await {
+                    tracing::debug!(topic = %self.topic, partition = p, error = %e, "redis: cannot reset the delivery counter of entries no handler saw");
+                }
+            }
+        }
     }
 
     /// Claims every pending entry of partition `p` (of any member), in ID order.
@@ -834,9 +938,19 @@ impl Subscriber for RedisSubscriber {
             // the next owners recover the partitions.
             tokio::time::sleep(self.shared.inner.config.block + Duration::from_millis(50)).await;
         }
-        let owned: Vec<u32> = self.shared.lock().parts.keys().copied().collect();
+        let (owned, unseen) = {
+            let st = self.shared.lock();
+            let owned: Vec<u32> = st.parts.keys().copied().collect();
+            let unseen = st.waiting_in(&owned);
+            (owned, unseen)
+        };
         // Unacked deliveries stay pending in Redis; the next owner of each partition claims
-        // them at once.
+        // them at once. Those no handler received are not counted as delivered.
+        self.shared.recount(unseen).await;
+        if interrupted_read {
+            let lost = self.shared.lost_reads(&owned).await;
+            self.shared.set_counts(lost).await;
+        }
         let result = self.shared.release(&owned, true).await;
         self.shared.lock().parts.clear();
         self.shared.wake.notify_waiters();
@@ -912,6 +1026,27 @@ impl Ack for RedisAck {
                     attempt: self.entry.attempt + 1,
                 },
             );
+        }
+        drop(st);
+        self.shared.wake.notify_waiters();
+        Ok(())
+    }
+
+    async fn release(&self) -> Result<()> {
+        self.shared.check_open()?;
+        let p = self.entry.partition;
+        let id = &self.entry.stream_id;
+        // Not delivered after all: the counter goes back to what handlers received.
+        self.shared.recount(vec![self.entry.clone()]).await;
+        let mut st = self.shared.lock();
+        st.inflight.remove(&(p, id.clone()));
+        let owned = st
+            .parts
+            .get(&p)
+            .is_some_and(|part| part.draining_since.is_none());
+        if owned {
+            let seq = st.next_seq();
+            st.retry.insert((Instant::now(), seq), self.entry.clone());
         }
         drop(st);
         self.shared.wake.notify_waiters();

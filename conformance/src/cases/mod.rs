@@ -2,6 +2,7 @@
 
 pub mod basic;
 pub mod capabilities;
+pub mod churn;
 pub mod delayed;
 pub mod dlq;
 pub mod groups;
@@ -59,6 +60,14 @@ fn needs_max_bytes(c: &Capabilities) -> Option<&'static str> {
         c.message_max_bytes
             .is_none()
             .then_some("the backend declares no message_max_bytes limit")
+    })
+}
+
+fn needs_exact_attempts(c: &Capabilities) -> Option<&'static str> {
+    needs_groups(c).or_else(|| {
+        (!c.exact_attempts).then_some(
+            "the backend declares exact_attempts off (attempt also counts hand-outs no handler saw)",
+        )
     })
 }
 
@@ -158,6 +167,18 @@ pub fn all() -> Vec<Case> {
             needs_groups,
             120,
             "a consumer dropped without acking loses nothing"
+        ),
+        case!(
+            churn::churn_raw_subscribers,
+            needs_groups,
+            300,
+            "5,000 messages, 12 members in turn (every 4th dropped) over 100 keys: nothing lost, per-key order, nothing acked comes back after a clean close, attempts never over-counted (exact_attempts)"
+        ),
+        case!(
+            churn::churn_runner_retries_once,
+            needs_exact_attempts,
+            300,
+            "the runner, 12 members in turn shutting down cleanly, a handler failing each message once: every message succeeds on its retry, none dead-lettered"
         ),
         case!(
             dlq::runner_retry_then_dlq,

@@ -234,6 +234,7 @@ impl MemoryBus {
         c.replay = true;
         c.nack_can_delay = true;
         c.ack_deadline_can_extend = true;
+        c.exact_attempts = true;
         c.publish_with_delay = true;
         c.message_max_bytes = Some(config.max_message_bytes);
         c
@@ -518,6 +519,12 @@ impl Ack for MemoryAck {
                 self.with_group(|g, wake| *wake = g.ack(self.offset, self.tag));
             }
         }
+        Ok(())
+    }
+
+    async fn release(&self) -> Result<()> {
+        self.check_open()?;
+        self.with_group(|g, wake| *wake = g.hand_back_unseen(self.offset, self.tag));
         Ok(())
     }
 

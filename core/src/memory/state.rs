@@ -453,6 +453,18 @@ impl Group {
         self.holds(offset, tag) && self.hand_back(offset, not_before)
     }
 
+    /// Hands a held delivery back as if it had never been handed out: its next delivery
+    /// carries the same attempt.
+    pub(super) fn hand_back_unseen(&mut self, offset: u64, tag: u64) -> bool {
+        if !(self.holds(offset, tag) && self.hand_back(offset, None)) {
+            return false;
+        }
+        if let Some(w) = self.waiting.get_mut(&offset) {
+            w.attempts = w.attempts.saturating_sub(1);
+        }
+        true
+    }
+
     /// The message and attempt count of a held delivery.
     pub(super) fn held(&self, offset: u64, tag: u64) -> Option<(Arc<Message>, u32)> {
         self.pending

@@ -283,8 +283,10 @@ async fn shutdown_drains_in_flight_work_and_reports_what_is_left() {
     assert_eq!(report.left_unacked, 3);
     assert!(report.error.is_none());
 
-    // Nothing is lost: the next consumer gets exactly the three unacked ones.
-    let seen: Arc<Mutex<Vec<String>>> = Arc::default();
+    // Nothing is lost: the next consumer gets exactly the three unacked ones. The two no
+    // handler ever received were released, not counted: they come back at attempt 1; the one
+    // abandoned in its handler comes back at attempt 2.
+    let seen: Arc<Mutex<Vec<(String, u32)>>> = Arc::default();
     let sn = seen.clone();
     let done = seen.clone();
     Consumer::new(bus, "t")
@@ -293,9 +295,10 @@ async fn shutdown_drains_in_flight_work_and_reports_what_is_left() {
             move |e: Event| {
                 let sn = sn.clone();
                 async move {
-                    sn.lock()
-                        .expect("lock")
-                        .push(String::from_utf8_lossy(e.payload()).into_owned());
+                    sn.lock().expect("lock").push((
+                        String::from_utf8_lossy(e.payload()).into_owned(),
+                        e.attempt(),
+                    ));
                     Ok::<(), String>(())
                 }
             },
@@ -307,7 +310,14 @@ async fn shutdown_drains_in_flight_work_and_reports_what_is_left() {
         .expect("run");
     let mut seen = seen.lock().expect("lock").clone();
     seen.sort();
-    assert_eq!(seen, ["slow-1", "slow-2", "stuck-0"]);
+    assert_eq!(
+        seen,
+        [
+            ("slow-1".to_owned(), 1),
+            ("slow-2".to_owned(), 1),
+            ("stuck-0".to_owned(), 2)
+        ]
+    );
 }
 
 /// A bus wrapper that counts deliveries handed out but not yet settled or dropped.
