@@ -296,8 +296,12 @@ impl Delivery {
     }
 
     /// Hands the delivery back (see [`NackAction`]). `RedeliverAfter` needs
-    /// `nack_can_delay`. Errors: `AlreadySettled`, `Unsupported`, `Closed`, `Connection`.
+    /// `nack_can_delay` and at most [`crate::DURATION_MAX`]. Errors: `AlreadySettled`,
+    /// `Unsupported`, `InvalidInput`, `Closed`, `Connection`.
     pub async fn nack(&self, action: NackAction) -> Result<()> {
+        if let NackAction::RedeliverAfter(delay) = &action {
+            crate::options::check_duration("a redelivery delay", *delay)?;
+        }
         self.settle(self.acker.nack(action)).await
     }
 
@@ -309,11 +313,13 @@ impl Delivery {
         self.settle(self.acker.release()).await
     }
 
-    /// Pushes the ack timeout back by `by` (capability `ack_deadline_can_extend`).
+    /// Pushes the ack timeout back by `by` (capability `ack_deadline_can_extend`; at most
+    /// [`crate::DURATION_MAX`]).
     pub async fn extend_deadline(&self, by: Duration) -> Result<()> {
         if self.state.load(AtomicOrdering::Acquire) != OPEN {
             return Err(already_settled());
         }
+        crate::options::check_duration("a deadline extension", by)?;
         self.acker.extend_deadline(by).await
     }
 
@@ -378,6 +384,21 @@ pub fn check_publish(
     options: &PublishOptions,
 ) -> Result<()> {
     crate::topic::validate_topic(topic)?;
+    if let Some((i, m, field)) = messages
+        .iter()
+        .enumerate()
+        .find_map(|(i, m)| crate::message::oversized_metadata(m).map(|field| (i, m, field)))
+    {
+        return Err(Error::new(
+            ErrorKind::InvalidInput,
+            format!(
+                "message {i}: its {field} is longer than {} bytes (id starts {:?})",
+                crate::message::METADATA_MAX_BYTES,
+                m.id.chars().take(40).collect::<String>()
+            ),
+        )
+        .with_backend(backend));
+    }
     if let (Some(max), n) = (caps.batch_max_size, messages.len()) {
         if n > max {
             return Err(Error::new(
@@ -408,6 +429,8 @@ pub fn check_publish(
         if !caps.publish_with_delay {
             return Err(Error::unsupported(backend, "publish with delay"));
         }
+        crate::options::check_duration("a publish delay", delay)
+            .map_err(|e| e.with_backend(backend))?;
         if let Some(max) = caps.publish_delay_max {
             if delay > max {
                 return Err(Error::new(

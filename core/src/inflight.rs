@@ -46,6 +46,17 @@ struct Entry {
     status: Status,
 }
 
+impl Entry {
+    /// How many times a handler received it: its attempt while out, the one before when
+    /// waiting for its next hand-out.
+    fn receptions(&self) -> u32 {
+        match self.status {
+            Status::InFlight { .. } => self.attempt,
+            Status::Queued | Status::Delayed(_) => self.attempt.saturating_sub(1),
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 struct Partition {
     epoch: u64,
@@ -240,10 +251,7 @@ impl State {
             .entries
             .iter()
             .filter_map(|(&o, e)| {
-                let n = match e.status {
-                    Status::InFlight { .. } => e.attempt,
-                    Status::Queued | Status::Delayed(_) => e.attempt - 1,
-                };
+                let n = e.receptions();
                 (n > 0).then_some((o, n))
             })
             .collect();
@@ -259,6 +267,18 @@ impl State {
             acked,
             seen,
         })
+    }
+
+    /// The records of `partition` not acked, with how many times a handler received each:
+    /// `(offset, message, receptions)`, in offset order.
+    pub fn unsettled(&self, partition: i32) -> Vec<(i64, Arc<Message>, u32)> {
+        let Some(p) = self.parts.get(&partition) else {
+            return Vec::new();
+        };
+        p.entries
+            .iter()
+            .map(|(&o, e)| (o, e.message.clone(), e.receptions()))
+            .collect()
     }
 
     /// Stops handing out records of `partition`; deliveries already out may still settle.

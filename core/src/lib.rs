@@ -20,12 +20,12 @@ pub use bus::{
 };
 pub use capabilities::{Capabilities, Ordering};
 pub use error::{BoxError, Error, ErrorKind, Result};
-pub use message::{Headers, Message};
-pub use options::{PublishOptions, StartPosition, SubscribeOptions};
+pub use message::{Headers, Message, METADATA_MAX_BYTES};
+pub use options::{PublishOptions, StartPosition, SubscribeOptions, DURATION_MAX};
 pub use partition::partition_for;
 pub use policy::{
-    default_dead_letter_topic, dlq_headers, DeadLetterPolicy, RetryDecision, RetryPolicy,
-    RetryPolicyBuilder,
+    default_dead_letter_topic, dlq_headers, is_dead_letter_topic, DeadLetterPolicy, RetryDecision,
+    RetryPolicy, RetryPolicyBuilder, DEAD_LETTER_GROUP,
 };
 pub use redrive::{redrive, RedriveOptions, RedriveReport};
 pub use registry::{redact_url, BackendEntry, ConnectFn, Registry};

@@ -215,6 +215,24 @@ fn new_id() -> String {
         .to_owned()
 }
 
+/// The longest id, event type or content type of a message, in bytes (AMQP short strings):
+/// one limit on every backend, checked before anything of a publish call is sent.
+pub const METADATA_MAX_BYTES: usize = 255;
+
+/// The first of `m`'s id, event type and content type longer than [`METADATA_MAX_BYTES`].
+pub(crate) fn oversized_metadata(m: &Message) -> Option<&'static str> {
+    let too_long = |s: Option<&str>| s.is_some_and(|s| s.len() > METADATA_MAX_BYTES);
+    if too_long(Some(&m.id)) {
+        Some("id")
+    } else if too_long(m.event_type.as_deref()) {
+        Some("event type")
+    } else if too_long(m.content_type.as_deref()) {
+        Some("content type")
+    } else {
+        None
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -5,6 +5,25 @@ use std::time::Duration;
 use crate::error::{Error, ErrorKind, Result};
 use crate::topic::validate_group;
 
+/// The longest ack timeout, publish delay, redelivery delay or deadline extension busbar
+/// takes (12 hours, SQS's longest visibility timeout): longer ones are `InvalidInput`, so no
+/// backend computes an instant that overflows or a broker value out of range.
+pub const DURATION_MAX: Duration = Duration::from_secs(12 * 3600);
+
+/// The shortest ack timeout busbar takes.
+pub const ACK_TIMEOUT_MIN: Duration = Duration::from_millis(1);
+
+/// Checks a user-given duration against [`DURATION_MAX`]; `what` names it in the error.
+pub fn check_duration(what: &str, d: Duration) -> Result<()> {
+    if d > DURATION_MAX {
+        return Err(Error::new(
+            ErrorKind::InvalidInput,
+            format!("{what} of {d:?} is longer than busbar's maximum of 12 h"),
+        ));
+    }
+    Ok(())
+}
+
 /// Options of one publish call.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 #[non_exhaustive]
@@ -104,12 +123,42 @@ impl SubscribeOptions {
                 "max_in_flight must be at least 1",
             ));
         }
-        if self.ack_timeout.is_zero() {
+        if self.ack_timeout < ACK_TIMEOUT_MIN {
             return Err(Error::new(
                 ErrorKind::InvalidInput,
-                "ack_timeout must be greater than zero",
+                format!(
+                    "ack_timeout must be at least 1 ms; got {:?}",
+                    self.ack_timeout
+                ),
             ));
         }
-        Ok(())
+        check_duration("an ack_timeout", self.ack_timeout)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ack_timeouts_are_bounded() {
+        let kind = |d| {
+            SubscribeOptions::new("g")
+                .ack_timeout(d)
+                .validate()
+                .map_err(|e| e.kind())
+        };
+        assert_eq!(kind(Duration::ZERO), Err(ErrorKind::InvalidInput));
+        assert_eq!(
+            kind(Duration::from_micros(999)),
+            Err(ErrorKind::InvalidInput)
+        );
+        assert_eq!(kind(ACK_TIMEOUT_MIN), Ok(()));
+        assert_eq!(kind(DURATION_MAX), Ok(()));
+        assert_eq!(
+            kind(DURATION_MAX + Duration::from_nanos(1)),
+            Err(ErrorKind::InvalidInput)
+        );
+        assert_eq!(kind(Duration::MAX), Err(ErrorKind::InvalidInput));
     }
 }

@@ -227,6 +227,16 @@ impl DeadLetterPolicy {
     }
 }
 
+/// The consumer group that keeps a dead-letter topic's messages until they are read or
+/// redriven: backends that keep messages only for existing groups (RabbitMQ, SQS) create it
+/// before the first dead letter, and `redrive` reads with it by default.
+pub const DEAD_LETTER_GROUP: &str = "busbar-redrive";
+
+/// Whether `topic` is a dead-letter topic (`<topic>.dlq`).
+pub fn is_dead_letter_topic(topic: &str) -> bool {
+    topic.ends_with(".dlq")
+}
+
 /// `<topic>.dlq`.
 pub fn default_dead_letter_topic(topic: &str) -> String {
     format!("{topic}.dlq")

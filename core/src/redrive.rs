@@ -33,7 +33,7 @@ pub struct RedriveOptions {
 impl Default for RedriveOptions {
     fn default() -> Self {
         Self {
-            group: "busbar-redrive".into(),
+            group: crate::policy::DEAD_LETTER_GROUP.into(),
             target_topic: None,
             max_messages: None,
             idle_timeout: Duration::from_secs(2),

@@ -13,8 +13,15 @@ pub const GROUP_MAX_LEN: usize = 120;
 /// letters, digits, `.`, `_` or `-`, not starting or ending with `.` and without `..`.
 ///
 /// Returns [`ErrorKind::InvalidTopic`] otherwise.
+/// A dead-letter topic (`<topic>.dlq`) of a valid topic is valid too: it may be
+/// [`TOPIC_MAX_LEN`] + 4 long.
 pub fn validate_topic(topic: &str) -> Result<()> {
-    validate_name(topic, "topic", TOPIC_MAX_LEN, ErrorKind::InvalidTopic)
+    let max = if crate::policy::is_dead_letter_topic(topic) {
+        TOPIC_MAX_LEN + ".dlq".len()
+    } else {
+        TOPIC_MAX_LEN
+    };
+    validate_name(topic, "topic", max, ErrorKind::InvalidTopic)
 }
 
 /// Checks a consumer group name with the same character rules as topics, up to
@@ -55,6 +62,17 @@ mod tests {
             assert!(validate_topic(t).is_ok(), "{t}");
         }
         assert!(validate_topic(&"a".repeat(TOPIC_MAX_LEN)).is_ok());
+    }
+
+    #[test]
+    fn the_dead_letter_topic_of_every_valid_topic_is_valid() {
+        for len in [1, 150, TOPIC_MAX_LEN - 4, TOPIC_MAX_LEN - 1, TOPIC_MAX_LEN] {
+            let t = "a".repeat(len);
+            let dlq = crate::default_dead_letter_topic(&t);
+            assert!(validate_topic(&dlq).is_ok(), "{len}: {dlq}");
+        }
+        let too_long = format!("{}.dlq", "a".repeat(TOPIC_MAX_LEN + 1));
+        assert!(validate_topic(&too_long).is_err());
     }
 
     #[test]

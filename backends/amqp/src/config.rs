@@ -116,6 +116,10 @@ impl AmqpConfig {
             parsed.query_pairs_mut().extend_pairs(passed);
         }
         cfg.uri = parsed.to_string();
+        // lapin's own parser, now: a bad option is a `Config` error, not a failed connection.
+        cfg.uri.parse::<lapin::uri::AMQPUri>().map_err(|e| {
+            config_error(format!("the AMQP URL {} is invalid: {e}", redact_url(url)))
+        })?;
         Ok(cfg)
     }
 }
@@ -130,6 +134,11 @@ pub(crate) fn queue(topic: &str, group: &str, p: u32) -> String {
     format!("busbar.{topic}.{group}.{p}")
 }
 
+/// The attempts queue of partition `p` of a group (see `attempts`).
+pub(crate) fn attempts_queue(topic: &str, group: &str, p: u32) -> String {
+    format!("{}.attempts", queue(topic, group, p))
+}
+
 /// The fanout exchange a group's members announce themselves on.
 pub(crate) fn members_exchange(topic: &str, group: &str) -> String {
     format!("busbar.{topic}.{group}.members")
@@ -139,7 +148,7 @@ pub(crate) fn members_exchange(topic: &str, group: &str) -> String {
 pub(crate) fn check_names(topic: &str, group: &str) -> Result<()> {
     let longest = members_exchange(topic, group)
         .len()
-        .max(queue(topic, group, 9999).len());
+        .max(attempts_queue(topic, group, 9999).len());
     if longest > 255 {
         return Err(Error::new(
             ErrorKind::InvalidInput,
@@ -167,6 +176,11 @@ mod tests {
             "http://h",
             "amqp://",
             "amqp://h?partitions=0",
+            "amqp://h?heartbeat=abc",
+            "amqp://h?heartbeat=70000",
+            "amqp://h?channel_max=-1",
+            "amqp://h?connection_timeout=soon",
+            "amqp://h?auth_mechanism=magic",
             "amqp://h?x=1",
         ] {
             assert_eq!(

@@ -1,5 +1,6 @@
 #![doc = include_str!("../README.md")]
 
+mod attempts;
 mod codec;
 pub mod config;
 mod server;
@@ -35,7 +36,7 @@ pub(crate) const BACKEND: &str = "amqp";
 const DECLARE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The group that keeps a dead-letter topic's messages until they are redriven.
-const REDRIVE_GROUP: &str = "busbar-redrive";
+use busbar_core::DEAD_LETTER_GROUP as REDRIVE_GROUP;
 
 /// Opens a RabbitMQ bus from a URL, as a trait object (the registry's `ConnectFn`).
 pub fn connect_boxed(url: String) -> BoxFuture<'static, Result<Arc<dyn EventBus>>> {
@@ -373,7 +374,7 @@ impl Inner {
     /// Publishes in order (mandatory, persistent, confirmed) and returns once RabbitMQ
     /// confirmed every message. A message no group receives is an error, not a silent loss.
     pub(crate) async fn publish_many(&self, topic: &str, messages: &[Message]) -> Result<()> {
-        if topic.ends_with(".dlq") {
+        if busbar_core::is_dead_letter_topic(topic) {
             // Dead letters are kept until redriven: the dead-letter topic gets its redrive
             // group before its first message (created here, lazily, rather than with every
             // group: quorum queues are not cheap).
@@ -495,6 +496,9 @@ impl EventBus for AmqpBus {
         c.ack_deadline_can_extend = true;
         c.message_max_bytes = Some(self.inner.config.max_message_bytes);
         c.native_dead_letter = self.inner.config.delivery_limit.is_some();
+        // busbar's attempts records keep hand-backs uncounted; RabbitMQ's own delivery
+        // limit, when the URL sets one, counts every return (see the README).
+        c.exact_attempts = self.inner.config.delivery_limit.is_none();
         c
     }
 

@@ -31,6 +31,7 @@ use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+use crate::attempts::{self, Ledger};
 use crate::{codec, config, map_err, Inner, BACKEND};
 
 /// How often a member announces itself.
@@ -76,6 +77,10 @@ pub(crate) struct Shared {
     channels: Mutex<HashMap<i32, (u64, Channel)>>,
     /// When the last `basic.ack` went out.
     last_ack: Mutex<Option<Instant>>,
+    /// What the member knows of each owned partition's attempts (see `attempts`).
+    ledgers: Mutex<HashMap<i32, Ledger>>,
+    /// One attempts-queue read or write at a time on the member's attempts channel.
+    attempts_io: tokio::sync::Mutex<()>,
     topic: Arc<str>,
     options: SubscribeOptions,
     inner: Arc<Inner>,
@@ -118,6 +123,50 @@ impl Shared {
         self.shut_down("failed");
     }
 
+    fn ledgers(&self) -> MutexGuard<'_, HashMap<i32, Ledger>> {
+        self.ledgers.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The attempt of a delivery of `message` on partition `p`: the partition's attempts
+    /// queue is read when its first delivery arrives (the member is the active consumer then).
+    async fn attempt_of(
+        &self,
+        attempts: &Channel,
+        p: i32,
+        message: &busbar_core::Message,
+        tag: i64,
+        count: u64,
+    ) -> u32 {
+        let needs_load = self.ledgers().get(&p).is_some_and(Ledger::needs_load);
+        if needs_load {
+            let loaded = {
+                let _io = self.attempts_io.lock().await;
+                bounded(
+                    "reading the attempts queue",
+                    attempts::load(
+                        attempts,
+                        &self.topic,
+                        &self.options.group,
+                        p as u32,
+                        self.inner.config.queue_expires,
+                    ),
+                )
+                .await
+            };
+            let ledger = loaded.unwrap_or_else(|e| {
+                tracing::warn!(partition = p, error = %e, "amqp: reading the attempts queue failed; attempts start from RabbitMQ's delivery count");
+                Ledger::unreadable()
+            });
+            if let Some(l) = self.ledgers().get_mut(&p) {
+                *l = ledger;
+            }
+        }
+        match self.ledgers().get_mut(&p) {
+            Some(l) => l.attempt(&message.id, tag, count),
+            None => u32::try_from(count.saturating_add(1)).unwrap_or(u32::MAX),
+        }
+    }
+
     fn channel_for(&self, t: Token) -> Option<Channel> {
         self.channels
             .lock()
@@ -135,7 +184,13 @@ struct Owned {
 }
 
 /// Reads one partition queue into the state.
-async fn read_partition(shared: Arc<Shared>, p: i32, mut consumer: lapin::Consumer, queue: String) {
+async fn read_partition(
+    shared: Arc<Shared>,
+    p: i32,
+    mut consumer: lapin::Consumer,
+    queue: String,
+    attempts: Channel,
+) {
     while let Some(item) = consumer.next().await {
         let d = match item {
             Ok(d) => d,
@@ -149,10 +204,13 @@ async fn read_partition(shared: Arc<Shared>, p: i32, mut consumer: lapin::Consum
             .headers()
             .as_ref()
             .and_then(|h| h.inner().get("x-delivery-count").and_then(codec::number))
+            .and_then(|n| u64::try_from(n).ok())
             .unwrap_or(0);
         let tag = d.delivery_tag;
         let message = codec::decode(&d.properties, d.data, format!("amqp/{queue}/{tag}"));
-        let attempt = u32::try_from(redelivered + 1).unwrap_or(u32::MAX);
+        let attempt = shared
+            .attempt_of(&attempts, p, &message, tag as i64, redelivered)
+            .await;
         if shared
             .state()
             .receive_attempt(p, tag as i64, message, attempt)
@@ -192,6 +250,8 @@ struct Member {
     beater: Option<JoinHandle<()>>,
     /// Size of the group at the last view (for logging changes).
     last_view: usize,
+    /// Reads and writes the attempts queues (confirm mode), on the current connection.
+    attempts: Option<Channel>,
 }
 
 impl Member {
@@ -280,7 +340,44 @@ impl Member {
     /// be the queue's single active consumer with nobody reading it. A channel that cannot
     /// be closed either is a [`busbar_core::ErrorKind::Connection`] error: the member
     /// reconnects, which removes it for sure.
+    /// The member's attempts channel, opened on first use (and again after a reconnect).
+    async fn attempts_channel(&mut self) -> Result<Channel> {
+        if let Some(ch) = self.attempts.as_ref().filter(|c| c.status().connected()) {
+            return Ok(ch.clone());
+        }
+        let ch = bounded(
+            "opening the attempts channel",
+            attempts::open_channel(&self.conn),
+        )
+        .await?;
+        self.attempts = Some(ch.clone());
+        Ok(ch)
+    }
+
+    /// Writes partition `p`'s attempts record before its channel closes (see `attempts`):
+    /// a failure is logged, and the next owner counts from RabbitMQ's delivery count.
+    async fn write_attempts(&mut self, p: u32) {
+        let Some(ledger) = self.shared.ledgers().remove(&(p as i32)) else {
+            return;
+        };
+        let Some(ch) = self.attempts.clone() else {
+            return;
+        };
+        let held = self.shared.state().unsettled(p as i32);
+        let s = &self.shared;
+        let _io = s.attempts_io.lock().await;
+        let written = bounded(
+            "writing the attempts record",
+            attempts::write(&ch, &s.topic, &s.options.group, p, &ledger, &held),
+        )
+        .await;
+        if let Err(e) = written {
+            tracing::warn!(partition = p, error = %e, "amqp: writing the attempts record failed; the next owner counts hand-backs as deliveries");
+        }
+    }
+
     async fn take(&mut self, p: u32) -> Result<()> {
+        let attempts = self.attempts_channel().await?;
         let ch = bounded("opening a channel", crate::create_channel(&self.conn)).await?;
         tracing::debug!(member = %self.id, partition = p, "amqp: taking a queue");
         let consumed = bounded(&format!("consuming partition {p}"), self.consume(&ch, p)).await;
@@ -304,7 +401,14 @@ impl Member {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .insert(p as i32, (epoch, ch.clone()));
-        let reader = tokio::spawn(read_partition(s.clone(), p as i32, consumer, queue));
+        s.ledgers().insert(p as i32, Ledger::default());
+        let reader = tokio::spawn(read_partition(
+            s.clone(),
+            p as i32,
+            consumer,
+            queue,
+            attempts,
+        ));
         self.owned.insert(
             p,
             Owned {
@@ -341,6 +445,7 @@ impl Member {
     async fn release(&mut self, p: u32) -> Result<()> {
         if let Some(o) = self.owned.remove(&p) {
             tracing::debug!(member = %self.id, partition = p, "amqp: handing a queue over");
+            self.write_attempts(p).await;
             // The channel is closed before the reader is dropped: dropping lapin's consumer
             // cancels it, which would make the next member active while this channel still
             // holds unacked messages — it would receive later messages first. Closing the
@@ -462,6 +567,8 @@ impl Member {
             .unwrap_or_else(PoisonError::into_inner)
             .clear();
         self.peers.clear();
+        self.attempts = None;
+        self.shared.ledgers().clear();
         self.shared.wake.notify_one();
         let mut backoff = Duration::from_millis(200);
         loop {
@@ -543,7 +650,11 @@ impl Member {
         let _ = self.announce("leave").await;
         self.let_acks_settle().await;
         // The partition channels are closed (and answered) before the connection, each behind
-        // its own acks.
+        // its own acks and its attempts record.
+        let owned: Vec<u32> = self.owned.keys().copied().collect();
+        for p in owned {
+            self.write_attempts(p).await;
+        }
         for (p, o) in &self.owned {
             let close = o.channel.close(200, ShortString::from("member left"));
             if tokio::time::timeout(BROKER_CALL, close).await.is_err() {
@@ -675,6 +786,8 @@ impl AmqpSubscriber {
             failure: Mutex::new(None),
             channels: Mutex::new(HashMap::new()),
             last_ack: Mutex::new(None),
+            ledgers: Mutex::new(HashMap::new()),
+            attempts_io: tokio::sync::Mutex::new(()),
             topic: topic.into(),
             options,
             inner: inner.clone(),
@@ -689,6 +802,7 @@ impl AmqpSubscriber {
             beat_now: Arc::new(Notify::new()),
             beater: None,
             last_view: 0,
+            attempts: None,
         };
         let task = tokio::spawn(member.run(heard));
         inner
@@ -765,6 +879,9 @@ impl AmqpAck {
     async fn settle(&self) -> Result<()> {
         let counted = self.shared.state().ack(self.token);
         if counted {
+            if let Some(l) = self.shared.ledgers().get_mut(&self.token.partition) {
+                l.settled(self.token.offset);
+            }
             if let Some(ch) = self.shared.channel_for(self.token) {
                 let ack = async {
                     let sent = ch
@@ -833,6 +950,15 @@ impl Ack for AmqpAck {
     async fn extend_deadline(&self, by: Duration) -> Result<()> {
         self.check_open()?;
         self.shared.state().extend(self.token, Instant::now() + by);
+        Ok(())
+    }
+
+    async fn release(&self) -> Result<()> {
+        self.check_open()?;
+        // Back to the head of its key inside the member, same attempt; should the member
+        // hand the partition over first, the attempts record says no handler saw it.
+        self.shared.state().release(self.token);
+        self.shared.wake.notify_one();
         Ok(())
     }
 }

@@ -299,6 +299,7 @@ impl Inner {
         messages: &[Message],
         delay: Duration,
     ) -> Result<()> {
+        self.keep_dead_letters(topic).await?;
         let encoded = messages
             .iter()
             .map(codec::encode)
@@ -353,8 +354,20 @@ impl Inner {
         Ok(())
     }
 
+    /// SNS keeps nothing for a topic no queue subscribes to: a dead-letter topic gets its
+    /// group `busbar-redrive` (a queue) before its first message, so dead letters are kept
+    /// until read or redriven.
+    async fn keep_dead_letters(&self, topic: &str) -> Result<()> {
+        if busbar_core::is_dead_letter_topic(topic) {
+            let keep = SubscribeOptions::new(busbar_core::DEAD_LETTER_GROUP);
+            self.ensure_group(topic, &keep).await?;
+        }
+        Ok(())
+    }
+
     /// Publishes in order, in `PublishBatch` calls of at most 10 entries and 256 KiB.
     pub(crate) async fn publish_many(&self, topic: &str, messages: &[Message]) -> Result<()> {
+        self.keep_dead_letters(topic).await?;
         let encoded = messages
             .iter()
             .map(codec::encode)

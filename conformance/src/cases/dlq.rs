@@ -231,3 +231,162 @@ pub async fn runner_retry_then_dlq(ctx: Ctx) -> Result<Outcome> {
         "poison attempts {attempts:?}; {flowing} other messages handled meanwhile"
     )))
 }
+
+/// Reads the dead letter `id` from `dlq_topic` the way `redrive` does (group
+/// `busbar-redrive`, from the earliest retained message where the backend can replay),
+/// checks its payload and error metadata, and hands it back for the redrive that follows.
+async fn read_dead_letter(
+    bus: &Arc<dyn busbar_core::EventBus>,
+    dlq_topic: &str,
+    id: &str,
+    payload: &[u8],
+    reason: &str,
+) -> Result<()> {
+    let start = if bus.capabilities().replay {
+        StartPosition::Earliest
+    } else {
+        StartPosition::Latest
+    };
+    let group = RedriveOptions::default().group;
+    let mut sub = bus
+        .subscribe(
+            dlq_topic,
+            busbar_core::SubscribeOptions::new(group).start(start),
+        )
+        .await?;
+    let dead = tokio::time::timeout(Duration::from_secs(20), sub.next())
+        .await
+        .map_err(|_| anyhow!("the dead letter of {id} is not in {dlq_topic}: it was lost"))??
+        .ok_or_else(|| anyhow!("the subscription ended early"))?;
+    ensure!(
+        dead.id() == id,
+        "{dlq_topic} holds {} instead of {id}",
+        dead.id()
+    );
+    ensure!(
+        dead.payload().as_ref() == payload,
+        "the dead letter's payload changed"
+    );
+    let error = dead.headers().get(dlq_headers::ERROR).unwrap_or_default();
+    ensure!(
+        error.contains(reason),
+        "the dead letter's error header {error:?} does not name {reason:?}"
+    );
+    dead.release().await?;
+    sub.close().await?;
+    Ok(())
+}
+
+/// With NOTHING created on the dead-letter topics beforehand, a message dead-lettered by
+/// `nack(DeadLetter)` and one given up on by the consumer runner are both kept, readable
+/// through busbar with their payload and error, and redriven.
+pub async fn dead_letters_kept_without_provisioning(ctx: Ctx) -> Result<Outcome> {
+    let bus = ctx.bus.clone();
+    let group = ctx.group("g");
+    let back_topic = ctx.topic("back");
+    bus.provision(&back_topic, &latest("check")).await?;
+    let mut redriven = bus.subscribe(&back_topic, latest("check")).await?;
+    let mut ids = Vec::new();
+
+    // 1. nack(DeadLetter) on a raw subscriber.
+    let raw_topic = ctx.topic("raw");
+    bus.provision(&raw_topic, &latest(&group)).await?;
+    let mut sub = bus.subscribe(&raw_topic, latest(&group)).await?;
+    let m = busbar_core::Message::new("nacked to the DLQ").with_key("k");
+    let raw_id = m.id.clone();
+    bus.publish(&raw_topic, m, &busbar_core::PublishOptions::default())
+        .await?;
+    let d = tokio::time::timeout(Duration::from_secs(30), sub.next())
+        .await
+        .map_err(|_| anyhow!("nothing arrived"))??
+        .ok_or_else(|| anyhow!("the subscription ended early"))?;
+    d.nack(busbar_core::NackAction::DeadLetter {
+        reason: "raw nack: not an order".into(),
+    })
+    .await
+    .context("nack(DeadLetter)")?;
+    sub.close().await?;
+    let raw_dlq = busbar_core::default_dead_letter_topic(&raw_topic);
+    read_dead_letter(
+        &bus,
+        &raw_dlq,
+        &raw_id,
+        b"nacked to the DLQ",
+        "raw nack: not an order",
+    )
+    .await?;
+    ids.push((raw_dlq, raw_id));
+
+    // 2. The consumer runner gives up after its retries.
+    let run_topic = ctx.topic("run");
+    bus.provision(&run_topic, &latest(&group)).await?;
+    let m = busbar_core::Message::new("given up on").with_key("k");
+    let run_id = m.id.clone();
+    let consumer = Consumer::new(bus.clone(), &run_topic)
+        .group(&group)
+        .start(StartPosition::Latest)
+        .retry(
+            RetryPolicy::builder()
+                .max_attempts(2)
+                .initial_delay(Duration::from_millis(50))
+                .build()?,
+        );
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let tries = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let t = tries.clone();
+    let run = tokio::spawn(consumer.run_until(
+        move |_e: Event| {
+            t.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            async move { Err::<(), _>("runner: always fails".to_string()) }
+        },
+        async move {
+            let _ = stop_rx.await;
+        },
+    ));
+    bus.publish(&run_topic, m, &busbar_core::PublishOptions::default())
+        .await?;
+    wait_for(Duration::from_secs(30), "the runner's two attempts", || {
+        tries.load(std::sync::atomic::Ordering::SeqCst) >= 2
+    })
+    .await?;
+    // The runner finishes the failed delivery (dead-letters it) before it stops.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let run_dlq = busbar_core::default_dead_letter_topic(&run_topic);
+    let _ = stop_tx.send(());
+    let report = run.await.context("runner task")??;
+    ensure!(report.dead_lettered == 1, "runner report: {report:?}");
+    read_dead_letter(
+        &bus,
+        &run_dlq,
+        &run_id,
+        b"given up on",
+        "runner: always fails",
+    )
+    .await?;
+    ids.push((run_dlq, run_id));
+
+    // Both redrive to a topic of our own.
+    for (dlq, id) in &ids {
+        let mut options = RedriveOptions::default();
+        options.target_topic = Some(back_topic.clone());
+        options.max_messages = Some(1);
+        options.idle_timeout = Duration::from_secs(10);
+        let report = redrive(bus.as_ref(), dlq, &options)
+            .await
+            .context("redrive")?;
+        ensure!(
+            report.redriven == 1,
+            "redrive of {dlq} moved {}",
+            report.redriven
+        );
+        let d = tokio::time::timeout(Duration::from_secs(30), redriven.next())
+            .await
+            .map_err(|_| anyhow!("the redriven {id} never arrived"))??
+            .ok_or_else(|| anyhow!("the subscription ended early"))?;
+        ensure!(d.id() == id, "redrive brought {} instead of {id}", d.id());
+        d.ack().await?;
+    }
+    redriven.close().await?;
+    let expected: HashSet<&str> = ids.iter().map(|(_, id)| id.as_str()).collect();
+    Ok(Outcome::ok().note(format!("{} dead letters kept and redriven", expected.len())))
+}

@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::{bail, ensure, Context, Result};
 use busbar_core::{ErrorKind, Message, PublishOptions, SubscribeOptions};
 
-use crate::support::{collect, expect_silence, latest, Ctx};
+use crate::support::{body, collect, expect_silence, latest, Ctx};
 use crate::Outcome;
 
 fn expect_kind<T>(r: busbar_core::Result<T>, kind: ErrorKind, what: &str) -> Result<()> {
@@ -174,4 +174,107 @@ pub async fn bad_input(ctx: Ctx) -> Result<Outcome> {
         "subscribe after close",
     )?;
     Ok(Outcome::ok())
+}
+
+/// The longest durations and metadata strings are typed errors, never panics, and a batch
+/// holding one bad message publishes nothing: ack timeouts, redelivery delays, deadline
+/// extensions and publish delays past [`busbar_core::DURATION_MAX`]; an id, type or content
+/// type over [`busbar_core::METADATA_MAX_BYTES`].
+pub async fn extreme_values(ctx: Ctx) -> Result<Outcome> {
+    let bus = &ctx.bus;
+    let caps = bus.capabilities();
+    let topic = ctx.topic("t");
+    let group = ctx.group("g");
+    let too_long = busbar_core::DURATION_MAX + Duration::from_secs(1);
+    for d in [Duration::MAX, too_long] {
+        expect_kind(
+            bus.subscribe(&topic, latest(&group).ack_timeout(d)).await,
+            ErrorKind::InvalidInput,
+            &format!("ack_timeout {d:?}"),
+        )?;
+        let delayed = bus
+            .publish(
+                &topic,
+                Message::new("x"),
+                &PublishOptions::default().delay(d),
+            )
+            .await;
+        let kind = if caps.publish_with_delay {
+            ErrorKind::InvalidInput
+        } else {
+            ErrorKind::Unsupported
+        };
+        expect_kind(delayed, kind, &format!("a publish delay of {d:?}"))?;
+    }
+    bus.provision(&topic, &latest(&group)).await?;
+    let mut sub = bus.subscribe(&topic, latest(&group)).await?;
+
+    // Metadata over the limit, alone and in the middle of a batch: nothing is published.
+    let long = "i".repeat(busbar_core::METADATA_MAX_BYTES + 1);
+    let bad = [
+        Message::new("long id").with_id(long.clone()),
+        Message::new("long type").with_type(long.clone()),
+        Message::new("long content type").with_content_type(long.clone()),
+    ];
+    let po = PublishOptions::default();
+    for m in &bad {
+        expect_kind(
+            bus.publish(&topic, m.clone(), &po).await,
+            ErrorKind::InvalidInput,
+            &format!("publishing {:?}", String::from_utf8_lossy(&m.payload)),
+        )?;
+        expect_kind(
+            bus.publish_batch(
+                &topic,
+                vec![
+                    Message::new("before").with_key("k"),
+                    m.clone(),
+                    Message::new("after").with_key("k"),
+                ],
+                &po,
+            )
+            .await,
+            ErrorKind::InvalidInput,
+            &format!("a batch holding {:?}", String::from_utf8_lossy(&m.payload)),
+        )?;
+    }
+    // Exactly at the limit is fine.
+    let at_limit = Message::new("at the limit")
+        .with_key("k")
+        .with_id("j".repeat(busbar_core::METADATA_MAX_BYTES))
+        .with_type("t".repeat(busbar_core::METADATA_MAX_BYTES))
+        .with_content_type("c".repeat(busbar_core::METADATA_MAX_BYTES));
+    let id = at_limit.id.clone();
+    bus.publish(&topic, at_limit, &po)
+        .await
+        .context("publishing metadata exactly at the limit")?;
+    let d = tokio::time::timeout(Duration::from_secs(30), sub.next())
+        .await
+        .context("nothing arrived")??
+        .context("subscription ended")?;
+    ensure!(
+        d.id() == id,
+        "a message of a refused publish arrived: {:?}",
+        body(&d)
+    );
+
+    // A delivery refuses extreme durations and stays usable.
+    expect_kind(
+        d.extend_deadline(Duration::MAX).await,
+        ErrorKind::InvalidInput,
+        "extend_deadline(Duration::MAX)",
+    )?;
+    match d
+        .nack(busbar_core::NackAction::RedeliverAfter(Duration::MAX))
+        .await
+    {
+        Err(e) if e.kind() == ErrorKind::InvalidInput => {}
+        Err(e) if e.kind() == ErrorKind::Unsupported && !caps.nack_can_delay => {}
+        other => bail!("nack(RedeliverAfter(Duration::MAX)): got {other:?}, expected InvalidInput"),
+    }
+    d.ack().await.context("acking after the refused calls")?;
+    let allowed: HashSet<String> = [id].into();
+    let dups = expect_silence(&mut sub, Duration::from_millis(500), &allowed).await?;
+    sub.close().await?;
+    Ok(Outcome::with_duplicates(dups))
 }

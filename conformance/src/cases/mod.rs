@@ -187,6 +187,12 @@ pub fn all() -> Vec<Case> {
             "a poison message is retried, dead-lettered with metadata, and redriven"
         ),
         case!(
+            dlq::dead_letters_kept_without_provisioning,
+            needs_groups,
+            120,
+            "with nothing created beforehand, dead letters of nack(DeadLetter) and of the runner are kept, readable and redriven"
+        ),
+        case!(
             start::start_position_latest,
             needs_groups,
             60,
@@ -215,6 +221,12 @@ pub fn all() -> Vec<Case> {
             needs_groups,
             60,
             "bad topics, settling twice and publishing after close are typed errors"
+        ),
+        case!(
+            input::extreme_values,
+            needs_groups,
+            60,
+            "the longest durations and metadata are typed errors, never panics; a batch holding one publishes nothing"
         ),
         case!(
             capabilities::unsupported_is_typed,
