@@ -10,6 +10,7 @@ pub mod message;
 pub mod options;
 pub mod partition;
 pub mod policy;
+pub mod raw;
 pub mod redrive;
 pub mod registry;
 pub mod runner;

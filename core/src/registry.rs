@@ -150,6 +150,9 @@ pub fn redact_url(url: &str) -> String {
     };
     if parsed.password().is_some() {
         let _ = parsed.set_password(Some("***"));
+    } else if !parsed.username().is_empty() {
+        // A user without a password may be a token (`nats://<token>@host`): hidden too.
+        let _ = parsed.set_username("***");
     }
     if parsed.query().is_some() {
         let pairs: Vec<(String, String)> = parsed
@@ -242,5 +245,10 @@ mod tests {
         );
         assert_eq!(redact_url("nats://127.0.0.1:4222"), "nats://127.0.0.1:4222");
         assert!(!redact_url("x://user:pa ss@h").contains("pa ss"));
+        // A user without a password may be a token.
+        assert_eq!(
+            redact_url("nats://s3cr3tT0ken@127.0.0.1:4222"),
+            "nats://***@127.0.0.1:4222"
+        );
     }
 }

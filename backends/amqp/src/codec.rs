@@ -8,8 +8,11 @@
 //! | `busbar-time` | time, RFC 3339 with nanoseconds |
 //! | `busbar-headers` | the message headers, a JSON array of `[name, value]` pairs in order |
 //!
-//! Messages are persistent (delivery mode 2). A message without `message_id` (written by
-//! another client) gets the id `amqp/<queue>/<delivery tag>`.
+//! Messages are persistent (delivery mode 2). A message another client wrote is delivered with
+//! what can be read: without `message_id` it gets `amqp-<UUIDv5 of its body and properties>`
+//! (RabbitMQ has no position to name it by; the id is the same on every delivery — the
+//! broker's `x-` headers are left out — and two byte-identical messages share it), and without
+//! `busbar-headers` its string headers become headers.
 
 use busbar_core::{dlq_headers, Headers, Message};
 use chrono::{DateTime, SecondsFormat, Utc};
@@ -80,14 +83,46 @@ pub(crate) fn number(v: &AMQPValue) -> Option<i64> {
     }
 }
 
-/// Rebuilds a message; `fallback_id` names messages without `message_id`.
-pub(crate) fn decode(props: &BasicProperties, body: Vec<u8>, fallback_id: String) -> Message {
-    let mut m = Message::new(body);
-    m.id = props
-        .message_id()
+/// The id of a message without `message_id`: a UUIDv5 of its body and of the properties and
+/// headers its sender set (not RabbitMQ's `x-` headers, which change between deliveries).
+fn foreign_id(props: &BasicProperties, body: &[u8]) -> String {
+    let headers: std::collections::BTreeMap<String, String> = props
+        .headers()
         .as_ref()
-        .map(|s| s.as_str().to_owned())
-        .unwrap_or(fallback_id);
+        .map(|h| {
+            h.inner()
+                .iter()
+                .filter(|(k, _)| !k.as_str().starts_with("x-"))
+                .map(|(k, v)| (k.as_str().to_owned(), format!("{v:?}")))
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut name = body.to_vec();
+    name.extend_from_slice(
+        format!(
+            "|{:?}|{:?}|{:?}|{:?}|{:?}|{headers:?}",
+            props.timestamp(),
+            props.kind(),
+            props.content_type(),
+            props.correlation_id(),
+            props.app_id(),
+        )
+        .as_bytes(),
+    );
+    format!(
+        "amqp-{}",
+        uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, &name)
+    )
+}
+
+/// Rebuilds a message (see the module docs for messages other clients wrote).
+pub(crate) fn decode(props: &BasicProperties, body: Vec<u8>) -> Message {
+    let id = match props.message_id() {
+        Some(s) => s.as_str().to_owned(),
+        None => foreign_id(props, &body),
+    };
+    let mut m = Message::new(body);
+    m.id = id;
     m.event_type = props.kind().as_ref().map(|s| s.as_str().to_owned());
     m.content_type = props.content_type().as_ref().map(|s| s.as_str().to_owned());
     if let Some(ts) = props.timestamp() {
@@ -108,6 +143,18 @@ pub(crate) fn decode(props: &BasicProperties, body: Vec<u8>, fallback_id: String
                 Err(e) => {
                     tracing::debug!(error = %e, "amqp: busbar-headers is not a JSON list of pairs")
                 }
+            }
+        } else if props.message_id().is_none() {
+            // Another client's message: its own string headers.
+            let mut names: Vec<(&str, String)> = h
+                .inner()
+                .iter()
+                .filter(|(k, _)| !k.as_str().starts_with("x-"))
+                .filter_map(|(k, v)| Some((k.as_str(), text(v)?)))
+                .collect();
+            names.sort();
+            for (k, v) in names {
+                m.headers.insert(k, v);
             }
         }
         // Dead-lettered by RabbitMQ itself (delivery limit): busbar's dead-letter headers, so
@@ -142,8 +189,28 @@ mod tests {
             .with_content_type("text/plain")
             .with_header("b", "2")
             .with_header("a", "");
-        assert_eq!(decode(&encode(&m), m.payload.to_vec(), "x".into()), m);
-        let bare = decode(&BasicProperties::default(), vec![], "amqp/q/1".into());
-        assert_eq!(bare.id, "amqp/q/1");
+        assert_eq!(decode(&encode(&m), m.payload.to_vec()), m);
+    }
+
+    #[test]
+    fn foreign_messages_get_stable_distinct_ids() {
+        let with = |count: i64, origin: &str| {
+            let mut h = FieldTable::default();
+            h.insert("x-delivery-count".into(), AMQPValue::LongLongInt(count));
+            h.insert(
+                "origin".into(),
+                AMQPValue::LongString(LongString::from(origin)),
+            );
+            BasicProperties::default().with_headers(h)
+        };
+        let a = decode(&with(0, "legacy"), b"one".to_vec());
+        let again = decode(&with(3, "legacy"), b"one".to_vec());
+        let b = decode(&with(0, "legacy"), b"two".to_vec());
+        let c = decode(&with(0, "other"), b"one".to_vec());
+        assert!(a.id.starts_with("amqp-"), "{}", a.id);
+        assert_eq!(a.id, again.id, "a redelivery keeps its id");
+        assert_ne!(a.id, b.id, "another body, another id");
+        assert_ne!(a.id, c.id, "other headers, another id");
+        assert_eq!(a.headers.get("origin"), Some("legacy"));
     }
 }

@@ -2,6 +2,7 @@
 
 use std::fmt;
 
+use busbar_core::raw::fit_name;
 use busbar_core::{redact_url, Error, ErrorKind, Result};
 
 use crate::BACKEND;
@@ -124,41 +125,28 @@ impl AmqpConfig {
     }
 }
 
+/// AMQP names (exchanges, queues) are short strings: at most 255 bytes. Longer ones keep
+/// their start and end in a hash of the whole (`busbar_core::raw::fit_name`).
+const NAME_MAX: usize = 255;
+
 /// The exchange of a topic.
 pub(crate) fn exchange(topic: &str) -> String {
-    format!("busbar.{topic}")
+    fit_name(&format!("busbar.{topic}"), NAME_MAX)
 }
 
 /// The partition queue `p` of a group.
 pub(crate) fn queue(topic: &str, group: &str, p: u32) -> String {
-    format!("busbar.{topic}.{group}.{p}")
+    fit_name(&format!("busbar.{topic}.{group}.{p}"), NAME_MAX)
 }
 
 /// The attempts queue of partition `p` of a group (see `attempts`).
 pub(crate) fn attempts_queue(topic: &str, group: &str, p: u32) -> String {
-    format!("{}.attempts", queue(topic, group, p))
+    fit_name(&format!("busbar.{topic}.{group}.{p}.attempts"), NAME_MAX)
 }
 
 /// The fanout exchange a group's members announce themselves on.
 pub(crate) fn members_exchange(topic: &str, group: &str) -> String {
-    format!("busbar.{topic}.{group}.members")
-}
-
-/// Checks that every name of the group fits AMQP's 255-byte limit.
-pub(crate) fn check_names(topic: &str, group: &str) -> Result<()> {
-    let longest = members_exchange(topic, group)
-        .len()
-        .max(attempts_queue(topic, group, 9999).len());
-    if longest > 255 {
-        return Err(Error::new(
-            ErrorKind::InvalidInput,
-            format!(
-                "topic and group names together are too long for RabbitMQ ({longest} > 255 bytes)"
-            ),
-        )
-        .with_backend(BACKEND));
-    }
-    Ok(())
+    fit_name(&format!("busbar.{topic}.{group}.members"), NAME_MAX)
 }
 
 #[cfg(test)]

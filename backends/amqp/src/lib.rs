@@ -310,7 +310,6 @@ impl Inner {
     }
 
     async fn declare_group(&self, topic: &str, group: &str) -> Result<()> {
-        config::check_names(topic, group)?;
         let key = (topic.to_owned(), group.to_owned());
         if self
             .groups

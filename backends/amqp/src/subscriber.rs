@@ -207,7 +207,7 @@ async fn read_partition(
             .and_then(|n| u64::try_from(n).ok())
             .unwrap_or(0);
         let tag = d.delivery_tag;
-        let message = codec::decode(&d.properties, d.data, format!("amqp/{queue}/{tag}"));
+        let message = codec::decode(&d.properties, d.data);
         let attempt = shared
             .attempt_of(&attempts, p, &message, tag as i64, redelivered)
             .await;

@@ -71,13 +71,6 @@ fn config_error(msg: String) -> Error {
     Error::new(ErrorKind::Config, msg).with_backend(BACKEND)
 }
 
-fn percent_decode(s: &str) -> String {
-    url::form_urlencoded::parse(format!("x={s}").as_bytes())
-        .next()
-        .map(|(_, v)| v.into_owned())
-        .unwrap_or_default()
-}
-
 impl KafkaConfig {
     /// Parses a `kafka://` or `kafkas://` URL.
     pub fn from_url(url: &str) -> Result<Self> {
@@ -130,10 +123,14 @@ impl KafkaConfig {
         let mut sasl = false;
         if let Some(userinfo) = userinfo {
             let (user, password) = userinfo.split_once(':').unwrap_or((userinfo, ""));
-            cfg.client
-                .insert("sasl.username".into(), percent_decode(user));
-            cfg.client
-                .insert("sasl.password".into(), percent_decode(password));
+            cfg.client.insert(
+                "sasl.username".into(),
+                busbar_core::raw::decode_userinfo(user),
+            );
+            cfg.client.insert(
+                "sasl.password".into(),
+                busbar_core::raw::decode_userinfo(password),
+            );
             cfg.client.insert("sasl.mechanism".into(), "PLAIN".into());
             sasl = true;
         }
@@ -214,6 +211,8 @@ mod tests {
         assert_eq!((c.partitions, c.replication), (12, 3));
         assert_eq!(c.client["sasl.username"], "app");
         assert_eq!(c.client["sasl.password"], "s@cret");
+        let plus = KafkaConfig::from_url("kafka://app:a+b@b1").expect("valid");
+        assert_eq!(plus.client["sasl.password"], "a+b");
         assert_eq!(c.client["security.protocol"], "sasl_plaintext");
         assert_eq!(c.client["client.id"], "svc");
         let shown = format!("{c:?}");

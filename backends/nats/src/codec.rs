@@ -114,6 +114,32 @@ pub(crate) fn wire_len(h: &HeaderMap) -> usize {
 }
 
 /// Rebuilds a message from a JetStream message.
+/// The largest header block the NATS server takes (64 KiB); a larger one is refused.
+pub(crate) const HEADERS_MAX_BYTES: usize = 64 * 1024;
+
+/// Whether a message was published by another program (no `Busbar-Id` header).
+pub(crate) fn is_foreign(headers: Option<&HeaderMap>) -> bool {
+    headers.is_none_or(|h| h.get(ID).is_none())
+}
+
+/// A message another program published, delivered with what can be read: its payload, `id`
+/// (derived by the caller from its place in the stream), and its NATS headers as headers
+/// (the first value of each).
+pub(crate) fn foreign_message(headers: Option<&HeaderMap>, payload: Bytes, id: String) -> Message {
+    let mut m = Message::new(payload).with_id(id);
+    if let Some(h) = headers {
+        let mut names: Vec<(String, String)> = h
+            .iter()
+            .filter_map(|(n, v)| Some((n.to_string(), v.first()?.as_str().to_owned())))
+            .collect();
+        names.sort();
+        for (n, v) in names {
+            m.headers.insert(n, v);
+        }
+    }
+    m
+}
+
 pub(crate) fn decode_message(headers: Option<&HeaderMap>, payload: Bytes) -> Result<Message> {
     let h = headers.ok_or_else(|| decode("message without headers (not written by busbar)"))?;
     let get = |n: &str| h.get(n).map(|v| unescape(v.as_str()));

@@ -78,10 +78,10 @@ impl NatsConfig {
             .filter(|h| !h.is_empty())
             .ok_or_else(|| config_error(format!("the NATS URL {} has no host", redact_url(url))))?;
         let port = parsed.port().unwrap_or(4222);
-        let user = percent_decode(parsed.username());
+        let user = busbar_core::raw::decode_userinfo(parsed.username());
         let auth = match (user.is_empty(), parsed.password()) {
             (true, _) => Auth::None,
-            (false, Some(p)) => Auth::UserPassword(user, percent_decode(p)),
+            (false, Some(p)) => Auth::UserPassword(user, busbar_core::raw::decode_userinfo(p)),
             (false, None) => Auth::Token(user),
         };
         let mut cfg = Self {
@@ -118,13 +118,6 @@ impl NatsConfig {
     }
 }
 
-fn percent_decode(s: &str) -> String {
-    url::form_urlencoded::parse(format!("x={s}").as_bytes())
-        .next()
-        .map(|(_, v)| v.into_owned())
-        .unwrap_or_default()
-}
-
 /// A topic name as one NATS token and stream-name part: letters, digits and `-` stay, every
 /// other byte becomes `_` and two hex digits (so `a.b` is `a_2Eb` and `a_b` is `a_5Fb`).
 pub fn encode_topic(topic: &str) -> String {
@@ -139,9 +132,13 @@ pub fn encode_topic(topic: &str) -> String {
     out
 }
 
+/// JetStream stream and consumer names are at most 255 characters; longer ones keep their
+/// start and end in a hash of the whole (`busbar_core::raw::fit_name`).
+const NAME_MAX: usize = 255;
+
 /// The stream of a topic: `BUSBAR_<encoded topic>`.
 pub fn stream_name(topic: &str) -> String {
-    format!("BUSBAR_{}", encode_topic(topic))
+    busbar_core::raw::fit_name(&format!("BUSBAR_{}", encode_topic(topic)), NAME_MAX)
 }
 
 /// The subject of partition `p` of a topic: `busbar.<encoded topic>.<p>`.
@@ -175,7 +172,7 @@ pub fn version_at_least(version: &str, min: (u32, u32)) -> bool {
 
 /// The durable consumer of a group on partition `p`: `<encoded group>-p<p>`.
 pub fn consumer_name(group: &str, p: u32) -> String {
-    format!("{}-p{p}", encode_topic(group))
+    busbar_core::raw::fit_name(&format!("{}-p{p}", encode_topic(group)), NAME_MAX)
 }
 
 pub use busbar_core::partition_for;
@@ -192,6 +189,8 @@ mod tests {
         assert_eq!(c.auth, Auth::UserPassword("alice".into(), "p@ss".into()));
         assert_eq!(c.partitions, 4);
         assert!(!format!("{c:?}").contains("p@ss"));
+        let plus = NatsConfig::from_url("nats://bob:a+b@127.0.0.1:4223").expect("ok");
+        assert_eq!(plus.auth, Auth::UserPassword("bob".into(), "a+b".into()));
         let t = NatsConfig::from_url("tls://tok3n@example.com").expect("ok");
         assert!(t.tls);
         assert_eq!(t.auth, Auth::Token("tok3n".into()));

@@ -203,7 +203,9 @@ impl Inner {
             Some(n) => n,
             None => self.topic(topic).await?.1,
         };
-        let mut acks = Vec::with_capacity(messages.len());
+        // Every message is encoded and checked before the first is sent: a batch holding one
+        // the server would refuse publishes nothing.
+        let mut encoded = Vec::with_capacity(messages.len());
         for m in messages {
             let mut headers = codec::encode(m);
             let mut subject = config::subject(topic, self.partition_of(m, n));
@@ -212,17 +214,22 @@ impl Inner {
                 headers.insert(codec::SCHEDULE_TARGET, subject.as_str());
                 subject = config::schedule_subject(topic);
             }
-            let size = codec::wire_len(&headers) + m.payload.len();
-            if size > self.max_payload {
+            let header_len = codec::wire_len(&headers);
+            let size = header_len + m.payload.len();
+            if size > self.max_payload || header_len > codec::HEADERS_MAX_BYTES {
                 return Err(Error::new(
                     ErrorKind::PayloadTooLarge,
                     format!(
-                        "message {} is {size} bytes on the wire; the server's max_payload is {}",
-                        m.id, self.max_payload
+                        "message {} is {size} bytes on the wire ({header_len} of headers); the server's max_payload is {}, and headers take at most {} bytes",
+                        m.id, self.max_payload, codec::HEADERS_MAX_BYTES
                     ),
                 )
                 .with_backend(BACKEND));
             }
+            encoded.push((m, subject, headers));
+        }
+        let mut acks = Vec::with_capacity(messages.len());
+        for (m, subject, headers) in encoded {
             let ack = self
                 .js
                 .publish_with_headers(subject, headers, m.payload.clone())

@@ -898,7 +898,17 @@ impl Subscriber for NatsSubscriber {
                 // redelivery (the lease was not released cleanly), so leave it unacked.
                 continue;
             };
-            let decoded = codec::decode_message(msg.headers.as_ref(), msg.payload.clone());
+            // Published by another program: delivered with what can be read, under an id
+            // from its place in the stream (the same on every delivery).
+            let decoded = if codec::is_foreign(msg.headers.as_ref()) {
+                Ok(codec::foreign_message(
+                    msg.headers.as_ref(),
+                    msg.payload.clone(),
+                    format!("nats-{}-{seq}", shared.topic),
+                ))
+            } else {
+                codec::decode_message(msg.headers.as_ref(), msg.payload.clone())
+            };
             let message = match decoded {
                 Ok(m) => m,
                 Err(e) => {

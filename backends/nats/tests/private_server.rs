@@ -343,6 +343,99 @@ async fn rebalance_during_recovery_keeps_key_order(bin: String) -> TestResult {
     Ok(())
 }
 
+/// A message another program published on the topic's subject (no busbar headers) is
+/// delivered with what can be read — its payload, its headers, an id from its stream sequence
+/// — where it used to be dead-lettered.
+async fn foreign_messages_are_delivered(bin: String) -> TestResult {
+    let server = Server::start(&bin, None).await?;
+    let bus = NatsBus::connect(&format!("{}?partitions=1", server.url())).await?;
+    let topic = "foreign";
+    let opts = SubscribeOptions::new("g");
+    bus.provision(topic, &opts).await?;
+    let client = async_nats::connect(format!("127.0.0.1:{}", server.port))
+        .await
+        .map_err(|e| e.to_string())?;
+    let js = async_nats::jetstream::new(client);
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Origin", "legacy");
+    let ack = js
+        .publish_with_headers(
+            busbar_nats::config::subject(topic, 0),
+            headers,
+            "legacy payload".into(),
+        )
+        .await
+        .map_err(|e| e.to_string())?
+        .await
+        .map_err(|e| e.to_string())?;
+    let ours = Message::new("ours");
+    bus.publish(topic, ours.clone(), &PublishOptions::default())
+        .await?;
+    let mut sub = bus.subscribe(topic, opts).await?;
+    let first = tokio::time::timeout(Duration::from_secs(10), sub.next())
+        .await
+        .map_err(|_| "the foreign message did not arrive")??
+        .ok_or("the subscription ended")?;
+    let want = format!("nats-{topic}-{}", ack.sequence);
+    if first.id() != want
+        || first.payload().as_ref() != b"legacy payload"
+        || first.headers().get("Origin") != Some("legacy")
+    {
+        return Err(format!(
+            "got {} {:?} {:?}, expected {want}",
+            first.id(),
+            String::from_utf8_lossy(first.payload()),
+            first.headers()
+        )
+        .into());
+    }
+    first.ack().await?;
+    let second = tokio::time::timeout(Duration::from_secs(10), sub.next())
+        .await
+        .map_err(|_| "the busbar message did not arrive")??
+        .ok_or("the subscription ended")?;
+    if second.id() != ours.id {
+        return Err(format!("expected {}, got {}", ours.id, second.id()).into());
+    }
+    second.ack().await?;
+    sub.close().await?;
+    bus.close().await?;
+    Ok(())
+}
+
+/// A batch holding a message whose header block the server would refuse (over 64 KiB, though
+/// within `message_max_bytes`) is `PayloadTooLarge` and publishes nothing — it used to publish
+/// the messages before it, then fail with a retryable `Broker` error.
+async fn oversized_headers_publish_nothing(bin: String) -> TestResult {
+    let server = Server::start(&bin, None).await?;
+    let bus = NatsBus::connect(&server.url()).await?;
+    let topic = "headers";
+    let opts = SubscribeOptions::new("g");
+    bus.provision(topic, &opts).await?;
+    let big = Message::new("big").with_header("blob", "\u{1}".repeat(20_000));
+    let batch = vec![Message::new("before"), big, Message::new("after")];
+    let e = bus
+        .publish_batch(topic, batch, &PublishOptions::default())
+        .await
+        .err()
+        .ok_or("the batch was published")?;
+    if e.kind() != ErrorKind::PayloadTooLarge {
+        return Err(format!("expected PayloadTooLarge, got {:?}: {e}", e.kind()).into());
+    }
+    let mut sub = bus.subscribe(topic, opts).await?;
+    if let Ok(d) = tokio::time::timeout(Duration::from_secs(2), sub.next()).await {
+        let d = d?.ok_or("the subscription ended")?;
+        return Err(format!(
+            "{:?} of the refused batch was published",
+            String::from_utf8_lossy(d.payload())
+        )
+        .into());
+    }
+    sub.close().await?;
+    bus.close().await?;
+    Ok(())
+}
+
 async fn wrong_password_is_an_auth_error(bin: String) -> TestResult {
     let server = Server::start(&bin, Some(("busbar", "s3cret-pw"))).await?;
     let url = format!("nats://busbar:wrong-pw@127.0.0.1:{}", server.port);
@@ -429,6 +522,12 @@ fn main() {
             }),
             ("rebalance_during_recovery_keeps_key_order", |b| {
                 Box::pin(rebalance_during_recovery_keeps_key_order(b))
+            }),
+            ("foreign_messages_are_delivered", |b| {
+                Box::pin(foreign_messages_are_delivered(b))
+            }),
+            ("oversized_headers_publish_nothing", |b| {
+                Box::pin(oversized_headers_publish_nothing(b))
             }),
             ("wrong_password_is_an_auth_error", |b| {
                 Box::pin(wrong_password_is_an_auth_error(b))

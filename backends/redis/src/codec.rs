@@ -46,20 +46,29 @@ fn text(v: Vec<u8>, field: &str) -> Result<String> {
     String::from_utf8(v).map_err(|_| decode(format!("stream field {field} is not UTF-8")))
 }
 
-/// Rebuilds a message from the flat field/value list of a stream entry.
+/// Rebuilds a message from the flat field/value list of a stream entry (see [`decode_entry`]).
+#[cfg(test)]
 pub(crate) fn decode_fields(values: Vec<Value>) -> Result<Message> {
+    decode_entry(values)?.message
+}
+
+/// The fields of an entry, as written.
+pub(crate) type Fields = Vec<(String, Vec<u8>)>;
+
+/// Reads an entry's fields: a busbar message (with its `id` field), or an entry another
+/// program wrote (no `id` field), delivered with what can be read: its fields as a JSON object
+/// (values as UTF-8 text, invalid bytes replaced) in an `application/json` payload. Its id is
+/// set by the caller from the entry's place in the stream.
+fn decode_busbar(fields: &Fields) -> Result<Option<Message>> {
+    if !fields.iter().any(|(k, _)| k == "id") {
+        return Ok(None);
+    }
     let mut m = Message::new(Bytes::new());
     let mut headers = Headers::new();
-    let mut saw_id = false;
-    let mut it = values.into_iter();
-    while let (Some(k), Some(v)) = (it.next(), it.next()) {
-        let k = text(bytes_of(k)?, "name")?;
-        let v = bytes_of(v)?;
+    for (k, v) in fields {
+        let v = v.clone();
         match k.as_str() {
-            "id" => {
-                m.id = text(v, "id")?;
-                saw_id = true;
-            }
+            "id" => m.id = text(v, "id")?,
             "k" => m.key = Some(text(v, "k")?),
             "d" => m.payload = Bytes::from(v),
             "t" => m.event_type = Some(text(v, "t")?),
@@ -78,13 +87,55 @@ pub(crate) fn decode_fields(values: Vec<Value>) -> Result<Message> {
             }
         }
     }
-    if !saw_id {
-        return Err(decode(
-            "stream entry without an id field (not written by busbar)",
-        ));
-    }
     m.headers = headers;
-    Ok(m)
+    Ok(Some(m))
+}
+
+/// An entry another program wrote, as a message (see [`decode_busbar`]).
+fn decode_foreign(fields: &Fields) -> Message {
+    let object: serde_json::Map<String, serde_json::Value> = fields
+        .iter()
+        .map(|(k, v)| (k.clone(), String::from_utf8_lossy(v).into_owned().into()))
+        .collect();
+    let body = serde_json::Value::Object(object).to_string();
+    Message::new(body).with_content_type("application/json")
+}
+
+/// One entry's fields, decoded.
+pub(crate) struct Decoded {
+    /// The message, or why a busbar entry could not be decoded.
+    pub(crate) message: Result<Message>,
+    /// Written by another program (its id is to be derived from the entry's place).
+    pub(crate) foreign: bool,
+    /// The fields as written, kept when the message could not be decoded.
+    pub(crate) fields: Fields,
+}
+
+/// Decodes the flat field/value list of a stream entry.
+pub(crate) fn decode_entry(values: Vec<Value>) -> Result<Decoded> {
+    let mut fields = Fields::new();
+    let mut it = values.into_iter();
+    while let (Some(k), Some(v)) = (it.next(), it.next()) {
+        let k = String::from_utf8_lossy(&bytes_of(k)?).into_owned();
+        fields.push((k, bytes_of(v)?));
+    }
+    Ok(match decode_busbar(&fields) {
+        Ok(Some(m)) => Decoded {
+            message: Ok(m),
+            foreign: false,
+            fields: Fields::new(),
+        },
+        Ok(None) => Decoded {
+            message: Ok(decode_foreign(&fields)),
+            foreign: true,
+            fields: Fields::new(),
+        },
+        Err(e) => Decoded {
+            message: Err(e),
+            foreign: false,
+            fields,
+        },
+    })
 }
 
 /// The bytes of a bulk or simple string reply.
@@ -123,10 +174,10 @@ pub(crate) fn int_of(v: Value) -> Result<i64> {
     }
 }
 
-/// One stream entry: its id and its message (or the reason it could not be decoded).
+/// One stream entry: its id and its fields, decoded.
 pub(crate) struct RawEntry {
     pub(crate) stream_id: String,
-    pub(crate) message: Result<Message>,
+    pub(crate) decoded: Result<Decoded>,
 }
 
 /// Parses the `[id, [field, value, ...]]` entries of XRANGE / XCLAIM / XREADGROUP replies.
@@ -141,7 +192,7 @@ pub(crate) fn entries_of(v: Value) -> Result<Vec<RawEntry>> {
             None | Some(Value::Nil) => continue,
             Some(fields) => out.push(RawEntry {
                 stream_id,
-                message: array_of(fields).and_then(decode_fields),
+                decoded: array_of(fields).and_then(decode_entry),
             }),
         }
     }
@@ -170,12 +221,38 @@ mod tests {
     }
 
     #[test]
-    fn foreign_entries_are_decode_errors() {
+    fn foreign_entries_are_delivered_with_their_fields() {
         let flat = vec![
-            Value::BulkString(b"foo".to_vec()),
-            Value::BulkString(b"bar".to_vec()),
+            Value::BulkString(b"event".to_vec()),
+            Value::BulkString(b"order.created".to_vec()),
+            Value::BulkString(b"total".to_vec()),
+            Value::BulkString(b"9\xff".to_vec()),
         ];
-        let e = decode_fields(flat).expect_err("no id");
-        assert_eq!(e.kind(), busbar_core::ErrorKind::Decode);
+        let d = decode_entry(flat).expect("read");
+        assert!(d.foreign);
+        let m = d.message.expect("delivered");
+        assert_eq!(m.content_type.as_deref(), Some("application/json"));
+        let v: serde_json::Value = serde_json::from_slice(&m.payload).expect("json");
+        assert_eq!(v["event"], "order.created");
+        assert_eq!(v["total"], "9\u{fffd}");
+    }
+
+    #[test]
+    fn broken_busbar_entries_keep_their_fields() {
+        let flat = vec![
+            Value::BulkString(b"id".to_vec()),
+            Value::BulkString(b"m-1".to_vec()),
+            Value::BulkString(b"d".to_vec()),
+            Value::BulkString(b"payload".to_vec()),
+            Value::BulkString(b"tm".to_vec()),
+            Value::BulkString(b"yesterday".to_vec()),
+        ];
+        let d = decode_entry(flat).expect("read");
+        assert_eq!(
+            d.message.expect_err("bad tm").kind(),
+            busbar_core::ErrorKind::Decode
+        );
+        assert_eq!(d.fields.len(), 3);
+        assert_eq!(d.fields[1], ("d".to_owned(), b"payload".to_vec()));
     }
 }

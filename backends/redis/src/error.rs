@@ -39,6 +39,23 @@ pub(crate) fn map(e: RedisError, doing: &str) -> Error {
     Error::new(kind, what).with_backend(BACKEND).with_source(e)
 }
 
+/// Converts an error of connecting to `url`: a reply busbar cannot parse there means the
+/// server speaks another protocol — a `Connection` error saying so, not a `Decode` error.
+pub(crate) fn connecting(e: RedisError, url: &str) -> Error {
+    let e = map(e, "connecting to Redis");
+    if e.kind() != ErrorKind::Decode {
+        return e;
+    }
+    Error::new(
+        ErrorKind::Connection,
+        format!(
+            "the server at {} does not answer in the Redis protocol (another service on that port?): {e}",
+            busbar_core::redact_url(url)
+        ),
+    )
+    .with_backend(BACKEND)
+}
+
 /// A reply of an unexpected shape.
 pub(crate) fn decode(what: impl Into<String>) -> Error {
     Error::new(ErrorKind::Decode, what).with_backend(BACKEND)

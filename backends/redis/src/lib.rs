@@ -246,11 +246,11 @@ impl RedisBus {
             )
             .with_backend(BACKEND)
         })?
-        .map_err(|e| error::map(e, "connecting to Redis"))?;
+        .map_err(|e| error::connecting(e, &config.connection_url))?;
         let _: String = redis::cmd("PING")
             .query_async(&mut conn)
             .await
-            .map_err(|e| error::map(e, "connecting to Redis"))?;
+            .map_err(|e| error::connecting(e, &config.connection_url))?;
         let persistent = persistence_enabled(&mut conn).await;
         Ok(Self {
             inner: Arc::new(Inner {

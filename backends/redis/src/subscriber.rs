@@ -490,34 +490,55 @@ impl SubShared {
         entries_of(reply)
     }
 
-    /// A decoded entry, or `None` after dead-lettering an entry busbar cannot decode.
+    /// A decoded entry, or `None` after dead-lettering an entry busbar cannot decode. An
+    /// entry another program wrote is delivered with what can be read, under the id
+    /// `redis-<partition>-<entry id>`; a busbar entry with a broken field is dead-lettered with
+    /// its payload (`d`) and every field as a `busbar-redis-field-<name>` header.
     async fn to_entry(&self, p: u32, raw: RawEntry, attempt: u32) -> Option<Entry> {
-        match raw.message {
-            Ok(m) => Some(Entry {
-                partition: p,
-                stream_id: raw.stream_id,
-                message: Arc::new(m),
-                attempt,
-            }),
-            Err(e) => {
-                tracing::error!(topic = %self.topic, stream_id = %raw.stream_id, error = %e, "redis: undecodable stream entry; dead-lettering it");
-                let mut m = Message::new(Vec::new());
-                m.headers
-                    .insert("busbar-redis-stream-id", raw.stream_id.clone());
-                let dead = DeadLetterPolicy::new().dead_letter_message(
-                    &m,
-                    &self.topic,
-                    &self.options.group,
-                    attempt,
-                    &e.to_string(),
-                );
-                let dlq = default_dead_letter_topic(&self.topic);
-                if self.inner.publish_many(&dlq, &[dead], None).await.is_ok() {
-                    let _ = self.acks.submit(p, raw.stream_id.clone()).await;
+        let (message, fields) = match raw.decoded {
+            Ok(d) => match d.message {
+                Ok(mut m) => {
+                    if d.foreign {
+                        m.id = format!("redis-{p}-{}", raw.stream_id);
+                    }
+                    return Some(Entry {
+                        partition: p,
+                        stream_id: raw.stream_id,
+                        message: Arc::new(m),
+                        attempt,
+                    });
                 }
-                None
+                Err(e) => (e, d.fields),
+            },
+            Err(e) => (e, Vec::new()),
+        };
+        let e = message;
+        tracing::error!(topic = %self.topic, stream_id = %raw.stream_id, error = %e, "redis: undecodable stream entry; dead-lettering it");
+        let mut m = Message::new(Vec::new());
+        for (name, value) in fields {
+            if name == "d" {
+                m.payload = value.into();
+            } else {
+                m.headers.insert(
+                    format!("busbar-redis-field-{name}"),
+                    String::from_utf8_lossy(&value).into_owned(),
+                );
             }
         }
+        m.headers
+            .insert("busbar-redis-stream-id", raw.stream_id.clone());
+        let dead = DeadLetterPolicy::new().dead_letter_message(
+            &m,
+            &self.topic,
+            &self.options.group,
+            attempt,
+            &e.to_string(),
+        );
+        let dlq = default_dead_letter_topic(&self.topic);
+        if self.inner.publish_many(&dlq, &[dead], None).await.is_ok() {
+            let _ = self.acks.submit(p, raw.stream_id.clone()).await;
+        }
+        None
     }
 
     /// Redelivers our deliveries whose ack timeout expired (and entries read but lost before
@@ -1011,11 +1032,9 @@ impl Ack for RedisAck {
             .parts
             .get(&p)
             .is_some_and(|part| part.draining_since.is_none());
-        if let (true, Some(raw)) = (owned, claimed.into_iter().next()) {
-            let message = raw
-                .message
-                .map(Arc::new)
-                .unwrap_or_else(|_| self.entry.message.clone());
+        if owned && !claimed.is_empty() {
+            // The same entry: the message as decoded (and named) when it was first read.
+            let message = self.entry.message.clone();
             let seq = st.next_seq();
             st.retry.insert(
                 (Instant::now() + delay, seq),

@@ -172,6 +172,117 @@ async fn unreachable_server_is_a_connection_error() -> TestResult {
     .await
 }
 
+async fn next_of(
+    sub: &mut Box<dyn busbar_core::Subscriber>,
+    what: &str,
+) -> Result<busbar_core::Delivery, Failed> {
+    Ok(tokio::time::timeout(Duration::from_secs(10), sub.next())
+        .await
+        .map_err(|_| format!("{what} did not arrive"))??
+        .ok_or("the subscription ended")?)
+}
+
+/// An entry another program wrote (no busbar fields) is delivered with what can be read — its
+/// fields as a JSON object, its id from its place in the stream — where it used to be
+/// dead-lettered; a busbar entry with a broken field is dead-lettered with its payload and
+/// every field, where it used to go with an EMPTY payload and none of them.
+async fn foreign_entries_are_delivered_and_broken_ones_kept() -> TestResult {
+    let server = Server::start(None).await?;
+    let bus = RedisBus::connect(&server.url("?partitions=1")).await?;
+    let topic = "foreign";
+    let opts = SubscribeOptions::new("g");
+    bus.provision(topic, &opts).await?;
+    let stream = bus.config().stream_key(topic, 0);
+    let client = redis::Client::open(server.url("")).map_err(|e| e.to_string())?;
+    let mut raw = client
+        .get_multiplexed_async_connection()
+        .await
+        .map_err(|e| e.to_string())?;
+    let foreign: String = redis::cmd("XADD")
+        .arg(&stream)
+        .arg("*")
+        .arg(&["event", "order.created", "total", "42"])
+        .query_async(&mut raw)
+        .await
+        .map_err(|e| e.to_string())?;
+    let _: String = redis::cmd("XADD")
+        .arg(&stream)
+        .arg("*")
+        .arg(&["id", "broken-1", "d", "the payload", "tm", "yesterday"])
+        .query_async(&mut raw)
+        .await
+        .map_err(|e| e.to_string())?;
+    let ours = Message::new("ours");
+    bus.publish(topic, ours.clone(), &PublishOptions::default())
+        .await?;
+    let mut sub = bus.subscribe(topic, opts).await?;
+    let first = next_of(&mut sub, "the foreign entry").await?;
+    let want = format!("redis-0-{foreign}");
+    let body: serde_json::Value =
+        serde_json::from_slice(first.payload()).map_err(|e| format!("payload: {e}"))?;
+    if first.id() != want || body["event"] != "order.created" || body["total"] != "42" {
+        return Err(format!("got {} {:?}, expected {want}", first.id(), body).into());
+    }
+    first.ack().await?;
+    let second = next_of(&mut sub, "the busbar message").await?;
+    if second.id() != ours.id {
+        return Err(format!("expected {}, got {}", ours.id, second.id()).into());
+    }
+    second.ack().await?;
+    sub.close().await?;
+
+    let dlq = busbar_core::default_dead_letter_topic(topic);
+    let mut dead_letters = bus
+        .subscribe(
+            &dlq,
+            SubscribeOptions::new("inspect").start(busbar_core::StartPosition::Earliest),
+        )
+        .await?;
+    let dead = tokio::time::timeout(Duration::from_secs(10), dead_letters.next())
+        .await
+        .map_err(|_| "the broken entry is not in the dead-letter topic")??
+        .ok_or("the subscription ended")?;
+    let h = dead.headers();
+    if dead.payload().as_ref() != b"the payload"
+        || h.get("busbar-redis-field-tm") != Some("yesterday")
+        || h.get("busbar-redis-field-id") != Some("broken-1")
+        || h.get(busbar_core::dlq_headers::ERROR).is_none()
+    {
+        return Err(format!(
+            "dead letter lost content: payload {:?}, headers {h:?}",
+            String::from_utf8_lossy(dead.payload())
+        )
+        .into());
+    }
+    dead.ack().await?;
+    dead_letters.close().await?;
+    Ok(())
+}
+
+/// A `redis://` URL pointing at a server of another protocol is a (retryable) connection
+/// error naming the mix-up, not a `Decode` error of a reply.
+async fn not_redis_is_a_connection_error() -> TestResult {
+    use tokio::io::AsyncWriteExt;
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
+        .await
+        .map_err(|e| format!("bind: {e}"))?;
+    let port = listener.local_addr().map_err(|e| e.to_string())?.port();
+    let server = tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let _ = s
+                .write_all(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n")
+                .await;
+        }
+    });
+    let result = expect_connection_error(
+        RedisBus::connect(&format!("redis://127.0.0.1:{port}/")),
+        Duration::from_secs(20),
+    )
+    .await;
+    server.abort();
+    result
+}
+
 async fn malformed_urls_are_config_errors() -> TestResult {
     expect_config_errors(
         &[
@@ -196,6 +307,14 @@ fn main() {
             }),
             ("unreachable_server_is_a_connection_error", false, || {
                 Box::pin(unreachable_server_is_a_connection_error())
+            }),
+            (
+                "foreign_entries_are_delivered_and_broken_ones_kept",
+                true,
+                || Box::pin(foreign_entries_are_delivered_and_broken_ones_kept()),
+            ),
+            ("not_redis_is_a_connection_error", false, || {
+                Box::pin(not_redis_is_a_connection_error())
             }),
             ("malformed_urls_are_config_errors", false, || {
                 Box::pin(malformed_urls_are_config_errors())

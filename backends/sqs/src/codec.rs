@@ -185,15 +185,14 @@ fn decode_error(msg: String) -> Error {
 pub(crate) fn decode(
     body: &str,
     attributes: Option<&HashMap<String, SqsValue>>,
+    foreign: &Foreign<'_>,
 ) -> Result<Message> {
     let empty = HashMap::new();
     let attributes = attributes.unwrap_or(&empty);
     let get = |name: &str| attributes.get(name).and_then(|v| v.string_value());
-    let id = get(ID).ok_or_else(|| {
-        decode_error(
-            "an SQS message without the busbar.id attribute (not published by busbar?)".into(),
-        )
-    })?;
+    let Some(id) = get(ID) else {
+        return Ok(decode_foreign(body, attributes, foreign));
+    };
     let payload = match get(ENCODING) {
         None => Bytes::copy_from_slice(body.as_bytes()),
         Some("empty") => Bytes::new(),
@@ -233,6 +232,45 @@ pub(crate) fn decode(
     })
 }
 
+/// What SQS says of a received message besides its body and attributes: what a message no
+/// busbar client published is described with.
+#[derive(Debug, Default)]
+pub(crate) struct Foreign<'a> {
+    /// SQS's `MessageId`: the same on every receive of the message.
+    pub(crate) message_id: Option<&'a str>,
+    /// `MessageGroupId` (FIFO queues): the message's key.
+    pub(crate) group_id: Option<&'a str>,
+    /// `SentTimestamp`, in milliseconds since the epoch.
+    pub(crate) sent_ms: Option<&'a str>,
+}
+
+/// A message without `busbar.id` (sent by another SQS or SNS client) is delivered as it is:
+/// the body as payload, SQS's `MessageId` as id (`sqs-<MessageId>`, stable across receives),
+/// the FIFO `MessageGroupId` as key (so per-key order holds for it too), the send time, and
+/// its string attributes as headers. It is never left to block its key.
+fn decode_foreign(body: &str, attributes: &HashMap<String, SqsValue>, f: &Foreign<'_>) -> Message {
+    let mut m = Message::new(Bytes::copy_from_slice(body.as_bytes()));
+    if let Some(id) = f.message_id {
+        m.id = format!("sqs-{id}");
+    }
+    m.key = f.group_id.map(str::to_owned);
+    if let Some(t) = f
+        .sent_ms
+        .and_then(|ms| ms.parse::<i64>().ok())
+        .and_then(DateTime::from_timestamp_millis)
+    {
+        m.time = t;
+    }
+    let mut names: Vec<&String> = attributes.keys().collect();
+    names.sort();
+    for name in names {
+        if let Some(v) = attributes.get(name).and_then(|v| v.string_value()) {
+            m.headers.insert(name.as_str(), v);
+        }
+    }
+    m
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -259,7 +297,7 @@ mod tests {
             let e = encode(&m).expect("encode");
             assert!(e.attributes.len() <= 10);
             assert!(!e.body.is_empty());
-            let back = decode(&e.body, Some(&as_sqs(&e))).expect("decode");
+            let back = decode(&e.body, Some(&as_sqs(&e)), &Foreign::default()).expect("decode");
             assert_eq!(back, m);
             assert_eq!(e.group_id, "order-42");
         }
@@ -286,7 +324,52 @@ mod tests {
         let e = encode(&Message::new(vec![0u8; 200_000])).expect_err("base64 grows it");
         assert_eq!(e.kind(), ErrorKind::PayloadTooLarge);
         assert!(encode(&Message::new(vec![b'a'; 250_000])).is_ok());
-        let e = decode("x", None).expect_err("no id");
+    }
+
+    #[test]
+    fn foreign_messages_are_delivered_as_they_are() {
+        let attrs = HashMap::from([(
+            "origin".to_owned(),
+            SqsValue::builder()
+                .data_type("String")
+                .string_value("legacy")
+                .build()
+                .expect("attribute"),
+        )]);
+        let f = Foreign {
+            message_id: Some("5fea7756-0ea4-451a-a703-a558b933e274"),
+            group_id: Some("order-7"),
+            sent_ms: Some("1700000000123"),
+        };
+        let m = decode("{\"total\":1}", Some(&attrs), &f).expect("delivered");
+        assert_eq!(m.id, "sqs-5fea7756-0ea4-451a-a703-a558b933e274");
+        assert_eq!(m.payload.as_ref(), b"{\"total\":1}");
+        assert_eq!(m.key.as_deref(), Some("order-7"));
+        assert_eq!(m.headers.get("origin"), Some("legacy"));
+        assert_eq!(m.time.timestamp_millis(), 1_700_000_000_123);
+        // The same message received again gets the same id.
+        let again = decode("{\"total\":1}", Some(&attrs), &f).expect("again");
+        assert_eq!(again.id, m.id);
+        // A busbar message with a broken envelope is still a decode error.
+        let broken = HashMap::from([
+            (
+                ID.to_owned(),
+                SqsValue::builder()
+                    .data_type("String")
+                    .string_value("x")
+                    .build()
+                    .expect("a"),
+            ),
+            (
+                ENCODING.to_owned(),
+                SqsValue::builder()
+                    .data_type("String")
+                    .string_value("rot13")
+                    .build()
+                    .expect("b"),
+            ),
+        ]);
+        let e = decode("x", Some(&broken), &f).expect_err("unknown encoding");
         assert_eq!(e.kind(), ErrorKind::Decode);
     }
 }

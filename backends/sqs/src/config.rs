@@ -89,12 +89,12 @@ impl SqsConfig {
                 redact_url(url)
             )));
         }
-        let user = decode(parsed.username());
+        let user = busbar_core::raw::decode_userinfo(parsed.username());
         let credentials = match (user.is_empty(), parsed.password()) {
             (true, None) => Credentials::DefaultChain,
             (false, Some(secret)) => Credentials::Static {
                 access_key_id: user,
-                secret_access_key: decode(secret),
+                secret_access_key: busbar_core::raw::decode_userinfo(secret),
             },
             _ => {
                 return Err(config_error(format!(
@@ -228,13 +228,6 @@ fn escape(name: &str) -> String {
     out
 }
 
-fn decode(s: &str) -> String {
-    url::form_urlencoded::parse(format!("x={s}").as_bytes())
-        .next()
-        .map(|(_, v)| v.into_owned())
-        .unwrap_or_default()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -255,6 +248,16 @@ mod tests {
             }
         );
         assert!(!format!("{c:?}").contains("se/cret"), "secret not printed");
+        // AWS secret keys contain '+': a literal plus is not a space in a URL's userinfo.
+        let plus = SqsConfig::from_url("sqs://AKIA:wJal+rX%2Bk@127.0.0.1:4566?region=us-east-1")
+            .expect("valid");
+        assert_eq!(
+            plus.credentials,
+            Credentials::Static {
+                access_key_id: "AKIA".into(),
+                secret_access_key: "wJal+rX+k".into()
+            }
+        );
         assert!(!c.fifo);
         assert_eq!(c.max_receive_count, None);
         assert_eq!((c.receivers, c.wait), (3, Duration::from_secs(5)));

@@ -377,6 +377,8 @@ async fn receive_loop(shared: Arc<Shared>) {
             .visibility_timeout(whole_seconds(shared.visibility))
             .message_attribute_names("All")
             .message_system_attribute_names(MessageSystemAttributeName::ApproximateReceiveCount)
+            .message_system_attribute_names(MessageSystemAttributeName::MessageGroupId)
+            .message_system_attribute_names(MessageSystemAttributeName::SentTimestamp)
             .send()
             .await;
         let received_at = Instant::now();
@@ -402,9 +404,21 @@ async fn receive_loop(shared: Arc<Shared>) {
                         .and_then(|a| a.get(&MessageSystemAttributeName::ApproximateReceiveCount))
                         .and_then(|n| n.parse::<u32>().ok())
                         .unwrap_or(1);
+                    let system = |name| {
+                        m.attributes
+                            .as_ref()
+                            .and_then(|a| a.get(&name))
+                            .map(String::as_str)
+                    };
+                    let foreign = codec::Foreign {
+                        message_id: m.message_id.as_deref(),
+                        group_id: system(MessageSystemAttributeName::MessageGroupId),
+                        sent_ms: system(MessageSystemAttributeName::SentTimestamp),
+                    };
                     match codec::decode(
                         m.body.as_deref().unwrap_or(""),
                         m.message_attributes.as_ref(),
+                        &foreign,
                     ) {
                         Ok(message) => {
                             let key = shared.key_of(&message);

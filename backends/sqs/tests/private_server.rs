@@ -261,6 +261,70 @@ async fn malformed_urls_are_config_errors() -> TestResult {
     .await
 }
 
+/// A message another SQS client sent (no busbar attributes) is delivered as it is — SQS's
+/// `MessageId` as its id, its attributes as headers, its `MessageGroupId` as key — ahead of the
+/// busbar message of its key sent after it. It used to make `next()` fail with `Decode` every
+/// visibility timeout, never removed, blocking its key until SQS redrove it.
+async fn foreign_messages_are_delivered_in_key_order() -> TestResult {
+    use aws_sdk_sqs::types::MessageAttributeValue;
+    let endpoint = Endpoint::start().await?;
+    let bus = SqsBus::connect(&endpoint.url("")).await?;
+    let topic = "foreign";
+    let options = SubscribeOptions::new("g").ack_timeout(Duration::from_secs(2));
+    bus.provision(topic, &options).await?;
+    let queue_url = bus.group_queue_url(topic, "g").await?;
+    let origin = MessageAttributeValue::builder()
+        .data_type("String")
+        .string_value("legacy")
+        .build()
+        .map_err(|e| e.to_string())?;
+    let mut send = bus
+        .sqs_client()
+        .send_message()
+        .queue_url(&queue_url)
+        .message_body("{\"from\":\"legacy\"}")
+        .message_attributes("origin", origin);
+    if bus.config().fifo {
+        send = send
+            .message_group_id("k")
+            .message_deduplication_id("foreign-1");
+    }
+    let sent = send.send().await.map_err(|e| format!("sending: {e}"))?;
+    let foreign_id = format!("sqs-{}", sent.message_id.unwrap_or_default());
+    let ours = Message::new("ours").with_key("k");
+    bus.publish(topic, ours.clone(), &PublishOptions::default())
+        .await?;
+    let mut sub = bus.subscribe(topic, options).await?;
+    let first = tokio::time::timeout(Duration::from_secs(20), sub.next())
+        .await
+        .map_err(|_| "nothing arrived")??
+        .ok_or("the subscription ended")?;
+    if first.id() != foreign_id
+        || first.payload().as_ref() != b"{\"from\":\"legacy\"}"
+        || first.headers().get("origin") != Some("legacy")
+        || (bus.config().fifo && first.key() != Some("k"))
+    {
+        return Err(format!(
+            "the foreign message arrived as {} key {:?} headers {:?}",
+            first.id(),
+            first.key(),
+            first.headers()
+        )
+        .into());
+    }
+    first.ack().await?;
+    let second = tokio::time::timeout(Duration::from_secs(20), sub.next())
+        .await
+        .map_err(|_| "the busbar message behind the foreign one never arrived")??
+        .ok_or("the subscription ended")?;
+    if second.id() != ours.id {
+        return Err(format!("expected {}, got {}", ours.id, second.id()).into());
+    }
+    second.ack().await?;
+    sub.close().await?;
+    Ok(())
+}
+
 fn main() {
     busbar_conformance::private_server::main(
         "node",
@@ -270,6 +334,9 @@ fn main() {
             }),
             ("native_redrive_moves_to_the_dlq_queue", true, || {
                 Box::pin(native_redrive_moves_to_the_dlq_queue())
+            }),
+            ("foreign_messages_are_delivered_in_key_order", true, || {
+                Box::pin(foreign_messages_are_delivered_in_key_order())
             }),
             ("deleted_queue_is_reported", true, || {
                 Box::pin(deleted_queue_is_reported())

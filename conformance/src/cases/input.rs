@@ -278,3 +278,62 @@ pub async fn extreme_values(ctx: Ctx) -> Result<Outcome> {
     sub.close().await?;
     Ok(Outcome::with_duplicates(dups))
 }
+
+/// The longest topic and group names busbar accepts, full of the characters backends escape,
+/// work end to end — the topic's dead-letter topic included — where they used to make
+/// backends with shorter name limits fail with retryable broker errors.
+pub async fn longest_names(ctx: Ctx) -> Result<Outcome> {
+    let bus = &ctx.bus;
+    let topic = format!(
+        "{}{}",
+        ctx.topic("n"),
+        "_".repeat(busbar_core::TOPIC_MAX_LEN)
+    )[..busbar_core::TOPIC_MAX_LEN]
+        .to_owned();
+    let group = format!(
+        "{}{}",
+        ctx.group("g"),
+        "_".repeat(busbar_core::GROUP_MAX_LEN)
+    )[..busbar_core::GROUP_MAX_LEN]
+        .to_owned();
+    bus.provision(&topic, &latest(&group)).await?;
+    let mut sub = bus.subscribe(&topic, latest(&group)).await?;
+    let m = Message::new("long names").with_key("k");
+    let id = m.id.clone();
+    bus.publish(&topic, m, &PublishOptions::default()).await?;
+    let d = tokio::time::timeout(Duration::from_secs(30), sub.next())
+        .await
+        .context("nothing arrived")??
+        .context("subscription ended")?;
+    ensure!(d.id() == id, "got {} instead of {id}", d.id());
+    d.nack(busbar_core::NackAction::DeadLetter {
+        reason: "long names".into(),
+    })
+    .await
+    .context("dead-lettering under the longest names")?;
+    sub.close().await?;
+    let dlq = busbar_core::default_dead_letter_topic(&topic);
+    let start = if bus.capabilities().replay {
+        busbar_core::StartPosition::Earliest
+    } else {
+        busbar_core::StartPosition::Latest
+    };
+    let mut dead = bus
+        .subscribe(
+            &dlq,
+            SubscribeOptions::new(busbar_core::DEAD_LETTER_GROUP).start(start),
+        )
+        .await?;
+    let d = tokio::time::timeout(Duration::from_secs(30), dead.next())
+        .await
+        .context("the dead letter did not arrive")??
+        .context("subscription ended")?;
+    ensure!(d.id() == id, "the dead-letter topic holds {}", d.id());
+    d.ack().await?;
+    dead.close().await?;
+    Ok(Outcome::ok().note(format!(
+        "topic {} and group {} characters",
+        topic.len(),
+        group.len()
+    )))
+}

@@ -223,6 +223,12 @@ pub fn all() -> Vec<Case> {
             "bad topics, settling twice and publishing after close are typed errors"
         ),
         case!(
+            input::longest_names,
+            needs_groups,
+            90,
+            "the longest topic and group names work end to end, dead letters included"
+        ),
+        case!(
             input::extreme_values,
             needs_groups,
             60,

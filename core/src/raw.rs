@@ -1,0 +1,53 @@
+//! For backend authors: helpers every backend needs the same way. Less stable than the
+//! application API; applications do not need anything here.
+
+/// Decodes the percent-escapes of a URL's user name or password, for backends reading
+/// credentials from their URL: `%2B` is `+`, `%40` is `@`, and a literal `+` stays `+` (it
+/// means a space only in query strings; AWS secret keys contain it).
+pub fn decode_userinfo(s: &str) -> String {
+    percent_encoding::percent_decode_str(s)
+        .decode_utf8_lossy()
+        .into_owned()
+}
+
+/// `name` as it is when it is at most `max` bytes, else its start, `-` and 32 hex digits of a
+/// UUIDv5 of the whole name, `max` bytes in all: every valid busbar name maps to a broker
+/// name within the broker's limit, distinct names stay distinct (but for a hash collision),
+/// and names that fit keep the layout a backend documents. `max` below 40 is raised to 40.
+pub fn fit_name(name: &str, max: usize) -> String {
+    let max = max.max(40);
+    if name.len() <= max {
+        return name.to_owned();
+    }
+    let hash = uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, name.as_bytes()).simple();
+    let mut keep = max - 33;
+    while !name.is_char_boundary(keep) {
+        keep -= 1;
+    }
+    format!("{}-{hash}", &name[..keep])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_names_fit_and_stay_distinct() {
+        assert_eq!(fit_name("short", 255), "short");
+        let a = fit_name(&"a".repeat(300), 255);
+        let b = fit_name(&format!("{}b", "a".repeat(299)), 255);
+        assert_eq!((a.len(), b.len()), (255, 255));
+        assert_ne!(a, b);
+        assert_eq!(a, fit_name(&"a".repeat(300), 255), "stable");
+        let wide = fit_name(&"é".repeat(200), 101);
+        assert!(wide.len() <= 101);
+    }
+
+    #[test]
+    fn userinfo_decoding_keeps_plus_signs() {
+        assert_eq!(decode_userinfo("wJal+rXUtn/K7MDENG"), "wJal+rXUtn/K7MDENG");
+        assert_eq!(decode_userinfo("a%2Bb%40c%3Ad"), "a+b@c:d");
+        assert_eq!(decode_userinfo("x&y=z"), "x&y=z");
+        assert_eq!(decode_userinfo("%ff"), "\u{fffd}");
+    }
+}
