@@ -30,5 +30,5 @@ pub use policy::{
 };
 pub use redrive::{redrive, RedriveOptions, RedriveReport};
 pub use registry::{redact_url, BackendEntry, ConnectFn, Registry};
-pub use runner::{Consumer, ConsumerReport};
+pub use runner::{Consumer, ConsumerReport, Permanent};
 pub use topic::{validate_group, validate_topic, GROUP_MAX_LEN, TOPIC_MAX_LEN};

@@ -204,7 +204,7 @@ impl Consumer {
             .subscribe(&self.topic, self.options.clone())
             .await?;
         let handler: BoxedHandler =
-            Arc::new(move |e: Event| handler(e).map(|r| r.map_err(|e| e.to_string())).boxed());
+            Arc::new(move |e: Event| handler(e).map(|r| r.map_err(Failure::of)).boxed());
         let run = Run {
             shared: Arc::new(RunShared {
                 bus: self.bus.clone(),
@@ -231,10 +231,77 @@ impl Consumer {
 }
 
 type BoxedHandler = Arc<
-    dyn Fn(Event) -> futures::future::BoxFuture<'static, std::result::Result<(), String>>
+    dyn Fn(Event) -> futures::future::BoxFuture<'static, std::result::Result<(), Failure>>
         + Send
         + Sync,
 >;
+
+/// A handler error that retrying cannot fix (the input is invalid, say): the consumer runner
+/// dead-letters the message at once, with this reason, instead of spending its retries.
+/// Return it as the handler's error — directly, or boxed in a `Box<dyn Error + Send + Sync>`.
+///
+/// ```
+/// # use busbar_core::{Event, Permanent};
+/// async fn handle(event: Event) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+///     let order: serde_json::Value = serde_json::from_slice(event.payload())
+///         .map_err(|e| Permanent::new(format!("not JSON: {e}")))?;
+///     # let _ = order;
+///     Ok(())
+/// }
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Permanent(String);
+
+impl Permanent {
+    /// A permanent failure, for `reason`.
+    pub fn new(reason: impl Into<String>) -> Self {
+        Self(reason.into())
+    }
+
+    /// Why retrying cannot help.
+    pub fn reason(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for Permanent {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "permanent failure: {}", self.0)
+    }
+}
+
+impl std::error::Error for Permanent {}
+
+/// A handler's failure as the runner sees it.
+struct Failure {
+    text: String,
+    /// Retrying cannot help ([`Permanent`]).
+    permanent: bool,
+}
+
+impl Failure {
+    fn of<E: fmt::Display + 'static>(e: E) -> Self {
+        let any: &dyn std::any::Any = &e;
+        let permanent = any.is::<Permanent>()
+            || any
+                .downcast_ref::<Box<dyn std::error::Error + Send + Sync>>()
+                .is_some_and(|b| b.is::<Permanent>())
+            || any
+                .downcast_ref::<Box<dyn std::error::Error>>()
+                .is_some_and(|b| b.is::<Permanent>());
+        Self {
+            text: e.to_string(),
+            permanent,
+        }
+    }
+
+    fn panic(text: String) -> Self {
+        Self {
+            text,
+            permanent: false,
+        }
+    }
+}
 
 /// A delivery and the in-flight permit it holds until it is settled or dropped.
 struct Held {
@@ -438,8 +505,8 @@ impl RunShared {
                     Ok(fut) => AssertUnwindSafe(fut)
                         .catch_unwind()
                         .await
-                        .unwrap_or_else(|panic| Err(panic_text(panic))),
-                    Err(panic) => Err(panic_text(panic)),
+                        .unwrap_or_else(|panic| Err(Failure::panic(panic_text(panic)))),
+                    Err(panic) => Err(Failure::panic(panic_text(panic))),
                 }
             };
             let error = match outcome {
@@ -451,6 +518,12 @@ impl RunShared {
                 }
                 Err(e) => e,
             };
+            if error.permanent {
+                tracing::debug!(id = delivery.id(), attempt, error = %error.text, "busbar consumer: permanent failure, dead-lettering");
+                self.dead_letter(delivery, attempt, &error.text).await;
+                return;
+            }
+            let error = error.text;
             match self.retry.decide(attempt) {
                 RetryDecision::RetryAfter(backoff) => {
                     tracing::debug!(id = delivery.id(), attempt, error = %error, ?backoff, "busbar consumer: handler failed, retrying");

@@ -204,6 +204,75 @@ async fn a_poison_message_is_retried_then_dead_lettered_while_other_keys_flow() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_permanent_failure_is_dead_lettered_at_once() {
+    let bus = setup("t", "g").await;
+    bus.provision("t.dlq", &SubscribeOptions::new("inspect"))
+        .await
+        .expect("provision");
+    for n in 0..3 {
+        publish(&bus, "t", Some("k"), format!("k-{n}")).await;
+    }
+    let attempts: Arc<Mutex<Vec<(usize, u32)>>> = Arc::default();
+    let a = attempts.clone();
+    let done = attempts.clone();
+    let report = Consumer::new(bus.clone(), "t")
+        .group("g")
+        .retry(fast_retry(5))
+        .run_until(
+            move |e: Event| {
+                let a = a.clone();
+                async move {
+                    let (_, n) = seq_of(&e);
+                    a.lock().expect("lock").push((n, e.attempt()));
+                    match n {
+                        // Directly, and boxed as applications usually return errors.
+                        0 => Err(Box::new(Permanent::new("not an order"))
+                            as Box<dyn std::error::Error + Send + Sync>),
+                        1 => Err("a transient failure".into()),
+                        _ => Ok(()),
+                    }
+                }
+            },
+            until(Duration::from_secs(10), move || {
+                done.lock().expect("lock").len() >= 7
+            }),
+        )
+        .await
+        .expect("run");
+    let attempts = attempts.lock().expect("lock").clone();
+    assert_eq!(
+        attempts.iter().filter(|(n, _)| *n == 0).count(),
+        1,
+        "a permanent failure is not retried: {attempts:?}"
+    );
+    assert_eq!(attempts.iter().filter(|(n, _)| *n == 1).count(), 5);
+    assert_eq!(report.dead_lettered, 2);
+    let mut dlq = bus
+        .subscribe("t.dlq", SubscribeOptions::new("inspect"))
+        .await
+        .expect("subscribe");
+    let first = dlq.next().await.expect("next").expect("a dead letter");
+    assert_eq!(first.payload().as_ref(), b"k-0");
+    assert_eq!(first.headers().get(crate::dlq_headers::ATTEMPTS), Some("1"));
+    assert!(first
+        .headers()
+        .get(crate::dlq_headers::ERROR)
+        .is_some_and(|e| e.contains("not an order")));
+}
+
+#[test]
+fn permanent_is_recognised_directly_and_boxed() {
+    assert!(Failure::of(Permanent::new("x")).permanent);
+    let boxed: Box<dyn std::error::Error + Send + Sync> = Box::new(Permanent::new("x"));
+    assert!(Failure::of(boxed).permanent);
+    assert!(!Failure::of("x".to_string()).permanent);
+    assert_eq!(
+        Failure::of(Permanent::new("bad")).text,
+        "permanent failure: bad"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panicking_handler_is_a_failed_attempt_not_a_crash() {
     let bus = setup("t", "g").await;
     for n in 0..5 {
