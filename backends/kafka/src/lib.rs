@@ -336,6 +336,28 @@ fn new_producer(config: &KafkaConfig) -> Result<FutureProducer> {
         .map_err(|e| error::map(e, "creating the Kafka producer"))
 }
 
+/// How long connecting to one bootstrap server may take before the next is tried.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Fails at once, with a `Connection` error, when no bootstrap server accepts a TCP
+/// connection: librdkafka itself retries a refused connection until its request timeout
+/// (15 s) before it reports anything.
+async fn probe_bootstrap(servers: &str) -> Result<()> {
+    let mut why = String::from("no bootstrap server given");
+    for addr in servers.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        match tokio::time::timeout(PROBE_TIMEOUT, tokio::net::TcpStream::connect(addr)).await {
+            Ok(Ok(_)) => return Ok(()),
+            Ok(Err(e)) => why = format!("{addr}: {e}"),
+            Err(_) => why = format!("{addr}: no answer within {PROBE_TIMEOUT:?}"),
+        }
+    }
+    Err(Error::new(
+        ErrorKind::Connection,
+        format!("no Kafka bootstrap server at {servers} accepts connections ({why})"),
+    )
+    .with_backend(BACKEND))
+}
+
 /// An event bus on Kafka. Cloning gives another handle to the same clients.
 #[derive(Clone)]
 pub struct KafkaBus {
@@ -361,6 +383,7 @@ impl KafkaBus {
 
     /// Connects with an explicit configuration.
     pub async fn with_config(config: KafkaConfig) -> Result<Self> {
+        probe_bootstrap(&config.bootstrap_servers).await?;
         let producer = new_producer(&config)?;
         let admin: AdminClient<DefaultClientContext> = config
             .base()
