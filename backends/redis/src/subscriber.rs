@@ -992,6 +992,26 @@ struct RedisAck {
     entry: Entry,
 }
 
+impl RedisAck {
+    /// Takes the delivery back from the in-flight set and, while its partition is still owned
+    /// (and `queue` holds), queues `entry` to be handed out again at `at`.
+    fn hand_back(&self, at: Instant, entry: Entry, queue: bool) {
+        let p = self.entry.partition;
+        let mut st = self.shared.lock();
+        st.inflight.remove(&(p, self.entry.stream_id.clone()));
+        let owned = st
+            .parts
+            .get(&p)
+            .is_some_and(|part| part.draining_since.is_none());
+        if owned && queue {
+            let seq = st.next_seq();
+            st.retry.insert((at, seq), entry);
+        }
+        drop(st);
+        self.shared.wake.notify_waiters();
+    }
+}
+
 #[async_trait]
 impl Ack for RedisAck {
     async fn ack(&self) -> Result<()> {
@@ -1023,52 +1043,25 @@ impl Ack for RedisAck {
             }
         };
         let p = self.entry.partition;
-        let id = &self.entry.stream_id;
         // XCLAIM counts the redelivery in Redis (the delivery counter other members see).
-        let claimed = self.shared.claim(p, &[id], 0, false).await?;
-        let mut st = self.shared.lock();
-        st.inflight.remove(&(p, id.clone()));
-        let owned = st
-            .parts
-            .get(&p)
-            .is_some_and(|part| part.draining_since.is_none());
-        if owned && !claimed.is_empty() {
-            // The same entry: the message as decoded (and named) when it was first read.
-            let message = self.entry.message.clone();
-            let seq = st.next_seq();
-            st.retry.insert(
-                (Instant::now() + delay, seq),
-                Entry {
-                    partition: p,
-                    stream_id: id.clone(),
-                    message,
-                    attempt: self.entry.attempt + 1,
-                },
-            );
-        }
-        drop(st);
-        self.shared.wake.notify_waiters();
+        let claimed = self
+            .shared
+            .claim(p, &[&self.entry.stream_id], 0, false)
+            .await?;
+        // The same entry: the message as decoded (and named) when it was first read.
+        let again = Entry {
+            attempt: self.entry.attempt + 1,
+            ..self.entry.clone()
+        };
+        self.hand_back(Instant::now() + delay, again, !claimed.is_empty());
         Ok(())
     }
 
     async fn release(&self) -> Result<()> {
         self.shared.check_open()?;
-        let p = self.entry.partition;
-        let id = &self.entry.stream_id;
         // Not delivered after all: the counter goes back to what handlers received.
         self.shared.recount(vec![self.entry.clone()]).await;
-        let mut st = self.shared.lock();
-        st.inflight.remove(&(p, id.clone()));
-        let owned = st
-            .parts
-            .get(&p)
-            .is_some_and(|part| part.draining_since.is_none());
-        if owned {
-            let seq = st.next_seq();
-            st.retry.insert((Instant::now(), seq), self.entry.clone());
-        }
-        drop(st);
-        self.shared.wake.notify_waiters();
+        self.hand_back(Instant::now(), self.entry.clone(), true);
         Ok(())
     }
 
