@@ -1,8 +1,15 @@
 #![doc = include_str!("../README.md")]
 
-pub use busbar_core::*;
+pub use busbar_core::{
+    dead_letter, limits, memory, retry, Bus, Capabilities, Consumer, ConsumerReport,
+    DeadLetterPolicy, Delivery, Error, ErrorKind, Event, EventBus, EventBusExt, Headers, Message,
+    NackAction, Ordering, Permanent, PublishOptions, Result, RetryPolicy, StartPosition,
+    SubscribeOptions, Subscriber,
+};
 
 use std::sync::Arc;
+
+use busbar_core::raw::{known, BackendEntry, ConnectFn, Identity, Registry};
 
 /// The NATS JetStream backend, re-exported when the `nats` feature is on.
 #[cfg(feature = "nats")]
@@ -24,65 +31,35 @@ pub use busbar_sqs as sqs;
 #[cfg(feature = "redis")]
 pub use busbar_redis as redis;
 
-/// The backends busbar knows, each enabled when its Cargo feature is on. A known backend
-/// whose feature is off is listed too, so [`connect`] can name the feature to enable.
-pub fn registry() -> Registry {
-    let mut r = Registry::new();
-    #[cfg(feature = "memory")]
-    let memory_connect: Option<ConnectFn> = Some(memory::connect_boxed);
-    #[cfg(not(feature = "memory"))]
-    let memory_connect: Option<ConnectFn> = None;
-    r.register(BackendEntry {
-        name: "memory",
-        schemes: memory::SCHEMES,
-        feature: "memory",
-        connect: memory_connect,
-    });
-    r.register(BackendEntry {
-        name: "redis",
-        schemes: &["redis", "rediss"],
-        feature: "redis",
+/// How to connect to the backend `id`, when its feature is on.
+fn enabled(id: &Identity) -> Option<ConnectFn> {
+    match id.name {
+        #[cfg(feature = "memory")]
+        "memory" => Some(memory::connect_boxed),
         #[cfg(feature = "redis")]
-        connect: Some(busbar_redis::connect_boxed),
-        #[cfg(not(feature = "redis"))]
-        connect: None,
-    });
-    r.register(BackendEntry {
-        name: "kafka",
-        schemes: &["kafka", "kafkas"],
-        feature: "kafka",
+        "redis" => Some(busbar_core::raw::connect_boxed::<busbar_redis::Redis>),
         #[cfg(feature = "kafka")]
-        connect: Some(busbar_kafka::connect_boxed),
-        #[cfg(not(feature = "kafka"))]
-        connect: None,
-    });
-    r.register(BackendEntry {
-        name: "nats",
-        schemes: &["nats", "tls"],
-        feature: "nats",
+        "kafka" => Some(busbar_core::raw::connect_boxed::<busbar_kafka::Kafka>),
         #[cfg(feature = "nats")]
-        connect: Some(busbar_nats::connect_boxed),
-        #[cfg(not(feature = "nats"))]
-        connect: None,
-    });
-    r.register(BackendEntry {
-        name: "amqp",
-        schemes: &["amqp", "amqps"],
-        feature: "amqp",
+        "nats" => Some(busbar_core::raw::connect_boxed::<busbar_nats::Nats>),
         #[cfg(feature = "amqp")]
-        connect: Some(busbar_amqp::connect_boxed),
-        #[cfg(not(feature = "amqp"))]
-        connect: None,
-    });
-    r.register(BackendEntry {
-        name: "sqs",
-        schemes: &["sqs"],
-        feature: "sqs",
+        "amqp" => Some(busbar_core::raw::connect_boxed::<busbar_amqp::Amqp>),
         #[cfg(feature = "sqs")]
-        connect: Some(busbar_sqs::connect_boxed),
-        #[cfg(not(feature = "sqs"))]
-        connect: None,
-    });
+        "sqs" => Some(busbar_core::raw::connect_boxed::<busbar_sqs::Sqs>),
+        _ => None,
+    }
+}
+
+/// The backends busbar knows, each with a way to connect when its Cargo feature is on (a
+/// known backend whose feature is off is listed too, so [`connect`] can name the feature).
+fn registry() -> Registry {
+    let mut r = Registry::new();
+    for identity in known::ALL {
+        r.register(BackendEntry {
+            identity,
+            connect: enabled(&identity),
+        });
+    }
     r
 }
 

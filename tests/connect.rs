@@ -100,7 +100,7 @@ async fn sqs_scheme_connects_when_the_feature_is_on() {
         {
             eprintln!("IGNORED: no SQS endpoint at {url}; start fauxqs with scripts/brokers.sh up");
         }
-        Err(e) => panic!("connect {}: {e}", busbar::redact_url(&url)),
+        Err(e) => panic!("connect {}: {e}", busbar_core::raw::redact_url(&url)),
     }
 }
 
@@ -116,7 +116,7 @@ async fn amqp_scheme_connects_when_the_feature_is_on() {
         {
             eprintln!("IGNORED: no RabbitMQ at {url}; start one with scripts/brokers.sh up");
         }
-        Err(e) => panic!("connect {}: {e}", busbar::redact_url(&url)),
+        Err(e) => panic!("connect {}: {e}", busbar_core::raw::redact_url(&url)),
     }
 }
 

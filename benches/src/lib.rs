@@ -104,7 +104,7 @@ impl Subject {
 pub async fn subjects_for(url: &str) -> Result<Vec<Subject>> {
     let bus = busbar::connect(&shared_memory_url(url))
         .await
-        .with_context(|| format!("connecting busbar to {}", busbar::redact_url(url)))?;
+        .with_context(|| format!("connecting busbar to {}", busbar_core::raw::redact_url(url)))?;
     let mut out = vec![Subject::Busbar(bus)];
     match url.split("://").next().unwrap_or_default() {
         "memory" => out.push(Subject::Omni(OmniQueue::memory())),

@@ -96,7 +96,7 @@ impl RawAmqp {
         let mut pending = Vec::with_capacity(batch);
         for i in 0..n {
             let key = format!("k{}", i % crate::KEYS);
-            let p = busbar::partition_for(&key, PARTITIONS);
+            let p = busbar_core::raw::partition_for(&key, PARTITIONS);
             let confirm = ch
                 .basic_publish(
                     ShortString::from(exchange),

@@ -117,7 +117,7 @@ fn shared_url(url: &str) -> String {
 
 async fn check(url: String, filter: Option<String>, jobs: usize, scale: Option<f64>) -> ExitCode {
     let url = shared_url(&url);
-    let shown = busbar::redact_url(&url);
+    let shown = busbar_core::raw::redact_url(&url);
     let backend = url.split("://").next().unwrap_or("?").to_owned();
     let u = url.clone();
     let harness = Harness {
@@ -240,7 +240,7 @@ async fn bench(url: &str, n: usize, rate: u32) -> anyhow::Result<()> {
     let get = |row: &[(String, f64)], who: &str| row.iter().find(|(l, _)| l == who).map(|x| x.1);
     println!(
         "busbar bench {} ({n} messages of 100 bytes per workload)\n",
-        busbar::redact_url(url)
+        busbar_core::raw::redact_url(url)
     );
     // Only the peers that support this broker get columns.
     let peers: Vec<&str> = busbar_benches::report::PEERS

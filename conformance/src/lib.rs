@@ -171,7 +171,7 @@ impl std::fmt::Debug for Harness {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Harness")
             .field("backend", &self.backend)
-            .field("url", &busbar_core::redact_url(&self.url))
+            .field("url", &busbar_core::raw::redact_url(&self.url))
             .finish_non_exhaustive()
     }
 }
@@ -207,7 +207,7 @@ impl Harness {
         backend: &'static str,
         url: impl Into<String>,
         start_hint: &'static str,
-        connect_url: busbar_core::ConnectFn,
+        connect_url: busbar_core::raw::ConnectFn,
     ) -> Self {
         let url = url.into();
         let u = url.clone();
@@ -225,7 +225,7 @@ impl Harness {
         env_var: &str,
         default_url: &str,
         start_hint: &'static str,
-        connect_url: busbar_core::ConnectFn,
+        connect_url: busbar_core::raw::ConnectFn,
     ) -> Self {
         let url = urls_from_env(env_var, default_url).swap_remove(0);
         Self::new(backend, url, start_hint, connect_url)
@@ -239,7 +239,7 @@ impl Harness {
         env_var: &str,
         default_url: &str,
         start_hint: &'static str,
-        connect_url: busbar_core::ConnectFn,
+        connect_url: busbar_core::raw::ConnectFn,
     ) -> Vec<Self> {
         containers::urls_for(backend, env_var, default_url)
             .into_iter()
@@ -271,7 +271,7 @@ impl Harness {
         Err(format!(
             "{} broker not reachable at {}: {failure}. Start one with `{}`",
             self.backend,
-            busbar_core::redact_url(&self.url),
+            busbar_core::raw::redact_url(&self.url),
             self.start_hint
         ))
     }

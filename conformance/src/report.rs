@@ -28,7 +28,7 @@ impl Report {
             line: serde_json::json!({
                 "backend": harness.backend,
                 "server": server,
-                "url": busbar_core::redact_url(&harness.url),
+                "url": busbar_core::raw::redact_url(&harness.url),
                 "case": case,
             }),
         }

@@ -10,8 +10,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use busbar_conformance::{all_cases, Harness, Scale, Verdict};
 use busbar_core::memory::MemoryBus;
+use busbar_core::raw::{self, Ack, Backend, Identity};
 use busbar_core::{
-    Ack, Capabilities, Delivery, EventBus, Message, NackAction, PublishOptions, Result,
+    Bus, Capabilities, Delivery, EventBus, Message, NackAction, PublishOptions, Result,
     SubscribeOptions, Subscriber,
 };
 
@@ -47,11 +48,16 @@ struct Broken {
     parked: Arc<Mutex<VecDeque<Message>>>,
 }
 
+/// A backend whose "broker" is a memory bus, with a fault; it sits behind a [`Bus`] like
+/// every backend, so the front door's checks and dead-letter path are the real ones.
 #[async_trait]
-impl EventBus for Broken {
-    fn backend(&self) -> &'static str {
-        "broken"
-    }
+impl Backend for Broken {
+    const IDENTITY: Identity = Identity {
+        name: "broken",
+        schemes: &["memory"],
+        feature: "memory",
+    };
+
     fn capabilities(&self) -> Capabilities {
         let mut c = self.inner.capabilities();
         if self.fault == Fault::DeclaresOffButAccepts {
@@ -59,22 +65,19 @@ impl EventBus for Broken {
         }
         c
     }
-    async fn publish(&self, topic: &str, m: Message, o: &PublishOptions) -> Result<()> {
-        if self.fault == Fault::LosesEveryTenth
+    async fn publish(&self, topic: &str, m: Vec<Message>, o: &PublishOptions) -> Result<()> {
+        if m.len() == 1
+            && self.fault == Fault::LosesEveryTenth
             && self.published.fetch_add(1, AtomicOrdering::SeqCst) % 10 == 9
         {
-            busbar_core::validate_topic(topic)?;
             return Ok(());
         }
         if self.fault == Fault::IgnoresPublishDelay && o.delay.is_some() {
             return self
                 .inner
-                .publish(topic, m, &PublishOptions::default())
+                .publish_batch(topic, m, &PublishOptions::default())
                 .await;
         }
-        self.inner.publish(topic, m, o).await
-    }
-    async fn publish_batch(&self, topic: &str, m: Vec<Message>, o: &PublishOptions) -> Result<()> {
         self.inner.publish_batch(topic, m, o).await
     }
     async fn subscribe(&self, topic: &str, o: SubscribeOptions) -> Result<Box<dyn Subscriber>> {
@@ -110,7 +113,7 @@ impl Ack for NoAck {
     async fn ack(&self) -> Result<()> {
         Ok(())
     }
-    async fn nack(&self, _: NackAction) -> Result<()> {
+    async fn redeliver(&self, _: Duration) -> Result<()> {
         Ok(())
     }
     async fn extend_deadline(&self, _: Duration) -> Result<()> {
@@ -131,13 +134,12 @@ impl Ack for BrokenAck {
         }
         self.inner.ack().await
     }
-    async fn nack(&self, action: NackAction) -> Result<()> {
-        match (self.fault, action) {
-            (Fault::AcksOnReceipt, _) => Ok(()),
-            (Fault::IgnoresNackDelay, NackAction::RedeliverAfter(_)) => {
-                self.inner.nack(NackAction::Redeliver).await
-            }
-            (_, action) => self.inner.nack(action).await,
+    async fn redeliver(&self, after: Duration) -> Result<()> {
+        match self.fault {
+            Fault::AcksOnReceipt => Ok(()),
+            Fault::IgnoresNackDelay => self.inner.nack(NackAction::Redeliver).await,
+            _ if after.is_zero() => self.inner.nack(NackAction::Redeliver).await,
+            _ => self.inner.nack(NackAction::RedeliverAfter(after)).await,
         }
     }
     async fn extend_deadline(&self, by: Duration) -> Result<()> {
@@ -159,7 +161,7 @@ impl Subscriber for BrokenSub {
                     let parked = self.parked.lock().ok().and_then(|mut p| p.pop_front());
                     if let Some(m) = parked {
                         let event = busbar_core::Event::new(self.topic.clone(), m, 1);
-                        return Ok(Some(Delivery::new(event, Box::new(NoAck))));
+                        return Ok(Some(raw::delivery(event, Box::new(NoAck))));
                     }
                     return self.inner.next().await;
                 }
@@ -191,7 +193,7 @@ impl Subscriber for BrokenSub {
             d.ack().await?;
         }
         let event = d.event().clone();
-        Ok(Some(Delivery::new(
+        Ok(Some(raw::delivery(
             event,
             Box::new(BrokenAck {
                 inner: d,
@@ -233,12 +235,12 @@ fn harness(fault: Fault) -> Harness {
         connect: Arc::new(move || {
             let (name, published, parked) = (name.clone(), published.clone(), parked.clone());
             Box::pin(async move {
-                Ok(Arc::new(Broken {
+                Ok(Arc::new(Bus::from_backend(Broken {
                     inner: MemoryBus::from_url(&name)?,
                     fault,
                     published,
                     parked: parked.clone(),
-                }) as Arc<dyn EventBus>)
+                })) as Arc<dyn EventBus>)
             })
         }),
     }

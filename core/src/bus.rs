@@ -13,13 +13,14 @@ use futures::stream::BoxStream;
 
 use crate::capabilities::Capabilities;
 use crate::error::{Error, ErrorKind, Result};
+use crate::front::DeadLetters;
 use crate::message::{Headers, Message};
 use crate::options::{PublishOptions, SubscribeOptions};
 
 /// A connection to one broker: publish, subscribe, close.
 ///
 /// Object safe: applications hold an `Arc<dyn EventBus>` and swap brokers by URL.
-/// Every method validates its input first ([`crate::validate_topic`], payload size against
+/// Every method validates its input first ([`crate::limits::validate_topic`], payload size against
 /// [`Capabilities::message_max_bytes`]) and returns a typed error rather than panicking.
 #[async_trait]
 pub trait EventBus: Send + Sync + fmt::Debug {
@@ -89,19 +90,18 @@ pub trait Subscriber: Send {
     async fn close(&mut self) -> Result<()>;
 }
 
-/// Turns a subscriber into a `futures::Stream` of deliveries that ends when it closes.
-pub fn into_stream(subscriber: Box<dyn Subscriber>) -> BoxStream<'static, Result<Delivery>> {
-    Box::pin(futures::stream::unfold(
-        Some(subscriber),
-        |state| async move {
+impl dyn Subscriber {
+    /// Turns the subscriber into a `futures::Stream` of deliveries that ends when it closes.
+    pub fn into_stream(self: Box<Self>) -> BoxStream<'static, Result<Delivery>> {
+        Box::pin(futures::stream::unfold(Some(self), |state| async move {
             let mut sub = state?;
             match sub.next().await {
                 Ok(Some(d)) => Some((Ok(d), Some(sub))),
                 Ok(None) => None,
                 Err(e) => Some((Err(e), Some(sub))),
             }
-        },
-    ))
+        }))
+    }
 }
 
 /// What to do with a delivery that was not processed.
@@ -119,13 +119,16 @@ pub enum NackAction {
 }
 
 /// The backend side of a delivery: how to settle it. Implemented by backends; users call
-/// the methods of [`Delivery`], which also guards against settling twice.
+/// the methods of [`Delivery`], which also guards against settling twice and dead-letters
+/// (a backend never does: see [`crate::raw::Backend`]).
 #[async_trait]
 pub trait Ack: Send + Sync {
     /// Acknowledges the delivery: it is not delivered to this group again.
     async fn ack(&self) -> Result<()>;
-    /// Hands the delivery back according to `action`.
-    async fn nack(&self, action: NackAction) -> Result<()>;
+    /// Hands the delivery back for redelivery no sooner than `after` from now (zero: as soon
+    /// as possible; at most [`crate::limits::DURATION_MAX`], checked before). The redelivery counts
+    /// as an attempt.
+    async fn redeliver(&self, after: Duration) -> Result<()>;
     /// Pushes the ack timeout back by `by` from now (capability `ack_deadline_can_extend`).
     async fn extend_deadline(&self, by: Duration) -> Result<()>;
     /// Hands the delivery back as if it had never been handed out: no handler saw it, so its
@@ -133,7 +136,7 @@ pub trait Ack: Send + Sync {
     /// Backends that cannot take a hand-out back uncounted keep this default, a plain
     /// redeliver (say so in their README).
     async fn release(&self) -> Result<()> {
-        self.nack(NackAction::Redeliver).await
+        self.redeliver(Duration::ZERO).await
     }
 }
 
@@ -230,6 +233,10 @@ pub struct Delivery {
     event: Event,
     acker: Box<dyn Ack>,
     state: AtomicU8,
+    /// Where `nack(DeadLetter)` publishes: set by the [`crate::Bus`] that handed it out.
+    dead_letters: Option<Arc<DeadLetters>>,
+    /// Set by a backend for a message it could not decode ([`crate::raw::undecodable`]).
+    undecodable: Option<Box<str>>,
 }
 
 impl fmt::Debug for Delivery {
@@ -244,13 +251,29 @@ impl fmt::Debug for Delivery {
 }
 
 impl Delivery {
-    /// Builds a delivery (for backend implementations).
-    pub fn new(event: Event, acker: Box<dyn Ack>) -> Self {
+    /// Builds a delivery (backends call [`crate::raw::delivery`]).
+    pub(crate) fn new(event: Event, acker: Box<dyn Ack>) -> Self {
         Self {
             event,
             acker,
             state: AtomicU8::new(OPEN),
+            dead_letters: None,
+            undecodable: None,
         }
+    }
+
+    pub(crate) fn undecodable(mut self, error: String) -> Self {
+        self.undecodable = Some(error.into());
+        self
+    }
+
+    pub(crate) fn undecodable_error(&self) -> Option<&str> {
+        self.undecodable.as_deref()
+    }
+
+    pub(crate) fn with_dead_letters(mut self, dead_letters: Arc<DeadLetters>) -> Self {
+        self.dead_letters = Some(dead_letters);
+        self
     }
 
     /// The read-only event.
@@ -296,13 +319,37 @@ impl Delivery {
     }
 
     /// Hands the delivery back (see [`NackAction`]). `RedeliverAfter` needs
-    /// `nack_can_delay` and at most [`crate::DURATION_MAX`]. Errors: `AlreadySettled`,
+    /// `nack_can_delay` and at most [`crate::limits::DURATION_MAX`]. `DeadLetter` publishes the
+    /// message to the subscription's dead-letter topic ([`crate::SubscribeOptions::dead_letter`],
+    /// default `<topic>.dlq`, where it is kept for the group `busbar-redrive`) and then acks
+    /// it; if the publish fails the delivery stays open. Errors: `AlreadySettled`,
     /// `Unsupported`, `InvalidInput`, `Closed`, `Connection`.
     pub async fn nack(&self, action: NackAction) -> Result<()> {
-        if let NackAction::RedeliverAfter(delay) = &action {
-            crate::options::check_duration("a redelivery delay", *delay)?;
+        match action {
+            NackAction::Redeliver => self.settle(self.acker.redeliver(Duration::ZERO)).await,
+            NackAction::RedeliverAfter(delay) => {
+                crate::options::check_duration("a redelivery delay", delay)?;
+                self.settle(self.acker.redeliver(delay)).await
+            }
+            NackAction::DeadLetter { reason } => {
+                self.dead_letter(&reason, self.event.attempt()).await
+            }
         }
-        self.settle(self.acker.nack(action)).await
+    }
+
+    /// The one dead-letter path: publish to the dead-letter topic, then ack.
+    pub(crate) async fn dead_letter(&self, reason: &str, attempts: u32) -> Result<()> {
+        let Some(dead_letters) = &self.dead_letters else {
+            return Err(Error::new(
+                ErrorKind::Unsupported,
+                "dead-lettering needs a delivery handed out by a busbar Bus (this one was built without one)",
+            ));
+        };
+        self.settle(async {
+            dead_letters.send(&self.event, attempts, reason).await?;
+            self.acker.ack().await
+        })
+        .await
     }
 
     /// Hands the delivery back unseen: as if it had never been handed out, so its next
@@ -314,7 +361,7 @@ impl Delivery {
     }
 
     /// Pushes the ack timeout back by `by` (capability `ack_deadline_can_extend`; at most
-    /// [`crate::DURATION_MAX`]).
+    /// [`crate::limits::DURATION_MAX`]).
     pub async fn extend_deadline(&self, by: Duration) -> Result<()> {
         if self.state.load(AtomicOrdering::Acquire) != OPEN {
             return Err(already_settled());
@@ -461,7 +508,7 @@ mod tests {
                 Ok(())
             }
         }
-        async fn nack(&self, _: NackAction) -> Result<()> {
+        async fn redeliver(&self, _: Duration) -> Result<()> {
             self.0.fetch_add(1, AtomicOrdering::SeqCst);
             Ok(())
         }

@@ -1,34 +1,49 @@
 #![doc = include_str!("../README.md")]
 
-pub mod bus;
-pub mod capabilities;
-pub mod coalesce;
-pub mod error;
-pub mod inflight;
+mod bus;
+mod capabilities;
+mod error;
+mod front;
 pub mod memory;
-pub mod message;
-pub mod options;
-pub mod partition;
-pub mod policy;
+mod message;
+mod options;
+mod partition;
+mod policy;
 pub mod raw;
-pub mod redrive;
-pub mod registry;
-pub mod runner;
-pub mod topic;
+mod redrive;
+mod registry;
+mod runner;
+mod topic;
 
-pub use bus::{
-    check_publish, into_stream, Ack, Delivery, Event, EventBus, EventBusExt, NackAction, Subscriber,
-};
+pub use bus::{Delivery, Event, EventBus, EventBusExt, NackAction, Subscriber};
 pub use capabilities::{Capabilities, Ordering};
-pub use error::{BoxError, Error, ErrorKind, Result};
-pub use message::{Headers, Message, METADATA_MAX_BYTES};
-pub use options::{PublishOptions, StartPosition, SubscribeOptions, DURATION_MAX};
-pub use partition::partition_for;
-pub use policy::{
-    default_dead_letter_topic, dlq_headers, is_dead_letter_topic, DeadLetterPolicy, RetryDecision,
-    RetryPolicy, RetryPolicyBuilder, DEAD_LETTER_GROUP,
-};
-pub use redrive::{redrive, RedriveOptions, RedriveReport};
-pub use registry::{redact_url, BackendEntry, ConnectFn, Registry};
+pub use error::{Error, ErrorKind, Result};
+pub use front::Bus;
+pub use message::{Headers, Message};
+pub use options::{PublishOptions, StartPosition, SubscribeOptions};
+pub use policy::{DeadLetterPolicy, RetryPolicy};
 pub use runner::{Consumer, ConsumerReport, Permanent};
-pub use topic::{validate_group, validate_topic, GROUP_MAX_LEN, TOPIC_MAX_LEN};
+
+/// Dead letters: the headers a dead-lettered message carries, the group that keeps them,
+/// and moving them back ([`dead_letter::redrive`]).
+pub mod dead_letter {
+    pub use crate::policy::{
+        default_dead_letter_topic as default_topic, dlq_headers as headers, is_dead_letter_topic,
+        DEAD_LETTER_GROUP as GROUP,
+    };
+    pub use crate::redrive::{
+        redrive, RedriveOptions, RedriveReport, REDRIVEN_AT_HEADER, REDRIVEN_FROM_HEADER,
+    };
+}
+
+/// The limits every backend takes the same way, and the name checks behind them.
+pub mod limits {
+    pub use crate::message::METADATA_MAX_BYTES;
+    pub use crate::options::{ACK_TIMEOUT_MIN, DURATION_MAX};
+    pub use crate::topic::{validate_group, validate_topic, GROUP_MAX_LEN, TOPIC_MAX_LEN};
+}
+
+/// The parts of a [`RetryPolicy`]: its builder and its decisions.
+pub mod retry {
+    pub use crate::policy::{RetryDecision, RetryPolicyBuilder};
+}

@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use crate::error::{Error, ErrorKind, Result};
+use crate::policy::DeadLetterPolicy;
 use crate::topic::validate_group;
 
 /// The longest ack timeout, publish delay, redelivery delay or deadline extension busbar
@@ -78,6 +79,9 @@ pub struct SubscribeOptions {
     pub ack_timeout: Duration,
     /// The most unacked deliveries this subscriber holds at once.
     pub max_in_flight: usize,
+    /// Where `nack(DeadLetter)`, the consumer runner and undecodable messages send dead
+    /// letters (default `<topic>.dlq`).
+    pub dead_letter: DeadLetterPolicy,
 }
 
 impl SubscribeOptions {
@@ -93,7 +97,14 @@ impl SubscribeOptions {
             start: StartPosition::Latest,
             ack_timeout: Self::DEFAULT_ACK_TIMEOUT,
             max_in_flight: Self::DEFAULT_MAX_IN_FLIGHT,
+            dead_letter: DeadLetterPolicy::default(),
         }
+    }
+
+    /// Sets where dead letters go.
+    pub fn dead_letter(mut self, policy: DeadLetterPolicy) -> Self {
+        self.dead_letter = policy;
+        self
     }
 
     /// Sets where a new group starts.

@@ -27,7 +27,7 @@ pub enum RetryDecision {
 /// in `[0, min(max_delay, initial_delay × multiplier^(n-1))]` ("full jitter").
 ///
 /// ```
-/// use busbar_core::{RetryPolicy, RetryDecision};
+/// use busbar_core::{retry::RetryDecision, RetryPolicy};
 /// use std::time::Duration;
 /// let policy = RetryPolicy::builder()
 ///     .max_attempts(3)

@@ -7,20 +7,17 @@ use futures::future::BoxFuture;
 
 use crate::bus::EventBus;
 use crate::error::{Error, ErrorKind, Result};
+use crate::raw::Identity;
 
-/// Opens a bus from a URL. Backends expose one as `connect_boxed`.
+/// Opens a bus from a URL: [`crate::raw::connect_boxed`] of a backend.
 pub type ConnectFn = fn(String) -> BoxFuture<'static, Result<Arc<dyn EventBus>>>;
 
-/// A backend known to the registry: its schemes and either a way to connect or the Cargo
-/// feature that would enable it.
+/// A backend known to the registry: who it is and either a way to connect or, when its
+/// feature is off, nothing (the registry then names the feature to enable).
 #[derive(Clone)]
 pub struct BackendEntry {
-    /// Backend name (`redis`, `kafka`, ...).
-    pub name: &'static str,
-    /// URL schemes it serves.
-    pub schemes: &'static [&'static str],
-    /// The Cargo feature of the `busbar` crate that enables it.
-    pub feature: &'static str,
+    /// Name, schemes and feature.
+    pub identity: Identity,
     /// How to connect, when the feature is enabled.
     pub connect: Option<ConnectFn>,
 }
@@ -28,9 +25,7 @@ pub struct BackendEntry {
 impl fmt::Debug for BackendEntry {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("BackendEntry")
-            .field("name", &self.name)
-            .field("schemes", &self.schemes)
-            .field("feature", &self.feature)
+            .field("identity", &self.identity)
             .field("enabled", &self.connect.is_some())
             .finish()
     }
@@ -67,11 +62,15 @@ impl Registry {
     /// whatever the backend returns.
     pub async fn connect(&self, url: &str) -> Result<Arc<dyn EventBus>> {
         let scheme = scheme_of(url)?;
-        let Some(entry) = self.entries.iter().find(|e| e.schemes.contains(&scheme)) else {
+        let Some(entry) = self
+            .entries
+            .iter()
+            .find(|e| e.identity.schemes.contains(&scheme))
+        else {
             let mut known: Vec<&str> = self
                 .entries
                 .iter()
-                .flat_map(|e| e.schemes.iter().copied())
+                .flat_map(|e| e.identity.schemes.iter().copied())
                 .collect();
             known.sort_unstable();
             known.dedup();
@@ -90,7 +89,7 @@ impl Registry {
                 ErrorKind::Config,
                 format!(
                     "the {} backend (scheme {scheme:?}) is not compiled in; enable the `{}` feature of the busbar crate",
-                    entry.name, entry.feature
+                    entry.identity.name, entry.identity.feature
                 ),
             )),
         }
@@ -136,7 +135,7 @@ const SECRET_PARAMS: &[&str] = &[
 ///
 /// ```
 /// assert_eq!(
-///     busbar_core::redact_url("redis://user:hunter2@localhost:6379/0?token=abc&x=1"),
+///     busbar_core::raw::redact_url("redis://user:hunter2@localhost:6379/0?token=abc&x=1"),
 ///     "redis://user:***@localhost:6379/0?token=***&x=1"
 /// );
 /// ```
@@ -188,15 +187,11 @@ mod tests {
     fn registry() -> Registry {
         let mut r = Registry::new();
         r.register(BackendEntry {
-            name: "memory",
-            schemes: &["memory"],
-            feature: "memory",
+            identity: crate::raw::known::MEMORY,
             connect: Some(connect_memory),
         });
         r.register(BackendEntry {
-            name: "redis",
-            schemes: &["redis", "rediss"],
-            feature: "redis",
+            identity: crate::raw::known::REDIS,
             connect: None,
         });
         r

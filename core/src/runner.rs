@@ -30,7 +30,7 @@ use tokio::task::JoinSet;
 
 use crate::bus::{Delivery, Event, EventBus, Subscriber};
 use crate::error::{Error, ErrorKind, Result};
-use crate::options::{PublishOptions, StartPosition, SubscribeOptions};
+use crate::options::{StartPosition, SubscribeOptions};
 use crate::policy::{DeadLetterPolicy, RetryDecision, RetryPolicy};
 
 /// What a consumer run did, returned when it stops.
@@ -83,7 +83,6 @@ pub struct Consumer {
     options: SubscribeOptions,
     concurrency: usize,
     retry: RetryPolicy,
-    dead_letter: DeadLetterPolicy,
     drain_timeout: Duration,
 }
 
@@ -95,7 +94,6 @@ impl fmt::Debug for Consumer {
             .field("options", &self.options)
             .field("concurrency", &self.concurrency)
             .field("retry", &self.retry)
-            .field("dead_letter", &self.dead_letter)
             .field("drain_timeout", &self.drain_timeout)
             .finish()
     }
@@ -115,7 +113,6 @@ impl Consumer {
             options: SubscribeOptions::new("default"),
             concurrency: Self::DEFAULT_CONCURRENCY,
             retry: RetryPolicy::default(),
-            dead_letter: DeadLetterPolicy::default(),
             drain_timeout: Self::DEFAULT_DRAIN_TIMEOUT,
         }
     }
@@ -140,7 +137,7 @@ impl Consumer {
 
     /// Sets the dead-letter policy.
     pub fn dead_letter(mut self, policy: DeadLetterPolicy) -> Self {
-        self.dead_letter = policy;
+        self.options.dead_letter = policy;
         self
     }
 
@@ -207,10 +204,7 @@ impl Consumer {
             Arc::new(move |e: Event| handler(e).map(|r| r.map_err(Failure::of)).boxed());
         let run = Run {
             shared: Arc::new(RunShared {
-                bus: self.bus.clone(),
-                group: self.options.group.clone(),
                 retry: self.retry,
-                dead_letter: self.dead_letter,
                 extend_by: self
                     .bus
                     .capabilities()
@@ -318,10 +312,7 @@ struct Stats {
 }
 
 struct RunShared {
-    bus: Arc<dyn EventBus>,
-    group: String,
     retry: RetryPolicy,
-    dead_letter: DeadLetterPolicy,
     extend_by: Option<Duration>,
     concurrency: Arc<Semaphore>,
     /// Deliveries waiting behind the running message of their key. A key present here has a
@@ -553,30 +544,20 @@ impl RunShared {
     }
 
     async fn dead_letter(&self, delivery: &Delivery, attempts: u32, error: &str) {
-        let topic = delivery.topic();
-        let dlq_topic = self.dead_letter.topic_for(topic);
-        let message = self.dead_letter.dead_letter_message(
-            delivery.message(),
-            topic,
-            &self.group,
+        tracing::warn!(
+            id = delivery.id(),
             attempts,
             error,
+            "busbar consumer: giving up, dead-lettering"
         );
-        tracing::warn!(id = delivery.id(), attempts, error, dlq = %dlq_topic, "busbar consumer: giving up, dead-lettering");
-        match self
-            .bus
-            .publish(&dlq_topic, message, &PublishOptions::default())
-            .await
-        {
+        match delivery.dead_letter(error, attempts).await {
             Ok(()) => {
-                if settle(delivery.ack().await, "ack after dead-letter") {
-                    self.stats
-                        .dead_lettered
-                        .fetch_add(1, AtomicOrdering::Relaxed);
-                }
+                self.stats
+                    .dead_lettered
+                    .fetch_add(1, AtomicOrdering::Relaxed);
             }
             Err(e) => {
-                tracing::error!(id = delivery.id(), error = %e, "busbar consumer: dead-letter publish failed; leaving the delivery unacked for redelivery");
+                tracing::error!(id = delivery.id(), error = %e, "busbar consumer: dead-lettering failed; leaving the delivery unacked for redelivery");
             }
         }
     }

@@ -68,7 +68,7 @@ mod tests {
     fn the_dead_letter_topic_of_every_valid_topic_is_valid() {
         for len in [1, 150, TOPIC_MAX_LEN - 4, TOPIC_MAX_LEN - 1, TOPIC_MAX_LEN] {
             let t = "a".repeat(len);
-            let dlq = crate::default_dead_letter_topic(&t);
+            let dlq = crate::policy::default_dead_letter_topic(&t);
             assert!(validate_topic(&dlq).is_ok(), "{len}: {dlq}");
         }
         let too_long = format!("{}.dlq", "a".repeat(TOPIC_MAX_LEN + 1));

@@ -4,7 +4,8 @@ mod relay;
 
 use std::time::Duration;
 
-use busbar_core::{validate_topic, Error, ErrorKind, Headers, Message, Result};
+use busbar_core::limits::validate_topic;
+use busbar_core::{Error, ErrorKind, Headers, Message, Result};
 use chrono::{DateTime, Utc};
 use sqlx::postgres::{PgConnection, PgPool};
 use sqlx::Row;

@@ -21,9 +21,8 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use busbar_core::{
-    ErrorKind, EventBus, Message, PublishOptions, Result, RetryDecision, RetryPolicy,
-};
+use busbar_core::retry::RetryDecision;
+use busbar_core::{ErrorKind, EventBus, Message, PublishOptions, Result, RetryPolicy};
 use futures::future::join_all;
 use futures::FutureExt;
 use sqlx::postgres::{PgListener, PgPool};

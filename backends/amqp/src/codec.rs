@@ -14,7 +14,8 @@
 //! broker's `x-` headers are left out — and two byte-identical messages share it), and without
 //! `busbar-headers` its string headers become headers.
 
-use busbar_core::{dlq_headers, Headers, Message};
+use busbar_core::dead_letter::headers as dlq_headers;
+use busbar_core::{Headers, Message};
 use chrono::{DateTime, SecondsFormat, Utc};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::BasicProperties;

@@ -12,11 +12,11 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering as AtomicOrdering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 
 use async_trait::async_trait;
+use busbar_core::raw::{known, partition_for, Backend, Connect, Identity};
 use busbar_core::{
-    check_publish, partition_for, Capabilities, Error, ErrorKind, EventBus, Message, Ordering,
-    PublishOptions, Result, StartPosition, SubscribeOptions, Subscriber,
+    Bus, Capabilities, Error, ErrorKind, Message, Ordering, PublishOptions, Result,
+    SubscribeOptions, Subscriber,
 };
-use futures::future::BoxFuture;
 use lapin::options::{
     BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
     QueueDeclareOptions,
@@ -27,21 +27,13 @@ use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
 
 pub use config::AmqpConfig;
 
-/// The URL schemes of this backend.
-pub const SCHEMES: &[&str] = &["amqp", "amqps"];
-
-pub(crate) const BACKEND: &str = "amqp";
+pub(crate) const BACKEND: &str = known::AMQP.name;
 
 /// The longest the declarations of one group may take before they are made again.
 const DECLARE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The group that keeps a dead-letter topic's messages until they are redriven.
-use busbar_core::DEAD_LETTER_GROUP as REDRIVE_GROUP;
-
-/// Opens a RabbitMQ bus from a URL, as a trait object (the registry's `ConnectFn`).
-pub fn connect_boxed(url: String) -> BoxFuture<'static, Result<Arc<dyn EventBus>>> {
-    Box::pin(async move { Ok(Arc::new(AmqpBus::connect(&url).await?) as Arc<dyn EventBus>) })
-}
+use busbar_core::dead_letter::GROUP as REDRIVE_GROUP;
 
 /// Converts a lapin error, saying what busbar was doing.
 pub(crate) fn map_err(e: lapin::Error, doing: &str) -> Error {
@@ -100,7 +92,7 @@ fn queue_arguments(config: &AmqpConfig, server: &server::Server, topic: &str) ->
         }
     }
     if let Some(limit) = limit {
-        let dlq = config::exchange(&busbar_core::default_dead_letter_topic(topic));
+        let dlq = config::exchange(&busbar_core::dead_letter::default_topic(topic));
         args.extend([
             ("x-delivery-limit", AMQPValue::LongLongInt(i64::from(limit))),
             (
@@ -146,7 +138,7 @@ pub(crate) async fn open(config: &AmqpConfig) -> Result<Connection> {
             ErrorKind::Connection,
             format!(
                 "no answer from RabbitMQ at {} within 15 s",
-                busbar_core::redact_url(&config.uri)
+                busbar_core::raw::redact_url(&config.uri)
             ),
         )
         .with_backend(BACKEND)),
@@ -323,7 +315,7 @@ impl Inner {
         if self.config.delivery_limit.is_some() && !topic.ends_with(".dlq") {
             // RabbitMQ's dead letters need somewhere to go: the dead-letter topic and its
             // redrive group exist before the first queue points at them.
-            let dlq = busbar_core::default_dead_letter_topic(topic);
+            let dlq = busbar_core::dead_letter::default_topic(topic);
             Box::pin(self.ensure_group(&dlq, REDRIVE_GROUP)).await?;
         }
         let ch = self.declare_channel().await?;
@@ -373,12 +365,6 @@ impl Inner {
     /// Publishes in order (mandatory, persistent, confirmed) and returns once RabbitMQ
     /// confirmed every message. A message no group receives is an error, not a silent loss.
     pub(crate) async fn publish_many(&self, topic: &str, messages: &[Message]) -> Result<()> {
-        if busbar_core::is_dead_letter_topic(topic) {
-            // Dead letters are kept until redriven: the dead-letter topic gets its redrive
-            // group before its first message (created here, lazily, rather than with every
-            // group: quorum queues are not cheap).
-            self.ensure_group(topic, REDRIVE_GROUP).await?;
-        }
         self.ensure_exchange(topic).await?;
         let exchange = config::exchange(topic);
         let n = self.config.partitions;
@@ -436,13 +422,16 @@ impl Inner {
     }
 }
 
-/// An event bus on RabbitMQ. Cloning gives another handle to the same connection.
-#[derive(Clone)]
-pub struct AmqpBus {
+/// An event bus on Amqp: [`Amqp`] behind the checks of [`Bus`]. Connect with
+/// `AmqpBus::connect(url)` or `AmqpBus::with_config(config)`.
+pub type AmqpBus = Bus<Amqp>;
+
+/// The backend (applications use it as [`AmqpBus`]).
+pub struct Amqp {
     inner: Arc<Inner>,
 }
 
-impl fmt::Debug for AmqpBus {
+impl fmt::Debug for Amqp {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("AmqpBus")
             .field("config", &self.inner.config)
@@ -450,12 +439,17 @@ impl fmt::Debug for AmqpBus {
     }
 }
 
-impl AmqpBus {
-    /// Connects to the RabbitMQ server of `url`.
-    ///
-    /// Errors: `Config` (malformed URL), `Connection` (unreachable), `Auth` (refused).
-    pub async fn connect(url: &str) -> Result<Self> {
-        let config = AmqpConfig::from_url(url)?;
+#[async_trait]
+impl Connect for Amqp {
+    type Config = AmqpConfig;
+
+    fn config_from_url(url: &str) -> Result<AmqpConfig> {
+        AmqpConfig::from_url(url)
+    }
+
+    /// Connects to the RabbitMQ server. Errors: `Config`, `Connection` (unreachable), `Auth`
+    /// (refused).
+    async fn connect_with(config: AmqpConfig) -> Result<Self> {
         let conn = open(&config).await?;
         let server = server::probe(&config.uri, std::time::Duration::from_secs(5)).await;
         Ok(Self {
@@ -474,17 +468,14 @@ impl AmqpBus {
         })
     }
 
-    /// The configuration.
-    pub fn config(&self) -> &AmqpConfig {
+    fn config(&self) -> &AmqpConfig {
         &self.inner.config
     }
 }
 
 #[async_trait]
-impl EventBus for AmqpBus {
-    fn backend(&self) -> &'static str {
-        BACKEND
-    }
+impl Backend for Amqp {
+    const IDENTITY: Identity = known::AMQP;
 
     fn capabilities(&self) -> Capabilities {
         let mut c = Capabilities::none();
@@ -505,24 +496,13 @@ impl EventBus for AmqpBus {
         self.inner.server.version.clone()
     }
 
-    async fn publish(&self, topic: &str, message: Message, options: &PublishOptions) -> Result<()> {
-        self.inner.check_open()?;
-        let batch = [message];
-        check_publish(BACKEND, &self.capabilities(), topic, &batch, options)?;
-        self.inner.publish_many(topic, &batch).await
-    }
-
-    async fn publish_batch(
+    async fn publish(
         &self,
         topic: &str,
         messages: Vec<Message>,
-        options: &PublishOptions,
+        _options: &PublishOptions,
     ) -> Result<()> {
-        self.inner.check_open()?;
-        check_publish(BACKEND, &self.capabilities(), topic, &messages, options)?;
-        if messages.is_empty() {
-            return Ok(());
-        }
+        // No delay to honour: the bus in front refuses one (capability off).
         self.inner.publish_many(topic, &messages).await
     }
 
@@ -531,27 +511,12 @@ impl EventBus for AmqpBus {
         topic: &str,
         options: SubscribeOptions,
     ) -> Result<Box<dyn Subscriber>> {
-        self.inner.check_open()?;
-        busbar_core::validate_topic(topic)?;
-        options.validate()?;
-        if options.start == StartPosition::Earliest {
-            return Err(Error::unsupported(
-                BACKEND,
-                "start position earliest (RabbitMQ queues keep no history before the group exists)",
-            ));
-        }
         self.inner.ensure_group(topic, &options.group).await?;
         let sub = subscriber::AmqpSubscriber::start(self.inner.clone(), topic, options).await?;
         Ok(Box::new(sub))
     }
 
     async fn provision(&self, topic: &str, options: &SubscribeOptions) -> Result<()> {
-        self.inner.check_open()?;
-        busbar_core::validate_topic(topic)?;
-        options.validate()?;
-        if options.start == StartPosition::Earliest {
-            return Err(Error::unsupported(BACKEND, "start position earliest"));
-        }
         self.inner.ensure_group(topic, &options.group).await
     }
 

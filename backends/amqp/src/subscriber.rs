@@ -15,11 +15,9 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use busbar_core::inflight::{next_handed, State, Token};
-use busbar_core::{
-    default_dead_letter_topic, Ack, DeadLetterPolicy, Delivery, Error, Event, NackAction, Result,
-    SubscribeOptions, Subscriber,
-};
+use busbar_core::raw::inflight::{next_handed, State, Token};
+use busbar_core::raw::{self, Ack};
+use busbar_core::{Delivery, Error, Event, Result, SubscribeOptions, Subscriber};
 use futures::StreamExt;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, QueueBindOptions,
@@ -841,7 +839,7 @@ impl Subscriber for AmqpSubscriber {
         .await?;
         Ok(handed.map(|h| {
             let event = Event::from_shared(shared.topic.clone(), h.message.clone(), h.attempt);
-            Delivery::new(
+            raw::delivery(
                 event,
                 Box::new(AmqpAck {
                     shared: shared.clone(),
@@ -915,34 +913,10 @@ impl Ack for AmqpAck {
         self.settle().await
     }
 
-    async fn nack(&self, action: NackAction) -> Result<()> {
+    async fn redeliver(&self, after: Duration) -> Result<()> {
         self.check_open()?;
-        match action {
-            NackAction::Redeliver => {
-                self.shared.state().nack(self.token, None);
-            }
-            NackAction::RedeliverAfter(delay) => {
-                self.shared
-                    .state()
-                    .nack(self.token, Some(Instant::now() + delay));
-            }
-            NackAction::DeadLetter { reason } => {
-                let held = self.shared.state().held(self.token);
-                let Some((message, attempt)) = held else {
-                    return Ok(());
-                };
-                let dead = DeadLetterPolicy::new().dead_letter_message(
-                    &message,
-                    &self.shared.topic,
-                    &self.shared.options.group,
-                    attempt,
-                    &reason,
-                );
-                let dlq = default_dead_letter_topic(&self.shared.topic);
-                self.shared.inner.publish_many(&dlq, &[dead]).await?;
-                return self.settle().await;
-            }
-        }
+        let at = (!after.is_zero()).then(|| Instant::now() + after);
+        self.shared.state().nack(self.token, at);
         self.shared.wake.notify_one();
         Ok(())
     }

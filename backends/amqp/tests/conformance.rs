@@ -6,6 +6,6 @@ fn main() {
         "BUSBAR_AMQP_URL",
         "amqp://guest:guest@127.0.0.1:5672/%2f",
         "scripts/brokers.sh up (or set BUSBAR_AMQP_URL)",
-        busbar_amqp::connect_boxed,
+        busbar_core::raw::connect_boxed::<busbar_amqp::Amqp>,
     ));
 }

@@ -92,7 +92,7 @@ fn main() {
             busbar_conformance::private_server::Server {
                 label: match &probe {
                     Ok(Some(v)) => v.clone(),
-                    _ => busbar_core::redact_url(&url),
+                    _ => busbar_core::raw::redact_url(&url),
                 },
                 missing: probe
                     .err()

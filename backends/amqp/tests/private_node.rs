@@ -284,9 +284,11 @@ async fn delivery_limit_dead_letters_into_the_dlq_topic(root: String) -> TestRes
         .ok_or("the dead-letter subscription ended")?;
     let error = d
         .headers()
-        .get(busbar_core::dlq_headers::ERROR)
+        .get(busbar_core::dead_letter::headers::ERROR)
         .unwrap_or_default();
-    let original = d.headers().get(busbar_core::dlq_headers::ORIGINAL_TOPIC);
+    let original = d
+        .headers()
+        .get(busbar_core::dead_letter::headers::ORIGINAL_TOPIC);
     if d.id() != poison.id || !error.contains("delivery_limit") || original != Some(topic) {
         return Err(format!(
             "dead letter {} with error {error:?}, original topic {original:?}",

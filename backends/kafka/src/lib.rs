@@ -13,11 +13,11 @@ use std::sync::{Arc, Mutex, PoisonError, RwLock, Weak};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use busbar_core::raw::{known, Backend, Connect, Identity};
 use busbar_core::{
-    check_publish, Capabilities, Error, ErrorKind, EventBus, Message, Ordering, PublishOptions,
-    Result, StartPosition, SubscribeOptions, Subscriber,
+    Bus, Capabilities, Error, ErrorKind, Message, Ordering, PublishOptions, Result, StartPosition,
+    SubscribeOptions, Subscriber,
 };
-use futures::future::BoxFuture;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
@@ -27,20 +27,12 @@ use rdkafka::{Offset, TopicPartitionList};
 
 pub use config::KafkaConfig;
 
-/// The URL schemes of this backend.
-pub const SCHEMES: &[&str] = &["kafka", "kafkas"];
-
-pub(crate) const BACKEND: &str = "kafka";
+pub(crate) const BACKEND: &str = known::KAFKA.name;
 
 /// Bytes of a record kept for its headers and framing when declaring `message_max_bytes`.
 const RECORD_OVERHEAD: usize = 1024;
 /// How long a blocking metadata, admin or offset request may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
-
-/// Opens a Kafka bus from a URL, as a trait object (the registry's `ConnectFn`).
-pub fn connect_boxed(url: String) -> BoxFuture<'static, Result<Arc<dyn EventBus>>> {
-    Box::pin(async move { Ok(Arc::new(KafkaBus::connect(&url).await?) as Arc<dyn EventBus>) })
-}
 
 pub(crate) struct Inner {
     pub(crate) config: KafkaConfig,
@@ -68,14 +60,6 @@ pub(crate) async fn blocking<T: Send + 'static>(
 }
 
 impl Inner {
-    pub(crate) fn check_open(&self) -> Result<()> {
-        if self.closed.load(AtomicOrdering::Acquire) {
-            Err(Error::closed("kafka bus").with_backend(BACKEND))
-        } else {
-            Ok(())
-        }
-    }
-
     /// Creates `topic` with the configured partition count unless it exists.
     pub(crate) async fn ensure_topic(&self, topic: &str) -> Result<()> {
         if self
@@ -358,13 +342,16 @@ async fn probe_bootstrap(servers: &str) -> Result<()> {
     .with_backend(BACKEND))
 }
 
-/// An event bus on Kafka. Cloning gives another handle to the same clients.
-#[derive(Clone)]
-pub struct KafkaBus {
+/// An event bus on Kafka: [`Kafka`] behind the checks of [`Bus`]. Connect with
+/// `KafkaBus::connect(url)` or `KafkaBus::with_config(config)`.
+pub type KafkaBus = Bus<Kafka>;
+
+/// The backend (applications use it as [`KafkaBus`]).
+pub struct Kafka {
     inner: Arc<Inner>,
 }
 
-impl fmt::Debug for KafkaBus {
+impl fmt::Debug for Kafka {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("KafkaBus")
             .field("config", &self.inner.config)
@@ -372,17 +359,19 @@ impl fmt::Debug for KafkaBus {
     }
 }
 
-impl KafkaBus {
+#[async_trait]
+impl Connect for Kafka {
+    type Config = KafkaConfig;
+
+    fn config_from_url(url: &str) -> Result<KafkaConfig> {
+        KafkaConfig::from_url(url)
+    }
+
     /// Connects to the Kafka cluster of `url` and checks that a broker answers.
     ///
     /// Errors: `Config` (malformed URL or librdkafka setting), `Connection` (no broker
     /// answered within 15 s), `Auth` (credentials refused).
-    pub async fn connect(url: &str) -> Result<Self> {
-        Self::with_config(KafkaConfig::from_url(url)?).await
-    }
-
-    /// Connects with an explicit configuration.
-    pub async fn with_config(config: KafkaConfig) -> Result<Self> {
+    async fn connect_with(config: KafkaConfig) -> Result<Self> {
         probe_bootstrap(&config.bootstrap_servers).await?;
         let producer = new_producer(&config)?;
         let admin: AdminClient<DefaultClientContext> = config
@@ -421,17 +410,14 @@ impl KafkaBus {
         })
     }
 
-    /// The configuration.
-    pub fn config(&self) -> &KafkaConfig {
+    fn config(&self) -> &KafkaConfig {
         &self.inner.config
     }
 }
 
 #[async_trait]
-impl EventBus for KafkaBus {
-    fn backend(&self) -> &'static str {
-        BACKEND
-    }
+impl Backend for Kafka {
+    const IDENTITY: Identity = known::KAFKA;
 
     fn capabilities(&self) -> Capabilities {
         let mut c = Capabilities::none();
@@ -451,24 +437,13 @@ impl EventBus for KafkaBus {
         c
     }
 
-    async fn publish(&self, topic: &str, message: Message, options: &PublishOptions) -> Result<()> {
-        self.inner.check_open()?;
-        let batch = [message];
-        check_publish(BACKEND, &self.capabilities(), topic, &batch, options)?;
-        self.inner.publish_many(topic, &batch).await
-    }
-
-    async fn publish_batch(
+    async fn publish(
         &self,
         topic: &str,
         messages: Vec<Message>,
-        options: &PublishOptions,
+        _options: &PublishOptions,
     ) -> Result<()> {
-        self.inner.check_open()?;
-        check_publish(BACKEND, &self.capabilities(), topic, &messages, options)?;
-        if messages.is_empty() {
-            return Ok(());
-        }
+        // No delay to honour: the bus in front refuses one (capability off).
         self.inner.publish_many(topic, &messages).await
     }
 
@@ -477,18 +452,12 @@ impl EventBus for KafkaBus {
         topic: &str,
         options: SubscribeOptions,
     ) -> Result<Box<dyn Subscriber>> {
-        self.inner.check_open()?;
-        busbar_core::validate_topic(topic)?;
-        options.validate()?;
         self.inner.provision_group(topic, &options).await?;
         let sub = subscriber::KafkaSubscriber::start(self.inner.clone(), topic, options)?;
         Ok(Box::new(sub))
     }
 
     async fn provision(&self, topic: &str, options: &SubscribeOptions) -> Result<()> {
-        self.inner.check_open()?;
-        busbar_core::validate_topic(topic)?;
-        options.validate()?;
         self.inner.provision_group(topic, options).await
     }
 
@@ -514,14 +483,4 @@ impl EventBus for KafkaBus {
         })
         .await
     }
-}
-
-/// Moves messages from a dead-letter topic back to where they came from; see
-/// [`busbar_core::redrive()`].
-pub async fn redrive(
-    bus: &KafkaBus,
-    dlq_topic: &str,
-    options: &busbar_core::RedriveOptions,
-) -> Result<busbar_core::RedriveReport> {
-    busbar_core::redrive(bus, dlq_topic, options).await
 }

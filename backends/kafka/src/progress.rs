@@ -11,7 +11,7 @@
 //! rest (those records are then handed out again, or with a lower attempt: at-least-once, never
 //! a loss). A note that does not parse (another client's metadata) is ignored.
 
-use busbar_core::inflight::Progress;
+use busbar_core::raw::inflight::Progress;
 
 const TAG: &str = "busbar1";
 

@@ -6,9 +6,9 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use busbar_core::raw::{self, Ack};
 use busbar_core::{
-    default_dead_letter_topic, Ack, DeadLetterPolicy, Delivery, Error, ErrorKind, Event,
-    NackAction, Result, StartPosition, SubscribeOptions, Subscriber,
+    Delivery, Error, ErrorKind, Event, Result, StartPosition, SubscribeOptions, Subscriber,
 };
 use rdkafka::client::ClientContext;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
@@ -18,7 +18,7 @@ use tokio::sync::{oneshot, Notify};
 use tokio::time::Instant;
 
 use crate::{codec, error, progress, Inner, BACKEND};
-use busbar_core::inflight::{next_handed, State, Token};
+use busbar_core::raw::inflight::{next_handed, State, Token};
 
 /// The longest a revoked partition waits for its in-flight deliveries before it is handed
 /// over anyway (they are then delivered again by the new owner).
@@ -130,7 +130,7 @@ impl ConsumerContext for MemberContext {
 fn committed_notes(
     consumer: &BaseConsumer<MemberContext>,
     assigned: &TopicPartitionList,
-) -> std::collections::HashMap<i32, busbar_core::inflight::Progress> {
+) -> std::collections::HashMap<i32, busbar_core::raw::inflight::Progress> {
     let committed = error::retry_while_leader_moves(NOTE_TIMEOUT, || {
         consumer.committed_offsets(assigned.clone(), NOTE_TIMEOUT)
     });
@@ -374,7 +374,7 @@ impl Subscriber for KafkaSubscriber {
         .await?;
         Ok(handed.map(|h| {
             let event = Event::from_shared(shared.topic.clone(), h.message.clone(), h.attempt);
-            Delivery::new(
+            raw::delivery(
                 event,
                 Box::new(KafkaAck {
                     shared: shared.clone(),
@@ -423,35 +423,10 @@ impl Ack for KafkaAck {
         Ok(())
     }
 
-    async fn nack(&self, action: NackAction) -> Result<()> {
+    async fn redeliver(&self, after: Duration) -> Result<()> {
         self.check_open()?;
-        match action {
-            NackAction::Redeliver => {
-                self.shared.state().nack(self.token, None);
-            }
-            NackAction::RedeliverAfter(delay) => {
-                self.shared
-                    .state()
-                    .nack(self.token, Some(Instant::now() + delay));
-            }
-            NackAction::DeadLetter { reason } => {
-                let held = self.shared.state().held(self.token);
-                let Some((message, attempt)) = held else {
-                    tracing::debug!(?self.token, "kafka: dead-letter of a delivery no longer held; ignored");
-                    return Ok(());
-                };
-                let dead = DeadLetterPolicy::new().dead_letter_message(
-                    &message,
-                    &self.shared.topic,
-                    &self.shared.options.group,
-                    attempt,
-                    &reason,
-                );
-                let dlq = default_dead_letter_topic(&self.shared.topic);
-                self.shared.inner.publish_many(&dlq, &[dead]).await?;
-                self.shared.state().ack(self.token);
-            }
-        }
+        let at = (!after.is_zero()).then(|| Instant::now() + after);
+        self.shared.state().nack(self.token, at);
         self.shared.notify_settled();
         Ok(())
     }

@@ -6,6 +6,6 @@ fn main() {
         "BUSBAR_KAFKA_URL",
         "kafka://127.0.0.1:9092",
         "scripts/brokers.sh up (or set BUSBAR_KAFKA_URL)",
-        busbar_kafka::connect_boxed,
+        busbar_core::raw::connect_boxed::<busbar_kafka::Kafka>,
     ));
 }

@@ -3,7 +3,8 @@
 use std::fmt;
 use std::time::Duration;
 
-use busbar_core::{redact_url, Error, ErrorKind, Result};
+use busbar_core::raw::redact_url;
+use busbar_core::{Error, ErrorKind, Result};
 
 use crate::BACKEND;
 
@@ -175,7 +176,7 @@ pub fn consumer_name(group: &str, p: u32) -> String {
     busbar_core::raw::fit_name(&format!("{}-p{p}", encode_topic(group)), NAME_MAX)
 }
 
-pub use busbar_core::partition_for;
+pub use busbar_core::raw::partition_for;
 
 #[cfg(test)]
 mod tests {

@@ -8,7 +8,7 @@ use crate::BACKEND;
 /// from the typed error kind of the failed call.
 pub(crate) fn map(
     kind: ErrorKind,
-    e: impl Into<busbar_core::BoxError> + std::fmt::Display,
+    e: impl Into<busbar_core::raw::BoxError> + std::fmt::Display,
     doing: &str,
 ) -> Error {
     Error::new(kind, format!("{doing}: {e}"))

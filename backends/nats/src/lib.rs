@@ -14,26 +14,18 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer, stream};
 use async_trait::async_trait;
+use busbar_core::raw::{known, Backend, Connect, Identity};
 use busbar_core::{
-    check_publish, Capabilities, Error, ErrorKind, EventBus, Message, Ordering, PublishOptions,
-    Result, StartPosition, SubscribeOptions, Subscriber,
+    Bus, Capabilities, Error, ErrorKind, Message, Ordering, PublishOptions, Result, StartPosition,
+    SubscribeOptions, Subscriber,
 };
-use futures::future::BoxFuture;
 
 pub use config::{encode_topic, partition_for, Auth, NatsConfig};
 
-/// The URL schemes of this backend.
-pub const SCHEMES: &[&str] = &["nats", "tls"];
-
-pub(crate) const BACKEND: &str = "nats";
+pub(crate) const BACKEND: &str = known::NATS.name;
 
 /// Bytes of `max_payload` kept for NATS header framing when declaring `message_max_bytes`.
 const HEADER_ROOM: usize = 1024;
-
-/// Opens a NATS bus from a URL, as a trait object (the registry's `ConnectFn`).
-pub fn connect_boxed(url: String) -> BoxFuture<'static, Result<Arc<dyn EventBus>>> {
-    Box::pin(async move { Ok(Arc::new(NatsBus::connect(&url).await?) as Arc<dyn EventBus>) })
-}
 
 pub(crate) struct Inner {
     pub(crate) config: NatsConfig,
@@ -249,13 +241,16 @@ impl Inner {
     }
 }
 
-/// An event bus on NATS JetStream. Cloning gives another handle to the same connection.
-#[derive(Clone)]
-pub struct NatsBus {
+/// An event bus on Nats: [`Nats`] behind the checks of [`Bus`]. Connect with
+/// `NatsBus::connect(url)` or `NatsBus::with_config(config)`.
+pub type NatsBus = Bus<Nats>;
+
+/// The backend (applications use it as [`NatsBus`]).
+pub struct Nats {
     inner: Arc<Inner>,
 }
 
-impl fmt::Debug for NatsBus {
+impl fmt::Debug for Nats {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("NatsBus")
             .field("config", &self.inner.config)
@@ -263,17 +258,19 @@ impl fmt::Debug for NatsBus {
     }
 }
 
-impl NatsBus {
+#[async_trait]
+impl Connect for Nats {
+    type Config = NatsConfig;
+
+    fn config_from_url(url: &str) -> Result<NatsConfig> {
+        NatsConfig::from_url(url)
+    }
+
     /// Connects to the NATS server of `url` and checks that JetStream is enabled.
     ///
     /// Errors: `Config` (malformed URL, unreadable creds file), `Connection` (unreachable),
     /// `Auth` (credentials refused), `Broker` (JetStream disabled).
-    pub async fn connect(url: &str) -> Result<Self> {
-        Self::with_config(NatsConfig::from_url(url)?).await
-    }
-
-    /// Connects with an explicit configuration.
-    pub async fn with_config(config: NatsConfig) -> Result<Self> {
+    async fn connect_with(config: NatsConfig) -> Result<Self> {
         let mut opts = async_nats::ConnectOptions::new()
             .name(&config.name)
             .connection_timeout(Duration::from_secs(5))
@@ -319,8 +316,7 @@ impl NatsBus {
         })
     }
 
-    /// The configuration.
-    pub fn config(&self) -> &NatsConfig {
+    fn config(&self) -> &NatsConfig {
         &self.inner.config
     }
 }
@@ -351,10 +347,8 @@ async fn check_jetstream(client: &async_nats::Client) -> Result<()> {
 }
 
 #[async_trait]
-impl EventBus for NatsBus {
-    fn backend(&self) -> &'static str {
-        BACKEND
-    }
+impl Backend for Nats {
+    const IDENTITY: Identity = known::NATS;
 
     fn capabilities(&self) -> Capabilities {
         let mut c = Capabilities::none();
@@ -377,24 +371,12 @@ impl EventBus for NatsBus {
         Some(self.inner.server_version.clone())
     }
 
-    async fn publish(&self, topic: &str, message: Message, options: &PublishOptions) -> Result<()> {
-        self.inner.check_open()?;
-        let batch = [message];
-        check_publish(BACKEND, &self.capabilities(), topic, &batch, options)?;
-        self.inner.publish_many(topic, &batch, options.delay).await
-    }
-
-    async fn publish_batch(
+    async fn publish(
         &self,
         topic: &str,
         messages: Vec<Message>,
         options: &PublishOptions,
     ) -> Result<()> {
-        self.inner.check_open()?;
-        check_publish(BACKEND, &self.capabilities(), topic, &messages, options)?;
-        if messages.is_empty() {
-            return Ok(());
-        }
         self.inner
             .publish_many(topic, &messages, options.delay)
             .await
@@ -405,9 +387,6 @@ impl EventBus for NatsBus {
         topic: &str,
         options: SubscribeOptions,
     ) -> Result<Box<dyn Subscriber>> {
-        self.inner.check_open()?;
-        busbar_core::validate_topic(topic)?;
-        options.validate()?;
         let (stream, partitions) = self.inner.ensure_group(topic, &options).await?;
         let sub = subscriber::NatsSubscriber::start(
             self.inner.clone(),
@@ -421,9 +400,6 @@ impl EventBus for NatsBus {
     }
 
     async fn provision(&self, topic: &str, options: &SubscribeOptions) -> Result<()> {
-        self.inner.check_open()?;
-        busbar_core::validate_topic(topic)?;
-        options.validate()?;
         self.inner.ensure_group(topic, options).await.map(|_| ())
     }
 
@@ -433,14 +409,4 @@ impl EventBus for NatsBus {
         }
         Ok(())
     }
-}
-
-/// Moves messages from a dead-letter topic back to where they came from; see
-/// [`busbar_core::redrive()`].
-pub async fn redrive(
-    bus: &NatsBus,
-    dlq_topic: &str,
-    options: &busbar_core::RedriveOptions,
-) -> Result<busbar_core::RedriveReport> {
-    busbar_core::redrive(bus, dlq_topic, options).await
 }

@@ -10,9 +10,9 @@ use async_nats::jetstream::consumer::{pull, Consumer};
 use async_nats::jetstream::message::AckKind;
 use async_nats::jetstream::{stream, Message as JsMessage};
 use async_trait::async_trait;
+use busbar_core::raw::{self, Ack};
 use busbar_core::{
-    default_dead_letter_topic, Ack, DeadLetterPolicy, Delivery, Error, ErrorKind, Event, Message,
-    NackAction, Result, SubscribeOptions, Subscriber,
+    Delivery, Error, ErrorKind, Event, Message, Result, SubscribeOptions, Subscriber,
 };
 use bytes::Bytes;
 use futures::StreamExt;
@@ -909,42 +909,31 @@ impl Subscriber for NatsSubscriber {
             } else {
                 codec::decode_message(msg.headers.as_ref(), msg.payload.clone())
             };
-            let message = match decoded {
-                Ok(m) => m,
+            // Not decodable as busbar's: handed over with its raw payload and subject, and
+            // the bus in front dead-letters it.
+            let (message, undecodable) = match decoded {
+                Ok(m) => (m, None),
                 Err(e) => {
-                    tracing::error!(topic = %shared.topic, error = %e, "nats: undecodable message; dead-lettering it");
-                    let mut raw = Message::new(msg.payload.clone());
+                    let mut raw = Message::new(msg.payload.clone())
+                        .with_id(format!("nats-{}-{seq}", shared.topic));
                     raw.headers
                         .insert("busbar-nats-subject", msg.subject.to_string());
-                    let dead = DeadLetterPolicy::new().dead_letter_message(
-                        &raw,
-                        &shared.topic,
-                        &shared.options.group,
-                        attempt,
-                        &e.to_string(),
-                    );
-                    let dlq = default_dead_letter_topic(&shared.topic);
-                    if shared.inner.publish_many(&dlq, &[dead], None).await.is_ok() {
-                        let _ = msg.double_ack().await;
-                    }
-                    shared.settled(tag);
-                    continue;
+                    (raw, Some(e.to_string()))
                 }
             };
             let message = Arc::new(message);
             let event = Event::from_shared(shared.topic.clone(), message.clone(), attempt);
-            return Ok(Some(Delivery::new(
-                event,
-                Box::new(NatsAck {
-                    partition: p,
-                    seq,
-                    shared: shared.clone(),
-                    msg,
-                    message,
-                    attempt,
-                    tag,
-                }),
-            )));
+            let acker = Box::new(NatsAck {
+                partition: p,
+                seq,
+                shared: shared.clone(),
+                msg,
+                tag,
+            });
+            return Ok(Some(match undecodable {
+                None => raw::delivery(event, acker),
+                Some(error) => raw::undecodable(event, acker, error),
+            }));
         }
     }
 
@@ -976,8 +965,6 @@ struct NatsAck {
     seq: u64,
     shared: Arc<SubShared>,
     msg: JsMessage,
-    message: Arc<Message>,
-    attempt: u32,
     tag: u64,
 }
 
@@ -1005,24 +992,9 @@ impl Ack for NatsAck {
         Ok(())
     }
 
-    async fn nack(&self, action: NackAction) -> Result<()> {
+    async fn redeliver(&self, after: Duration) -> Result<()> {
         self.shared.check_open()?;
-        let kind = match action {
-            NackAction::Redeliver => AckKind::Nak(None),
-            NackAction::RedeliverAfter(d) => AckKind::Nak(Some(d)),
-            NackAction::DeadLetter { reason } => {
-                let dead = DeadLetterPolicy::new().dead_letter_message(
-                    &self.message,
-                    &self.shared.topic,
-                    &self.shared.options.group,
-                    self.attempt,
-                    &reason,
-                );
-                let dlq = default_dead_letter_topic(&self.shared.topic);
-                self.shared.inner.publish_many(&dlq, &[dead], None).await?;
-                return self.ack().await;
-            }
-        };
+        let kind = AckKind::Nak((!after.is_zero()).then_some(after));
         self.msg
             .ack_with(kind)
             .await

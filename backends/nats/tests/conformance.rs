@@ -6,6 +6,6 @@ fn main() {
         "BUSBAR_NATS_URL",
         "nats://127.0.0.1:4222",
         "scripts/brokers.sh up (or set BUSBAR_NATS_URL)",
-        busbar_nats::connect_boxed,
+        busbar_core::raw::connect_boxed::<busbar_nats::Nats>,
     ));
 }

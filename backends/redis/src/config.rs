@@ -4,7 +4,8 @@
 use std::fmt;
 use std::time::Duration;
 
-use busbar_core::{redact_url, Error, ErrorKind, Result};
+use busbar_core::raw::redact_url;
+use busbar_core::{Error, ErrorKind, Result};
 
 use crate::BACKEND;
 
@@ -59,7 +60,10 @@ impl RedisConfig {
     pub fn from_url(url: &str) -> Result<Self> {
         let mut parsed = url::Url::parse(url)
             .map_err(|e| config_error(format!("invalid Redis URL {}: {e}", redact_url(url))))?;
-        if !crate::SCHEMES.contains(&parsed.scheme()) {
+        if !busbar_core::raw::known::REDIS
+            .schemes
+            .contains(&parsed.scheme())
+        {
             return Err(config_error(format!(
                 "expected a redis:// or rediss:// URL, got {}",
                 redact_url(url)
@@ -92,7 +96,7 @@ impl RedisConfig {
             };
             match &*k {
                 "prefix" => {
-                    busbar_core::validate_topic(&v).map_err(|_| {
+                    busbar_core::limits::validate_topic(&v).map_err(|_| {
                         config_error(format!("Redis URL option prefix={v:?} is not a valid name"))
                     })?;
                     cfg.prefix = v.into_owned();
@@ -155,7 +159,7 @@ impl RedisConfig {
     }
 }
 
-pub use busbar_core::partition_for;
+pub use busbar_core::raw::partition_for;
 
 #[cfg(test)]
 mod tests {

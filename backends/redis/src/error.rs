@@ -50,7 +50,7 @@ pub(crate) fn connecting(e: RedisError, url: &str) -> Error {
         ErrorKind::Connection,
         format!(
             "the server at {} does not answer in the Redis protocol (another service on that port?): {e}",
-            busbar_core::redact_url(url)
+            busbar_core::raw::redact_url(url)
         ),
     )
     .with_backend(BACKEND)

@@ -13,24 +13,20 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
+use busbar_core::raw::{known, Backend, Connect, Identity};
 use busbar_core::{
-    check_publish, Capabilities, Error, ErrorKind, EventBus, Message, Ordering, PublishOptions,
-    Result, StartPosition, SubscribeOptions, Subscriber,
+    Bus, Capabilities, Error, ErrorKind, Message, Ordering, PublishOptions, Result, StartPosition,
+    SubscribeOptions, Subscriber,
 };
-use futures::future::BoxFuture;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
 pub use config::{partition_for, RedisConfig};
 
-/// The URL schemes of this backend.
-pub const SCHEMES: &[&str] = &["redis", "rediss"];
+pub(crate) const BACKEND: &str = known::REDIS.name;
 
-pub(crate) const BACKEND: &str = "redis";
-
-/// Opens a Redis bus from a URL, as a trait object (the registry's `ConnectFn`).
-pub fn connect_boxed(url: String) -> BoxFuture<'static, Result<Arc<dyn EventBus>>> {
-    Box::pin(async move { Ok(Arc::new(RedisBus::connect(&url).await?) as Arc<dyn EventBus>) })
-}
+/// An event bus on Redis Streams: [`Redis`] behind the checks of [`Bus`]. Connect with
+/// `RedisBus::connect(url)` or `RedisBus::with_config(config)`.
+pub type RedisBus = Bus<Redis>;
 
 pub(crate) struct Inner {
     pub(crate) config: RedisConfig,
@@ -198,13 +194,12 @@ fn manager_config() -> ConnectionManagerConfig {
         .set_max_delay(Duration::from_secs(2))
 }
 
-/// An event bus on Redis Streams. Cloning gives another handle to the same connection.
-#[derive(Clone)]
-pub struct RedisBus {
+/// The Redis Streams backend (applications use it as [`RedisBus`]).
+pub struct Redis {
     inner: Arc<Inner>,
 }
 
-impl fmt::Debug for RedisBus {
+impl fmt::Debug for Redis {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RedisBus")
             .field("config", &self.inner.config)
@@ -212,18 +207,17 @@ impl fmt::Debug for RedisBus {
     }
 }
 
-impl RedisBus {
-    /// Connects to the Redis server of `url` and checks that it answers (and accepts the
-    /// credentials).
-    ///
-    /// Errors: `Config` (malformed URL or options), `Connection` (unreachable), `Auth`
-    /// (wrong password or user).
-    pub async fn connect(url: &str) -> Result<Self> {
-        Self::with_config(RedisConfig::from_url(url)?).await
+#[async_trait]
+impl Connect for Redis {
+    type Config = RedisConfig;
+
+    fn config_from_url(url: &str) -> Result<RedisConfig> {
+        RedisConfig::from_url(url)
     }
 
-    /// Connects with an explicit configuration.
-    pub async fn with_config(config: RedisConfig) -> Result<Self> {
+    /// Connects to the Redis server and checks that it answers (and accepts the
+    /// credentials). Errors: `Config`, `Connection` (unreachable), `Auth`.
+    async fn connect_with(config: RedisConfig) -> Result<Self> {
         if config.connection_url.starts_with("rediss:") {
             // redis-rs uses rustls without choosing a crypto provider; use ring. Another
             // provider installed by the application first is kept.
@@ -241,7 +235,7 @@ impl RedisBus {
                 ErrorKind::Connection,
                 format!(
                     "no answer from Redis at {} within 15 s",
-                    busbar_core::redact_url(&config.connection_url)
+                    busbar_core::raw::redact_url(&config.connection_url)
                 ),
             )
             .with_backend(BACKEND)
@@ -265,8 +259,7 @@ impl RedisBus {
         })
     }
 
-    /// The configuration.
-    pub fn config(&self) -> &RedisConfig {
+    fn config(&self) -> &RedisConfig {
         &self.inner.config
     }
 }
@@ -291,10 +284,8 @@ async fn persistence_enabled(conn: &mut ConnectionManager) -> bool {
 }
 
 #[async_trait]
-impl EventBus for RedisBus {
-    fn backend(&self) -> &'static str {
-        BACKEND
-    }
+impl Backend for Redis {
+    const IDENTITY: Identity = known::REDIS;
 
     fn capabilities(&self) -> Capabilities {
         let mut c = Capabilities::none();
@@ -310,24 +301,12 @@ impl EventBus for RedisBus {
         c
     }
 
-    async fn publish(&self, topic: &str, message: Message, options: &PublishOptions) -> Result<()> {
-        self.inner.check_open()?;
-        let batch = [message];
-        check_publish(BACKEND, &self.capabilities(), topic, &batch, options)?;
-        self.inner.publish_many(topic, &batch, options.delay).await
-    }
-
-    async fn publish_batch(
+    async fn publish(
         &self,
         topic: &str,
         messages: Vec<Message>,
         options: &PublishOptions,
     ) -> Result<()> {
-        self.inner.check_open()?;
-        check_publish(BACKEND, &self.capabilities(), topic, &messages, options)?;
-        if messages.is_empty() {
-            return Ok(());
-        }
         self.inner
             .publish_many(topic, &messages, options.delay)
             .await
@@ -338,9 +317,6 @@ impl EventBus for RedisBus {
         topic: &str,
         options: SubscribeOptions,
     ) -> Result<Box<dyn Subscriber>> {
-        self.inner.check_open()?;
-        busbar_core::validate_topic(topic)?;
-        options.validate()?;
         let partitions = self.inner.ensure_group(topic, &options).await?;
         let sub = subscriber::RedisSubscriber::start(
             self.inner.clone(),
@@ -353,9 +329,6 @@ impl EventBus for RedisBus {
     }
 
     async fn provision(&self, topic: &str, options: &SubscribeOptions) -> Result<()> {
-        self.inner.check_open()?;
-        busbar_core::validate_topic(topic)?;
-        options.validate()?;
         self.inner.ensure_group(topic, options).await.map(|_| ())
     }
 
@@ -363,14 +336,4 @@ impl EventBus for RedisBus {
         self.inner.closed.store(true, AtomicOrdering::Release);
         Ok(())
     }
-}
-
-/// Moves messages from a dead-letter topic back to where they came from; see
-/// [`busbar_core::redrive()`]. Reads from the earliest retained entry.
-pub async fn redrive(
-    bus: &RedisBus,
-    dlq_topic: &str,
-    options: &busbar_core::RedriveOptions,
-) -> Result<busbar_core::RedriveReport> {
-    busbar_core::redrive(bus, dlq_topic, options).await
 }

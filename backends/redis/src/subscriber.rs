@@ -13,10 +13,9 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use busbar_core::coalesce::Coalescer;
+use busbar_core::raw::{self, coalesce::Coalescer, Ack};
 use busbar_core::{
-    default_dead_letter_topic, Ack, DeadLetterPolicy, Delivery, Error, ErrorKind, Event, Message,
-    NackAction, Result, SubscribeOptions, Subscriber,
+    Delivery, Error, ErrorKind, Event, Message, Result, SubscribeOptions, Subscriber,
 };
 use redis::aio::ConnectionManager;
 use redis::Value;
@@ -35,6 +34,9 @@ struct Entry {
     stream_id: String,
     message: Arc<Message>,
     attempt: u32,
+    /// Why busbar could not decode it (then `message` holds what could be read, and the
+    /// bus in front dead-letters it).
+    undecodable: Option<Arc<str>>,
 }
 
 struct Part {
@@ -445,9 +447,7 @@ impl SubShared {
             let claimed = self.claim(p, &ids, 0, false).await?;
             for raw in claimed {
                 let attempt = counts.get(&raw.stream_id).copied().unwrap_or(1) + 1;
-                if let Some(e) = self.to_entry(p, raw, attempt).await {
-                    out.push(e);
-                }
+                out.push(to_entry(p, raw, attempt));
             }
             if pending.len() < 200 {
                 break;
@@ -488,57 +488,6 @@ impl SubShared {
             return Ok(Vec::new());
         }
         entries_of(reply)
-    }
-
-    /// A decoded entry, or `None` after dead-lettering an entry busbar cannot decode. An
-    /// entry another program wrote is delivered with what can be read, under the id
-    /// `redis-<partition>-<entry id>`; a busbar entry with a broken field is dead-lettered with
-    /// its payload (`d`) and every field as a `busbar-redis-field-<name>` header.
-    async fn to_entry(&self, p: u32, raw: RawEntry, attempt: u32) -> Option<Entry> {
-        let (message, fields) = match raw.decoded {
-            Ok(d) => match d.message {
-                Ok(mut m) => {
-                    if d.foreign {
-                        m.id = format!("redis-{p}-{}", raw.stream_id);
-                    }
-                    return Some(Entry {
-                        partition: p,
-                        stream_id: raw.stream_id,
-                        message: Arc::new(m),
-                        attempt,
-                    });
-                }
-                Err(e) => (e, d.fields),
-            },
-            Err(e) => (e, Vec::new()),
-        };
-        let e = message;
-        tracing::error!(topic = %self.topic, stream_id = %raw.stream_id, error = %e, "redis: undecodable stream entry; dead-lettering it");
-        let mut m = Message::new(Vec::new());
-        for (name, value) in fields {
-            if name == "d" {
-                m.payload = value.into();
-            } else {
-                m.headers.insert(
-                    format!("busbar-redis-field-{name}"),
-                    String::from_utf8_lossy(&value).into_owned(),
-                );
-            }
-        }
-        m.headers
-            .insert("busbar-redis-stream-id", raw.stream_id.clone());
-        let dead = DeadLetterPolicy::new().dead_letter_message(
-            &m,
-            &self.topic,
-            &self.options.group,
-            attempt,
-            &e.to_string(),
-        );
-        let dlq = default_dead_letter_topic(&self.topic);
-        if self.inner.publish_many(&dlq, &[dead], None).await.is_ok() {
-            let _ = self.acks.submit(p, raw.stream_id.clone()).await;
-        }
-        None
     }
 
     /// Redelivers our deliveries whose ack timeout expired (and entries read but lost before
@@ -608,9 +557,7 @@ impl SubShared {
             let mut entries = Vec::new();
             for raw in claimed {
                 let attempt = counts.get(&raw.stream_id).copied().unwrap_or(1) + 1;
-                if let Some(e) = self.to_entry(p, raw, attempt).await {
-                    entries.push(e);
-                }
+                entries.push(to_entry(p, raw, attempt));
             }
             entries.sort_by_key(|e| stream_id_order(&e.stream_id));
             let mut st = self.lock();
@@ -811,13 +758,15 @@ impl RedisSubscriber {
             entry.message.clone(),
             entry.attempt,
         );
-        Delivery::new(
-            event,
-            Box::new(RedisAck {
-                shared: self.shared.clone(),
-                entry,
-            }),
-        )
+        let undecodable = entry.undecodable.clone();
+        let acker = Box::new(RedisAck {
+            shared: self.shared.clone(),
+            entry,
+        });
+        match undecodable {
+            None => raw::delivery(event, acker),
+            Some(error) => raw::undecodable(event, acker, &*error),
+        }
     }
 
     /// New entries of the given partitions (XREADGROUP `>`), blocking up to `block`.
@@ -915,12 +864,10 @@ impl Subscriber for RedisSubscriber {
                     .read(&parts, count, block)
                     .await
                     .inspect_err(|_| self.shared.read_done())?;
-                let mut decoded = Vec::with_capacity(fetched.len());
-                for (p, raw) in fetched {
-                    if let Some(e) = self.shared.to_entry(p, raw, 1).await {
-                        decoded.push(e);
-                    }
-                }
+                let decoded: Vec<Entry> = fetched
+                    .into_iter()
+                    .map(|(p, raw)| to_entry(p, raw, 1))
+                    .collect();
                 {
                     let mut st = self.shared.lock();
                     let now = Instant::now();
@@ -1024,24 +971,8 @@ impl Ack for RedisAck {
         Ok(())
     }
 
-    async fn nack(&self, action: NackAction) -> Result<()> {
+    async fn redeliver(&self, delay: Duration) -> Result<()> {
         self.shared.check_open()?;
-        let delay = match action {
-            NackAction::Redeliver => Duration::ZERO,
-            NackAction::RedeliverAfter(d) => d,
-            NackAction::DeadLetter { reason } => {
-                let dead = DeadLetterPolicy::new().dead_letter_message(
-                    &self.entry.message,
-                    &self.shared.topic,
-                    &self.shared.options.group,
-                    self.entry.attempt,
-                    &reason,
-                );
-                let dlq = default_dead_letter_topic(&self.shared.topic);
-                self.shared.inner.publish_many(&dlq, &[dead], None).await?;
-                return self.ack().await;
-            }
-        };
         let p = self.entry.partition;
         // XCLAIM counts the redelivery in Redis (the delivery counter other members see).
         let claimed = self
@@ -1085,5 +1016,50 @@ impl Ack for RedisAck {
             .claim(self.entry.partition, &[&self.entry.stream_id], 0, true)
             .await
             .map(|_| ())
+    }
+}
+
+/// The entry as a delivery-to-be. An entry another program wrote is delivered with what
+/// can be read, under the id `redis-<partition>-<entry id>`; a busbar entry with a broken
+/// field is marked undecodable, with its payload (`d`) and every field as a
+/// `busbar-redis-field-<name>` header (the bus in front dead-letters it).
+fn to_entry(p: u32, raw: RawEntry, attempt: u32) -> Entry {
+    let (error, fields) = match raw.decoded {
+        Ok(d) => match d.message {
+            Ok(mut m) => {
+                if d.foreign {
+                    m.id = format!("redis-{p}-{}", raw.stream_id);
+                }
+                return Entry {
+                    partition: p,
+                    stream_id: raw.stream_id,
+                    message: Arc::new(m),
+                    attempt,
+                    undecodable: None,
+                };
+            }
+            Err(e) => (e, d.fields),
+        },
+        Err(e) => (e, Vec::new()),
+    };
+    let mut m = Message::new(Vec::new()).with_id(format!("redis-{p}-{}", raw.stream_id));
+    for (name, value) in fields {
+        if name == "d" {
+            m.payload = value.into();
+        } else {
+            m.headers.insert(
+                format!("busbar-redis-field-{name}"),
+                String::from_utf8_lossy(&value).into_owned(),
+            );
+        }
+    }
+    m.headers
+        .insert("busbar-redis-stream-id", raw.stream_id.clone());
+    Entry {
+        partition: p,
+        stream_id: raw.stream_id,
+        message: Arc::new(m),
+        attempt,
+        undecodable: Some(error.to_string().into()),
     }
 }

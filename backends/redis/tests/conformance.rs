@@ -6,6 +6,6 @@ fn main() {
         "BUSBAR_REDIS_URL",
         "redis://127.0.0.1:6379",
         "scripts/brokers.sh up (or set BUSBAR_REDIS_URL)",
-        busbar_redis::connect_boxed,
+        busbar_core::raw::connect_boxed::<busbar_redis::Redis>,
     ));
 }

@@ -231,7 +231,7 @@ async fn foreign_entries_are_delivered_and_broken_ones_kept() -> TestResult {
     second.ack().await?;
     sub.close().await?;
 
-    let dlq = busbar_core::default_dead_letter_topic(topic);
+    let dlq = busbar_core::dead_letter::default_topic(topic);
     let mut dead_letters = bus
         .subscribe(
             &dlq,
@@ -246,7 +246,7 @@ async fn foreign_entries_are_delivered_and_broken_ones_kept() -> TestResult {
     if dead.payload().as_ref() != b"the payload"
         || h.get("busbar-redis-field-tm") != Some("yesterday")
         || h.get("busbar-redis-field-id") != Some("broken-1")
-        || h.get(busbar_core::dlq_headers::ERROR).is_none()
+        || h.get(busbar_core::dead_letter::headers::ERROR).is_none()
     {
         return Err(format!(
             "dead letter lost content: payload {:?}, headers {h:?}",

@@ -248,7 +248,11 @@ pub(crate) struct Foreign<'a> {
 /// the body as payload, SQS's `MessageId` as id (`sqs-<MessageId>`, stable across receives),
 /// the FIFO `MessageGroupId` as key (so per-key order holds for it too), the send time, and
 /// its string attributes as headers. It is never left to block its key.
-fn decode_foreign(body: &str, attributes: &HashMap<String, SqsValue>, f: &Foreign<'_>) -> Message {
+pub(crate) fn decode_foreign(
+    body: &str,
+    attributes: &HashMap<String, SqsValue>,
+    f: &Foreign<'_>,
+) -> Message {
     let mut m = Message::new(Bytes::copy_from_slice(body.as_bytes()));
     if let Some(id) = f.message_id {
         m.id = format!("sqs-{id}");

@@ -3,7 +3,8 @@
 use std::fmt;
 use std::time::Duration;
 
-use busbar_core::{redact_url, Error, ErrorKind, Result};
+use busbar_core::raw::redact_url;
+use busbar_core::{Error, ErrorKind, Result};
 
 use crate::BACKEND;
 

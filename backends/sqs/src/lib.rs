@@ -15,18 +15,15 @@ use async_trait::async_trait;
 use aws_sdk_sns::types::PublishBatchRequestEntry;
 use aws_sdk_sqs::error::ProvideErrorMetadata;
 use aws_sdk_sqs::types::QueueAttributeName;
+use busbar_core::raw::{known, Backend, Connect, Identity};
 use busbar_core::{
-    check_publish, Capabilities, Error, ErrorKind, EventBus, Message, Ordering, PublishOptions,
-    Result, StartPosition, SubscribeOptions, Subscriber,
+    Bus, Capabilities, Error, ErrorKind, Message, Ordering, PublishOptions, Result,
+    SubscribeOptions, Subscriber,
 };
-use futures::future::BoxFuture;
 
 pub use config::{Credentials, SqsConfig};
 
-/// The URL schemes of this backend.
-pub const SCHEMES: &[&str] = &["sqs"];
-
-pub(crate) const BACKEND: &str = "sqs";
+pub(crate) const BACKEND: &str = known::SQS.name;
 
 /// The largest message declared (`message_max_bytes`): a binary payload of this size still
 /// fits SNS's 256 KiB once base64-encoded, with room for the attributes. Text payloads may be
@@ -41,11 +38,6 @@ const SNS_BATCH_MAX: usize = 10;
 
 /// The longest visibility timeout SQS accepts (12 hours).
 pub(crate) const VISIBILITY_MAX: Duration = Duration::from_secs(12 * 3600);
-
-/// Opens an SQS bus from a URL, as a trait object (the registry's `ConnectFn`).
-pub fn connect_boxed(url: String) -> BoxFuture<'static, Result<Arc<dyn EventBus>>> {
-    Box::pin(async move { Ok(Arc::new(SqsBus::connect(&url).await?) as Arc<dyn EventBus>) })
-}
 
 /// The SQS queue of one consumer group.
 #[derive(Debug, Clone)]
@@ -167,12 +159,6 @@ impl Inner {
         topic: &str,
         options: &SubscribeOptions,
     ) -> Result<GroupQueue> {
-        if options.start == StartPosition::Earliest {
-            return Err(Error::unsupported(
-                BACKEND,
-                "starting a group at the earliest message (SNS keeps nothing for queues that do not exist yet; replay is off)",
-            ));
-        }
         let id = (topic.to_owned(), options.group.clone());
         if let Some(g) = lock(&self.groups).get(&id) {
             return Ok(g.clone());
@@ -299,7 +285,6 @@ impl Inner {
         messages: &[Message],
         delay: Duration,
     ) -> Result<()> {
-        self.keep_dead_letters(topic).await?;
         let encoded = messages
             .iter()
             .map(codec::encode)
@@ -354,20 +339,8 @@ impl Inner {
         Ok(())
     }
 
-    /// SNS keeps nothing for a topic no queue subscribes to: a dead-letter topic gets its
-    /// group `busbar-redrive` (a queue) before its first message, so dead letters are kept
-    /// until read or redriven.
-    async fn keep_dead_letters(&self, topic: &str) -> Result<()> {
-        if busbar_core::is_dead_letter_topic(topic) {
-            let keep = SubscribeOptions::new(busbar_core::DEAD_LETTER_GROUP);
-            self.ensure_group(topic, &keep).await?;
-        }
-        Ok(())
-    }
-
     /// Publishes in order, in `PublishBatch` calls of at most 10 entries and 256 KiB.
     pub(crate) async fn publish_many(&self, topic: &str, messages: &[Message]) -> Result<()> {
-        self.keep_dead_letters(topic).await?;
         let encoded = messages
             .iter()
             .map(codec::encode)
@@ -507,13 +480,16 @@ pub async fn sdk_config(config: &SqsConfig) -> Result<aws_config::SdkConfig> {
     Ok(sdk)
 }
 
-/// An event bus on SNS + SQS. Cloning gives another handle to the same clients.
-#[derive(Clone)]
-pub struct SqsBus {
+/// An event bus on Sqs: [`Sqs`] behind the checks of [`Bus`]. Connect with
+/// `SqsBus::connect(url)` or `SqsBus::with_config(config)`.
+pub type SqsBus = Bus<Sqs>;
+
+/// The backend (applications use it as [`SqsBus`]).
+pub struct Sqs {
     inner: Arc<Inner>,
 }
 
-impl fmt::Debug for SqsBus {
+impl fmt::Debug for Sqs {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SqsBus")
             .field("config", &self.inner.config)
@@ -521,17 +497,36 @@ impl fmt::Debug for SqsBus {
     }
 }
 
-impl SqsBus {
+impl Sqs {
+    /// The URL of the SQS queue of `group` on `topic`, creating the group if needed (for
+    /// tools that want to look at the queue or its `-dlq` directly): `bus.raw().group_queue_url(..)`.
+    pub async fn group_queue_url(&self, topic: &str, group: &str) -> Result<String> {
+        self.inner.check_open()?;
+        busbar_core::limits::validate_topic(topic)?;
+        let options = SubscribeOptions::new(group);
+        options.validate()?;
+        Ok(self.inner.ensure_group(topic, &options).await?.url)
+    }
+
+    /// The SQS client, for what busbar does not cover: `bus.raw().sqs_client()`.
+    pub fn sqs_client(&self) -> &aws_sdk_sqs::Client {
+        &self.inner.sqs
+    }
+}
+
+#[async_trait]
+impl Connect for Sqs {
+    type Config = SqsConfig;
+
+    fn config_from_url(url: &str) -> Result<SqsConfig> {
+        SqsConfig::from_url(url)
+    }
+
     /// Builds the SQS and SNS clients for `url` and checks that SQS answers.
     ///
     /// Errors: `Config` (malformed URL, no region), `Connection` (endpoint unreachable),
     /// `Auth` (credentials refused), `Timeout`.
-    pub async fn connect(url: &str) -> Result<Self> {
-        Self::with_config(SqsConfig::from_url(url)?).await
-    }
-
-    /// Connects with an explicit configuration.
-    pub async fn with_config(config: SqsConfig) -> Result<Self> {
+    async fn connect_with(config: SqsConfig) -> Result<Self> {
         let sdk = sdk_config(&config).await?;
         let sqs = aws_sdk_sqs::Client::new(&sdk);
         let sns = aws_sdk_sns::Client::new(&sdk);
@@ -555,32 +550,14 @@ impl SqsBus {
         })
     }
 
-    /// The configuration.
-    pub fn config(&self) -> &SqsConfig {
+    fn config(&self) -> &SqsConfig {
         &self.inner.config
-    }
-
-    /// The URL of the SQS queue of `group` on `topic`, creating the group if needed (for
-    /// tools that want to look at the queue or its `-dlq` directly).
-    pub async fn group_queue_url(&self, topic: &str, group: &str) -> Result<String> {
-        self.inner.check_open()?;
-        busbar_core::validate_topic(topic)?;
-        let options = SubscribeOptions::new(group);
-        options.validate()?;
-        Ok(self.inner.ensure_group(topic, &options).await?.url)
-    }
-
-    /// The SQS client, for what busbar does not cover.
-    pub fn sqs_client(&self) -> &aws_sdk_sqs::Client {
-        &self.inner.sqs
     }
 }
 
 #[async_trait]
-impl EventBus for SqsBus {
-    fn backend(&self) -> &'static str {
-        BACKEND
-    }
+impl Backend for Sqs {
+    const IDENTITY: Identity = known::SQS;
 
     fn capabilities(&self) -> Capabilities {
         let mut c = Capabilities::none();
@@ -601,27 +578,12 @@ impl EventBus for SqsBus {
         c
     }
 
-    async fn publish(&self, topic: &str, message: Message, options: &PublishOptions) -> Result<()> {
-        self.inner.check_open()?;
-        let batch = [message];
-        check_publish(BACKEND, &self.capabilities(), topic, &batch, options)?;
-        match options.delay.filter(|d| !d.is_zero()) {
-            Some(delay) => self.inner.publish_delayed(topic, &batch, delay).await,
-            None => self.inner.publish_many(topic, &batch).await,
-        }
-    }
-
-    async fn publish_batch(
+    async fn publish(
         &self,
         topic: &str,
         messages: Vec<Message>,
         options: &PublishOptions,
     ) -> Result<()> {
-        self.inner.check_open()?;
-        check_publish(BACKEND, &self.capabilities(), topic, &messages, options)?;
-        if messages.is_empty() {
-            return Ok(());
-        }
         match options.delay.filter(|d| !d.is_zero()) {
             Some(delay) => self.inner.publish_delayed(topic, &messages, delay).await,
             None => self.inner.publish_many(topic, &messages).await,
@@ -633,9 +595,6 @@ impl EventBus for SqsBus {
         topic: &str,
         options: SubscribeOptions,
     ) -> Result<Box<dyn Subscriber>> {
-        self.inner.check_open()?;
-        busbar_core::validate_topic(topic)?;
-        options.validate()?;
         let queue = self.inner.ensure_group(topic, &options).await?;
         Ok(Box::new(subscriber::SqsSubscriber::start(
             self.inner.clone(),
@@ -646,9 +605,6 @@ impl EventBus for SqsBus {
     }
 
     async fn provision(&self, topic: &str, options: &SubscribeOptions) -> Result<()> {
-        self.inner.check_open()?;
-        busbar_core::validate_topic(topic)?;
-        options.validate()?;
         self.inner.ensure_group(topic, options).await.map(|_| ())
     }
 

@@ -17,9 +17,9 @@ use aws_sdk_sqs::types::{
     ChangeMessageVisibilityBatchRequestEntry, DeleteMessageBatchRequestEntry,
     MessageSystemAttributeName,
 };
+use busbar_core::raw::{self, Ack};
 use busbar_core::{
-    default_dead_letter_topic, Ack, DeadLetterPolicy, Delivery, Error, ErrorKind, Event, Message,
-    NackAction, Result, SubscribeOptions, Subscriber,
+    Delivery, Error, ErrorKind, Event, Message, Result, SubscribeOptions, Subscriber,
 };
 use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::task::JoinHandle;
@@ -36,6 +36,8 @@ struct Received {
     receipt: String,
     attempt: u32,
     received_at: Instant,
+    /// Why busbar could not decode it (see [`busbar_core::raw::undecodable`]).
+    undecodable: Option<String>,
 }
 
 struct Handed {
@@ -415,31 +417,33 @@ async fn receive_loop(shared: Arc<Shared>) {
                         group_id: system(MessageSystemAttributeName::MessageGroupId),
                         sent_ms: system(MessageSystemAttributeName::SentTimestamp),
                     };
-                    match codec::decode(
-                        m.body.as_deref().unwrap_or(""),
-                        m.message_attributes.as_ref(),
-                        &foreign,
-                    ) {
-                        Ok(message) => {
-                            let key = shared.key_of(&message);
-                            st.admit(
-                                Received {
-                                    message,
-                                    receipt,
-                                    attempt,
-                                    received_at,
-                                },
-                                key,
-                            );
-                        }
-                        Err(e) => {
-                            // Left invisible: it returns after the visibility timeout and, with
-                            // native redrive, ends in the dead-letter queue.
-                            tracing::warn!(error = %e, attempt, "sqs: undecodable message left for redelivery/redrive");
-                            st.outstanding -= 1;
-                            st.errors.push_back(e);
-                        }
-                    }
+                    let body = m.body.as_deref().unwrap_or("");
+                    let attributes = m.message_attributes.as_ref();
+                    // A busbar message with a broken attribute: handed over with what can be
+                    // read (as another program's message would be), marked undecodable, and
+                    // the bus in front dead-letters it.
+                    let (message, undecodable) = match codec::decode(body, attributes, &foreign) {
+                        Ok(message) => (message, None),
+                        Err(e) => (
+                            codec::decode_foreign(
+                                body,
+                                attributes.unwrap_or(&HashMap::new()),
+                                &foreign,
+                            ),
+                            Some(e.to_string()),
+                        ),
+                    };
+                    let key = shared.key_of(&message);
+                    st.admit(
+                        Received {
+                            message,
+                            receipt,
+                            attempt,
+                            received_at,
+                            undecodable,
+                        },
+                        key,
+                    );
                 }
                 drop(st);
                 shared.ready.notify_waiters();
@@ -625,17 +629,16 @@ impl Subscriber for SqsSubscriber {
                 continue;
             }
             let message = Arc::new(r.message);
-            let acker = SqsAck {
+            let acker = Box::new(SqsAck {
                 shared: shared.clone(),
                 token,
                 receipt: r.receipt,
-                message: message.clone(),
-                attempt: r.attempt,
-            };
-            return Ok(Some(Delivery::new(
-                Event::from_shared(shared.topic.clone(), message, r.attempt),
-                Box::new(acker),
-            )));
+            });
+            let event = Event::from_shared(shared.topic.clone(), message, r.attempt);
+            return Ok(Some(match r.undecodable {
+                None => raw::delivery(event, acker),
+                Some(error) => raw::undecodable(event, acker, error),
+            }));
         }
     }
 
@@ -665,8 +668,6 @@ struct SqsAck {
     shared: Arc<Shared>,
     token: u64,
     receipt: String,
-    message: Arc<Message>,
-    attempt: u32,
 }
 
 #[async_trait]
@@ -685,31 +686,9 @@ impl Ack for SqsAck {
         Ok(())
     }
 
-    async fn nack(&self, action: NackAction) -> Result<()> {
+    async fn redeliver(&self, delay: Duration) -> Result<()> {
+        // At most `DURATION_MAX` (12 h, SQS's longest visibility timeout): checked in core.
         self.shared.check_handed(self.token)?;
-        let delay = match action {
-            NackAction::Redeliver => Duration::ZERO,
-            NackAction::RedeliverAfter(d) if d > VISIBILITY_MAX => {
-                return Err(Error::new(
-                    ErrorKind::InvalidInput,
-                    format!("SQS delays a redelivery by at most 12 hours; got {d:?}"),
-                )
-                .with_backend(BACKEND))
-            }
-            NackAction::RedeliverAfter(d) => d,
-            NackAction::DeadLetter { reason } => {
-                let dead = DeadLetterPolicy::new().dead_letter_message(
-                    &self.message,
-                    &self.shared.topic,
-                    &self.shared.options.group,
-                    self.attempt,
-                    &reason,
-                );
-                let dlq = default_dead_letter_topic(&self.shared.topic);
-                self.shared.inner.publish_many(&dlq, &[dead]).await?;
-                return self.ack().await;
-            }
-        };
         // Messages of its key waiting here go back first (the key stays locked in SQS while
         // this one is in flight, so they cannot overtake it); this one last. Settling first
         // also keeps a fresh copy received right after the change from being taken for a
@@ -723,13 +702,6 @@ impl Ack for SqsAck {
 
     async fn extend_deadline(&self, by: Duration) -> Result<()> {
         self.shared.check_handed(self.token)?;
-        if by > VISIBILITY_MAX {
-            return Err(Error::new(
-                ErrorKind::InvalidInput,
-                format!("SQS extends a visibility timeout by at most 12 hours; got {by:?}"),
-            )
-            .with_backend(BACKEND));
-        }
         let asked = Instant::now();
         self.shared.change_visibility(&self.receipt, by).await?;
         self.shared.set_deadline(self.token, asked + by);

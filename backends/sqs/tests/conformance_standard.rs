@@ -10,6 +10,6 @@ fn main() {
         "sqs-standard",
         format!("{base}{separator}fifo=false"),
         "scripts/brokers.sh up (starts fauxqs@1.9.2 on 127.0.0.1:4566), or set BUSBAR_SQS_URL",
-        busbar_sqs::connect_boxed,
+        busbar_core::raw::connect_boxed::<busbar_sqs::Sqs>,
     )]);
 }

@@ -169,11 +169,11 @@ async fn native_redrive_moves_to_the_dlq_queue() -> TestResult {
     d.ack().await?;
     sub.close().await?;
 
-    let queue_url = bus.group_queue_url(topic, "g").await?;
+    let queue_url = bus.raw().group_queue_url(topic, "g").await?;
     let dlq_name = bus
         .config()
         .dead_letter_queue_name(queue_url.rsplit('/').next().unwrap_or_default());
-    let client = bus.sqs_client();
+    let client = bus.raw().sqs_client();
     let dlq_url = client
         .get_queue_url()
         .queue_name(&dlq_name)
@@ -215,8 +215,9 @@ async fn deleted_queue_is_reported() -> TestResult {
     let endpoint = Endpoint::start().await?;
     let bus = SqsBus::connect(&endpoint.url("")).await?;
     let mut sub = bus.subscribe("gone", SubscribeOptions::new("g")).await?;
-    let url = bus.group_queue_url("gone", "g").await?;
-    bus.sqs_client()
+    let url = bus.raw().group_queue_url("gone", "g").await?;
+    bus.raw()
+        .sqs_client()
         .delete_queue()
         .queue_url(&url)
         .send()
@@ -272,13 +273,14 @@ async fn foreign_messages_are_delivered_in_key_order() -> TestResult {
     let topic = "foreign";
     let options = SubscribeOptions::new("g").ack_timeout(Duration::from_secs(2));
     bus.provision(topic, &options).await?;
-    let queue_url = bus.group_queue_url(topic, "g").await?;
+    let queue_url = bus.raw().group_queue_url(topic, "g").await?;
     let origin = MessageAttributeValue::builder()
         .data_type("String")
         .string_value("legacy")
         .build()
         .map_err(|e| e.to_string())?;
     let mut send = bus
+        .raw()
         .sqs_client()
         .send_message()
         .queue_url(&queue_url)

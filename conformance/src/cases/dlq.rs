@@ -5,9 +5,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, ensure, Context, Result};
-use busbar_core::{
-    dlq_headers, redrive, Consumer, Event, RedriveOptions, RetryPolicy, StartPosition,
-};
+use busbar_core::dead_letter::{headers as dlq_headers, redrive, RedriveOptions};
+use busbar_core::{Consumer, Event, RetryPolicy, StartPosition};
 
 use crate::support::{keyed, latest, parse_keyed, publish_all, wait_for, Ctx};
 use crate::Outcome;
@@ -27,7 +26,7 @@ struct Record {
 /// brings it back to the topic.
 pub async fn runner_retry_then_dlq(ctx: Ctx) -> Result<Outcome> {
     let topic = ctx.topic("t");
-    let dlq_topic = busbar_core::default_dead_letter_topic(&topic);
+    let dlq_topic = busbar_core::dead_letter::default_topic(&topic);
     let group = ctx.group("g");
     let bus = ctx.bus.clone();
     bus.provision(&topic, &latest(&group)).await?;
@@ -219,7 +218,9 @@ pub async fn runner_retry_then_dlq(ctx: Ctx) -> Result<Outcome> {
         }
     };
     ensure!(
-        back.headers.get(busbar_core::redrive::REDRIVEN_FROM_HEADER) == Some(dlq_topic.as_str()),
+        back.headers
+            .get(busbar_core::dead_letter::REDRIVEN_FROM_HEADER)
+            == Some(dlq_topic.as_str()),
         "redriven message lacks its origin header"
     );
     ensure!(
@@ -306,7 +307,7 @@ pub async fn dead_letters_kept_without_provisioning(ctx: Ctx) -> Result<Outcome>
     .await
     .context("nack(DeadLetter)")?;
     sub.close().await?;
-    let raw_dlq = busbar_core::default_dead_letter_topic(&raw_topic);
+    let raw_dlq = busbar_core::dead_letter::default_topic(&raw_topic);
     read_dead_letter(
         &bus,
         &raw_dlq,
@@ -351,7 +352,7 @@ pub async fn dead_letters_kept_without_provisioning(ctx: Ctx) -> Result<Outcome>
     .await?;
     // The runner finishes the failed delivery (dead-letters it) before it stops.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let run_dlq = busbar_core::default_dead_letter_topic(&run_topic);
+    let run_dlq = busbar_core::dead_letter::default_topic(&run_topic);
     let _ = stop_tx.send(());
     let report = run.await.context("runner task")??;
     ensure!(report.dead_lettered == 1, "runner report: {report:?}");

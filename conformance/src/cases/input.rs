@@ -108,7 +108,7 @@ pub async fn bad_input(ctx: Ctx) -> Result<Outcome> {
             &format!("subscribe to {t:?}"),
         )?;
     }
-    let long = "t".repeat(busbar_core::TOPIC_MAX_LEN + 1);
+    let long = "t".repeat(busbar_core::limits::TOPIC_MAX_LEN + 1);
     expect_kind(
         bus.publish(&long, Message::new("x"), &po).await,
         ErrorKind::InvalidTopic,
@@ -178,14 +178,14 @@ pub async fn bad_input(ctx: Ctx) -> Result<Outcome> {
 
 /// The longest durations and metadata strings are typed errors, never panics, and a batch
 /// holding one bad message publishes nothing: ack timeouts, redelivery delays, deadline
-/// extensions and publish delays past [`busbar_core::DURATION_MAX`]; an id, type or content
-/// type over [`busbar_core::METADATA_MAX_BYTES`].
+/// extensions and publish delays past [`busbar_core::limits::DURATION_MAX`]; an id, type or content
+/// type over [`busbar_core::limits::METADATA_MAX_BYTES`].
 pub async fn extreme_values(ctx: Ctx) -> Result<Outcome> {
     let bus = &ctx.bus;
     let caps = bus.capabilities();
     let topic = ctx.topic("t");
     let group = ctx.group("g");
-    let too_long = busbar_core::DURATION_MAX + Duration::from_secs(1);
+    let too_long = busbar_core::limits::DURATION_MAX + Duration::from_secs(1);
     for d in [Duration::MAX, too_long] {
         expect_kind(
             bus.subscribe(&topic, latest(&group).ack_timeout(d)).await,
@@ -210,7 +210,7 @@ pub async fn extreme_values(ctx: Ctx) -> Result<Outcome> {
     let mut sub = bus.subscribe(&topic, latest(&group)).await?;
 
     // Metadata over the limit, alone and in the middle of a batch: nothing is published.
-    let long = "i".repeat(busbar_core::METADATA_MAX_BYTES + 1);
+    let long = "i".repeat(busbar_core::limits::METADATA_MAX_BYTES + 1);
     let bad = [
         Message::new("long id").with_id(long.clone()),
         Message::new("long type").with_type(long.clone()),
@@ -241,9 +241,9 @@ pub async fn extreme_values(ctx: Ctx) -> Result<Outcome> {
     // Exactly at the limit is fine.
     let at_limit = Message::new("at the limit")
         .with_key("k")
-        .with_id("j".repeat(busbar_core::METADATA_MAX_BYTES))
-        .with_type("t".repeat(busbar_core::METADATA_MAX_BYTES))
-        .with_content_type("c".repeat(busbar_core::METADATA_MAX_BYTES));
+        .with_id("j".repeat(busbar_core::limits::METADATA_MAX_BYTES))
+        .with_type("t".repeat(busbar_core::limits::METADATA_MAX_BYTES))
+        .with_content_type("c".repeat(busbar_core::limits::METADATA_MAX_BYTES));
     let id = at_limit.id.clone();
     bus.publish(&topic, at_limit, &po)
         .await
@@ -287,14 +287,14 @@ pub async fn longest_names(ctx: Ctx) -> Result<Outcome> {
     let topic = format!(
         "{}{}",
         ctx.topic("n"),
-        "_".repeat(busbar_core::TOPIC_MAX_LEN)
-    )[..busbar_core::TOPIC_MAX_LEN]
+        "_".repeat(busbar_core::limits::TOPIC_MAX_LEN)
+    )[..busbar_core::limits::TOPIC_MAX_LEN]
         .to_owned();
     let group = format!(
         "{}{}",
         ctx.group("g"),
-        "_".repeat(busbar_core::GROUP_MAX_LEN)
-    )[..busbar_core::GROUP_MAX_LEN]
+        "_".repeat(busbar_core::limits::GROUP_MAX_LEN)
+    )[..busbar_core::limits::GROUP_MAX_LEN]
         .to_owned();
     bus.provision(&topic, &latest(&group)).await?;
     let mut sub = bus.subscribe(&topic, latest(&group)).await?;
@@ -312,7 +312,7 @@ pub async fn longest_names(ctx: Ctx) -> Result<Outcome> {
     .await
     .context("dead-lettering under the longest names")?;
     sub.close().await?;
-    let dlq = busbar_core::default_dead_letter_topic(&topic);
+    let dlq = busbar_core::dead_letter::default_topic(&topic);
     let start = if bus.capabilities().replay {
         busbar_core::StartPosition::Earliest
     } else {
@@ -321,7 +321,7 @@ pub async fn longest_names(ctx: Ctx) -> Result<Outcome> {
     let mut dead = bus
         .subscribe(
             &dlq,
-            SubscribeOptions::new(busbar_core::DEAD_LETTER_GROUP).start(start),
+            SubscribeOptions::new(busbar_core::dead_letter::GROUP).start(start),
         )
         .await?;
     let d = tokio::time::timeout(Duration::from_secs(30), dead.next())

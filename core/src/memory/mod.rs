@@ -25,25 +25,24 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::time::Instant;
 
-use crate::bus::{check_publish, Ack, Delivery, EventBus, NackAction, Subscriber};
+use crate::bus::{Ack, Delivery, Subscriber};
 use crate::capabilities::{Capabilities, Ordering};
 use crate::error::{Error, ErrorKind, Result};
+use crate::front::Bus;
 use crate::message::Message;
 use crate::options::{PublishOptions, StartPosition, SubscribeOptions};
-use crate::topic::validate_topic;
+use crate::raw::{known, Backend, Identity};
 
 use state::{Dispatch, State};
 
-/// The URL schemes of the memory backend.
-pub const SCHEMES: &[&str] = &["memory"];
+const BACKEND: &str = known::MEMORY.name;
 
-const BACKEND: &str = "memory";
-
-/// Opens a memory bus from a URL, as a trait object (the registry's [`crate::ConnectFn`]).
+/// Opens a memory bus from a URL, as a trait object (the registry's
+/// [`crate::raw::ConnectFn`]).
 pub fn connect_boxed(
     url: String,
-) -> futures::future::BoxFuture<'static, Result<Arc<dyn EventBus>>> {
-    Box::pin(async move { Ok(Arc::new(MemoryBus::from_url(&url)?) as Arc<dyn EventBus>) })
+) -> futures::future::BoxFuture<'static, Result<Arc<dyn crate::EventBus>>> {
+    Box::pin(async move { Ok(Arc::new(MemoryBus::from_url(&url)?) as Arc<dyn crate::EventBus>) })
 }
 
 /// Configuration of a [`MemoryBus`].
@@ -123,7 +122,8 @@ impl Shared {
     }
 }
 
-/// The in-memory event bus. Cloning gives another handle to the same bus.
+/// The in-memory event bus: [`Memory`] behind the checks of [`Bus`]. Cloning gives another
+/// handle to the same bus.
 ///
 /// ```
 /// # tokio_test_block(async {
@@ -141,8 +141,11 @@ impl Shared {
 /// #     tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(f).unwrap()
 /// # }
 /// ```
+pub type MemoryBus = Bus<Memory>;
+
+/// The in-memory backend (see [`MemoryBus`]).
 #[derive(Clone)]
-pub struct MemoryBus {
+pub struct Memory {
     shared: Arc<Shared>,
     /// Closed state of this connection (shared by its clones, not by other connections to
     /// the same named bus).
@@ -150,7 +153,7 @@ pub struct MemoryBus {
     name: Option<Arc<str>>,
 }
 
-impl fmt::Debug for MemoryBus {
+impl fmt::Debug for Memory {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("MemoryBus")
             .field("name", &self.name)
@@ -159,7 +162,7 @@ impl fmt::Debug for MemoryBus {
     }
 }
 
-impl Default for MemoryBus {
+impl Default for Bus<Memory> {
     fn default() -> Self {
         Self::new()
     }
@@ -170,7 +173,7 @@ fn named_buses() -> &'static Mutex<HashMap<String, Weak<Shared>>> {
     NAMED.get_or_init(Default::default)
 }
 
-impl MemoryBus {
+impl Bus<Memory> {
     /// A private bus with the default configuration.
     pub fn new() -> Self {
         Self::with_config(MemoryConfig::default())
@@ -178,6 +181,29 @@ impl MemoryBus {
 
     /// A private bus with `config`.
     pub fn with_config(config: MemoryConfig) -> Self {
+        Self::from_backend(Memory::with_config(config))
+    }
+
+    /// Opens a bus from a `memory://` URL: a private one, or a new connection to the named
+    /// one of this process (closing it closes only that connection). A named bus lives while
+    /// any connection to it does.
+    pub fn from_url(url: &str) -> Result<Self> {
+        Memory::from_url(url).map(Self::from_backend)
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &MemoryConfig {
+        &self.raw().shared.config
+    }
+
+    /// The capabilities of every memory bus with `config`.
+    pub fn capabilities_for(config: &MemoryConfig) -> Capabilities {
+        Memory::capabilities_for(config)
+    }
+}
+
+impl Memory {
+    fn with_config(config: MemoryConfig) -> Self {
         Self {
             shared: Arc::new(Shared {
                 state: Mutex::new(State::default()),
@@ -196,10 +222,7 @@ impl MemoryBus {
         }
     }
 
-    /// Opens a bus from a `memory://` URL: a private one, or a new connection to the named
-    /// one of this process (closing it closes only that connection). A named bus lives while
-    /// any connection to it does.
-    pub fn from_url(url: &str) -> Result<Self> {
+    fn from_url(url: &str) -> Result<Self> {
         let (config, name) = MemoryConfig::from_url(url)?;
         let Some(name) = name else {
             return Ok(Self::with_config(config));
@@ -221,13 +244,7 @@ impl MemoryBus {
         })
     }
 
-    /// The configuration.
-    pub fn config(&self) -> &MemoryConfig {
-        &self.shared.config
-    }
-
-    /// The capabilities of every memory bus with `config`.
-    pub fn capabilities_for(config: &MemoryConfig) -> Capabilities {
+    fn capabilities_for(config: &MemoryConfig) -> Capabilities {
         let mut c = Capabilities::none();
         c.ordering = Ordering::PerKey;
         c.consumer_groups = true;
@@ -264,39 +281,20 @@ impl MemoryBus {
 }
 
 #[async_trait]
-impl EventBus for MemoryBus {
-    fn backend(&self) -> &'static str {
-        BACKEND
-    }
+impl Backend for Memory {
+    const IDENTITY: Identity = known::MEMORY;
 
     fn capabilities(&self) -> Capabilities {
         Self::capabilities_for(&self.shared.config)
     }
 
-    async fn publish(&self, topic: &str, message: Message, options: &PublishOptions) -> Result<()> {
-        self.check_open()?;
-        check_publish(
-            BACKEND,
-            &self.capabilities(),
-            topic,
-            std::slice::from_ref(&message),
-            options,
-        )?;
-        self.append(topic, vec![message], options.delay);
-        Ok(())
-    }
-
-    async fn publish_batch(
+    async fn publish(
         &self,
         topic: &str,
         messages: Vec<Message>,
         options: &PublishOptions,
     ) -> Result<()> {
-        self.check_open()?;
-        check_publish(BACKEND, &self.capabilities(), topic, &messages, options)?;
-        if !messages.is_empty() {
-            self.append(topic, messages, options.delay);
-        }
+        self.append(topic, messages, options.delay);
         Ok(())
     }
 
@@ -305,9 +303,6 @@ impl EventBus for MemoryBus {
         topic: &str,
         options: SubscribeOptions,
     ) -> Result<Box<dyn Subscriber>> {
-        self.check_open()?;
-        validate_topic(topic)?;
-        options.validate()?;
         let (member, notify) = {
             let mut state = self.shared.lock();
             let member = state.next_id();
@@ -327,9 +322,6 @@ impl EventBus for MemoryBus {
     }
 
     async fn provision(&self, topic: &str, options: &SubscribeOptions) -> Result<()> {
-        self.check_open()?;
-        validate_topic(topic)?;
-        options.validate()?;
         let mut state = self.shared.lock();
         state
             .topic_mut(topic)
@@ -350,7 +342,7 @@ impl EventBus for MemoryBus {
 }
 
 struct MemorySubscriber {
-    bus: MemoryBus,
+    bus: Memory,
     topic: Arc<str>,
     options: SubscribeOptions,
     member: u64,
@@ -401,7 +393,7 @@ impl Subscriber for MemorySubscriber {
                         tag,
                         subscriber_closed: self.closed.clone(),
                     };
-                    return Ok(Some(Delivery::new(event, Box::new(acker))));
+                    return Ok(Some(crate::raw::delivery(event, Box::new(acker))));
                 }
                 Dispatch::Wait(until) => match until {
                     Some(at) => {
@@ -451,7 +443,7 @@ impl MemorySubscriber {
 }
 
 struct MemoryAck {
-    bus: MemoryBus,
+    bus: Memory,
     topic: Arc<str>,
     group: String,
     offset: u64,
@@ -491,34 +483,10 @@ impl Ack for MemoryAck {
         Ok(())
     }
 
-    async fn nack(&self, action: NackAction) -> Result<()> {
+    async fn redeliver(&self, after: Duration) -> Result<()> {
         self.check_open()?;
-        match action {
-            NackAction::Redeliver => {
-                self.with_group(|g, wake| *wake = g.nack(self.offset, self.tag, None));
-            }
-            NackAction::RedeliverAfter(d) => {
-                let at = Instant::now() + d;
-                self.with_group(|g, wake| *wake = g.nack(self.offset, self.tag, Some(at)));
-            }
-            NackAction::DeadLetter { reason } => {
-                let held = self.with_group(|g, _| g.held(self.offset, self.tag));
-                let Some((message, attempts)) = held else {
-                    return Ok(());
-                };
-                let dlq = crate::policy::DeadLetterPolicy::new();
-                let dead =
-                    dlq.dead_letter_message(&message, &self.topic, &self.group, attempts, &reason);
-                self.bus
-                    .publish(
-                        &dlq.topic_for(&self.topic),
-                        dead,
-                        &PublishOptions::default(),
-                    )
-                    .await?;
-                self.with_group(|g, wake| *wake = g.ack(self.offset, self.tag));
-            }
-        }
+        let at = (!after.is_zero()).then(|| Instant::now() + after);
+        self.with_group(|g, wake| *wake = g.nack(self.offset, self.tag, at));
         Ok(())
     }
 

@@ -465,14 +465,6 @@ impl Group {
         true
     }
 
-    /// The message and attempt count of a held delivery.
-    pub(super) fn held(&self, offset: u64, tag: u64) -> Option<(Arc<Message>, u32)> {
-        self.pending
-            .get(&offset)
-            .filter(|p| p.tag == tag)
-            .map(|p| (p.message.clone(), p.attempts))
-    }
-
     /// Moves the ack deadline of a held delivery to `at`.
     pub(super) fn extend(&mut self, offset: u64, tag: u64, at: Instant) -> bool {
         let Some(p) = self.pending.get_mut(&offset).filter(|p| p.tag == tag) else {

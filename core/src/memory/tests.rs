@@ -1,5 +1,5 @@
 use super::*;
-use crate::bus::EventBus;
+use crate::bus::{EventBus, NackAction};
 use std::time::Duration;
 
 fn opts(group: &str) -> SubscribeOptions {
@@ -188,11 +188,12 @@ async fn nack_dead_letter_moves_the_message_with_metadata() {
     let dead = next(&mut dlq).await;
     assert_eq!(&dead.payload()[..], b"k-0");
     assert_eq!(
-        dead.headers().get(crate::dlq_headers::ERROR),
+        dead.headers().get(crate::dead_letter::headers::ERROR),
         Some("bad data")
     );
     assert_eq!(
-        dead.headers().get(crate::dlq_headers::ORIGINAL_TOPIC),
+        dead.headers()
+            .get(crate::dead_letter::headers::ORIGINAL_TOPIC),
         Some("t")
     );
     nothing_within(&mut sub, Duration::from_millis(50)).await;

@@ -2,7 +2,7 @@ use super::*;
 use crate::bus::{Ack, NackAction};
 use crate::memory::MemoryBus;
 use crate::message::Message;
-use crate::options::StartPosition;
+use crate::options::{PublishOptions, StartPosition};
 use async_trait::async_trait;
 use std::sync::atomic::AtomicUsize;
 
@@ -197,10 +197,16 @@ async fn a_poison_message_is_retried_then_dead_lettered_while_other_keys_flow() 
     assert_eq!(&dead.payload()[..], b"bad-0");
     assert_eq!(dead.key(), Some("bad"));
     let h = dead.headers();
-    assert_eq!(h.get(crate::dlq_headers::ATTEMPTS), Some("3"));
-    assert_eq!(h.get(crate::dlq_headers::ERROR), Some("cannot parse bad-0"));
-    assert_eq!(h.get(crate::dlq_headers::ORIGINAL_TOPIC), Some("orders"));
-    assert_eq!(h.get(crate::dlq_headers::GROUP), Some("g"));
+    assert_eq!(h.get(crate::dead_letter::headers::ATTEMPTS), Some("3"));
+    assert_eq!(
+        h.get(crate::dead_letter::headers::ERROR),
+        Some("cannot parse bad-0")
+    );
+    assert_eq!(
+        h.get(crate::dead_letter::headers::ORIGINAL_TOPIC),
+        Some("orders")
+    );
+    assert_eq!(h.get(crate::dead_letter::headers::GROUP), Some("g"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -253,10 +259,13 @@ async fn a_permanent_failure_is_dead_lettered_at_once() {
         .expect("subscribe");
     let first = dlq.next().await.expect("next").expect("a dead letter");
     assert_eq!(first.payload().as_ref(), b"k-0");
-    assert_eq!(first.headers().get(crate::dlq_headers::ATTEMPTS), Some("1"));
+    assert_eq!(
+        first.headers().get(crate::dead_letter::headers::ATTEMPTS),
+        Some("1")
+    );
     assert!(first
         .headers()
-        .get(crate::dlq_headers::ERROR)
+        .get(crate::dead_letter::headers::ERROR)
         .is_some_and(|e| e.contains("not an order")));
 }
 
@@ -430,7 +439,12 @@ impl Ack for CountingAck {
         self.finish();
         Ok(())
     }
-    async fn nack(&self, action: NackAction) -> Result<()> {
+    async fn redeliver(&self, after: Duration) -> Result<()> {
+        let action = if after.is_zero() {
+            NackAction::Redeliver
+        } else {
+            NackAction::RedeliverAfter(after)
+        };
         self.delivery.nack(action).await?;
         self.finish();
         Ok(())
@@ -449,7 +463,7 @@ impl Subscriber for CountingSub {
         let now = self.outstanding.fetch_add(1, AtomicOrdering::SeqCst) + 1;
         self.max_outstanding.fetch_max(now, AtomicOrdering::SeqCst);
         let event = d.event().clone();
-        Ok(Some(Delivery::new(
+        Ok(Some(crate::raw::delivery(
             event,
             Box::new(CountingAck {
                 delivery: d,

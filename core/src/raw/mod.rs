@@ -1,5 +1,37 @@
-//! For backend authors: helpers every backend needs the same way. Less stable than the
-//! application API; applications do not need anything here.
+//! For backend authors: the [`Backend`] trait a broker backend implements, the toolkit every
+//! backend needs the same way (in-flight tracking, ack coalescing, name fitting, URL
+//! credentials), and the pieces of a [`Delivery`] only a backend builds.
+//!
+//! Less stable than the application API, and not re-exported by the `busbar` facade.
+//! Applications never need anything here: they hold a [`crate::Bus`] (or an
+//! `Arc<dyn EventBus>`), which does every check of the contract once, in front of the
+//! backend, and dead-letters through one path. A backend only translates to its broker.
+
+mod backend;
+pub mod coalesce;
+pub mod inflight;
+
+pub use crate::bus::{check_publish, Ack};
+pub use crate::error::BoxError;
+pub use crate::options::check_duration;
+pub use crate::partition::partition_for;
+pub use crate::registry::{redact_url, BackendEntry, ConnectFn, Registry};
+pub use backend::{connect_boxed, known, Backend, Connect, Identity};
+
+use crate::bus::{Delivery, Event};
+
+/// A delivery of `event`, settled through `acker` (what a backend's subscriber returns).
+pub fn delivery(event: Event, acker: Box<dyn Ack>) -> Delivery {
+    Delivery::new(event, acker)
+}
+
+/// A delivery the backend could not decode as busbar's: `event` holds what could be read
+/// (the raw payload, the broker's headers, a position-derived id). The [`crate::Bus`] in
+/// front dead-letters it at once with `error` as the reason, through the same path as every
+/// dead letter, and never hands it to the application.
+pub fn undecodable(event: Event, acker: Box<dyn Ack>, error: impl Into<String>) -> Delivery {
+    Delivery::new(event, acker).undecodable(error.into())
+}
 
 /// Decodes the percent-escapes of a URL's user name or password, for backends reading
 /// credentials from their URL: `%2B` is `+`, `%40` is `@`, and a literal `+` stays `+` (it

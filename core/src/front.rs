@@ -1,0 +1,258 @@
+//! [`Bus`]: the one front door every backend sits behind. It checks the contract once,
+//! with one wording per error, and dead-letters through one path.
+
+use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use tokio::sync::OnceCell;
+
+use crate::bus::{check_publish, Delivery, Event, EventBus, Subscriber};
+use crate::capabilities::Capabilities;
+use crate::error::{Error, Result};
+use crate::message::Message;
+use crate::options::{PublishOptions, StartPosition, SubscribeOptions};
+use crate::policy::{DeadLetterPolicy, DEAD_LETTER_GROUP};
+use crate::raw::{Backend, Connect};
+
+/// An event bus: one backend behind the checks every backend keeps the same way.
+///
+/// Each backend names its own: `busbar::redis::RedisBus` is `Bus<Redis>`,
+/// [`crate::memory::MemoryBus`] is `Bus<Memory>`. Cloning gives another handle to the same
+/// connection. Applications use it through [`EventBus`] (often as `Arc<dyn EventBus>`).
+pub struct Bus<B> {
+    inner: Arc<Inner<B>>,
+}
+
+struct Inner<B> {
+    backend: B,
+    closed: AtomicBool,
+}
+
+impl<B> Clone for Bus<B> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+impl<B: fmt::Debug> fmt::Debug for Bus<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.inner.backend, f)
+    }
+}
+
+impl<B: Backend> Bus<B> {
+    /// The bus in front of `backend` (for backend authors and tests; applications connect
+    /// with [`Bus::connect`] or `busbar::connect`).
+    pub fn from_backend(backend: B) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                backend,
+                closed: AtomicBool::new(false),
+            }),
+        }
+    }
+
+    /// The backend behind this bus (its own methods: configuration, broker details).
+    pub fn raw(&self) -> &B {
+        &self.inner.backend
+    }
+
+    fn name(&self) -> &'static str {
+        B::IDENTITY.name
+    }
+
+    fn check_open(&self) -> Result<()> {
+        if self.inner.closed.load(AtomicOrdering::Acquire) {
+            Err(Error::closed(&format!("{} bus", self.name())).with_backend(self.name()))
+        } else {
+            Ok(())
+        }
+    }
+
+    /// The checks of `subscribe` and `provision`: open bus, valid names and options, and a
+    /// start position the backend can honour.
+    fn check_subscribe(&self, topic: &str, options: &SubscribeOptions) -> Result<()> {
+        self.check_open()?;
+        let tag = |e: Error| e.with_backend(self.name());
+        crate::topic::validate_topic(topic).map_err(tag)?;
+        options.validate().map_err(tag)?;
+        if options.dead_letter != DeadLetterPolicy::default() {
+            // A topic of the user's: checked now rather than at the first dead letter (the
+            // default, `<topic>.dlq`, is valid for every valid topic but a dead-letter topic).
+            crate::topic::validate_topic(&options.dead_letter.topic_for(topic)).map_err(tag)?;
+        }
+        if options.start == StartPosition::Earliest && !self.capabilities().replay {
+            return Err(Error::unsupported(
+                self.name(),
+                "starting a group at the earliest message (capability replay is off: the broker keeps nothing for a group before it exists)",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl<B: Connect> Bus<B> {
+    /// Connects to the broker of `url`. Errors: `Config` (malformed URL or options),
+    /// `Connection` (unreachable), `Auth` (refused credentials).
+    pub async fn connect(url: &str) -> Result<Self> {
+        Self::with_config(B::config_from_url(url)?).await
+    }
+
+    /// Connects with an explicit configuration.
+    pub async fn with_config(config: B::Config) -> Result<Self> {
+        Ok(Self::from_backend(B::connect_with(config).await?))
+    }
+
+    /// The configuration this bus connected with.
+    pub fn config(&self) -> &B::Config {
+        self.inner.backend.config()
+    }
+}
+
+#[async_trait]
+impl<B: Backend> EventBus for Bus<B> {
+    fn backend(&self) -> &'static str {
+        self.name()
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        self.inner.backend.capabilities()
+    }
+
+    fn server_version(&self) -> Option<String> {
+        self.inner.backend.server_version()
+    }
+
+    async fn publish(&self, topic: &str, message: Message, options: &PublishOptions) -> Result<()> {
+        self.check_open()?;
+        check_publish(
+            self.name(),
+            &self.capabilities(),
+            topic,
+            std::slice::from_ref(&message),
+            options,
+        )?;
+        self.inner
+            .backend
+            .publish(topic, vec![message], options)
+            .await
+    }
+
+    async fn publish_batch(
+        &self,
+        topic: &str,
+        messages: Vec<Message>,
+        options: &PublishOptions,
+    ) -> Result<()> {
+        self.check_open()?;
+        check_publish(self.name(), &self.capabilities(), topic, &messages, options)?;
+        if messages.is_empty() {
+            return Ok(());
+        }
+        self.inner.backend.publish(topic, messages, options).await
+    }
+
+    async fn subscribe(
+        &self,
+        topic: &str,
+        options: SubscribeOptions,
+    ) -> Result<Box<dyn Subscriber>> {
+        self.check_subscribe(topic, &options)?;
+        let dead_letters = Arc::new(DeadLetters {
+            bus: Arc::new(self.clone()),
+            topic: topic.into(),
+            group: options.group.clone(),
+            policy: options.dead_letter.clone(),
+            kept: OnceCell::new(),
+        });
+        let inner = self.inner.backend.subscribe(topic, options).await?;
+        Ok(Box::new(FrontSubscriber {
+            inner,
+            dead_letters,
+        }))
+    }
+
+    async fn provision(&self, topic: &str, options: &SubscribeOptions) -> Result<()> {
+        self.check_subscribe(topic, options)?;
+        self.inner.backend.provision(topic, options).await
+    }
+
+    async fn close(&self) -> Result<()> {
+        if self.inner.closed.swap(true, AtomicOrdering::AcqRel) {
+            return Ok(());
+        }
+        self.inner.backend.close().await
+    }
+}
+
+/// The one dead-letter path of a subscription: `nack(DeadLetter)`, the consumer runner and
+/// undecodable messages all publish here, to the subscription's [`DeadLetterPolicy`] topic.
+pub(crate) struct DeadLetters {
+    bus: Arc<dyn EventBus>,
+    topic: Arc<str>,
+    group: String,
+    policy: DeadLetterPolicy,
+    /// Set once the dead-letter topic has its group [`DEAD_LETTER_GROUP`].
+    kept: OnceCell<()>,
+}
+
+impl DeadLetters {
+    /// Publishes `event`'s message, with the dead-letter headers, to the dead-letter topic.
+    /// Before the first one, the topic gets its group [`DEAD_LETTER_GROUP`], so dead letters
+    /// are retained (and readable, and redrivable) on every backend, even those that keep
+    /// nothing for a topic no group reads (SNS, RabbitMQ).
+    pub(crate) async fn send(&self, event: &Event, attempts: u32, reason: &str) -> Result<()> {
+        let dlq = self.policy.topic_for(&self.topic);
+        self.kept
+            .get_or_try_init(|| async {
+                self.bus
+                    .provision(&dlq, &SubscribeOptions::new(DEAD_LETTER_GROUP))
+                    .await
+            })
+            .await?;
+        let message = self.policy.dead_letter_message(
+            event.message(),
+            &self.topic,
+            &self.group,
+            attempts,
+            reason,
+        );
+        self.bus
+            .publish(&dlq, message, &PublishOptions::default())
+            .await
+    }
+}
+
+struct FrontSubscriber {
+    inner: Box<dyn Subscriber>,
+    dead_letters: Arc<DeadLetters>,
+}
+
+#[async_trait]
+impl Subscriber for FrontSubscriber {
+    async fn next(&mut self) -> Result<Option<Delivery>> {
+        loop {
+            let Some(delivery) = self.inner.next().await? else {
+                return Ok(None);
+            };
+            let delivery = delivery.with_dead_letters(self.dead_letters.clone());
+            let Some(error) = delivery.undecodable_error() else {
+                return Ok(Some(delivery));
+            };
+            let error = error.to_owned();
+            tracing::error!(topic = %delivery.topic(), id = delivery.id(), %error, "busbar: undecodable message; dead-lettering it");
+            if let Err(e) = delivery.dead_letter(&error, delivery.attempt()).await {
+                // Left unacked: the broker hands it out again after the ack timeout.
+                tracing::error!(topic = %delivery.topic(), id = delivery.id(), error = %e, "busbar: dead-lettering an undecodable message failed; it stays unacked");
+            }
+        }
+    }
+
+    async fn close(&mut self) -> Result<()> {
+        self.inner.close().await
+    }
+}
