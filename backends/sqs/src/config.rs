@@ -176,17 +176,10 @@ impl SqsConfig {
         self.resource_name(&[topic], 256)
     }
 
-    /// The SQS queue name of a consumer group of `topic`.
+    /// The SQS queue name of a consumer group of `topic`, within 76 of SQS's 80 bytes (room
+    /// once kept for a `-dlq` suffix; kept so existing groups keep their queues).
     pub fn queue_name(&self, topic: &str, group: &str) -> String {
-        self.resource_name(&[topic, group], 80 - DLQ_SUFFIX.len())
-    }
-
-    /// The dead-letter queue of a group queue: `<queue>-dlq` (before `.fifo`).
-    pub fn dead_letter_queue_name(&self, queue: &str) -> String {
-        match queue.strip_suffix(FIFO_SUFFIX) {
-            Some(base) => format!("{base}{DLQ_SUFFIX}{FIFO_SUFFIX}"),
-            None => format!("{queue}{DLQ_SUFFIX}"),
-        }
+        self.resource_name(&[topic, group], QUEUE_NAME_MAX)
     }
 
     /// `prefix` + the escaped parts joined by `_-` (+ `.fifo`), within `max` bytes: a name
@@ -211,7 +204,7 @@ impl SqsConfig {
 }
 
 const FIFO_SUFFIX: &str = ".fifo";
-const DLQ_SUFFIX: &str = "-dlq";
+const QUEUE_NAME_MAX: usize = 76;
 /// Joins topic and group; [`escape`] never produces it, so names cannot collide.
 const SEPARATOR: &str = "_-";
 
@@ -305,21 +298,12 @@ mod tests {
         assert_ne!(fifo.queue_name("a_", "-b"), fifo.queue_name("a", "b"));
         let q = fifo.queue_name("orders", "billing");
         assert_eq!(q, "busbar-orders_-billing.fifo");
-        assert_eq!(
-            fifo.dead_letter_queue_name(&q),
-            "busbar-orders_-billing-dlq.fifo"
-        );
         let long = fifo.queue_name(&"t".repeat(200), &"g".repeat(120));
         assert!(long.len() <= 80 - 4, "{}", long.len());
         assert!(long.ends_with(".fifo"));
         assert_ne!(long, fifo.queue_name(&"t".repeat(200), &"h".repeat(120)));
-        assert!(fifo.dead_letter_queue_name(&long).len() <= 80);
         let standard = SqsConfig::from_url("sqs://?fifo=false").expect("url");
         assert_eq!(standard.queue_name("a", "b"), "busbar-a_-b");
-        assert_eq!(
-            standard.dead_letter_queue_name("busbar-a_-b"),
-            "busbar-a_-b-dlq"
-        );
         for name in [long, fifo.topic_name(&"x.y_z-".repeat(30))] {
             let base = name.trim_end_matches(".fifo");
             assert!(base

@@ -43,7 +43,11 @@ pub(crate) const VISIBILITY_MAX: Duration = Duration::from_secs(12 * 3600);
 #[derive(Debug, Clone)]
 pub(crate) struct GroupQueue {
     pub(crate) url: String,
+    arn: String,
 }
+
+/// How long SQS keeps messages at most (14 days): the retention of dead-letter topics' queues.
+const RETENTION_MAX_SECS: u64 = 1_209_600;
 
 pub(crate) struct Inner {
     pub(crate) config: SqsConfig,
@@ -165,24 +169,25 @@ impl Inner {
         }
         let topic_arn = self.topic_arn(topic).await?;
         let name = self.config.queue_name(topic, &options.group);
+        let dead_letters = busbar_core::dead_letter::is_dead_letter_topic(topic);
+        let retention = if dead_letters {
+            RETENTION_MAX_SECS
+        } else {
+            self.config.retention.as_secs()
+        };
         let mut attributes = HashMap::from([(
             QueueAttributeName::MessageRetentionPeriod,
-            self.config.retention.as_secs().to_string(),
+            retention.to_string(),
         )]);
-        if let Some(max) = self.config.max_receive_count {
-            let dlq = self.config.dead_letter_queue_name(&name);
-            let (_, dlq_arn) = self
-                .queue(
-                    &dlq,
-                    HashMap::from([(
-                        QueueAttributeName::MessageRetentionPeriod,
-                        "1209600".to_owned(),
-                    )]),
-                )
-                .await?;
+        if let Some(max) = self.config.max_receive_count.filter(|_| !dead_letters) {
+            // Native redrive lands where busbar's dead letters do: the queue of the group
+            // `busbar-redrive` of `<topic>.dlq`, readable (and redrivable) through busbar.
+            let keep = SubscribeOptions::new(busbar_core::dead_letter::GROUP);
+            let dlq_topic = busbar_core::dead_letter::default_topic(topic);
+            let target = Box::pin(self.ensure_group(&dlq_topic, &keep)).await?;
             attributes.insert(
                 QueueAttributeName::RedrivePolicy,
-                serde_json::json!({ "deadLetterTargetArn": dlq_arn, "maxReceiveCount": max })
+                serde_json::json!({ "deadLetterTargetArn": target.arn, "maxReceiveCount": max })
                     .to_string(),
             );
         }
@@ -216,7 +221,7 @@ impl Inner {
             .send()
             .await
             .map_err(|e| error::map(e, "subscribing the group's queue to the topic"))?;
-        let group = GroupQueue { url };
+        let group = GroupQueue { url, arn };
         lock(&self.groups).insert(id, group.clone());
         Ok(group)
     }

@@ -127,6 +127,30 @@ impl Shared {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// A message SQS moved here by native redrive (into the `busbar-redrive` queue of a
+    /// dead-letter topic) carries no dead-letter headers of busbar's; it gets them, so it reads
+    /// and redrives like any dead letter.
+    fn natively_dead_lettered(&self, mut m: Message) -> Message {
+        use busbar_core::dead_letter::headers;
+        let Some(original) = self.topic.strip_suffix(".dlq") else {
+            return m;
+        };
+        if m.headers.get(headers::ORIGINAL_TOPIC).is_none() {
+            m.headers.insert(headers::ORIGINAL_TOPIC, original);
+            m.headers.insert(
+                headers::ERROR,
+                format!(
+                    "SQS moved it here after {} receives (native redrive, max_receive_count)",
+                    self.inner
+                        .config
+                        .max_receive_count
+                        .map_or_else(|| "too many".to_owned(), |n| n.to_string())
+                ),
+            );
+        }
+        m
+    }
+
     fn key_of(&self, m: &Message) -> Option<String> {
         m.key.clone().filter(|k| self.per_key && !k.is_empty())
     }
@@ -423,7 +447,7 @@ async fn receive_loop(shared: Arc<Shared>) {
                     // read (as another program's message would be), marked undecodable, and
                     // the bus in front dead-letters it.
                     let (message, undecodable) = match codec::decode(body, attributes, &foreign) {
-                        Ok(message) => (message, None),
+                        Ok(message) => (shared.natively_dead_lettered(message), None),
                         Err(e) => (
                             codec::decode_foreign(
                                 body,

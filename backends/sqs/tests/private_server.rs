@@ -127,9 +127,12 @@ async fn outage_mid_stream_loses_nothing_acked() -> TestResult {
     Ok(())
 }
 
-/// With `max_receive_count=2`, a message received twice without ack is moved by SQS into the
-/// group's `-dlq` queue, with its attributes, and the group's queue moves on.
-async fn native_redrive_moves_to_the_dlq_queue() -> TestResult {
+/// With `max_receive_count=2`, a message received twice without ack is moved by SQS where
+/// busbar's own dead letters of the topic are (the `busbar-redrive` queue of `<topic>.dlq`),
+/// with its attributes, and the group's queue moves on; it reads through busbar with the
+/// dead-letter headers and redrives. It used to land in the group's own `-dlq` queue,
+/// readable only with the SQS client.
+async fn native_redrive_lands_with_busbars_dead_letters() -> TestResult {
     let endpoint = Endpoint::start().await?;
     let bus = SqsBus::connect(&endpoint.url("&max_receive_count=2")).await?;
     if !bus.capabilities().native_dead_letter {
@@ -169,41 +172,35 @@ async fn native_redrive_moves_to_the_dlq_queue() -> TestResult {
     d.ack().await?;
     sub.close().await?;
 
-    let queue_url = bus.raw().group_queue_url(topic, "g").await?;
-    let dlq_name = bus
-        .config()
-        .dead_letter_queue_name(queue_url.rsplit('/').next().unwrap_or_default());
-    let client = bus.raw().sqs_client();
-    let dlq_url = client
-        .get_queue_url()
-        .queue_name(&dlq_name)
-        .send()
+    // Where busbar's own dead letters of the topic are: read through busbar, then redriven.
+    let mut dead = bus
+        .subscribe("redrive.dlq", SubscribeOptions::new("busbar-redrive"))
+        .await?;
+    let d = tokio::time::timeout(Duration::from_secs(20), dead.next())
         .await
-        .map_err(|e| format!("no dead-letter queue {dlq_name}: {e}"))?
-        .queue_url
-        .ok_or("no dead-letter queue URL")?;
-    let got = client
-        .receive_message()
-        .queue_url(&dlq_url)
-        .max_number_of_messages(10)
-        .wait_time_seconds(5)
-        .message_attribute_names("All")
-        .send()
-        .await
-        .map_err(|e| format!("reading the dead-letter queue: {e}"))?
-        .messages
-        .unwrap_or_default();
-    let ids: Vec<Option<&str>> = got
-        .iter()
-        .map(|m| {
-            m.message_attributes
-                .as_ref()
-                .and_then(|a| a.get("busbar.id"))
-                .and_then(|v| v.string_value())
-        })
-        .collect();
-    if ids != [Some(poison.id.as_str())] || got[0].body.as_deref() != Some("poison") {
-        return Err(format!("dead-letter queue {dlq_name} holds {ids:?}").into());
+        .map_err(|_| "the natively redriven message is not in redrive.dlq")??
+        .ok_or("the subscription ended")?;
+    if d.id() != poison.id
+        || d.payload().as_ref() != b"poison"
+        || d.headers().get("h") != Some("v")
+        || d.headers().get("busbar-dlq-original-topic") != Some(topic)
+    {
+        return Err(format!(
+            "redrive.dlq holds {} with headers {:?}",
+            d.id(),
+            d.headers()
+        )
+        .into());
+    }
+    d.release().await?;
+    dead.close().await?;
+    bus.provision("back", &SubscribeOptions::new("b")).await?;
+    let mut options = busbar_core::dead_letter::RedriveOptions::default();
+    options.target_topic = Some("back".into());
+    options.idle_timeout = Duration::from_secs(5);
+    let report = busbar_core::dead_letter::redrive(&bus, "redrive.dlq", &options).await?;
+    if report.redriven != 1 {
+        return Err(format!("redrive moved {}", report.redriven).into());
     }
     let _ = bus.close().await;
     Ok(())
@@ -327,6 +324,77 @@ async fn foreign_messages_are_delivered_in_key_order() -> TestResult {
     Ok(())
 }
 
+/// A busbar message whose attributes are broken (an unknown `busbar.encoding`) is
+/// dead-lettered at once by the one dead-letter path — its raw body, its attributes as headers
+/// and the decode error kept in `<topic>.dlq` — and never reaches the application, so the
+/// busbar message of its key behind it flows. It used to make `next()` fail with `Decode`
+/// every visibility timeout, never removed, blocking its key until SQS redrove it.
+async fn broken_busbar_messages_are_dead_lettered_with_their_content() -> TestResult {
+    use aws_sdk_sqs::types::MessageAttributeValue;
+    let endpoint = Endpoint::start().await?;
+    let bus = SqsBus::connect(&endpoint.url("")).await?;
+    let topic = "broken";
+    let options = SubscribeOptions::new("g").ack_timeout(Duration::from_secs(2));
+    bus.provision(topic, &options).await?;
+    let queue_url = bus.raw().group_queue_url(topic, "g").await?;
+    let text = |v: &str| {
+        MessageAttributeValue::builder()
+            .data_type("String")
+            .string_value(v)
+            .build()
+            .map_err(|e| e.to_string())
+    };
+    let mut send = bus
+        .raw()
+        .sqs_client()
+        .send_message()
+        .queue_url(&queue_url)
+        .message_body("raw body")
+        .message_attributes("busbar.id", text("broken-1")?)
+        .message_attributes("busbar.encoding", text("rot13")?);
+    if bus.config().fifo {
+        send = send
+            .message_group_id("k")
+            .message_deduplication_id("broken-1");
+    }
+    send.send().await.map_err(|e| format!("sending: {e}"))?;
+    let ours = Message::new("ours").with_key("k");
+    bus.publish(topic, ours.clone(), &PublishOptions::default())
+        .await?;
+    let mut sub = bus.subscribe(topic, options).await?;
+    let first = tokio::time::timeout(Duration::from_secs(20), sub.next())
+        .await
+        .map_err(|_| "nothing arrived: the broken message blocks its key")??
+        .ok_or("the subscription ended")?;
+    if first.id() != ours.id {
+        return Err(format!("expected {}, got {}", ours.id, first.id()).into());
+    }
+    first.ack().await?;
+    sub.close().await?;
+    let mut dead = bus
+        .subscribe("broken.dlq", SubscribeOptions::new("busbar-redrive"))
+        .await?;
+    let d = tokio::time::timeout(Duration::from_secs(20), dead.next())
+        .await
+        .map_err(|_| "the broken message is not in broken.dlq")??
+        .ok_or("the subscription ended")?;
+    let error = d.headers().get("busbar-dlq-error").unwrap_or_default();
+    if d.payload().as_ref() != b"raw body"
+        || d.headers().get("busbar.encoding") != Some("rot13")
+        || !error.contains("rot13")
+    {
+        return Err(format!(
+            "the dead letter lost content: payload {:?}, headers {:?}",
+            d.payload(),
+            d.headers()
+        )
+        .into());
+    }
+    d.ack().await?;
+    dead.close().await?;
+    Ok(())
+}
+
 fn main() {
     busbar_conformance::private_server::main(
         "node",
@@ -334,12 +402,19 @@ fn main() {
             ("outage_mid_stream_loses_nothing_acked", true, || {
                 Box::pin(outage_mid_stream_loses_nothing_acked())
             }),
-            ("native_redrive_moves_to_the_dlq_queue", true, || {
-                Box::pin(native_redrive_moves_to_the_dlq_queue())
-            }),
+            (
+                "native_redrive_lands_with_busbars_dead_letters",
+                true,
+                || Box::pin(native_redrive_lands_with_busbars_dead_letters()),
+            ),
             ("foreign_messages_are_delivered_in_key_order", true, || {
                 Box::pin(foreign_messages_are_delivered_in_key_order())
             }),
+            (
+                "broken_busbar_messages_are_dead_lettered_with_their_content",
+                true,
+                || Box::pin(broken_busbar_messages_are_dead_lettered_with_their_content()),
+            ),
             ("deleted_queue_is_reported", true, || {
                 Box::pin(deleted_queue_is_reported())
             }),

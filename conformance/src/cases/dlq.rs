@@ -279,8 +279,9 @@ async fn read_dead_letter(
 }
 
 /// With NOTHING created on the dead-letter topics beforehand, a message dead-lettered by
-/// `nack(DeadLetter)` and one given up on by the consumer runner are both kept, readable
-/// through busbar with their payload and error, and redriven.
+/// `nack(DeadLetter)` (to the default `<topic>.dlq`, and to the topic of the subscription's
+/// `DeadLetterPolicy`) and one given up on by the consumer runner (to its policy's topic) are
+/// all kept, readable through busbar with their payload and error, and redriven.
 pub async fn dead_letters_kept_without_provisioning(ctx: Ctx) -> Result<Outcome> {
     let bus = ctx.bus.clone();
     let group = ctx.group("g");
@@ -318,14 +319,48 @@ pub async fn dead_letters_kept_without_provisioning(ctx: Ctx) -> Result<Outcome>
     .await?;
     ids.push((raw_dlq, raw_id));
 
-    // 2. The consumer runner gives up after its retries.
+    // 2. nack(DeadLetter) under a DeadLetterPolicy naming a topic of the user's.
+    let own_topic = ctx.topic("own");
+    let own_dlq = ctx.topic("own-rejected");
+    let own_options =
+        latest(&group).dead_letter(busbar_core::DeadLetterPolicy::to_topic(own_dlq.clone()));
+    bus.provision(&own_topic, &own_options).await?;
+    let mut sub = bus.subscribe(&own_topic, own_options).await?;
+    let m = busbar_core::Message::new("rejected by policy").with_key("k");
+    let own_id = m.id.clone();
+    bus.publish(&own_topic, m, &busbar_core::PublishOptions::default())
+        .await?;
+    let d = tokio::time::timeout(Duration::from_secs(30), sub.next())
+        .await
+        .map_err(|_| anyhow!("nothing arrived"))??
+        .ok_or_else(|| anyhow!("the subscription ended early"))?;
+    d.nack(busbar_core::NackAction::DeadLetter {
+        reason: "policy nack: rejected".into(),
+    })
+    .await
+    .context("nack(DeadLetter) under a DeadLetterPolicy")?;
+    sub.close().await?;
+    read_dead_letter(
+        &bus,
+        &own_dlq,
+        &own_id,
+        b"rejected by policy",
+        "policy nack: rejected",
+    )
+    .await
+    .context("the policy's dead-letter topic")?;
+    ids.push((own_dlq, own_id));
+
+    // 3. The consumer runner gives up after its retries, under a policy topic of the user's.
     let run_topic = ctx.topic("run");
     bus.provision(&run_topic, &latest(&group)).await?;
     let m = busbar_core::Message::new("given up on").with_key("k");
     let run_id = m.id.clone();
+    let run_dlq = ctx.topic("run-failed");
     let consumer = Consumer::new(bus.clone(), &run_topic)
         .group(&group)
         .start(StartPosition::Latest)
+        .dead_letter(busbar_core::DeadLetterPolicy::to_topic(run_dlq.clone()))
         .retry(
             RetryPolicy::builder()
                 .max_attempts(2)
@@ -352,7 +387,6 @@ pub async fn dead_letters_kept_without_provisioning(ctx: Ctx) -> Result<Outcome>
     .await?;
     // The runner finishes the failed delivery (dead-letters it) before it stops.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let run_dlq = busbar_core::dead_letter::default_topic(&run_topic);
     let _ = stop_tx.send(());
     let report = run.await.context("runner task")??;
     ensure!(report.dead_lettered == 1, "runner report: {report:?}");

@@ -190,7 +190,7 @@ pub fn all() -> Vec<Case> {
             dlq::dead_letters_kept_without_provisioning,
             needs_groups,
             120,
-            "with nothing created beforehand, dead letters of nack(DeadLetter) and of the runner are kept, readable and redriven"
+            "with nothing created beforehand, dead letters of nack(DeadLetter) (default topic and DeadLetterPolicy topic) and of the runner (policy topic) are kept, readable and redriven"
         ),
         case!(
             start::start_position_latest,
