@@ -63,14 +63,6 @@ pub(crate) struct Inner {
 }
 
 impl Inner {
-    pub(crate) fn check_open(&self) -> Result<()> {
-        if self.is_closed() {
-            Err(Error::closed("sqs bus").with_backend(BACKEND))
-        } else {
-            Ok(())
-        }
-    }
-
     pub(crate) fn is_closed(&self) -> bool {
         self.closed.load(AtomicOrdering::Acquire)
     }
@@ -502,17 +494,16 @@ impl fmt::Debug for Sqs {
     }
 }
 
-impl Sqs {
-    /// The URL of the SQS queue of `group` on `topic`, creating the group if needed (for
-    /// tools that want to look at the queue or its `-dlq` directly): `bus.raw().group_queue_url(..)`.
-    pub async fn group_queue_url(&self, topic: &str, group: &str) -> Result<String> {
-        self.inner.check_open()?;
-        busbar_core::limits::validate_topic(topic)?;
-        let options = SubscribeOptions::new(group);
-        options.validate()?;
-        Ok(self.inner.ensure_group(topic, &options).await?.url)
-    }
+/// The URL of the SQS queue of `group` on `topic`, creating the group if needed (through the
+/// bus's front door, which checks the names), for tools that look at the queue directly.
+pub async fn group_queue_url(bus: &SqsBus, topic: &str, group: &str) -> Result<String> {
+    use busbar_core::EventBus;
+    let options = SubscribeOptions::new(group);
+    bus.provision(topic, &options).await?;
+    Ok(bus.raw().inner.ensure_group(topic, &options).await?.url)
+}
 
+impl Sqs {
     /// The SQS client, for what busbar does not cover: `bus.raw().sqs_client()`.
     pub fn sqs_client(&self) -> &aws_sdk_sqs::Client {
         &self.inner.sqs

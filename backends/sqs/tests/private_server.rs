@@ -212,7 +212,7 @@ async fn deleted_queue_is_reported() -> TestResult {
     let endpoint = Endpoint::start().await?;
     let bus = SqsBus::connect(&endpoint.url("")).await?;
     let mut sub = bus.subscribe("gone", SubscribeOptions::new("g")).await?;
-    let url = bus.raw().group_queue_url("gone", "g").await?;
+    let url = busbar_sqs::group_queue_url(&bus, "gone", "g").await?;
     bus.raw()
         .sqs_client()
         .delete_queue()
@@ -270,7 +270,7 @@ async fn foreign_messages_are_delivered_in_key_order() -> TestResult {
     let topic = "foreign";
     let options = SubscribeOptions::new("g").ack_timeout(Duration::from_secs(2));
     bus.provision(topic, &options).await?;
-    let queue_url = bus.raw().group_queue_url(topic, "g").await?;
+    let queue_url = busbar_sqs::group_queue_url(&bus, topic, "g").await?;
     let origin = MessageAttributeValue::builder()
         .data_type("String")
         .string_value("legacy")
@@ -336,7 +336,7 @@ async fn broken_busbar_messages_are_dead_lettered_with_their_content() -> TestRe
     let topic = "broken";
     let options = SubscribeOptions::new("g").ack_timeout(Duration::from_secs(2));
     bus.provision(topic, &options).await?;
-    let queue_url = bus.raw().group_queue_url(topic, "g").await?;
+    let queue_url = busbar_sqs::group_queue_url(&bus, topic, "g").await?;
     let text = |v: &str| {
         MessageAttributeValue::builder()
             .data_type("String")
