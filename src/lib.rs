@@ -1,7 +1,7 @@
 #![doc = include_str!("../README.md")]
 
 pub use busbar_core::{
-    dead_letter, limits, memory, retry, Bus, Capabilities, Consumer, ConsumerReport,
+    dead_letter, limits, memory, retry, telemetry, Bus, Capabilities, Consumer, ConsumerReport,
     DeadLetterPolicy, Delivery, Error, ErrorKind, Event, EventBus, EventBusExt, Headers, Message,
     NackAction, Ordering, Permanent, PublishOptions, Result, RetryPolicy, StartPosition,
     SubscribeOptions, Subscriber,

@@ -315,7 +315,24 @@ impl Delivery {
 
     /// Acknowledges the delivery. Errors: `AlreadySettled`, `Closed`, `Connection`, `Broker`.
     pub async fn ack(&self) -> Result<()> {
-        self.settle(self.acker.ack()).await
+        self.settle(self.acker.ack()).await?;
+        if let Some(m) = self.metrics() {
+            m.acked.increment(1);
+        }
+        Ok(())
+    }
+
+    /// The metric handles of the subscription that handed this delivery out.
+    pub(crate) fn metrics(&self) -> Option<&crate::telemetry::SubscriptionMetrics> {
+        self.dead_letters.as_deref().map(|d| &d.metrics)
+    }
+
+    async fn redeliver(&self, after: Duration) -> Result<()> {
+        self.settle(self.acker.redeliver(after)).await?;
+        if let Some(m) = self.metrics() {
+            m.nacked.increment(1);
+        }
+        Ok(())
     }
 
     /// Hands the delivery back (see [`NackAction`]). `RedeliverAfter` needs
@@ -326,10 +343,10 @@ impl Delivery {
     /// `Unsupported`, `InvalidInput`, `Closed`, `Connection`.
     pub async fn nack(&self, action: NackAction) -> Result<()> {
         match action {
-            NackAction::Redeliver => self.settle(self.acker.redeliver(Duration::ZERO)).await,
+            NackAction::Redeliver => self.redeliver(Duration::ZERO).await,
             NackAction::RedeliverAfter(delay) => {
                 crate::options::check_duration("a redelivery delay", delay)?;
-                self.settle(self.acker.redeliver(delay)).await
+                self.redeliver(delay).await
             }
             NackAction::DeadLetter { reason } => {
                 self.dead_letter(&reason, self.event.attempt()).await
@@ -349,7 +366,9 @@ impl Delivery {
             dead_letters.send(&self.event, attempts, reason).await?;
             self.acker.ack().await
         })
-        .await
+        .await?;
+        dead_letters.metrics.dead_lettered.increment(1);
+        Ok(())
     }
 
     /// Hands the delivery back unseen: as if it had never been handed out, so its next

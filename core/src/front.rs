@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use tokio::sync::OnceCell;
+use tracing::Instrument;
 
 use crate::bus::{check_publish, Delivery, Event, EventBus, Subscriber};
 use crate::capabilities::Capabilities;
@@ -15,6 +16,7 @@ use crate::message::Message;
 use crate::options::{PublishOptions, StartPosition, SubscribeOptions};
 use crate::policy::{DeadLetterPolicy, DEAD_LETTER_GROUP};
 use crate::raw::{Backend, Connect};
+use crate::telemetry::{PublishRegistry, SubscriptionMetrics};
 
 /// An event bus: one backend behind the checks every backend keeps the same way.
 ///
@@ -28,6 +30,7 @@ pub struct Bus<B> {
 struct Inner<B> {
     backend: B,
     closed: AtomicBool,
+    metrics: PublishRegistry,
 }
 
 impl<B> Clone for Bus<B> {
@@ -52,6 +55,7 @@ impl<B: Backend> Bus<B> {
             inner: Arc::new(Inner {
                 backend,
                 closed: AtomicBool::new(false),
+                metrics: PublishRegistry::default(),
             }),
         }
     }
@@ -71,6 +75,36 @@ impl<B: Backend> Bus<B> {
         } else {
             Ok(())
         }
+    }
+
+    /// Publishes checked, non-empty `messages`: in a `send` span, timed and counted.
+    async fn send(
+        &self,
+        topic: &str,
+        messages: Vec<Message>,
+        options: &PublishOptions,
+    ) -> Result<()> {
+        let metrics = self.inner.metrics.get(self.name(), topic);
+        let n = messages.len();
+        let span = tracing::debug_span!(
+            "busbar.publish",
+            messaging.system = self.name(),
+            messaging.destination.name = topic,
+            messaging.operation.type = "send",
+            messaging.batch.message_count = n,
+        );
+        let started = std::time::Instant::now();
+        let result = self
+            .inner
+            .backend
+            .publish(topic, messages, options)
+            .instrument(span)
+            .await;
+        metrics.duration.record(started.elapsed().as_secs_f64());
+        if result.is_ok() {
+            metrics.sent.increment(n as u64);
+        }
+        result
     }
 
     /// The checks of `subscribe` and `provision`: open bus, valid names and options, and a
@@ -136,10 +170,7 @@ impl<B: Backend> EventBus for Bus<B> {
             std::slice::from_ref(&message),
             options,
         )?;
-        self.inner
-            .backend
-            .publish(topic, vec![message], options)
-            .await
+        self.send(topic, vec![message], options).await
     }
 
     async fn publish_batch(
@@ -153,7 +184,7 @@ impl<B: Backend> EventBus for Bus<B> {
         if messages.is_empty() {
             return Ok(());
         }
-        self.inner.backend.publish(topic, messages, options).await
+        self.send(topic, messages, options).await
     }
 
     async fn subscribe(
@@ -168,6 +199,7 @@ impl<B: Backend> EventBus for Bus<B> {
             group: options.group.clone(),
             policy: options.dead_letter.clone(),
             kept: OnceCell::new(),
+            metrics: SubscriptionMetrics::new(self.name(), topic, &options.group),
         });
         let inner = self.inner.backend.subscribe(topic, options).await?;
         Ok(Box::new(FrontSubscriber {
@@ -198,6 +230,8 @@ pub(crate) struct DeadLetters {
     policy: DeadLetterPolicy,
     /// Set once the dead-letter topic has its group [`DEAD_LETTER_GROUP`].
     kept: OnceCell<()>,
+    /// The subscription's metric handles.
+    pub(crate) metrics: SubscriptionMetrics,
 }
 
 impl DeadLetters {
@@ -221,8 +255,16 @@ impl DeadLetters {
             attempts,
             reason,
         );
+        let span = tracing::info_span!(
+            "busbar.dead_letter",
+            messaging.destination.name = %self.topic,
+            messaging.consumer.group.name = %self.group,
+            messaging.message.id = event.id(),
+            dead_letter_topic = %dlq,
+        );
         self.bus
             .publish(&dlq, message, &PublishOptions::default())
+            .instrument(span)
             .await
     }
 }
@@ -241,6 +283,7 @@ impl Subscriber for FrontSubscriber {
             };
             let delivery = delivery.with_dead_letters(self.dead_letters.clone());
             let Some(error) = delivery.undecodable_error() else {
+                self.dead_letters.metrics.consumed.increment(1);
                 return Ok(Some(delivery));
             };
             let error = error.to_owned();

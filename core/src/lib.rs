@@ -13,6 +13,7 @@ pub mod raw;
 mod redrive;
 mod registry;
 mod runner;
+pub mod telemetry;
 mod topic;
 
 pub use bus::{Delivery, Event, EventBus, EventBusExt, NackAction, Subscriber};

@@ -27,6 +27,7 @@ use std::time::Duration;
 use futures::FutureExt;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
+use tracing::Instrument;
 
 use crate::bus::{Delivery, Event, EventBus, Subscriber};
 use crate::error::{Error, ErrorKind, Result};
@@ -492,13 +493,26 @@ impl RunShared {
                 let event = delivery.event().with_attempt(attempt);
                 let handler = self.handler.clone();
                 handled = true;
-                match std::panic::catch_unwind(AssertUnwindSafe(|| handler(event))) {
+                let span = tracing::info_span!(
+                    "busbar.process",
+                    messaging.operation.type = "process",
+                    messaging.destination.name = delivery.topic(),
+                    messaging.message.id = delivery.id(),
+                    attempt,
+                );
+                let started = std::time::Instant::now();
+                let outcome = match std::panic::catch_unwind(AssertUnwindSafe(|| handler(event))) {
                     Ok(fut) => AssertUnwindSafe(fut)
                         .catch_unwind()
+                        .instrument(span)
                         .await
                         .unwrap_or_else(|panic| Err(Failure::panic(panic_text(panic)))),
                     Err(panic) => Err(Failure::panic(panic_text(panic))),
+                };
+                if let Some(m) = delivery.metrics() {
+                    m.process.record(started.elapsed().as_secs_f64());
                 }
+                outcome
             };
             let error = match outcome {
                 Ok(()) => {
@@ -519,6 +533,9 @@ impl RunShared {
                 RetryDecision::RetryAfter(backoff) => {
                     tracing::debug!(id = delivery.id(), attempt, error = %error, ?backoff, "busbar consumer: handler failed, retrying");
                     self.stats.retried.fetch_add(1, AtomicOrdering::Relaxed);
+                    if let Some(m) = delivery.metrics() {
+                        m.retried.increment(1);
+                    }
                     if let Some(by) = self.extend_by {
                         // Keep the delivery ours while it waits; failure only risks a duplicate.
                         let _ = delivery.extend_deadline(by + backoff).await;
