@@ -77,14 +77,15 @@ impl<B: Backend> Bus<B> {
         }
     }
 
-    /// Publishes checked, non-empty `messages`: in a `send` span, timed and counted.
+    /// Publishes `messages` in a `busbar.publish` span (whose trace context goes into their
+    /// headers with the `otel` feature), after checking all of them — trace headers included —
+    /// so nothing is sent when one is invalid; timed and counted. An empty batch is a no-op.
     async fn send(
         &self,
         topic: &str,
-        messages: Vec<Message>,
+        #[allow(unused_mut)] mut messages: Vec<Message>,
         options: &PublishOptions,
     ) -> Result<()> {
-        let metrics = self.inner.metrics.get(self.name(), topic);
         let n = messages.len();
         let span = tracing::debug_span!(
             "busbar.publish",
@@ -93,6 +94,13 @@ impl<B: Backend> Bus<B> {
             messaging.operation.type = "send",
             messaging.batch.message_count = n,
         );
+        #[cfg(feature = "otel")]
+        crate::telemetry::otel::inject(&span, &mut messages);
+        check_publish(self.name(), &self.capabilities(), topic, &messages, options)?;
+        if messages.is_empty() {
+            return Ok(());
+        }
+        let metrics = self.inner.metrics.get(self.name(), topic);
         let started = std::time::Instant::now();
         let result = self
             .inner
@@ -163,13 +171,6 @@ impl<B: Backend> EventBus for Bus<B> {
 
     async fn publish(&self, topic: &str, message: Message, options: &PublishOptions) -> Result<()> {
         self.check_open()?;
-        check_publish(
-            self.name(),
-            &self.capabilities(),
-            topic,
-            std::slice::from_ref(&message),
-            options,
-        )?;
         self.send(topic, vec![message], options).await
     }
 
@@ -180,10 +181,6 @@ impl<B: Backend> EventBus for Bus<B> {
         options: &PublishOptions,
     ) -> Result<()> {
         self.check_open()?;
-        check_publish(self.name(), &self.capabilities(), topic, &messages, options)?;
-        if messages.is_empty() {
-            return Ok(());
-        }
         self.send(topic, messages, options).await
     }
 

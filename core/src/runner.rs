@@ -500,6 +500,8 @@ impl RunShared {
                     messaging.message.id = delivery.id(),
                     attempt,
                 );
+                #[cfg(feature = "otel")]
+                crate::telemetry::otel::continue_from(&span, delivery.headers());
                 let started = std::time::Instant::now();
                 let outcome = match std::panic::catch_unwind(AssertUnwindSafe(|| handler(event))) {
                     Ok(fut) => AssertUnwindSafe(fut)

@@ -108,3 +108,61 @@ impl SubscriptionMetrics {
         }
     }
 }
+
+/// W3C trace context across the broker (feature `otel`): the context of the `busbar.publish`
+/// span is injected into each message's headers by the application's global OpenTelemetry
+/// text-map propagator (`opentelemetry::global::set_text_map_propagator`, e.g. the W3C
+/// `TraceContextPropagator`: headers `traceparent` and `tracestate`), and the consumer
+/// runner's `busbar.process` span continues the context it extracts from the delivery.
+/// Headers a message already carries (`traceparent` set by the application, or by another
+/// producer) are kept. Spans reach OpenTelemetry through a `tracing_opentelemetry` layer.
+#[cfg(feature = "otel")]
+pub(crate) mod otel {
+    use opentelemetry::propagation::{Extractor, Injector};
+    use opentelemetry::trace::TraceContextExt;
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+    use crate::message::{Headers, Message};
+
+    struct Inject<'a>(&'a mut Headers);
+
+    impl Injector for Inject<'_> {
+        fn set(&mut self, key: &str, value: String) {
+            if self.0.get(key).is_none() {
+                self.0.insert(key, value);
+            }
+        }
+    }
+
+    struct Extract<'a>(&'a Headers);
+
+    impl Extractor for Extract<'_> {
+        fn get(&self, key: &str) -> Option<&str> {
+            self.0.get(key)
+        }
+        fn keys(&self) -> Vec<&str> {
+            self.0.iter().map(|(k, _)| k).collect()
+        }
+    }
+
+    /// Writes the context of `span` into the headers of `messages`.
+    pub(crate) fn inject(span: &tracing::Span, messages: &mut [Message]) {
+        let cx = span.context();
+        if !cx.span().span_context().is_valid() {
+            return;
+        }
+        opentelemetry::global::get_text_map_propagator(|p| {
+            for m in messages.iter_mut() {
+                p.inject_context(&cx, &mut Inject(&mut m.headers));
+            }
+        });
+    }
+
+    /// Makes `span` continue the context carried by `headers`, if any.
+    pub(crate) fn continue_from(span: &tracing::Span, headers: &Headers) {
+        let cx = opentelemetry::global::get_text_map_propagator(|p| p.extract(&Extract(headers)));
+        if cx.span().span_context().is_valid() {
+            let _ = span.set_parent(cx);
+        }
+    }
+}
