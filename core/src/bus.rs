@@ -218,6 +218,25 @@ impl Event {
     pub fn content_type(&self) -> Option<&str> {
         self.message.content_type.as_deref()
     }
+    /// Schema version ([`Message::version`]); after the consumer's upcasters, the newest.
+    pub fn version(&self) -> Option<u32> {
+        self.message.version()
+    }
+    /// Correlation id ([`Message::correlation_id`]).
+    pub fn correlation_id(&self) -> &str {
+        self.message.correlation_id()
+    }
+    /// Causation id ([`Message::causation_id`]).
+    pub fn causation_id(&self) -> Option<&str> {
+        self.message.causation_id()
+    }
+
+    pub(crate) fn with_message(&self, message: Message) -> Self {
+        Self {
+            message: Arc::new(message),
+            ..self.clone()
+        }
+    }
 }
 
 const OPEN: u8 = 0;

@@ -78,12 +78,13 @@ impl<B: Backend> Bus<B> {
     }
 
     /// Publishes `messages` in a `busbar.publish` span (whose trace context goes into their
-    /// headers with the `otel` feature), after checking all of them — trace headers included —
+    /// headers with the `otel` feature; published from a runner's handler, they join the
+    /// handled event's chain: correlation and causation ids), after checking all of them — trace headers included —
     /// so nothing is sent when one is invalid; timed and counted. An empty batch is a no-op.
     async fn send(
         &self,
         topic: &str,
-        #[allow(unused_mut)] mut messages: Vec<Message>,
+        mut messages: Vec<Message>,
         options: &PublishOptions,
     ) -> Result<()> {
         let n = messages.len();
@@ -94,6 +95,7 @@ impl<B: Backend> Bus<B> {
             messaging.operation.type = "send",
             messaging.batch.message_count = n,
         );
+        crate::runner::inherit(&mut messages);
         #[cfg(feature = "otel")]
         crate::telemetry::otel::inject(&span, &mut messages);
         check_publish(self.name(), &self.capabilities(), topic, &messages, options)?;

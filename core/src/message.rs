@@ -183,6 +183,49 @@ impl Message {
         self
     }
 
+    /// Sets the event's schema version (header [`VERSION`]): consumers' upcasters
+    /// ([`crate::Consumer::upcast`]) bring older versions up to date. Unset means version 1.
+    pub fn with_version(mut self, version: u32) -> Self {
+        self.headers.insert(VERSION, version.to_string());
+        self
+    }
+
+    /// The event's schema version: the [`VERSION`] header, 1 when absent; `None` when the
+    /// header is not a number (a foreign producer's own scheme; upcasters leave it alone).
+    pub fn version(&self) -> Option<u32> {
+        version_of(&self.headers)
+    }
+
+    /// Sets the correlation id (header [`CORRELATION_ID`]): the id of the event that started
+    /// the chain this one belongs to.
+    pub fn with_correlation_id(mut self, id: impl Into<String>) -> Self {
+        self.headers.insert(CORRELATION_ID, id);
+        self
+    }
+
+    /// The correlation id: the [`CORRELATION_ID`] header, or the message's own id when it
+    /// starts a chain (the header is then left out on the wire).
+    pub fn correlation_id(&self) -> &str {
+        self.headers.get(CORRELATION_ID).unwrap_or(&self.id)
+    }
+
+    /// The causation id (header [`CAUSATION_ID`]): the id of the event whose handling
+    /// published this one; `None` for the first event of a chain.
+    pub fn causation_id(&self) -> Option<&str> {
+        self.headers.get(CAUSATION_ID)
+    }
+
+    /// Makes this message the consequence of handling `cause`: it takes `cause`'s correlation
+    /// id and `cause`'s id as causation id. The consumer runner does this by itself for
+    /// messages published while a handler runs (in the handler's task); call it for messages
+    /// published from tasks a handler spawned, or from outside the runner.
+    pub fn caused_by(mut self, cause: &Message) -> Self {
+        self.headers
+            .insert(CORRELATION_ID, cause.correlation_id().to_owned());
+        self.headers.insert(CAUSATION_ID, cause.id.clone());
+        self
+    }
+
     /// The size counted against `message_max_bytes`: payload plus key, headers and metadata.
     pub fn encoded_len(&self) -> usize {
         self.payload.len()
@@ -213,6 +256,25 @@ fn new_id() -> String {
         .hyphenated()
         .encode_lower(&mut buf)
         .to_owned()
+}
+
+/// Header of the correlation id (a CloudEvents extension attribute name): the id of the
+/// event that started the chain. Absent on the first event of a chain.
+pub const CORRELATION_ID: &str = "correlationid";
+
+/// Header of the causation id (a CloudEvents extension attribute name): the id of the event
+/// whose handling published this one.
+pub const CAUSATION_ID: &str = "causationid";
+
+/// Header of the event's schema version (a CloudEvents extension attribute name): a decimal
+/// number, version 1 when absent.
+pub const VERSION: &str = "dataversion";
+
+pub(crate) fn version_of(headers: &Headers) -> Option<u32> {
+    match headers.get(VERSION) {
+        None => Some(1),
+        Some(v) => v.trim().parse().ok(),
+    }
 }
 
 /// The longest id, event type or content type of a message, in bytes (AMQP short strings):

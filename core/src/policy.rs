@@ -206,7 +206,7 @@ impl DeadLetterPolicy {
     }
 
     /// The dead-lettered copy of `message`: same id, payload, key, type, source, time and
-    /// headers, plus the [`dlq_headers`].
+    /// headers (correlation id made explicit), plus the [`dlq_headers`].
     pub fn dead_letter_message(
         &self,
         message: &Message,
@@ -216,6 +216,11 @@ impl DeadLetterPolicy {
         error: &str,
     ) -> Message {
         let mut m = message.clone();
+        // Explicit, so the copy stays in the original's chain wherever it is published from.
+        if m.headers.get(crate::message::CORRELATION_ID).is_none() {
+            m.headers
+                .insert(crate::message::CORRELATION_ID, m.id.clone());
+        }
         m.headers.insert(dlq_headers::ERROR, truncate(error, 4096));
         m.headers
             .insert(dlq_headers::ATTEMPTS, attempts.to_string());

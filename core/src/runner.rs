@@ -33,6 +33,12 @@ use crate::bus::{Delivery, Event, EventBus, Subscriber};
 use crate::error::{Error, ErrorKind, Result};
 use crate::options::{StartPosition, SubscribeOptions};
 use crate::policy::{DeadLetterPolicy, RetryDecision, RetryPolicy};
+use crate::Message;
+
+mod chain;
+
+pub(crate) use chain::inherit;
+use chain::{Cause, Upcasters, HANDLING};
 
 /// What a consumer run did, returned when it stops.
 #[derive(Debug, Default)]
@@ -85,6 +91,7 @@ pub struct Consumer {
     concurrency: usize,
     retry: RetryPolicy,
     drain_timeout: Duration,
+    upcasters: Upcasters,
 }
 
 impl fmt::Debug for Consumer {
@@ -96,6 +103,7 @@ impl fmt::Debug for Consumer {
             .field("concurrency", &self.concurrency)
             .field("retry", &self.retry)
             .field("drain_timeout", &self.drain_timeout)
+            .field("upcasters", &self.upcasters)
             .finish()
     }
 }
@@ -115,6 +123,7 @@ impl Consumer {
             concurrency: Self::DEFAULT_CONCURRENCY,
             retry: RetryPolicy::default(),
             drain_timeout: Self::DEFAULT_DRAIN_TIMEOUT,
+            upcasters: Upcasters::default(),
         }
     }
 
@@ -166,6 +175,36 @@ impl Consumer {
         self
     }
 
+    /// Adds an upcaster: events of `event_type` at version `from` ([`Message::version`]) are
+    /// passed through `f` and become version `to` before the handler sees them. Steps chain
+    /// (v1→v2, v2→v3: a v1 event reaches the handler as v3), so handlers only know the newest
+    /// version. An upcaster's error (or panic) dead-letters the original event at once: no
+    /// retry can fix it. Versions start at 1 and `to` must be greater than `from` (checked
+    /// when the consumer starts: [`ErrorKind::InvalidInput`]).
+    ///
+    /// ```
+    /// # use busbar_core::{Consumer, Message, memory::MemoryBus, EventBus};
+    /// # use std::sync::Arc;
+    /// # let bus: Arc<dyn EventBus> = Arc::new(MemoryBus::new());
+    /// let consumer = Consumer::new(bus, "orders").upcast("order.created", 1, 2, |mut m: Message| {
+    ///     // v2 renamed `total` to `amount`.
+    ///     let mut v: serde_json::Value = serde_json::from_slice(&m.payload)?;
+    ///     if let Some(total) = v.as_object_mut().and_then(|o| o.remove("total")) {
+    ///         v["amount"] = total;
+    ///     }
+    ///     m.payload = serde_json::to_vec(&v)?.into();
+    ///     Ok::<_, serde_json::Error>(m)
+    /// });
+    /// ```
+    pub fn upcast<F, E>(mut self, event_type: impl Into<String>, from: u32, to: u32, f: F) -> Self
+    where
+        F: Fn(Message) -> std::result::Result<Message, E> + Send + Sync + 'static,
+        E: fmt::Display,
+    {
+        self.upcasters.add(event_type.into(), from, to, f);
+        self
+    }
+
     /// The subscription options this consumer uses (for `EventBus::provision`).
     pub fn subscribe_options(&self) -> SubscribeOptions {
         self.options.clone()
@@ -197,6 +236,7 @@ impl Consumer {
                 "concurrency must be at least 1",
             ));
         }
+        self.upcasters.check()?;
         let subscriber = self
             .bus
             .subscribe(&self.topic, self.options.clone())
@@ -217,6 +257,7 @@ impl Consumer {
                 stop: Notify::new(),
                 stats: Stats::default(),
                 handler,
+                upcasters: self.upcasters,
             }),
             in_flight: Arc::new(Semaphore::new(self.options.max_in_flight)),
             tasks: JoinSet::new(),
@@ -323,6 +364,7 @@ struct RunShared {
     stop: Notify,
     stats: Stats,
     handler: BoxedHandler,
+    upcasters: Upcasters,
 }
 
 struct Run {
@@ -477,6 +519,16 @@ impl RunShared {
     async fn process(&self, held: Held) {
         let delivery = &held.delivery;
         let mut attempt = delivery.attempt().max(1);
+        let upcast = match self.upcasters.apply(delivery.event()) {
+            Ok(upcast) => upcast,
+            Err(error) => {
+                tracing::debug!(id = delivery.id(), error = %error, "busbar consumer: upcasting failed, dead-lettering");
+                self.dead_letter(delivery, attempt, &error).await;
+                return;
+            }
+        };
+        let event = upcast.as_ref().unwrap_or(delivery.event());
+        let cause = Cause::of(delivery.message());
         let mut handled = false;
         loop {
             if self.stopping() {
@@ -490,7 +542,7 @@ impl RunShared {
                 let Ok(_permit) = self.concurrency.acquire().await else {
                     return;
                 };
-                let event = delivery.event().with_attempt(attempt);
+                let event = event.with_attempt(attempt);
                 let handler = self.handler.clone();
                 handled = true;
                 let span = tracing::info_span!(
@@ -504,8 +556,8 @@ impl RunShared {
                 crate::telemetry::otel::continue_from(&span, delivery.headers());
                 let started = std::time::Instant::now();
                 let outcome = match std::panic::catch_unwind(AssertUnwindSafe(|| handler(event))) {
-                    Ok(fut) => AssertUnwindSafe(fut)
-                        .catch_unwind()
+                    Ok(fut) => HANDLING
+                        .scope(cause.clone(), AssertUnwindSafe(fut).catch_unwind())
                         .instrument(span)
                         .await
                         .unwrap_or_else(|panic| Err(Failure::panic(panic_text(panic)))),

@@ -69,7 +69,9 @@ impl Outbox {
     }
 
     /// Writes `message` for `topic` inside the caller's transaction (pass `&mut tx`). It is
-    /// published after the transaction commits, and never if it rolls back.
+    /// published after the transaction commits, and never if it rolls back. Enqueued from a
+    /// consumer runner's handler, it joins the handled event's chain (correlation and
+    /// causation ids), as a direct publish would.
     ///
     /// Errors: `InvalidTopic`; database errors (the caller's transaction is then unusable,
     /// as with any failed statement).
@@ -87,11 +89,15 @@ impl Outbox {
         if messages.is_empty() {
             return Ok(());
         }
+        // Enqueued by a consumer's handler: the events join its chain now, since the relay
+        // publishes them later, outside the handler.
+        let mut messages = messages.to_vec();
+        busbar_core::raw::join_chain(&mut messages);
         let mut qb = sqlx::QueryBuilder::new(
             "INSERT INTO busbar_outbox (topic, message_id, partition_key, payload, headers, \
              event_type, source, event_time, content_type) ",
         );
-        qb.push_values(messages, |mut b, m| {
+        qb.push_values(&messages, |mut b, m| {
             let headers: Vec<(&str, &str)> = m.headers.iter().collect();
             b.push_bind(topic)
                 .push_bind(&m.id)

@@ -182,6 +182,53 @@ async fn rollback_publishes_nothing_commit_publishes_exactly() -> Result<()> {
     Ok(())
 }
 
+/// Events a consumer's handler enqueues carry the handled event's correlation and causation
+/// ids when the relay publishes them later.
+async fn enqueued_by_a_handler_they_join_its_chain() -> Result<()> {
+    use busbar_core::{Consumer, Event};
+    let pool = pool().await?;
+    let bus = MemoryBus::new();
+    bus.provision("payments", &SubscribeOptions::new("g"))
+        .await?;
+    let mut sub = subscriber(&bus, "receipts").await?;
+    let cause = Message::new("paid").with_key("o1");
+    bus.publish("payments", cause.clone(), &PublishOptions::default())
+        .await?;
+    let p = pool.clone();
+    let report = Consumer::new(Arc::new(bus.clone()), "payments")
+        .group("g")
+        .run_until(
+            move |_e: Event| {
+                let p = p.clone();
+                async move {
+                    let mut tx = p.begin().await.map_err(|e| e.to_string())?;
+                    Outbox::enqueue(&mut tx, "receipts", &event("o1", 0))
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    tx.commit().await.map_err(|e| e.to_string())
+                }
+            },
+            tokio::time::sleep(Duration::from_millis(500)),
+        )
+        .await?;
+    ensure!(report.processed == 1, "{report:?}");
+    let r = Relay::new(pool.clone(), Arc::new(bus.clone()))
+        .relay_once()
+        .await?;
+    ensure!(r.published == 1, "published {r:?}");
+    let d = tokio::time::timeout(Duration::from_secs(10), sub.next())
+        .await
+        .map_err(|_| anyhow!("the receipt never arrived"))??
+        .ok_or_else(|| anyhow!("subscription ended"))?;
+    ensure!(
+        d.message().correlation_id() == cause.id
+            && d.message().causation_id() == Some(cause.id.as_str()),
+        "the receipt is not in the payment's chain: {:?}",
+        d.message().headers
+    );
+    Ok(())
+}
+
 /// A relay is dropped mid-batch; another takes over: nothing lost, per-key order kept.
 async fn killed_relay_loses_nothing() -> Result<()> {
     let pool = pool().await?;
@@ -463,6 +510,9 @@ fn main() {
             "rollback_publishes_nothing_commit_publishes_exactly",
             || Box::pin(rollback_publishes_nothing_commit_publishes_exactly()),
         ),
+        ("enqueued_by_a_handler_they_join_its_chain", || {
+            Box::pin(enqueued_by_a_handler_they_join_its_chain())
+        }),
         ("killed_relay_loses_nothing", || {
             Box::pin(killed_relay_loses_nothing())
         }),

@@ -2,6 +2,7 @@
 
 pub mod basic;
 pub mod capabilities;
+pub mod chain;
 pub mod churn;
 pub mod delayed;
 pub mod dlq;
@@ -191,6 +192,12 @@ pub fn all() -> Vec<Case> {
             needs_groups,
             120,
             "with nothing created beforehand, dead letters of nack(DeadLetter) (default topic and DeadLetterPolicy topic) and of the runner (policy topic) are kept, readable and redriven"
+        ),
+        case!(
+            chain::chain_crosses_the_broker,
+            needs_groups,
+            90,
+            "what a handler publishes carries the handled event's correlation and causation ids across the broker; versions survive and an upcaster brings v1 to v2"
         ),
         case!(
             start::start_position_latest,

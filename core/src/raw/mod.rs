@@ -18,6 +18,14 @@ pub use crate::partition::partition_for;
 pub use crate::registry::{redact_url, BackendEntry, ConnectFn, Registry};
 pub use backend::{connect_boxed, known, Backend, Connect, Identity};
 
+/// Puts messages published now into the event chain of the handler running in this task (its
+/// correlation id, its event's id as causation id), as the front door does for every publish:
+/// for code that keeps messages to publish later, such as the transactional outbox. Messages
+/// that already have a correlation id are left alone.
+pub fn join_chain(messages: &mut [crate::Message]) {
+    crate::runner::inherit(messages);
+}
+
 use crate::bus::{Delivery, Event};
 
 /// A delivery of `event`, settled through `acker` (what a backend's subscriber returns).
