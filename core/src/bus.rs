@@ -71,6 +71,17 @@ pub trait EventBus: Send + Sync + fmt::Debug {
     /// published from now on are kept for it. Idempotent.
     async fn provision(&self, topic: &str, options: &SubscribeOptions) -> Result<()>;
 
+    /// How many messages of `topic` group `group` has not received yet (its consumer lag;
+    /// what each broker counts exactly: its README), and records it as the gauge
+    /// [`crate::telemetry::CONSUMER_LAG`]. A group that does not exist has no lag: 0.
+    ///
+    /// Errors: `Unsupported` (capability `consumer_lag` off), `InvalidTopic`, `Closed`,
+    /// `Connection`, `Broker`.
+    async fn lag(&self, topic: &str, group: &str) -> Result<u64> {
+        let _ = (topic, group);
+        Err(Error::unsupported(self.backend(), "reading consumer lag"))
+    }
+
     /// Closes the connection: later publishes, subscriptions and acks fail with `Closed`,
     /// open subscribers end. Idempotent.
     async fn close(&self) -> Result<()>;

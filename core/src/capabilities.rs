@@ -49,6 +49,8 @@ pub struct Capabilities {
     /// (A member that crashes says goodbye to nobody: what it had read ahead may still count
     /// once; backends say in their README.)
     pub exact_attempts: bool,
+    /// [`crate::EventBus::lag`] reports how many messages a group has not received yet.
+    pub consumer_lag: bool,
 }
 
 impl Capabilities {
@@ -67,6 +69,7 @@ impl Capabilities {
             message_max_bytes: None,
             batch_max_size: None,
             exact_attempts: false,
+            consumer_lag: false,
         }
     }
 }

@@ -212,6 +212,22 @@ impl<B: Backend> EventBus for Bus<B> {
         self.inner.backend.provision(topic, options).await
     }
 
+    async fn lag(&self, topic: &str, group: &str) -> Result<u64> {
+        self.check_open()?;
+        let tag = |e: Error| e.with_backend(self.name());
+        crate::topic::validate_topic(topic).map_err(tag)?;
+        crate::topic::validate_group(group).map_err(tag)?;
+        if !self.capabilities().consumer_lag {
+            return Err(Error::unsupported(
+                self.name(),
+                "reading consumer lag (capability consumer_lag is off)",
+            ));
+        }
+        let lag = self.inner.backend.lag(topic, group).await?;
+        crate::telemetry::record_lag(self.name(), topic, group, lag);
+        Ok(lag)
+    }
+
     async fn close(&self) -> Result<()> {
         if self.inner.closed.swap(true, AtomicOrdering::AcqRel) {
             return Ok(());

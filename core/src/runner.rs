@@ -92,6 +92,7 @@ pub struct Consumer {
     retry: RetryPolicy,
     drain_timeout: Duration,
     upcasters: Upcasters,
+    lag_interval: Option<Duration>,
 }
 
 impl fmt::Debug for Consumer {
@@ -104,6 +105,7 @@ impl fmt::Debug for Consumer {
             .field("retry", &self.retry)
             .field("drain_timeout", &self.drain_timeout)
             .field("upcasters", &self.upcasters)
+            .field("lag_interval", &self.lag_interval)
             .finish()
     }
 }
@@ -111,6 +113,8 @@ impl fmt::Debug for Consumer {
 impl Consumer {
     /// Default handler concurrency.
     pub const DEFAULT_CONCURRENCY: usize = 16;
+    /// Default interval of the consumer-lag gauge.
+    pub const DEFAULT_LAG_INTERVAL: Duration = Duration::from_secs(15);
     /// Default time in-flight handlers get to finish at shutdown.
     pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -124,6 +128,7 @@ impl Consumer {
             retry: RetryPolicy::default(),
             drain_timeout: Self::DEFAULT_DRAIN_TIMEOUT,
             upcasters: Upcasters::default(),
+            lag_interval: Some(Self::DEFAULT_LAG_INTERVAL),
         }
     }
 
@@ -205,6 +210,14 @@ impl Consumer {
         self
     }
 
+    /// Sets how often the runner reads its group's lag into the gauge
+    /// [`crate::telemetry::CONSUMER_LAG`] (where the backend has capability `consumer_lag`);
+    /// `None` never. Default [`Self::DEFAULT_LAG_INTERVAL`].
+    pub fn lag_interval(mut self, every: Option<Duration>) -> Self {
+        self.lag_interval = every;
+        self
+    }
+
     /// The subscription options this consumer uses (for `EventBus::provision`).
     pub fn subscribe_options(&self) -> SubscribeOptions {
         self.options.clone()
@@ -241,6 +254,19 @@ impl Consumer {
             .bus
             .subscribe(&self.topic, self.options.clone())
             .await?;
+        let lag = self.lag_interval.filter(|_| self.bus.capabilities().consumer_lag).map(|every| {
+            let (bus, topic, group) = (self.bus.clone(), self.topic.clone(), self.options.group.clone());
+            AbortOnDrop(tokio::spawn(async move {
+                let mut tick = tokio::time::interval(every.max(Duration::from_millis(100)));
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tick.tick().await;
+                    if let Err(e) = bus.lag(&topic, &group).await {
+                        tracing::debug!(error = %e, "busbar consumer: reading the consumer lag failed");
+                    }
+                }
+            }))
+        });
         let handler: BoxedHandler =
             Arc::new(move |e: Event| handler(e).map(|r| r.map_err(Failure::of)).boxed());
         let run = Run {
@@ -262,7 +288,18 @@ impl Consumer {
             in_flight: Arc::new(Semaphore::new(self.options.max_in_flight)),
             tasks: JoinSet::new(),
         };
-        Ok(run.run(subscriber, shutdown, self.drain_timeout).await)
+        let report = run.run(subscriber, shutdown, self.drain_timeout).await;
+        drop(lag);
+        Ok(report)
+    }
+}
+
+/// A task that ends with its handle.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

@@ -44,6 +44,21 @@ pub const DEAD_LETTERED: &str = "busbar.messages.dead_lettered";
 /// Handler failures the runner retries in-process (counter).
 pub const RETRIED: &str = "busbar.messages.retried";
 
+/// Messages a group has not received yet, per topic and group (gauge): set by
+/// [`crate::EventBus::lag`], which the consumer runner calls every
+/// [`crate::Consumer::lag_interval`] where the backend has capability `consumer_lag`.
+pub const CONSUMER_LAG: &str = "busbar.consumer.lag";
+
+pub(crate) fn record_lag(system: &'static str, topic: &str, group: &str, lag: u64) {
+    metrics::gauge!(
+        CONSUMER_LAG,
+        SYSTEM => system,
+        DESTINATION => topic.to_owned(),
+        GROUP => group.to_owned()
+    )
+    .set(lag as f64);
+}
+
 /// The publish handles of one topic, registered once.
 #[derive(Clone)]
 pub(crate) struct PublishMetrics {

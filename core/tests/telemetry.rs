@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use busbar_core::memory::MemoryBus;
 use busbar_core::telemetry::{
-    ACKED, CONSUMED, DEAD_LETTERED, NACKED, OPERATION_DURATION, PROCESS_DURATION, RETRIED, SENT,
+    ACKED, CONSUMED, CONSUMER_LAG, DEAD_LETTERED, NACKED, OPERATION_DURATION, PROCESS_DURATION,
+    RETRIED, SENT,
 };
 use busbar_core::{
     Consumer, EventBus, Message, NackAction, PublishOptions, RetryPolicy, StartPosition,
@@ -50,6 +51,13 @@ fn counter(snap: &Snap, name: &str, topic: &str, group: Option<&str>) -> u64 {
     }
 }
 
+fn gauge(snap: &Snap, name: &str, topic: &str, group: &str) -> f64 {
+    match value(snap, name, topic, Some(group)) {
+        Some(DebugValue::Gauge(v)) => v.into_inner(),
+        other => panic!("{name} on {topic}/{group}: {other:?}"),
+    }
+}
+
 fn samples(snap: &Snap, name: &str, topic: &str, group: Option<&str>) -> usize {
     match value(snap, name, topic, group) {
         Some(DebugValue::Histogram(v)) => v.len(),
@@ -67,6 +75,9 @@ async fn a_known_workload_reports_its_counts() {
     let bus = MemoryBus::new();
     let opts = SubscribeOptions::new("g").start(StartPosition::Earliest);
     bus.provision("t", &opts).await.expect("provision");
+    bus.provision("t", &SubscribeOptions::new("idle"))
+        .await
+        .expect("provision");
     let batch = (0..3).map(|i| Message::new(format!("m{i}"))).collect();
     bus.publish_batch("t", batch, &PublishOptions::default())
         .await
@@ -107,6 +118,7 @@ async fn a_known_workload_reports_its_counts() {
     let consumer = Consumer::new(bus_dyn, "r")
         .group("h")
         .start(StartPosition::Earliest)
+        .lag_interval(Some(Duration::from_millis(100)))
         .retry(
             RetryPolicy::builder()
                 .max_attempts(3)
@@ -140,6 +152,7 @@ async fn a_known_workload_reports_its_counts() {
         .await
         .expect("run");
     assert_eq!(report.processed, 3, "{report:?}");
+    assert_eq!(bus.lag("t", "idle").await.expect("lag"), 5);
 
     let snap = snapshotter.snapshot().into_vec();
     assert_eq!(counter(&snap, SENT, "t", None), 5);
@@ -164,5 +177,15 @@ async fn a_known_workload_reports_its_counts() {
         samples(&snap, PROCESS_DURATION, "r", Some("h")),
         4,
         "3 + 1 retry"
+    );
+    assert_eq!(
+        gauge(&snap, CONSUMER_LAG, "t", "idle"),
+        5.0,
+        "read by lag()"
+    );
+    assert_eq!(
+        gauge(&snap, CONSUMER_LAG, "r", "h"),
+        0.0,
+        "sampled by the runner"
     );
 }

@@ -255,6 +255,35 @@ impl Inner {
         Ok(())
     }
 
+    /// The group's lag: the ready messages of its partition queues (passive declarations on a
+    /// channel of its own, since a missing queue closes the channel). Messages delivered and
+    /// not yet acked are not counted. No queue: no lag.
+    pub(crate) async fn lag(&self, topic: &str, group: &str) -> Result<u64> {
+        let ch = self.new_channel().await?;
+        let mut total = 0u64;
+        for p in 0..self.config.partitions {
+            let q = config::queue(topic, group, p);
+            let declared = ch
+                .queue_declare(
+                    ShortString::from(q.as_str()),
+                    QueueDeclareOptions {
+                        passive: true,
+                        ..Default::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await;
+            match declared {
+                Ok(queue) => total += u64::from(queue.message_count()),
+                // The group's queues are declared together: none, no lag.
+                Err(e) if e.to_string().contains("NOT_FOUND") => return Ok(total),
+                Err(e) => return Err(map_err(e, &format!("reading the depth of queue {q}"))),
+            }
+        }
+        let _ = ch.close(200, ShortString::from("lag read")).await;
+        Ok(total)
+    }
+
     /// Declares the group's partition queues (quorum, single active consumer) bound to the
     /// topic's exchange, and the group's membership exchange.
     pub(crate) async fn ensure_group(&self, topic: &str, group: &str) -> Result<()> {
@@ -489,6 +518,7 @@ impl Backend for Amqp {
         // busbar's attempts records keep hand-backs uncounted; RabbitMQ's own delivery
         // limit, when the URL sets one, counts every return (see the README).
         c.exact_attempts = self.inner.config.delivery_limit.is_none();
+        c.consumer_lag = true;
         c
     }
 
@@ -518,6 +548,10 @@ impl Backend for Amqp {
 
     async fn provision(&self, topic: &str, options: &SubscribeOptions) -> Result<()> {
         self.inner.ensure_group(topic, &options.group).await
+    }
+
+    async fn lag(&self, topic: &str, group: &str) -> Result<u64> {
+        self.inner.lag(topic, group).await
     }
 
     async fn close(&self) -> Result<()> {

@@ -241,6 +241,46 @@ impl Inner {
             .map_err(|e| error::map(e, "creating a Kafka consumer"))
     }
 
+    /// The group's lag: over the partitions of `topic`, the high watermark less the group's
+    /// committed offset (records read but not yet committed — acked but not yet contiguous,
+    /// or in a handler — count). A partition without a committed offset (no group, no topic)
+    /// has no lag.
+    pub(crate) async fn lag(&self, topic: &str, group: &str) -> Result<u64> {
+        let client = self.group_client(group)?;
+        let topic = topic.to_owned();
+        blocking(move || {
+            let meta = client
+                .fetch_metadata(Some(&topic), REQUEST_TIMEOUT)
+                .map_err(|e| error::map(e, "reading the topic's partitions"))?;
+            let mut tpl = TopicPartitionList::new();
+            for t in meta.topics().iter().filter(|t| t.name() == topic) {
+                for p in t.partitions() {
+                    tpl.add_partition(&topic, p.id());
+                }
+            }
+            if tpl.count() == 0 {
+                return Ok(0);
+            }
+            let committed = error::retry_while_leader_moves(REQUEST_TIMEOUT, || {
+                client.committed_offsets(tpl.clone(), REQUEST_TIMEOUT)
+            })
+            .map_err(|e| error::map(e, "reading the group's committed offsets"))?;
+            let mut total = 0u64;
+            for e in committed.elements() {
+                let Offset::Offset(at) = e.offset() else {
+                    continue;
+                };
+                let (_, high) = error::retry_while_leader_moves(REQUEST_TIMEOUT, || {
+                    client.fetch_watermarks(&topic, e.partition(), REQUEST_TIMEOUT)
+                })
+                .map_err(|e| error::map(e, "reading the partition's offsets"))?;
+                total += u64::try_from(high.saturating_sub(at)).unwrap_or(0);
+            }
+            Ok(total)
+        })
+        .await
+    }
+
     /// Makes the group exist: every partition of `topic` without a committed offset gets
     /// one at the start position (the end for `Latest`, the beginning for `Earliest`), so
     /// records published from now on are kept for the group even before a member joined.
@@ -428,6 +468,7 @@ impl Backend for Kafka {
         c.nack_can_delay = true;
         c.ack_deadline_can_extend = true;
         c.exact_attempts = true;
+        c.consumer_lag = true;
         c.message_max_bytes = Some(
             self.inner
                 .config
@@ -459,6 +500,10 @@ impl Backend for Kafka {
 
     async fn provision(&self, topic: &str, options: &SubscribeOptions) -> Result<()> {
         self.inner.provision_group(topic, options).await
+    }
+
+    async fn lag(&self, topic: &str, group: &str) -> Result<u64> {
+        self.inner.lag(topic, group).await
     }
 
     async fn close(&self) -> Result<()> {

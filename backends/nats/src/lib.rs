@@ -93,23 +93,47 @@ impl Inner {
                     "nats: cannot allow message schedules on an existing stream; delayed publishes to it will fail");
             }
         }
-        let n = info
-            .config
-            .description
-            .as_deref()
-            .and_then(|d| d.rsplit_once("partitions="))
-            .and_then(|(_, n)| n.trim().parse::<u32>().ok())
-            .filter(|n| *n > 0)
-            .ok_or_else(|| {
-                error::decode(format!(
-                    "stream {name} exists but was not created by busbar (no partition count)"
-                ))
-            })?;
+        let n = partitions_of(&info.config, &name)?;
         self.topics
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .insert(topic.to_owned(), n);
         Ok((stream, n))
+    }
+
+    /// The group's lag: over its partition consumers, the messages not delivered yet
+    /// (JetStream `num_pending`). Nothing is created: no stream or consumer, no lag.
+    pub(crate) async fn lag(&self, topic: &str, group: &str) -> Result<u64> {
+        use async_nats::jetstream::context::{ConsumerInfoErrorKind, GetStreamErrorKind};
+        use async_nats::jetstream::ErrorCode;
+        let name = config::stream_name(topic);
+        let stream = match self.js.get_stream(&name).await {
+            Ok(s) => s,
+            Err(e) => match e.kind() {
+                GetStreamErrorKind::JetStream(j)
+                    if j.error_code() == ErrorCode::STREAM_NOT_FOUND =>
+                {
+                    return Ok(0)
+                }
+                _ => {
+                    let kind = error::request_kind(&e);
+                    return Err(error::map(kind, e, "reading the topic stream"));
+                }
+            },
+        };
+        let n = partitions_of(&stream.cached_info().config, &name)?;
+        let mut total = 0;
+        for p in 0..n {
+            match stream.consumer_info(config::consumer_name(group, p)).await {
+                Ok(info) => total += info.num_pending,
+                Err(e) if e.kind() == ConsumerInfoErrorKind::NotFound => {}
+                Err(e) => {
+                    let kind = error::request_kind(&e);
+                    return Err(error::map(kind, e, "reading the group's consumer"));
+                }
+            }
+        }
+        Ok(total)
     }
 
     fn cached_partitions(&self, topic: &str) -> Option<u32> {
@@ -346,6 +370,21 @@ async fn check_jetstream(client: &async_nats::Client) -> Result<()> {
     }
 }
 
+/// The partition count busbar wrote into the description of the stream `name`.
+fn partitions_of(config: &stream::Config, name: &str) -> Result<u32> {
+    config
+        .description
+        .as_deref()
+        .and_then(|d| d.rsplit_once("partitions="))
+        .and_then(|(_, n)| n.trim().parse::<u32>().ok())
+        .filter(|n| *n > 0)
+        .ok_or_else(|| {
+            error::decode(format!(
+                "stream {name} exists but was not created by busbar (no partition count)"
+            ))
+        })
+}
+
 #[async_trait]
 impl Backend for Nats {
     const IDENTITY: Identity = known::NATS;
@@ -359,6 +398,7 @@ impl Backend for Nats {
         c.nack_can_delay = true;
         c.ack_deadline_can_extend = true;
         c.exact_attempts = true;
+        c.consumer_lag = true;
         c.message_max_bytes = Some(self.inner.max_payload.saturating_sub(HEADER_ROOM));
         if self.inner.schedules {
             c.publish_with_delay = true;
@@ -401,6 +441,10 @@ impl Backend for Nats {
 
     async fn provision(&self, topic: &str, options: &SubscribeOptions) -> Result<()> {
         self.inner.ensure_group(topic, options).await.map(|_| ())
+    }
+
+    async fn lag(&self, topic: &str, group: &str) -> Result<u64> {
+        self.inner.lag(topic, group).await
     }
 
     async fn close(&self) -> Result<()> {

@@ -164,6 +164,16 @@ pub(crate) fn array_of(v: Value) -> Result<Vec<Value>> {
     }
 }
 
+/// A reply of name/value pairs (a RESP2 flat array or a RESP3 map), by name.
+pub(crate) fn field_map(v: Value) -> Result<std::collections::HashMap<String, Value>> {
+    let mut out = std::collections::HashMap::new();
+    let mut items = array_of(v)?.into_iter();
+    while let (Some(k), Some(v)) = (items.next(), items.next()) {
+        out.insert(string_of(k)?, v);
+    }
+    Ok(out)
+}
+
 /// An integer reply.
 pub(crate) fn int_of(v: Value) -> Result<i64> {
     match v {

@@ -19,6 +19,7 @@ use busbar_core::{
     SubscribeOptions, Subscriber,
 };
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::Value;
 
 pub use config::{partition_for, RedisConfig};
 
@@ -90,6 +91,96 @@ impl Inner {
             .unwrap_or_else(PoisonError::into_inner)
             .insert(topic.to_owned(), n);
         Ok(n)
+    }
+
+    /// The group's lag on `topic`: over every partition stream, the entries the group has not
+    /// read yet (XINFO GROUPS `lag`; where Redis cannot tell, counted from the group's last
+    /// delivered id). Delayed messages not yet due are not counted.
+    pub(crate) async fn lag(&self, topic: &str, group: &str) -> Result<u64> {
+        let mut conn = self.conn.clone();
+        let partitions: Option<u32> = redis::cmd("HGET")
+            .arg(self.config.meta_key(topic))
+            .arg("partitions")
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| error::map(e, "reading the topic's partition count"))?;
+        let mut total = 0u64;
+        for p in 0..partitions.unwrap_or(0) {
+            let stream = self.config.stream_key(topic, p);
+            let reply: redis::RedisResult<Value> = redis::cmd("XINFO")
+                .arg("GROUPS")
+                .arg(&stream)
+                .query_async(&mut conn)
+                .await;
+            let groups = match reply {
+                Ok(v) => codec::array_of(v)?,
+                // No stream yet: nothing published to this partition.
+                Err(e) if e.to_string().contains("no such key") => continue,
+                Err(e) => return Err(error::map(e, "reading the group's lag")),
+            };
+            for g in groups {
+                let info = codec::field_map(g)?;
+                if info
+                    .get("name")
+                    .cloned()
+                    .map(codec::string_of)
+                    .transpose()?
+                    .as_deref()
+                    != Some(group)
+                {
+                    continue;
+                }
+                total += match info.get("lag").cloned() {
+                    Some(Value::Nil) | None => {
+                        let last = info
+                            .get("last-delivered-id")
+                            .cloned()
+                            .map(codec::string_of)
+                            .transpose()?
+                            .unwrap_or_else(|| "0-0".to_owned());
+                        self.count_after(&mut conn, &stream, &last).await?
+                    }
+                    Some(v) => u64::try_from(codec::int_of(v)?).unwrap_or(0),
+                };
+            }
+        }
+        Ok(total)
+    }
+
+    /// Entries of `stream` after `id`, counted in pages.
+    async fn count_after(
+        &self,
+        conn: &mut ConnectionManager,
+        stream: &str,
+        id: &str,
+    ) -> Result<u64> {
+        let mut from = format!("({id}");
+        let mut n = 0u64;
+        loop {
+            let page: Vec<Value> = redis::cmd("XRANGE")
+                .arg(stream)
+                .arg(&from)
+                .arg("+")
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(conn)
+                .await
+                .map_err(|e| error::map(e, "counting unread entries"))?;
+            n += page.len() as u64;
+            let Some(last) = page.last().cloned() else {
+                return Ok(n);
+            };
+            if page.len() < 1000 {
+                return Ok(n);
+            }
+            let id = codec::array_of(last)?
+                .into_iter()
+                .next()
+                .map(codec::string_of)
+                .transpose()?
+                .unwrap_or_default();
+            from = format!("({id}");
+        }
     }
 
     /// Creates the consumer group on every partition stream (idempotent).
@@ -296,6 +387,7 @@ impl Backend for Redis {
         c.nack_can_delay = true;
         c.ack_deadline_can_extend = true;
         c.exact_attempts = true;
+        c.consumer_lag = true;
         c.publish_with_delay = true;
         c.message_max_bytes = Some(self.inner.config.max_message_bytes);
         c
@@ -330,6 +422,10 @@ impl Backend for Redis {
 
     async fn provision(&self, topic: &str, options: &SubscribeOptions) -> Result<()> {
         self.inner.ensure_group(topic, options).await.map(|_| ())
+    }
+
+    async fn lag(&self, topic: &str, group: &str) -> Result<u64> {
+        self.inner.lag(topic, group).await
     }
 
     async fn close(&self) -> Result<()> {

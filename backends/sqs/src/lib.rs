@@ -148,6 +148,38 @@ impl Inner {
         Ok((url, arn))
     }
 
+    /// The group's lag: `ApproximateNumberOfMessages` of its queue (visible messages; those
+    /// received and not yet deleted, and delayed ones, are not counted). No queue: no lag.
+    pub(crate) async fn lag(&self, topic: &str, group: &str) -> Result<u64> {
+        let name = self.config.queue_name(topic, group);
+        let url = match self.sqs.get_queue_url().queue_name(&name).send().await {
+            Ok(out) => out.queue_url.unwrap_or_default(),
+            Err(e)
+                if e.code() == Some("AWS.SimpleQueueService.NonExistentQueue")
+                    || e.code() == Some("QueueDoesNotExist") =>
+            {
+                return Ok(0)
+            }
+            Err(e) => return Err(error::map(e, "looking up the group's queue")),
+        };
+        let count = self
+            .sqs
+            .get_queue_attributes()
+            .queue_url(&url)
+            .attribute_names(QueueAttributeName::ApproximateNumberOfMessages)
+            .send()
+            .await
+            .map_err(|e| error::map(e, "reading the group's queue depth"))?
+            .attributes
+            .and_then(|mut a| a.remove(&QueueAttributeName::ApproximateNumberOfMessages))
+            .ok_or_else(|| {
+                error::decode("GetQueueAttributes answered without ApproximateNumberOfMessages")
+            })?;
+        count
+            .parse()
+            .map_err(|_| error::decode(format!("ApproximateNumberOfMessages is {count:?}")))
+    }
+
     /// Creates the group: its queue (with its dead-letter queue and redrive policy when native
     /// redrive is on) subscribed to the topic with raw message delivery. Idempotent.
     pub(crate) async fn ensure_group(
@@ -563,6 +595,7 @@ impl Backend for Sqs {
             Ordering::None
         };
         c.consumer_groups = true;
+        c.consumer_lag = true;
         c.persistent = true;
         c.nack_can_delay = true;
         c.native_dead_letter = self.inner.config.max_receive_count.is_some();
@@ -602,6 +635,10 @@ impl Backend for Sqs {
 
     async fn provision(&self, topic: &str, options: &SubscribeOptions) -> Result<()> {
         self.inner.ensure_group(topic, options).await.map(|_| ())
+    }
+
+    async fn lag(&self, topic: &str, group: &str) -> Result<u64> {
+        self.inner.lag(topic, group).await
     }
 
     async fn close(&self) -> Result<()> {

@@ -34,6 +34,10 @@ pub async fn unsupported_is_typed(ctx: Ctx) -> Result<Outcome> {
         )?;
         checked.push("publish_with_delay");
     }
+    if !caps.consumer_lag {
+        expect_unsupported(bus.lag(&topic, "g").await, "reading consumer lag")?;
+        checked.push("consumer_lag");
+    }
     if !caps.replay && caps.consumer_groups {
         expect_unsupported(
             bus.subscribe(&topic, opts(&ctx.group("g")).start(StartPosition::Earliest))

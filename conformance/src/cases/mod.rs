@@ -8,6 +8,7 @@ pub mod delayed;
 pub mod dlq;
 pub mod groups;
 pub mod input;
+pub mod lag;
 pub mod ordering;
 pub mod redelivery;
 pub mod start;
@@ -70,6 +71,10 @@ fn needs_exact_attempts(c: &Capabilities) -> Option<&'static str> {
             "the backend declares exact_attempts off (attempt also counts hand-outs no handler saw)",
         )
     })
+}
+
+fn needs_lag(c: &Capabilities) -> Option<&'static str> {
+    needs_groups(c).or_else(|| (!c.consumer_lag).then_some("the backend declares consumer_lag off"))
 }
 
 fn needs_nothing(_: &Capabilities) -> Option<&'static str> {
@@ -198,6 +203,12 @@ pub fn all() -> Vec<Case> {
             needs_groups,
             90,
             "what a handler publishes carries the handled event's correlation and causation ids across the broker; versions survive and an upcaster brings v1 to v2"
+        ),
+        case!(
+            lag::consumer_lag,
+            needs_lag,
+            120,
+            "a group's lag is what it has not received: 0 before, N after N publishes, 0 once all are acked; 0 for an unknown group or topic"
         ),
         case!(
             start::start_position_latest,

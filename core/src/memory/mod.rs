@@ -252,6 +252,7 @@ impl Memory {
         c.nack_can_delay = true;
         c.ack_deadline_can_extend = true;
         c.exact_attempts = true;
+        c.consumer_lag = true;
         c.publish_with_delay = true;
         c.message_max_bytes = Some(config.max_message_bytes);
         c
@@ -327,6 +328,10 @@ impl Backend for Memory {
             .topic_mut(topic)
             .group_mut(&options.group, options.start);
         Ok(())
+    }
+
+    async fn lag(&self, topic: &str, group: &str) -> Result<u64> {
+        Ok(self.shared.lock().lag(topic, group))
     }
 
     async fn close(&self) -> Result<()> {

@@ -32,6 +32,17 @@ impl State {
         self.topics.get_mut(name).expect("topic inserted above")
     }
 
+    /// Messages of `topic` not received by `group` yet: past its cursor, or handed back and
+    /// waiting for redelivery.
+    pub(super) fn lag(&self, topic: &str, group: &str) -> u64 {
+        let Some(t) = self.topics.get(topic) else {
+            return 0;
+        };
+        t.groups.get(group).map_or(0, |g| {
+            t.end().saturating_sub(g.cursor.max(t.base)) + g.waiting.len() as u64
+        })
+    }
+
     pub(super) fn all_notifies(&self) -> Vec<Arc<Notify>> {
         self.topics.values().map(|t| t.notify.clone()).collect()
     }

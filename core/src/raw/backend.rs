@@ -114,6 +114,16 @@ pub trait Backend: Send + Sync + fmt::Debug + 'static {
     /// Creates the group without consuming. Idempotent.
     async fn provision(&self, topic: &str, options: &SubscribeOptions) -> Result<()>;
 
+    /// How many messages of `topic` the group has not received yet (0 for a group or topic
+    /// that does not exist). Called only with capability `consumer_lag` on.
+    async fn lag(&self, topic: &str, group: &str) -> Result<u64> {
+        let _ = (topic, group);
+        Err(crate::Error::unsupported(
+            Self::IDENTITY.name,
+            "reading consumer lag",
+        ))
+    }
+
     /// Closes the connection: open subscribers end, later acks fail with `Closed`. Called
     /// once.
     async fn close(&self) -> Result<()>;
