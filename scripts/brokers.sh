@@ -229,8 +229,22 @@ console.log("READY", server.port);
 EOF
 }
 
+# Clients no one here wrote, for the interop tests (backends/*/tests/interop.rs): the
+# CloudEvents Python SDK and the brokers' Python clients, versions pinned.
+INTEROP_VENV="$TOOLS/interop-1"
+install_interop() {
+  [ -f "$INTEROP_VENV/.complete" ] && return
+  log "pip install the interop clients (cloudevents, nats-py) into $INTEROP_VENV"
+  rm -rf "$INTEROP_VENV"
+  python3 -m venv "$INTEROP_VENV"
+  "$INTEROP_VENV/bin/pip" install -q cloudevents==2.2.0 nats-py==2.16.0 \
+    deprecation==2.1.0 python-dateutil==4.0.0 packaging==26.4 tzdata==2026.6
+  touch "$INTEROP_VENV/.complete"
+}
+
 install_missing() {
   install_debian
+  install_interop
   install_nats_new
   install_kafka
   install_rabbit_new
@@ -374,6 +388,7 @@ export BUSBAR_BROKER_TOOLS="$TOOLS"
 export BUSBAR_NATS_SERVERS="$NATS_NEW_BIN $(command -v nats-server || echo nats-server)"
 export BUSBAR_RABBITMQ_ROOTS="$RABBIT_NEW_ROOT /"
 export BUSBAR_KAFKA_HOME="$KAFKA_HOME"
+export BUSBAR_INTEROP_PYTHON="$INTEROP_VENV/bin/python"
 EOF
 }
 

@@ -40,7 +40,7 @@ pub mod dead_letter {
 /// The envelope's header names beyond CloudEvents' core attributes: correlation and causation
 /// ids (see [`Message::caused_by`]) and the event's schema version (see [`Consumer::upcast`]).
 pub mod envelope {
-    pub use crate::message::{CAUSATION_ID, CORRELATION_ID, VERSION};
+    pub use crate::message::{CAUSATION_ID, CORRELATION_ID, DEFAULT_SOURCE, DEFAULT_TYPE, VERSION};
 }
 
 /// The limits every backend takes the same way, and the name checks behind them.

@@ -8,12 +8,21 @@ use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-/// Ordered string headers (CloudEvents extension attributes or plain metadata).
+/// String headers (CloudEvents extension attributes or plain metadata), one value per name.
 ///
-/// Insertion order is kept; [`Headers::insert`] replaces the value of an existing name in place.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// Insertion order is kept in memory; [`Headers::insert`] replaces the value of an existing
+/// name in place. The order of different names is not part of a message: brokers whose
+/// clients keep headers in a map (NATS, RabbitMQ, SQS) deliver them in another order, and
+/// two `Headers` with the same names and values are equal in any order.
+#[derive(Debug, Clone, Default, Eq, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct Headers(Vec<(String, String)>);
+
+impl PartialEq for Headers {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.len() == other.0.len() && self.iter().all(|(n, v)| other.get(n) == Some(v))
+    }
+}
 
 impl Headers {
     /// Empty headers.
@@ -257,6 +266,14 @@ fn new_id() -> String {
         .encode_lower(&mut buf)
         .to_owned()
 }
+
+/// The CloudEvents `source` on the wire of a message whose `source` is unset (binary mode
+/// needs one); read back as unset.
+pub const DEFAULT_SOURCE: &str = "/busbar";
+
+/// The CloudEvents `type` on the wire of a message whose `event_type` is unset; read back as
+/// unset.
+pub const DEFAULT_TYPE: &str = "busbar.message";
 
 /// Header of the correlation id (a CloudEvents extension attribute name): the id of the
 /// event that started the chain. Absent on the first event of a chain.

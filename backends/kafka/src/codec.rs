@@ -7,25 +7,24 @@
 //! | value | payload |
 //! | timestamp (CreateTime) | `time`, in milliseconds |
 //! | header `ce_specversion` | `1.0` |
-//! | header `ce_id`, `ce_type`, `ce_source` | id, type, source |
-//! | header `ce_time` | time, RFC 3339 with nanoseconds |
+//! | header `ce_id`, `ce_time` (RFC 3339, nanoseconds) | id, time |
+//! | header `ce_source`, `ce_type` | source, type; `/busbar` and `busbar.message` when unset (read back unset) |
 //! | header `content-type` | content type |
+//! | header `ce_correlationid`, `ce_causationid`, `ce_dataversion` | busbar's extension attributes |
 //! | other headers | the message headers, in order; a header whose own name would clash with the above (`ce_*`, `content-type`, `busbar-h-*`) travels as `busbar-h-<name>` |
 //!
 //! Records written by other producers decode too: without `ce_id` the id is
-//! `<topic>/<partition>/<offset>`, without `ce_time` the time is the record timestamp.
+//! `<topic>/<partition>/<offset>`, without `ce_time` the time is the record timestamp, a
+//! `ce_partitionkey` without a record key is the key, other `ce_*` attributes are headers.
 
+use busbar_core::raw::cloudevents;
 use busbar_core::{Headers, Message};
 use bytes::Bytes;
-use chrono::{DateTime, SecondsFormat, TimeZone, Utc};
+use chrono::{TimeZone, Utc};
 use rdkafka::message::{BorrowedMessage, Header, Headers as _, OwnedHeaders};
 use rdkafka::Message as _;
 
-const SPEC_VERSION: &str = "ce_specversion";
-const ID: &str = "ce_id";
-const TYPE: &str = "ce_type";
-const SOURCE: &str = "ce_source";
-const TIME: &str = "ce_time";
+const CE: &str = "ce_";
 const CONTENT_TYPE: &str = "content-type";
 const ESCAPED: &str = "busbar-h-";
 
@@ -43,19 +42,19 @@ pub(crate) fn encode_headers(m: &Message) -> OwnedHeaders {
             value: Some(value.as_bytes()),
         });
     };
-    add(SPEC_VERSION, "1.0");
-    add(ID, &m.id);
-    if let Some(t) = &m.event_type {
-        add(TYPE, t);
+    for (name, value) in cloudevents::attributes(m) {
+        match name {
+            "datacontenttype" => add(CONTENT_TYPE, &value),
+            // The record key.
+            "partitionkey" => {}
+            _ => add(&format!("{CE}{name}"), &value),
+        }
     }
-    if let Some(s) = &m.source {
-        add(SOURCE, s);
-    }
-    add(TIME, &m.time.to_rfc3339_opts(SecondsFormat::Nanos, true));
-    if let Some(c) = &m.content_type {
-        add(CONTENT_TYPE, c);
-    }
-    for (name, value) in m.headers.iter() {
+    for (name, value) in m
+        .headers
+        .iter()
+        .filter(|(n, _)| !cloudevents::is_extension(n))
+    {
         if reserved(name) {
             add(&format!("{ESCAPED}{name}"), value);
         } else {
@@ -112,24 +111,27 @@ pub(crate) fn decode_parts(
     }
     let mut headers = Headers::new();
     for (name, value) in header_pairs {
-        match name.as_str() {
-            SPEC_VERSION => {}
-            ID => m.id = value,
-            TYPE => m.event_type = Some(value),
-            SOURCE => m.source = Some(value),
-            CONTENT_TYPE => m.content_type = Some(value),
-            TIME => match DateTime::parse_from_rfc3339(&value) {
-                Ok(t) => m.time = t.with_timezone(&Utc),
-                Err(_) => tracing::debug!(
-                    value,
-                    "kafka: ce_time is not RFC 3339; using the record timestamp"
-                ),
-            },
-            _ => match name.strip_prefix(ESCAPED) {
+        if name == CONTENT_TYPE {
+            m.content_type = Some(value);
+        } else if let Some(attribute) = name.strip_prefix(CE) {
+            if attribute == "partitionkey" && m.key.is_some() {
+                continue;
+            }
+            match cloudevents::set_attribute(&mut m, attribute, value.clone()) {
+                Ok(true) => {}
+                Ok(false) => headers.insert(name, value),
+                Err(e) => tracing::debug!(error = %e, "kafka: using the record timestamp"),
+            }
+        } else {
+            match name.strip_prefix(ESCAPED) {
                 Some(original) => headers.insert(original, value),
                 None => headers.insert(name, value),
-            },
+            }
         }
+    }
+    // set_attribute put the extensions into m.headers; they come after the plain ones.
+    for (n, v) in m.headers.iter() {
+        headers.insert(n, v);
     }
     m.headers = headers;
     m
@@ -165,6 +167,7 @@ mod tests {
             .with_type("order.created")
             .with_source("/billing")
             .with_content_type("application/json")
+            .with_correlation_id("c-1")
             .with_header("b", "2")
             .with_header("ce_id", "user header with a reserved name")
             .with_header("Content-Type", "also reserved")
@@ -178,7 +181,15 @@ mod tests {
             pairs(&h),
         );
         assert_eq!(back, m);
-        assert!(pairs(&h).contains(&("ce_specversion".into(), "1.0".into())));
+        let p = pairs(&h);
+        assert!(p.contains(&("ce_specversion".into(), "1.0".into())));
+        assert!(p.contains(&("ce_correlationid".into(), "c-1".into())));
+        // Unset source and type: a valid CloudEvent still (they were left out before).
+        let bare = pairs(&encode_headers(&Message::new("x")));
+        assert!(bare.contains(&("ce_source".into(), "/busbar".into())));
+        assert!(bare.contains(&("ce_type".into(), "busbar.message".into())));
+        let back = decode_parts(origin(), None, Bytes::new(), None, bare);
+        assert_eq!((back.source, back.event_type), (None, None));
     }
 
     #[test]

@@ -17,7 +17,9 @@ use crate::BACKEND;
 ///
 /// busbar options: `partitions` (partitions of a topic busbar creates, default 8),
 /// `replication` (replication factor of topics busbar creates, default 1),
-/// `max_message_bytes` (largest record, default 1,000,000 — keep it at or below the
+/// `partitioner` (how keys map to partitions, default `murmur2_random` as the Java client;
+/// `consistent_random` as librdkafka-based clients), `max_message_bytes` (largest record,
+/// default 1,000,000 — keep it at or below the
 /// broker's `message.max.bytes`), `commit_interval_ms` (how often acked progress is
 /// committed, default 200), `session_timeout_ms` (group session timeout, default 10,000).
 /// Any option containing a dot (`security.protocol`, `sasl.mechanism`, `ssl.ca.location`,
@@ -36,6 +38,10 @@ pub struct KafkaConfig {
     pub commit_interval: Duration,
     /// Consumer group session timeout.
     pub session_timeout: Duration,
+    /// librdkafka `partitioner` of the producer: `murmur2_random` (default: the Java client's
+    /// placement of keys) or `consistent_random` (librdkafka's own default: confluent-kafka,
+    /// kcat), or another of librdkafka's. Every producer of a topic must place keys alike.
+    pub partitioner: String,
     /// librdkafka settings applied to every client (security, SASL, TLS, client.id, ...).
     pub client: BTreeMap<String, String>,
 }
@@ -63,6 +69,7 @@ impl fmt::Debug for KafkaConfig {
             .field("max_message_bytes", &self.max_message_bytes)
             .field("commit_interval", &self.commit_interval)
             .field("session_timeout", &self.session_timeout)
+            .field("partitioner", &self.partitioner)
             .field("client", &client)
             .finish()
     }
@@ -119,6 +126,7 @@ impl KafkaConfig {
             max_message_bytes: 1_000_000,
             commit_interval: Duration::from_millis(200),
             session_timeout: Duration::from_secs(10),
+            partitioner: "murmur2_random".to_owned(),
             client: BTreeMap::new(),
         };
         let mut sasl = false;
@@ -164,13 +172,30 @@ impl KafkaConfig {
                 "session_timeout_ms" => {
                     cfg.session_timeout = Duration::from_millis(num(1_000, 3_600_000)?)
                 }
+                "partitioner" => {
+                    const KNOWN: [&str; 6] = [
+                        "murmur2_random",
+                        "murmur2",
+                        "consistent_random",
+                        "consistent",
+                        "fnv1a_random",
+                        "fnv1a",
+                    ];
+                    if !KNOWN.contains(&&*v) {
+                        return Err(config_error(format!(
+                            "Kafka URL option partitioner={v:?} must be one of {}",
+                            KNOWN.join(", ")
+                        )));
+                    }
+                    cfg.partitioner = v.into_owned();
+                }
                 key if key.contains('.') => {
                     cfg.client.insert(key.to_owned(), v.into_owned());
                 }
                 other => {
                     return Err(config_error(format!(
                     "unknown Kafka URL option {other:?} (busbar options: partitions, replication, \
-                         max_message_bytes, commit_interval_ms, session_timeout_ms; librdkafka \
+                         max_message_bytes, commit_interval_ms, session_timeout_ms, partitioner; librdkafka \
                          settings contain a dot, e.g. security.protocol)"
                 )))
                 }
@@ -218,6 +243,13 @@ mod tests {
         assert_eq!(c.client["client.id"], "svc");
         let shown = format!("{c:?}");
         assert!(!shown.contains("s@cret"), "{shown}");
+        assert_eq!(
+            c.partitioner, "murmur2_random",
+            "the Java client's placement by default"
+        );
+        let librdkafka = KafkaConfig::from_url("kafka://h?partitioner=consistent_random")
+            .expect("librdkafka's placement");
+        assert_eq!(librdkafka.partitioner, "consistent_random");
         let tls = KafkaConfig::from_url("kafkas://h:9093").expect("tls");
         assert_eq!(tls.client["security.protocol"], "ssl");
     }
@@ -231,6 +263,7 @@ mod tests {
             "kafka://h:99999",
             "kafka://h?partitions=0",
             "kafka://h?bogus=1",
+            "kafka://h?partitioner=random_please",
             "kafka:h",
         ] {
             let e = KafkaConfig::from_url(bad).expect_err(bad);

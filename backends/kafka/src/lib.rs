@@ -346,14 +346,14 @@ impl Inner {
     }
 }
 
-/// The idempotent producer: acks from all in-sync replicas, the Java client's partitioner
-/// (other Kafka clients place keys the same way).
+/// The idempotent producer: acks from all in-sync replicas, the configured partitioner (the
+/// Java client's by default).
 fn new_producer(config: &KafkaConfig) -> Result<FutureProducer> {
     config
         .base()
         .set("enable.idempotence", "true")
         .set("acks", "all")
-        .set("partitioner", "murmur2_random")
+        .set("partitioner", &config.partitioner)
         .set("linger.ms", "2")
         .set("message.timeout.ms", "30000")
         .create()

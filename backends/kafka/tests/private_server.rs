@@ -312,6 +312,96 @@ async fn outage_mid_stream_loses_nothing_acked() -> TestResult {
     Ok(())
 }
 
+/// Where keys land: with `partitioner=consistent_random` busbar places every key where a
+/// librdkafka-based client with its defaults does (confluent-kafka, kcat); busbar's default
+/// (`murmur2_random`, the Java client's) does not, which the README used to deny.
+async fn keys_land_where_the_chosen_partitioner_puts_them() -> TestResult {
+    use rdkafka::consumer::{BaseConsumer, Consumer as _};
+    use rdkafka::message::{Header, Headers as _, OwnedHeaders};
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    use rdkafka::Message as _;
+    let broker = Broker::start(false).await?;
+    let topic = "placement";
+    let java = KafkaBus::connect(&broker.url()).await?;
+    let librdkafka =
+        KafkaBus::connect(&format!("{}&partitioner=consistent_random", broker.url())).await?;
+    java.provision(topic, &busbar_core::SubscribeOptions::new("g"))
+        .await?;
+    let bootstrap = broker
+        .url()
+        .trim_start_matches("kafka://")
+        .split('?')
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    let raw: FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &bootstrap)
+        .create()?;
+    let keys: Vec<String> = (0..40).map(|i| format!("order-{i}")).collect();
+    for key in &keys {
+        for (source, bus) in [("java", &java), ("librdkafka", &librdkafka)] {
+            let m = Message::new("x").with_key(key).with_header("src", source);
+            bus.publish(topic, m, &PublishOptions::default()).await?;
+        }
+        let headers = OwnedHeaders::new().insert(Header {
+            key: "src",
+            value: Some("raw"),
+        });
+        raw.send(
+            FutureRecord::to(topic)
+                .key(key)
+                .payload("x")
+                .headers(headers),
+            Duration::from_secs(10),
+        )
+        .await
+        .map_err(|(e, _)| e)?;
+    }
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &bootstrap)
+        .set("group.id", "placement-check")
+        .set("auto.offset.reset", "earliest")
+        .create()?;
+    consumer.subscribe(&[topic])?;
+    let mut placed = std::collections::HashMap::new();
+    let end = Instant::now() + Duration::from_secs(60);
+    while placed.len() < keys.len() * 3 && Instant::now() < end {
+        let Some(record) = consumer.poll(Duration::from_millis(200)) else {
+            continue;
+        };
+        let record = record?;
+        let source = record
+            .headers()
+            .and_then(|h| h.iter().find(|h| h.key == "src"))
+            .and_then(|h| h.value)
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+            .unwrap_or_default();
+        let key = String::from_utf8_lossy(record.key().unwrap_or_default()).into_owned();
+        placed.insert((source, key), record.partition());
+    }
+    if placed.len() < keys.len() * 3 {
+        return Err(format!("read back {} of {} records", placed.len(), keys.len() * 3).into());
+    }
+    let at = |source: &str, key: &str| placed.get(&(source.to_owned(), key.to_owned())).copied();
+    let same = |source: &str| {
+        keys.iter()
+            .filter(|k| at(source, k) == at("raw", k))
+            .count()
+    };
+    if same("librdkafka") != keys.len() {
+        return Err(format!(
+            "partitioner=consistent_random placed {} of {} keys where librdkafka does",
+            same("librdkafka"),
+            keys.len()
+        )
+        .into());
+    }
+    if same("java") == keys.len() {
+        return Err("murmur2_random placed every key where librdkafka does: the README's warning would be wrong".into());
+    }
+    Ok(())
+}
+
 async fn unreachable_broker_is_a_connection_error() -> TestResult {
     let port = free_port()?;
     expect_connection_error(
@@ -354,6 +444,11 @@ fn main() {
             ("outage_mid_stream_loses_nothing_acked", true, || {
                 Box::pin(outage_mid_stream_loses_nothing_acked())
             }),
+            (
+                "keys_land_where_the_chosen_partitioner_puts_them",
+                true,
+                || Box::pin(keys_land_where_the_chosen_partitioner_puts_them()),
+            ),
             ("unreachable_broker_is_a_connection_error", false, || {
                 Box::pin(unreachable_broker_is_a_connection_error())
             }),

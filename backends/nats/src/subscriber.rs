@@ -900,15 +900,9 @@ impl Subscriber for NatsSubscriber {
             };
             // Published by another program: delivered with what can be read, under an id
             // from its place in the stream (the same on every delivery).
-            let decoded = if codec::is_foreign(msg.headers.as_ref()) {
-                Ok(codec::foreign_message(
-                    msg.headers.as_ref(),
-                    msg.payload.clone(),
-                    format!("nats-{}-{seq}", shared.topic),
-                ))
-            } else {
-                codec::decode_message(msg.headers.as_ref(), msg.payload.clone())
-            };
+            let decoded = codec::decode_message(msg.headers.as_ref(), msg.payload.clone(), || {
+                format!("nats-{}-{seq}", shared.topic)
+            });
             // Not decodable as busbar's: handed over with its raw payload and subject, and
             // the bus in front dead-letters it.
             let (message, undecodable) = match decoded {

@@ -286,8 +286,9 @@ pub async fn dead_letters_kept_without_provisioning(ctx: Ctx) -> Result<Outcome>
     let bus = ctx.bus.clone();
     let group = ctx.group("g");
     let back_topic = ctx.topic("back");
-    bus.provision(&back_topic, &latest("check")).await?;
-    let mut redriven = bus.subscribe(&back_topic, latest("check")).await?;
+    let check = ctx.group("check");
+    bus.provision(&back_topic, &latest(&check)).await?;
+    let mut redriven = bus.subscribe(&back_topic, latest(&check)).await?;
     let mut ids = Vec::new();
 
     // 1. nack(DeadLetter) on a raw subscriber.

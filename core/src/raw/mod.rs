@@ -8,6 +8,7 @@
 //! backend, and dead-letters through one path. A backend only translates to its broker.
 
 mod backend;
+pub mod cloudevents;
 pub mod coalesce;
 pub mod inflight;
 
