@@ -231,13 +231,13 @@ EOF
 
 # Clients no one here wrote, for the interop tests (backends/*/tests/interop.rs): the
 # CloudEvents Python SDK and the brokers' Python clients, versions pinned.
-INTEROP_VENV="$TOOLS/interop-1"
+INTEROP_VENV="$TOOLS/interop-2"
 install_interop() {
   [ -f "$INTEROP_VENV/.complete" ] && return
-  log "pip install the interop clients (cloudevents, nats-py) into $INTEROP_VENV"
+  log "pip install the interop clients (cloudevents, nats-py, pika) into $INTEROP_VENV"
   rm -rf "$INTEROP_VENV"
   python3 -m venv "$INTEROP_VENV"
-  "$INTEROP_VENV/bin/pip" install -q cloudevents==2.2.0 nats-py==2.16.0 \
+  "$INTEROP_VENV/bin/pip" install -q cloudevents==2.2.0 nats-py==2.16.0 pika==1.4.4 \
     deprecation==2.1.0 python-dateutil==4.0.0 packaging==26.4 tzdata==2026.6
   touch "$INTEROP_VENV/.complete"
 }

@@ -394,6 +394,10 @@ impl Inner {
     /// Publishes in order (mandatory, persistent, confirmed) and returns once RabbitMQ
     /// confirmed every message. A message no group receives is an error, not a silent loss.
     pub(crate) async fn publish_many(&self, topic: &str, messages: &[Message]) -> Result<()> {
+        // Checked before anything is sent: a batch is published whole or not at all.
+        for m in messages {
+            codec::check(m)?;
+        }
         self.ensure_exchange(topic).await?;
         let exchange = config::exchange(topic);
         let n = self.config.partitions;

@@ -92,7 +92,14 @@ impl Broker {
         let cluster = base64::engine::general_purpose::URL_SAFE_NO_PAD
             .encode(uuid::Uuid::new_v4().as_bytes());
         let format = Self::java(&home)
-            .args(["kafka.tools.StorageTool", "format", "-t", &cluster, "-c"])
+            // `--cluster-id=<id>`: a random id may start with `-`, which argparse would take
+            // for an option after a separate `-t` (seen in CI: 1 start in 64 failed).
+            .args([
+                "kafka.tools.StorageTool",
+                "format",
+                &format!("--cluster-id={cluster}"),
+                "-c",
+            ])
             .arg(dir.join("server.properties"))
             .output()
             .await

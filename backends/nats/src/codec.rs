@@ -28,8 +28,6 @@ use bytes::Bytes;
 use chrono::{SecondsFormat, Utc};
 use percent_encoding::{percent_decode_str, utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 
-use crate::error::decode;
-
 const CE: &str = "ce-";
 const DEDUP_ID: &str = "Nats-Msg-Id";
 const ESCAPED: &str = "busbar-h-";
@@ -138,9 +136,9 @@ pub(crate) fn wire_len(h: &HeaderMap) -> usize {
 pub(crate) const HEADERS_MAX_BYTES: usize = 64 * 1024;
 
 /// Rebuilds a message from a JetStream message; `place_id` names a message that carries no
-/// id of its own (another producer's) by its place in the stream. Errors: a CloudEvents
-/// attribute that cannot be read (not UTF-8 once percent-decoded, a `ce-time` that is not
-/// RFC 3339), or a broken message of an older busbar.
+/// id of its own (another producer's) by its place in the stream. A CloudEvents attribute
+/// that cannot be read (not UTF-8 once percent-decoded, a `ce-time` that is not RFC 3339)
+/// stays a header under its wire name. Errors: a broken message of an older busbar.
 pub(crate) fn decode_message(
     headers: Option<&HeaderMap>,
     payload: Bytes,
@@ -166,11 +164,15 @@ pub(crate) fn decode_message(
     for (name, value) in names {
         let lower = name.to_ascii_lowercase();
         if let Some(attribute) = lower.strip_prefix(CE) {
-            let decoded = percent_decode(value).map_err(decode)?.into_owned();
-            has_id |= attribute == "id";
-            if !cloudevents::set_attribute(&mut m, attribute, decoded).map_err(decode)? {
-                m.headers
-                    .insert(name, percent_decode(value).map_err(decode)?);
+            // An attribute that cannot be read stays a header under its wire name.
+            let Ok(decoded) = percent_decode(value) else {
+                m.headers.insert(name, value);
+                continue;
+            };
+            let decoded = decoded.into_owned();
+            match cloudevents::set_attribute(&mut m, attribute, decoded.clone()) {
+                Ok(true) => has_id |= attribute == "id",
+                Ok(false) | Err(_) => m.headers.insert(name, decoded),
             }
         } else if lower == "content-type" && is_cloudevent {
             // The HTTP binding's place for `datacontenttype` (some SDKs write it on NATS too).
@@ -355,8 +357,15 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert("ce-id", "x");
         h.insert("ce-time", "yesterday");
-        let e = decode_message(Some(&h), Bytes::new(), place).expect_err("bad time");
-        assert_eq!(e.kind(), busbar_core::ErrorKind::Decode);
+        h.insert("ce-source", "%C0%A0");
+        let odd = decode_message(Some(&h), Bytes::new(), place).expect("delivered as it is");
+        assert_eq!(odd.headers.get("ce-time"), Some("yesterday"));
+        assert_eq!(
+            odd.headers.get("ce-source"),
+            Some("%C0%A0"),
+            "not UTF-8: kept raw"
+        );
+        assert_eq!(odd.source, None);
     }
 
     #[test]
