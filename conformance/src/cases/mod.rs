@@ -12,6 +12,7 @@ pub mod lag;
 pub mod ordering;
 pub mod redelivery;
 pub mod start;
+pub mod telemetry;
 
 use std::time::Duration;
 
@@ -209,6 +210,12 @@ pub fn all() -> Vec<Case> {
             needs_lag,
             120,
             "a group's lag is what it has not received: 0 before, N after N publishes, 0 once all are acked; 0 for an unknown group or topic"
+        ),
+        case!(
+            telemetry::metrics_count_a_known_workload,
+            needs_groups,
+            90,
+            "a known workload (5 published, one nacked once) shows in the metrics: sent, consumed, acked, nacked, publish durations, and the lag gauge where the backend reads lag"
         ),
         case!(
             start::start_position_latest,
