@@ -1,12 +1,28 @@
 //! How a message is stored as the fields of a stream entry, and reply parsing.
 //!
-//! Fields, in this order: `id`, `k` (partition key, absent when none), `d` (payload bytes),
-//! `t` (type), `s` (source), `tm` (time, RFC 3339 with nanoseconds), `ct` (content type),
-//! then one `h:<name>` field per header, in header order.
+//! An entry is a CloudEvent in binary content mode, the attributes under their CloudEvents
+//! names (Redis has no protocol binding; this layout is busbar's, documented here and in the
+//! README). Fields, in this order:
+//!
+//! | field | from |
+//! |---|---|
+//! | `specversion` | `1.0` |
+//! | `id` | id |
+//! | `source`, `type` | source, type; `/busbar` and `busbar.message` when unset (read back unset) |
+//! | `time` | time, RFC 3339 with nanoseconds |
+//! | `datacontenttype` | content type (absent when none) |
+//! | `partitionkey` | partition key (absent when none) |
+//! | `correlationid`, `causationid`, `dataversion` | busbar's extension attributes, where set |
+//! | `data` | the payload bytes |
+//! | `h:<name>` | one field per message header, in header order |
+//!
+//! Entries of busbar before CloudEvents names (`k`, `d`, `t`, `s`, `tm`, `ct`) still decode. An
+//! entry without an `id` field was written by another program (see [`decode_entry`]).
 
+use busbar_core::raw::cloudevents;
 use busbar_core::{Headers, Message, Result};
 use bytes::Bytes;
-use chrono::{DateTime, SecondsFormat, Utc};
+use chrono::{DateTime, Utc};
 use redis::Value;
 
 use crate::error::decode;
@@ -15,28 +31,17 @@ const HEADER_PREFIX: &str = "h:";
 
 /// The stream fields of `m`.
 pub(crate) fn encode(m: &Message) -> Vec<(String, Vec<u8>)> {
-    let mut f: Vec<(String, Vec<u8>)> = Vec::with_capacity(7 + m.headers.len());
-    f.push(("id".into(), m.id.clone().into_bytes()));
-    if let Some(k) = &m.key {
-        f.push(("k".into(), k.clone().into_bytes()));
+    let attributes = cloudevents::attributes(m);
+    let mut f: Vec<(String, Vec<u8>)> = Vec::with_capacity(attributes.len() + 1 + m.headers.len());
+    for (name, value) in attributes {
+        f.push((name.to_owned(), value.into_owned().into_bytes()));
     }
-    f.push(("d".into(), m.payload.to_vec()));
-    if let Some(t) = &m.event_type {
-        f.push(("t".into(), t.clone().into_bytes()));
-    }
-    if let Some(s) = &m.source {
-        f.push(("s".into(), s.clone().into_bytes()));
-    }
-    f.push((
-        "tm".into(),
-        m.time
-            .to_rfc3339_opts(SecondsFormat::Nanos, true)
-            .into_bytes(),
-    ));
-    if let Some(ct) = &m.content_type {
-        f.push(("ct".into(), ct.clone().into_bytes()));
-    }
-    for (n, v) in m.headers.iter() {
+    f.push(("data".into(), m.payload.to_vec()));
+    for (n, v) in m
+        .headers
+        .iter()
+        .filter(|(n, _)| !cloudevents::is_extension(n))
+    {
         f.push((format!("{HEADER_PREFIX}{n}"), v.as_bytes().to_vec()));
     }
     f
@@ -68,24 +73,32 @@ fn decode_busbar(fields: &Fields) -> Result<Option<Message>> {
     for (k, v) in fields {
         let v = v.clone();
         match k.as_str() {
-            "id" => m.id = text(v, "id")?,
+            "d" | "data" => m.payload = Bytes::from(v),
+            // The names of busbar before CloudEvents names.
             "k" => m.key = Some(text(v, "k")?),
-            "d" => m.payload = Bytes::from(v),
             "t" => m.event_type = Some(text(v, "t")?),
             "s" => m.source = Some(text(v, "s")?),
-            "tm" => {
-                let s = text(v, "tm")?;
+            "ct" => m.content_type = Some(text(v, "ct")?),
+            "tm" | "time" => {
+                let s = text(v, k)?;
                 m.time = DateTime::parse_from_rfc3339(&s)
-                    .map_err(|_| decode(format!("stream field tm={s:?} is not RFC 3339")))?
+                    .map_err(|_| decode(format!("stream field {k}={s:?} is not RFC 3339")))?
                     .with_timezone(&Utc);
             }
-            "ct" => m.content_type = Some(text(v, "ct")?),
-            name => {
-                if let Some(h) = name.strip_prefix(HEADER_PREFIX) {
-                    headers.insert(h, text(v, name)?);
+            name => match name.strip_prefix(HEADER_PREFIX) {
+                Some(h) => headers.insert(h, text(v, name)?),
+                None => {
+                    let value = text(v, name)?;
+                    if !cloudevents::set_attribute(&mut m, name, value.clone()).map_err(decode)? {
+                        // Another attribute (an extension of another writer): a header.
+                        headers.insert(name, value);
+                    }
                 }
-            }
+            },
         }
+    }
+    for (n, v) in m.headers.iter() {
+        headers.insert(n, v);
     }
     m.headers = headers;
     Ok(Some(m))
@@ -217,6 +230,8 @@ mod tests {
     fn round_trip_keeps_every_field_and_header_order() {
         let m = Message::new(vec![0u8, 255, 10])
             .with_key("k")
+            .with_correlation_id("c")
+            .with_version(2)
             .with_type("t")
             .with_source("/s")
             .with_content_type("ct")
@@ -228,6 +243,39 @@ mod tests {
             .flat_map(|(k, v)| [Value::BulkString(k.into_bytes()), Value::BulkString(v)])
             .collect();
         assert_eq!(decode_fields(flat).expect("decodes"), m);
+        let names: Vec<String> = encode(&Message::new("x"))
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
+        assert_eq!(
+            names,
+            ["specversion", "id", "source", "type", "time", "data"]
+        );
+    }
+
+    #[test]
+    fn entries_of_older_busbar_still_decode() {
+        let flat: Vec<Value> = [
+            ("id", "old-1"),
+            ("k", "key"),
+            ("d", "payload"),
+            ("t", "order.created"),
+            ("s", "/shop"),
+            ("tm", "2026-01-02T03:04:05.000000006Z"),
+            ("ct", "text/plain"),
+            ("h:b", "2"),
+        ]
+        .into_iter()
+        .flat_map(|(k, v)| [Value::BulkString(k.into()), Value::BulkString(v.into())])
+        .collect();
+        let m = decode_fields(flat).expect("decodes");
+        assert_eq!((m.id.as_str(), m.key.as_deref()), ("old-1", Some("key")));
+        assert_eq!(&m.payload[..], b"payload");
+        assert_eq!(m.event_type.as_deref(), Some("order.created"));
+        assert_eq!(m.source.as_deref(), Some("/shop"));
+        assert_eq!(m.content_type.as_deref(), Some("text/plain"));
+        assert_eq!(m.time.timestamp_subsec_nanos(), 6);
+        assert_eq!(m.headers.get("b"), Some("2"));
     }
 
     #[test]

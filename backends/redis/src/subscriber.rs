@@ -1044,7 +1044,7 @@ fn to_entry(p: u32, raw: RawEntry, attempt: u32) -> Entry {
     };
     let mut m = Message::new(Vec::new()).with_id(format!("redis-{p}-{}", raw.stream_id));
     for (name, value) in fields {
-        if name == "d" {
+        if name == "d" || name == "data" {
             m.payload = value.into();
         } else {
             m.headers.insert(
