@@ -63,7 +63,7 @@ pub const KEYS: usize = 64;
 pub const CONCURRENCY: usize = 16;
 
 /// One side of a comparison.
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub enum Subject {
     /// busbar on a backend.
     Busbar(Arc<dyn EventBus>),

@@ -9,7 +9,7 @@ use futures::StreamExt;
 use omniqueue::QueueProducer;
 
 /// The redis crate directly, on a stream of its own.
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub struct RawRedis {
     client: redis::Client,
     conn: redis::aio::MultiplexedConnection,
@@ -140,7 +140,7 @@ fn stream_ids(v: redis::Value) -> Vec<String> {
 }
 
 /// async-nats directly, on a stream of its own.
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub struct RawNats {
     js: async_nats::jetstream::Context,
 }
@@ -281,6 +281,14 @@ pub struct RawKafka {
     producer: rdkafka::producer::FutureProducer,
 }
 
+impl std::fmt::Debug for RawKafka {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RawKafka")
+            .field("servers", &self.servers)
+            .finish_non_exhaustive()
+    }
+}
+
 impl RawKafka {
     /// Connects to `url` (`kafka://host:port`).
     pub async fn connect(url: &str) -> Result<Self> {
@@ -399,7 +407,7 @@ impl RawKafka {
 }
 
 /// The omniqueue peer crate.
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub enum OmniQueue {
     /// Its in-memory backend.
     Memory,

@@ -17,7 +17,7 @@ use lapin::{BasicProperties, Connection, ConnectionProperties, ExchangeKind};
 const PARTITIONS: u32 = 4;
 
 /// A lapin connection.
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub struct RawAmqp {
     uri: String,
 }

@@ -10,7 +10,7 @@ use aws_sdk_sns::types::PublishBatchRequestEntry;
 use aws_sdk_sqs::types::{DeleteMessageBatchRequestEntry, QueueAttributeName};
 
 /// The raw SNS + SQS clients.
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub struct RawSqs {
     sns: aws_sdk_sns::Client,
     sqs: aws_sdk_sqs::Client,

@@ -92,7 +92,7 @@ macro_rules! start_app {
 }
 
 /// ruststream on one broker.
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub enum RustStreamPeer {
     /// ruststream-nats (async-nats 0.50): JetStream pull consumer, stream-acknowledged publishes.
     Nats(RawNats, String),

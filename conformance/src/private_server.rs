@@ -175,6 +175,7 @@ where
 
 /// A TCP proxy on 127.0.0.1 that can cut all its connections and refuse new ones: a broker
 /// outage as clients see it, for tests that cannot restart the broker itself.
+#[derive(Debug)]
 pub struct Proxy {
     port: u16,
     up: Arc<AtomicBool>,
@@ -267,6 +268,7 @@ pub async fn publish_retrying(
 
 /// A consumer runner that records the ids it handled (and, per key, the order in which each
 /// was first handled), for tests that disrupt the broker while it consumes.
+#[derive(Debug)]
 pub struct Recorder {
     handled: Arc<Mutex<HashSet<String>>>,
     /// Per key, ids in the order they were first handled.

@@ -27,6 +27,16 @@ pub struct Ctx {
     scale: Scale,
 }
 
+impl std::fmt::Debug for Ctx {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ctx")
+            .field("bus", &self.bus)
+            .field("case", &self.case)
+            .field("scale", &self.scale)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Ctx {
     pub(crate) fn new(
         bus: Arc<dyn EventBus>,
