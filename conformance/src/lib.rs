@@ -24,6 +24,7 @@
 
 pub mod cases;
 pub mod containers;
+pub mod interop;
 pub mod private_server;
 mod report;
 pub mod support;

@@ -10,12 +10,13 @@ write URL EXCHANGE ROUTING_KEY       publishes one binary-mode CloudEvent the SD
 import base64
 import json
 import sys
-from datetime import datetime, timezone
 
 import pika
 from cloudevents.core.bindings.rabbitmq import RabbitMQMessage, from_binary, to_binary
 from cloudevents.core.formats.json import JSONFormat
 from cloudevents.core.v1.event import CloudEvent
+
+from common import attributes, written_event
 
 
 def plain(value):
@@ -24,11 +25,6 @@ def plain(value):
     return value
 
 
-def attributes(event):
-    return {
-        name: value.isoformat() if hasattr(value, "isoformat") else value
-        for name, value in event.get_attributes().items()
-    }
 
 
 def read(url, exchange, partitions, count):
@@ -63,18 +59,7 @@ def write(url, exchange, routing_key):
     connection = pika.BlockingConnection(pika.URLParameters(url))
     channel = connection.channel()
     channel.confirm_delivery()
-    event = CloudEvent(
-        attributes={
-            "type": "com.example.order.created",
-            "source": "/python/sdk",
-            "id": "py-0001",
-            "time": datetime(2026, 11, 30, 12, 0, 0, 500000, tzinfo=timezone.utc),
-            "datacontenttype": "application/json",
-            "partitionkey": "ключ-1",
-            "correlationid": "saga 7",
-        },
-        data={"order": 42, "note": "grüße"},
-    )
+    event = written_event()
     message = to_binary(event, JSONFormat())
     channel.basic_publish(
         exchange=exchange,

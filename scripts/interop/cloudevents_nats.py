@@ -12,19 +12,15 @@ import asyncio
 import base64
 import json
 import sys
-from datetime import datetime, timezone
 
 import nats
 from cloudevents.core.bindings.http import HTTPMessage, from_binary, to_binary
 from cloudevents.core.formats.json import JSONFormat
 from cloudevents.core.v1.event import CloudEvent
 
+from common import attributes, written_event
 
-def attributes(event):
-    out = {}
-    for name, value in event.get_attributes().items():
-        out[name] = value.isoformat() if hasattr(value, "isoformat") else value
-    return out
+
 
 
 async def read(url, subject, count):
@@ -53,18 +49,7 @@ async def read(url, subject, count):
 async def write(url, subject):
     nc = await nats.connect(url)
     js = nc.jetstream()
-    event = CloudEvent(
-        attributes={
-            "type": "com.example.order.created",
-            "source": "/python/sdk",
-            "id": "py-0001",
-            "time": datetime(2026, 11, 30, 12, 0, 0, 500000, tzinfo=timezone.utc),
-            "datacontenttype": "application/json",
-            "partitionkey": "ключ-1",
-            "correlationid": "saga 7",
-        },
-        data={"order": 42, "note": "grüße"},
-    )
+    event = written_event()
     message = to_binary(event, JSONFormat())
     await js.publish(subject, message.body, headers=dict(message.headers))
     print(json.dumps({"attributes": attributes(event), "body": message.body.decode(), "headers": dict(message.headers)}), flush=True)

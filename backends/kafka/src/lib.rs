@@ -249,31 +249,15 @@ impl Inner {
         let client = self.group_client(group)?;
         let topic = topic.to_owned();
         blocking(move || {
-            let meta = client
-                .fetch_metadata(Some(&topic), REQUEST_TIMEOUT)
-                .map_err(|e| error::map(e, "reading the topic's partitions"))?;
-            let mut tpl = TopicPartitionList::new();
-            for t in meta.topics().iter().filter(|t| t.name() == topic) {
-                for p in t.partitions() {
-                    tpl.add_partition(&topic, p.id());
-                }
-            }
-            if tpl.count() == 0 {
+            let Some(committed) = committed_offsets(&client, &topic)? else {
                 return Ok(0);
-            }
-            let committed = error::retry_while_leader_moves(REQUEST_TIMEOUT, || {
-                client.committed_offsets(tpl.clone(), REQUEST_TIMEOUT)
-            })
-            .map_err(|e| error::map(e, "reading the group's committed offsets"))?;
+            };
             let mut total = 0u64;
             for e in committed.elements() {
                 let Offset::Offset(at) = e.offset() else {
                     continue;
                 };
-                let (_, high) = error::retry_while_leader_moves(REQUEST_TIMEOUT, || {
-                    client.fetch_watermarks(&topic, e.partition(), REQUEST_TIMEOUT)
-                })
-                .map_err(|e| error::map(e, "reading the partition's offsets"))?;
+                let (_, high) = watermarks(&client, &topic, e.partition())?;
                 total += u64::try_from(high.saturating_sub(at)).unwrap_or(0);
             }
             Ok(total)
@@ -293,35 +277,19 @@ impl Inner {
         let client = self.group_client(&options.group)?;
         let (topic, start) = (topic.to_owned(), options.start);
         blocking(move || {
-            let meta = client
-                .fetch_metadata(Some(&topic), REQUEST_TIMEOUT)
-                .map_err(|e| error::map(e, "reading the topic's partitions"))?;
-            let mut tpl = TopicPartitionList::new();
-            for t in meta.topics().iter().filter(|t| t.name() == topic) {
-                for p in t.partitions() {
-                    tpl.add_partition(&topic, p.id());
-                }
-            }
-            if tpl.count() == 0 {
-                return Err(Error::new(
+            let committed = committed_offsets(&client, &topic)?.ok_or_else(|| {
+                Error::new(
                     ErrorKind::Broker,
                     format!("the broker reports no partitions for topic {topic}"),
                 )
-                .with_backend(BACKEND));
-            }
-            let committed = error::retry_while_leader_moves(REQUEST_TIMEOUT, || {
-                client.committed_offsets(tpl.clone(), REQUEST_TIMEOUT)
-            })
-            .map_err(|e| error::map(e, "reading the group's committed offsets"))?;
+                .with_backend(BACKEND)
+            })?;
             let mut missing = TopicPartitionList::new();
             for e in committed.elements() {
                 if matches!(e.offset(), Offset::Offset(_)) {
                     continue;
                 }
-                let (low, high) = error::retry_while_leader_moves(REQUEST_TIMEOUT, || {
-                    client.fetch_watermarks(&topic, e.partition(), REQUEST_TIMEOUT)
-                })
-                .map_err(|e| error::map(e, "reading the partition's offsets"))?;
+                let (low, high) = watermarks(&client, &topic, e.partition())?;
                 let at = match start {
                     StartPosition::Latest => high,
                     StartPosition::Earliest => low,
@@ -344,6 +312,36 @@ impl Inner {
         })
         .await
     }
+}
+
+/// The group's committed offsets (`Offset::Invalid` where it has none) on every partition of
+/// `topic`; `None` when the broker knows no partition of it. Blocking.
+fn committed_offsets(client: &BaseConsumer, topic: &str) -> Result<Option<TopicPartitionList>> {
+    let meta = client
+        .fetch_metadata(Some(topic), REQUEST_TIMEOUT)
+        .map_err(|e| error::map(e, "reading the topic's partitions"))?;
+    let mut tpl = TopicPartitionList::new();
+    for t in meta.topics().iter().filter(|t| t.name() == topic) {
+        for p in t.partitions() {
+            tpl.add_partition(topic, p.id());
+        }
+    }
+    if tpl.count() == 0 {
+        return Ok(None);
+    }
+    error::retry_while_leader_moves(REQUEST_TIMEOUT, || {
+        client.committed_offsets(tpl.clone(), REQUEST_TIMEOUT)
+    })
+    .map(Some)
+    .map_err(|e| error::map(e, "reading the group's committed offsets"))
+}
+
+/// The low and high watermarks of a partition. Blocking.
+fn watermarks(client: &BaseConsumer, topic: &str, partition: i32) -> Result<(i64, i64)> {
+    error::retry_while_leader_moves(REQUEST_TIMEOUT, || {
+        client.fetch_watermarks(topic, partition, REQUEST_TIMEOUT)
+    })
+    .map_err(|e| error::map(e, "reading the partition's offsets"))
 }
 
 /// The idempotent producer: acks from all in-sync replicas, the configured partitioner (the

@@ -403,13 +403,6 @@ async fn foreign_messages_are_delivered(bin: String) -> TestResult {
     Ok(())
 }
 
-/// The interop clients' Python (`BUSBAR_INTEROP_PYTHON`, set by `scripts/brokers.sh env`).
-fn interop_python() -> Option<String> {
-    std::env::var("BUSBAR_INTEROP_PYTHON")
-        .ok()
-        .filter(|p| std::path::Path::new(p).exists())
-}
-
 const INTEROP_SCRIPT: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
     "/../../scripts/interop/cloudevents_nats.py"
@@ -420,7 +413,8 @@ const INTEROP_SCRIPT: &str = concat!(
 /// UTF-8, which nats-py turns into U+FFFD), and an event the SDK wrote read by busbar with the
 /// same id, type, source, time, data and extensions.
 async fn cloudevents_sdk_interop(bin: String) -> TestResult {
-    let Some(python) = interop_python() else {
+    use busbar_conformance::interop;
+    let Some(python) = interop::python() else {
         if busbar_conformance::Harness::brokers_required() {
             return Err("BUSBAR_INTEROP_PYTHON is unset: run scripts/brokers.sh up".into());
         }
@@ -435,76 +429,22 @@ async fn cloudevents_sdk_interop(bin: String) -> TestResult {
     let opts = SubscribeOptions::new("g");
     bus.provision(topic, &opts).await?;
 
-    let mut reader = Command::new(&python)
-        .args([INTEROP_SCRIPT, "read", &url, &subject, "2"])
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()?;
-    let stdout = reader.stdout.take().ok_or("no stdout")?;
-    let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stdout));
-    let ready = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
-        .await
-        .map_err(|_| "the Python reader never got ready")??;
-    if ready.as_deref() != Some("ready") {
-        return Err(format!("the Python reader said {ready:?}").into());
-    }
-    let full = Message::new(r#"{"order":42}"#)
-        .with_key("ключ-1")
-        .with_type("order.created")
-        .with_source("/busbar/test")
-        .with_content_type("application/json")
-        .with_correlation_id("saga 7")
-        .with_header("tenant", "acme corp");
-    let bare = Message::new("plain bytes");
-    for m in [&full, &bare] {
+    let reader =
+        interop::Reader::start(&python, INTEROP_SCRIPT, &["read", &url, &subject, "2"]).await?;
+    let sent = interop::sent();
+    for m in &sent {
         bus.publish(topic, m.clone(), &PublishOptions::default())
             .await?;
     }
-    let mut read = Vec::new();
-    for _ in 0..2 {
-        let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
-            .await
-            .map_err(|_| "the Python reader printed nothing")??
-            .ok_or("the Python reader ended early (an SDK error above?)")?;
-        read.push(serde_json::from_str::<serde_json::Value>(&line)?);
-    }
-    let _ = reader.wait().await;
-    let a = &read[0]["attributes"];
-    let want = serde_json::json!({
-        "specversion": "1.0", "id": full.id, "type": "order.created", "source": "/busbar/test",
-        "datacontenttype": "application/json", "partitionkey": "ключ-1", "correlationid": "saga 7",
-    });
-    for (name, value) in want.as_object().ok_or("object")? {
-        if &a[name] != value {
-            return Err(format!("the SDK read {name} = {}, busbar sent {value}", a[name]).into());
-        }
-    }
-    if read[0]["data"] != serde_json::json!({"order": 42})
-        || read[0]["headers"]["tenant"] != "acme%20corp"
-    {
-        return Err(format!("the SDK read {}", read[0]).into());
-    }
-    let b = &read[1]["attributes"];
-    if b["id"] != bare.id.as_str() || b["type"] != "busbar.message" || b["source"] != "/busbar" {
-        return Err(format!("a message without type and source: the SDK read {b}").into());
-    }
+    // NATS header values are percent-encoded, user headers included.
+    interop::check_read(reader.read(2).await?, &sent, "acme%20corp")?;
 
-    let written = Command::new(&python)
-        .args([INTEROP_SCRIPT, "write", &url, &subject])
-        .output()
-        .await?;
-    if !written.status.success() {
-        return Err(format!(
-            "the Python writer failed: {}",
-            String::from_utf8_lossy(&written.stderr)
-        )
-        .into());
-    }
+    interop::write(&python, INTEROP_SCRIPT, &["write", &url, &subject]).await?;
     let mut sub = bus.subscribe(topic, opts).await?;
     let mut got = None;
     for _ in 0..3 {
         let d = next_within(&mut sub, "the SDK's event").await?;
-        let done = d.id() == "py-0001";
+        let done = d.id() == interop::WRITTEN_ID;
         if done {
             got = Some(d.message().clone());
         }
@@ -513,18 +453,7 @@ async fn cloudevents_sdk_interop(bin: String) -> TestResult {
             break;
         }
     }
-    let m = got.ok_or("the SDK's event never arrived")?;
-    let body: serde_json::Value = serde_json::from_slice(&m.payload)?;
-    if m.event_type.as_deref() != Some("com.example.order.created")
-        || m.source.as_deref() != Some("/python/sdk")
-        || m.time.to_rfc3339() != "2026-11-30T12:00:00.500+00:00"
-        || m.key.as_deref() != Some("ключ-1")
-        || m.correlation_id() != "saga 7"
-        || m.content_type.as_deref() != Some("application/json")
-        || body != serde_json::json!({"order": 42, "note": "grüße"})
-    {
-        return Err(format!("busbar read the SDK's event as {m:?}").into());
-    }
+    interop::check_written(&got.ok_or("the SDK's event never arrived")?)?;
     sub.close().await?;
     bus.close().await?;
     Ok(())
