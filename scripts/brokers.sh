@@ -231,14 +231,16 @@ EOF
 
 # Clients no one here wrote, for the interop tests (backends/*/tests/interop.rs): the
 # CloudEvents Python SDK and the brokers' Python clients, versions pinned.
-INTEROP_VENV="$TOOLS/interop-2"
+INTEROP_VENV="$TOOLS/interop-3"
 install_interop() {
   [ -f "$INTEROP_VENV/.complete" ] && return
-  log "pip install the interop clients (cloudevents, nats-py, pika) into $INTEROP_VENV"
+  log "pip install the interop clients (cloudevents, nats-py, pika, boto3, confluent-kafka, redis) into $INTEROP_VENV"
   rm -rf "$INTEROP_VENV"
   python3 -m venv "$INTEROP_VENV"
   "$INTEROP_VENV/bin/pip" install -q cloudevents==2.2.0 nats-py==2.16.0 pika==1.4.4 \
-    deprecation==2.1.0 python-dateutil==4.0.0 packaging==26.4 tzdata==2026.6
+    boto3==1.44.8 botocore==1.44.8 s3transfer==0.19.3 jmespath==1.1.0 urllib3==2.8.0 \
+    confluent-kafka==2.16.1 redis==8.1.0 \
+    deprecation==2.1.0 python-dateutil==2.9.0.post0 six==1.17.0 packaging==26.4 tzdata==2026.6
   touch "$INTEROP_VENV/.complete"
 }
 

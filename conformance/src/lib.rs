@@ -22,6 +22,7 @@
 //! Reads tolerate duplicates (at-least-once) and fail on any loss; duplicates are printed.
 //! `BUSBAR_CONFORMANCE_SCALE` (a positive number, default 1) scales the message counts.
 
+mod capture;
 pub mod cases;
 pub mod containers;
 pub mod interop;
@@ -330,16 +331,11 @@ pub fn test_runtime() -> Arc<tokio::runtime::Runtime> {
     }
 }
 
-/// With `BUSBAR_TEST_LOG` set (a `tracing` filter such as `busbar_amqp=debug,lapin=trace`),
-/// logs go to stderr: for chasing a failing case. Off by default.
+/// Installs the process's `tracing` subscriber: with `BUSBAR_TEST_LOG` set (a `tracing`
+/// filter such as `busbar_amqp=debug,lapin=trace`), logs go to stderr (for chasing a failing
+/// case; off by default); with the `otel` feature, the spans of the trace case are captured.
 pub fn init_test_log() {
-    if let Ok(filter) = std::env::var("BUSBAR_TEST_LOG") {
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
-            .with_writer(std::io::stderr)
-            .with_ansi(false)
-            .try_init();
-    }
+    let _ = capture::install();
 }
 
 /// Runs the suite as a libtest-style test binary (`harness = false`) against every harness

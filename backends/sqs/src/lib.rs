@@ -535,6 +535,13 @@ pub async fn group_queue_url(bus: &SqsBus, topic: &str, group: &str) -> Result<S
     Ok(bus.raw().inner.ensure_group(topic, &options).await?.url)
 }
 
+/// The ARN of the SNS topic of `topic`, creating it if needed (through the bus's front door,
+/// which checks the name), for tools that publish to it directly.
+pub async fn topic_arn(bus: &SqsBus, topic: &str) -> Result<String> {
+    busbar_core::limits::validate_topic(topic)?;
+    bus.raw().inner.topic_arn(topic).await
+}
+
 impl Sqs {
     /// The SQS client, for what busbar does not cover: `bus.raw().sqs_client()`.
     pub fn sqs_client(&self) -> &aws_sdk_sqs::Client {

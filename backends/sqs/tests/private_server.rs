@@ -324,7 +324,8 @@ async fn foreign_messages_are_delivered_in_key_order() -> TestResult {
     Ok(())
 }
 
-/// A busbar message whose attributes are broken (an unknown `busbar.encoding`) is
+/// A busbar message whose attributes are broken (an unknown `busbar.encoding` of an older
+/// busbar; a CloudEvent whose body is not the base64 its `ce_datacontentencoding` says) is
 /// dead-lettered at once by the one dead-letter path — its raw body, its attributes as headers
 /// and the decode error kept in `<topic>.dlq` — and never reaches the application, so the
 /// busbar message of its key behind it flows. It used to make `next()` fail with `Decode`
@@ -344,20 +345,37 @@ async fn broken_busbar_messages_are_dead_lettered_with_their_content() -> TestRe
             .build()
             .map_err(|e| e.to_string())
     };
-    let mut send = bus
-        .raw()
-        .sqs_client()
-        .send_message()
-        .queue_url(&queue_url)
-        .message_body("raw body")
-        .message_attributes("busbar.id", text("broken-1")?)
-        .message_attributes("busbar.encoding", text("rot13")?);
-    if bus.config().fifo {
-        send = send
-            .message_group_id("k")
-            .message_deduplication_id("broken-1");
+    // One of an older busbar (unknown `busbar.encoding`), one CloudEvent saying its body is
+    // base64 when it is not.
+    let broken = [
+        (
+            "broken-1",
+            vec![("busbar.id", "broken-1"), ("busbar.encoding", "rot13")],
+        ),
+        (
+            "broken-2",
+            vec![
+                ("ce_specversion", "1.0"),
+                ("ce_id", "broken-2"),
+                ("ce_datacontentencoding", "base64"),
+            ],
+        ),
+    ];
+    for (id, attributes) in &broken {
+        let mut send = bus
+            .raw()
+            .sqs_client()
+            .send_message()
+            .queue_url(&queue_url)
+            .message_body("raw body");
+        for (name, value) in attributes {
+            send = send.message_attributes(*name, text(value)?);
+        }
+        if bus.config().fifo {
+            send = send.message_group_id("k").message_deduplication_id(*id);
+        }
+        send.send().await.map_err(|e| format!("sending: {e}"))?;
     }
-    send.send().await.map_err(|e| format!("sending: {e}"))?;
     let ours = Message::new("ours").with_key("k");
     bus.publish(topic, ours.clone(), &PublishOptions::default())
         .await?;
@@ -374,23 +392,26 @@ async fn broken_busbar_messages_are_dead_lettered_with_their_content() -> TestRe
     let mut dead = bus
         .subscribe("broken.dlq", SubscribeOptions::new("busbar-redrive"))
         .await?;
-    let d = tokio::time::timeout(Duration::from_secs(20), dead.next())
-        .await
-        .map_err(|_| "the broken message is not in broken.dlq")??
-        .ok_or("the subscription ended")?;
-    let error = d.headers().get("busbar-dlq-error").unwrap_or_default();
-    if d.payload().as_ref() != b"raw body"
-        || d.headers().get("busbar.encoding") != Some("rot13")
-        || !error.contains("rot13")
-    {
-        return Err(format!(
-            "the dead letter lost content: payload {:?}, headers {:?}",
-            d.payload(),
-            d.headers()
-        )
-        .into());
+    for (id, attributes) in &broken {
+        let d = tokio::time::timeout(Duration::from_secs(20), dead.next())
+            .await
+            .map_err(|_| format!("broken message {id} is not in broken.dlq"))??
+            .ok_or("the subscription ended")?;
+        let error = d.headers().get("busbar-dlq-error").unwrap_or_default();
+        let (name, value) = attributes[attributes.len() - 1];
+        if d.payload().as_ref() != b"raw body"
+            || d.headers().get(name) != Some(value)
+            || !(error.contains("rot13") || error.contains("base64"))
+        {
+            return Err(format!(
+                "the dead letter of {id} lost content: payload {:?}, headers {:?}",
+                d.payload(),
+                d.headers()
+            )
+            .into());
+        }
+        d.ack().await?;
     }
-    d.ack().await?;
     dead.close().await?;
     Ok(())
 }

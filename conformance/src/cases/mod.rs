@@ -74,6 +74,14 @@ fn needs_exact_attempts(c: &Capabilities) -> Option<&'static str> {
     })
 }
 
+fn needs_otel(c: &Capabilities) -> Option<&'static str> {
+    needs_groups(c).or_else(|| {
+        (!cfg!(feature = "otel")).then_some(
+            "busbar-conformance was built without its otel feature (nothing to trace with)",
+        )
+    })
+}
+
 fn needs_lag(c: &Capabilities) -> Option<&'static str> {
     needs_groups(c).or_else(|| (!c.consumer_lag).then_some("the backend declares consumer_lag off"))
 }
@@ -216,6 +224,12 @@ pub fn all() -> Vec<Case> {
             needs_groups,
             90,
             "a known workload (5 published, one nacked once) shows in the metrics: sent, consumed, acked, nacked, publish durations, and the lag gauge where the backend reads lag"
+        ),
+        case!(
+            telemetry::trace_crosses_the_broker,
+            needs_otel,
+            90,
+            "with OpenTelemetry (feature otel), the handler span continues the publisher's trace across the broker, and what the handler publishes carries it on (traceparent read back)"
         ),
         case!(
             start::start_position_latest,

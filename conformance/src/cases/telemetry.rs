@@ -122,3 +122,129 @@ pub async fn metrics_count_a_known_workload(ctx: Ctx) -> Result<Outcome> {
         lag.map_or(String::new(), |l| format!(", lag gauge {l}"))
     )))
 }
+
+/// A trace crosses the broker twice (feature `otel`): a message published in a span reaches
+/// the runner's handler, whose `busbar.process` span continues the publisher's trace as a
+/// child of `busbar.publish`; what the handler publishes carries the same trace on to the
+/// next topic (its W3C `traceparent` read back there), its publish span a child of the
+/// handler's.
+#[cfg(feature = "otel")]
+pub async fn trace_crosses_the_broker(ctx: Ctx) -> Result<Outcome> {
+    use busbar_core::{Consumer, Event, StartPosition};
+    use opentelemetry::trace::TraceId;
+    use opentelemetry_sdk::trace::SpanData;
+    use tracing::Instrument;
+
+    let capture = crate::capture::install()
+        .ok_or_else(|| anyhow!("another tracing subscriber is installed"))?;
+    let bus = ctx.bus.clone();
+    let (first, next) = (ctx.topic("first"), ctx.topic("next"));
+    let group = ctx.group("g");
+    let check_group = ctx.group("check");
+    bus.provision(&first, &latest(&group)).await?;
+    bus.provision(&next, &latest(&check_group)).await?;
+    let mut check = bus.subscribe(&next, latest(&check_group)).await?;
+
+    let (b, n) = (bus.clone(), next.clone());
+    let consumer = Consumer::new(bus.clone(), &first)
+        .group(&group)
+        .start(StartPosition::Latest);
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let run = tokio::spawn(consumer.run_until(
+        move |e: Event| {
+            let (b, n) = (b.clone(), n.clone());
+            async move {
+                let reply = Message::new(format!("after {}", e.id())).with_key("k");
+                b.publish(&n, reply, &PublishOptions::default()).await
+            }
+        },
+        async move {
+            let _ = stop_rx.await;
+        },
+    ));
+    let root = tracing::info_span!("busbar.conformance.traced", case.topic = %first);
+    bus.publish(
+        &first,
+        Message::new("traced").with_key("k"),
+        &PublishOptions::default(),
+    )
+    .instrument(root)
+    .await?;
+    let d = tokio::time::timeout(Duration::from_secs(60), check.next())
+        .await
+        .map_err(|_| anyhow!("the handler's message never arrived on the next topic"))??
+        .ok_or_else(|| anyhow!("the subscription ended early"))?;
+    let carried = d.headers().get("traceparent").map(str::to_owned);
+    d.ack().await?;
+    let _ = stop_tx.send(());
+    let report = run.await??;
+    ensure!(report.processed == 1, "the runner processed {report:?}");
+    check.close().await?;
+
+    capture.provider.force_flush()?;
+    let spans = capture.exporter.get_finished_spans()?;
+    let attr = |s: &SpanData, key: &str| {
+        s.attributes
+            .iter()
+            .find(|kv| kv.key.as_str() == key)
+            .map(|kv| kv.value.to_string())
+    };
+    let find = |name: &str, topic: &str| {
+        spans
+            .iter()
+            .find(|s| {
+                s.name == name
+                    && (attr(s, "case.topic").as_deref() == Some(topic)
+                        || attr(s, "messaging.destination.name").as_deref() == Some(topic))
+            })
+            .ok_or_else(|| {
+                anyhow!(
+                    "no {name} span of {topic} was exported (spans: {:?})",
+                    spans.iter().map(|s| &s.name).collect::<Vec<_>>()
+                )
+            })
+    };
+    let root = find(crate::capture::TRACED_ROOT, &first)?;
+    let trace = root.span_context.trace_id();
+    let publish = find("busbar.publish", &first)?;
+    let process = find("busbar.process", &first)?;
+    let publish_next = find("busbar.publish", &next)?;
+    for (what, span) in [
+        ("publish", publish),
+        ("handler", process),
+        ("handler's publish", publish_next),
+    ] {
+        ensure!(
+            span.span_context.trace_id() == trace,
+            "the {what} span is in trace {}, not the publisher's {trace}",
+            span.span_context.trace_id()
+        );
+    }
+    ensure!(
+        publish.parent_span_id == root.span_context.span_id(),
+        "publish is not a child of the caller's span"
+    );
+    ensure!(
+        process.parent_span_id == publish.span_context.span_id(),
+        "the handler span is not a child of the publish span"
+    );
+    ensure!(
+        publish_next.parent_span_id == process.span_context.span_id(),
+        "the handler's publish is not a child of the handler span"
+    );
+    let carried_trace = carried
+        .as_deref()
+        .and_then(|t| t.split('-').nth(1))
+        .and_then(|t| TraceId::from_hex(t).ok());
+    ensure!(
+        carried_trace == Some(trace),
+        "the handler's message carries traceparent {carried:?}, not trace {trace}"
+    );
+    Ok(Outcome::ok().note(format!("trace {trace}: publish → handler → publish → read")))
+}
+
+/// Without the `otel` feature there is nothing to trace with: the case is declared off.
+#[cfg(not(feature = "otel"))]
+pub async fn trace_crosses_the_broker(_ctx: Ctx) -> Result<Outcome> {
+    bail!("busbar-conformance was built without its otel feature")
+}
