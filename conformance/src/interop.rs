@@ -18,6 +18,14 @@ pub fn python() -> Option<String> {
         .filter(|p| std::path::Path::new(p).exists())
 }
 
+/// A name no earlier run used: `prefix-` and 12 random hex digits. (The first digits of a
+/// message id are its time: two runs within a minute shared a topic and read each other's
+/// events.)
+pub fn fresh_name(prefix: &str) -> String {
+    let random = uuid::Uuid::new_v4().simple().to_string();
+    format!("{prefix}-{}", &random[..12])
+}
+
 /// The two events busbar publishes: every attribute set (a non-ASCII key, an extension, a
 /// header with a space), and one with none (the wire must still be a valid CloudEvent).
 pub fn sent() -> [Message; 2] {

@@ -9,7 +9,7 @@ use std::time::Duration;
 use busbar_amqp::AmqpBus;
 use busbar_conformance::interop;
 use busbar_conformance::private_server::{Server, TestResult};
-use busbar_core::{EventBus, Message, PublishOptions, SubscribeOptions};
+use busbar_core::{EventBus, PublishOptions, SubscribeOptions};
 
 const SCRIPT: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
@@ -20,7 +20,7 @@ async fn cloudevents_sdk_interop(url: String) -> TestResult {
     let python = interop::python().ok_or("BUSBAR_INTEROP_PYTHON is unset")?;
     let bus = AmqpBus::connect(&url).await?;
     let partitions = bus.config().partitions.to_string();
-    let topic = format!("interop-{}", &Message::new("").id[..8]);
+    let topic = interop::fresh_name("interop");
     // The topic's exchange: `busbar.<topic>` (short names are not shortened).
     let exchange = format!("busbar.{topic}");
     let opts = SubscribeOptions::new("g");

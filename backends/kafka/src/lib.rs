@@ -192,12 +192,13 @@ impl Inner {
         let mut pending = Vec::with_capacity(messages.len());
         for m in messages {
             let headers = codec::encode_headers(m);
-            let mut record: FutureRecord<'_, str, [u8]> = FutureRecord::to(topic)
+            let key = codec::record_key(m);
+            let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic)
                 .payload(&m.payload[..])
                 .headers(headers)
                 .timestamp(m.time.timestamp_millis());
-            if let Some(k) = &m.key {
-                record = record.key(k.as_str());
+            if let Some(k) = &key {
+                record = record.key(k.as_ref());
             }
             // Enqueue strictly in order: on a full local queue, wait and retry this record
             // before any later one.

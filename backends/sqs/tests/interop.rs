@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use busbar_conformance::interop;
 use busbar_conformance::private_server::{Server, TestResult};
-use busbar_core::{EventBus, Message, PublishOptions, SubscribeOptions};
+use busbar_core::{EventBus, PublishOptions, SubscribeOptions};
 use busbar_sqs::SqsBus;
 
 const SCRIPT: &str = concat!(
@@ -25,7 +25,7 @@ async fn cloudevents_sdk_interop(url: String) -> TestResult {
         .endpoint
         .clone()
         .ok_or("BUSBAR_SQS_URL names no endpoint")?;
-    let topic = format!("interop-{}", &Message::new("").id[..8]);
+    let topic = interop::fresh_name("interop");
     let opts = SubscribeOptions::new("g");
     bus.provision(&topic, &opts).await?;
     // The Python reader's own queue: a group busbar subscribed to the topic.
