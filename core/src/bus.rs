@@ -345,7 +345,7 @@ impl Delivery {
 
     /// Acknowledges the delivery. Errors: `AlreadySettled`, `Closed`, `Connection`, `Broker`.
     pub async fn ack(&self) -> Result<()> {
-        self.settle(self.acker.ack()).await?;
+        self.settle("ack", self.acker.ack()).await?;
         if let Some(m) = self.metrics() {
             m.acked.increment(1);
         }
@@ -358,7 +358,7 @@ impl Delivery {
     }
 
     async fn redeliver(&self, after: Duration) -> Result<()> {
-        self.settle(self.acker.redeliver(after)).await?;
+        self.settle("nack", self.acker.redeliver(after)).await?;
         if let Some(m) = self.metrics() {
             m.nacked.increment(1);
         }
@@ -392,7 +392,7 @@ impl Delivery {
                 "dead-lettering needs a delivery handed out by a busbar Bus (this one was built without one)",
             ));
         };
-        self.settle(async {
+        self.settle("dead_letter", async {
             dead_letters.send(&self.event, attempts, reason).await?;
             self.acker.ack().await
         })
@@ -406,7 +406,7 @@ impl Delivery {
     /// such as the consumer runner's queue at shutdown). Errors: `AlreadySettled`, `Closed`,
     /// `Connection`.
     pub async fn release(&self) -> Result<()> {
-        self.settle(self.acker.release()).await
+        self.settle("release", self.acker.release()).await
     }
 
     /// Pushes the ack timeout back by `by` (capability `ack_deadline_can_extend`; at most
@@ -419,7 +419,12 @@ impl Delivery {
         self.acker.extend_deadline(by).await
     }
 
-    async fn settle(&self, op: impl std::future::Future<Output = Result<()>>) -> Result<()> {
+    /// Runs the settle operation `name` once (span `busbar.settle`, debug level).
+    async fn settle(
+        &self,
+        name: &'static str,
+        op: impl std::future::Future<Output = Result<()>>,
+    ) -> Result<()> {
         if self
             .state
             .compare_exchange(
@@ -432,7 +437,14 @@ impl Delivery {
         {
             return Err(already_settled());
         }
-        let result = op.await;
+        let span = tracing::debug_span!(
+            "busbar.settle",
+            messaging.operation.type = "settle",
+            messaging.operation.name = name,
+            messaging.destination.name = self.topic(),
+            messaging.message.id = self.id(),
+        );
+        let result = tracing::Instrument::instrument(op, span).await;
         let next = if result.is_ok() { SETTLED } else { OPEN };
         self.state.store(next, AtomicOrdering::Release);
         result

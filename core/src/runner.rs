@@ -567,6 +567,7 @@ impl RunShared {
         let event = upcast.as_ref().unwrap_or(delivery.event());
         let cause = Cause::of(delivery.message());
         let mut handled = false;
+        let mut handler_span: tracing::Span;
         loop {
             if self.stopping() {
                 if !handled {
@@ -591,6 +592,8 @@ impl RunShared {
                 );
                 #[cfg(feature = "otel")]
                 crate::telemetry::otel::continue_from(&span, delivery.headers());
+                // Settling (and dead-lettering) happens in the handler's span too.
+                handler_span = span.clone();
                 let started = std::time::Instant::now();
                 let outcome = match std::panic::catch_unwind(AssertUnwindSafe(|| handler(event))) {
                     Ok(fut) => HANDLING
@@ -607,7 +610,7 @@ impl RunShared {
             };
             let error = match outcome {
                 Ok(()) => {
-                    if settle(delivery.ack().await, "ack") {
+                    if settle(delivery.ack().instrument(handler_span.clone()).await, "ack") {
                         self.stats.processed.fetch_add(1, AtomicOrdering::Relaxed);
                     }
                     return;
@@ -616,7 +619,9 @@ impl RunShared {
             };
             if error.permanent {
                 tracing::debug!(id = delivery.id(), attempt, error = %error.text, "busbar consumer: permanent failure, dead-lettering");
-                self.dead_letter(delivery, attempt, &error.text).await;
+                self.dead_letter(delivery, attempt, &error.text)
+                    .instrument(handler_span)
+                    .await;
                 return;
             }
             let error = error.text;
@@ -644,7 +649,9 @@ impl RunShared {
                     attempt += 1;
                 }
                 RetryDecision::GiveUp => {
-                    self.dead_letter(delivery, attempt, &error).await;
+                    self.dead_letter(delivery, attempt, &error)
+                        .instrument(handler_span)
+                        .await;
                     return;
                 }
             }

@@ -127,7 +127,7 @@ pub async fn metrics_count_a_known_workload(ctx: Ctx) -> Result<Outcome> {
 /// the runner's handler, whose `busbar.process` span continues the publisher's trace as a
 /// child of `busbar.publish`; what the handler publishes carries the same trace on to the
 /// next topic (its W3C `traceparent` read back there), its publish span a child of the
-/// handler's.
+/// handler's; the runner's ack is a `busbar.settle` span under the handler's.
 #[cfg(feature = "otel")]
 pub async fn trace_crosses_the_broker(ctx: Ctx) -> Result<Outcome> {
     use busbar_core::{Consumer, Event, StartPosition};
@@ -209,10 +209,12 @@ pub async fn trace_crosses_the_broker(ctx: Ctx) -> Result<Outcome> {
     let publish = find("busbar.publish", &first)?;
     let process = find("busbar.process", &first)?;
     let publish_next = find("busbar.publish", &next)?;
+    let settle = find("busbar.settle", &first)?;
     for (what, span) in [
         ("publish", publish),
         ("handler", process),
         ("handler's publish", publish_next),
+        ("ack", settle),
     ] {
         ensure!(
             span.span_context.trace_id() == trace,
@@ -232,6 +234,11 @@ pub async fn trace_crosses_the_broker(ctx: Ctx) -> Result<Outcome> {
         publish_next.parent_span_id == process.span_context.span_id(),
         "the handler's publish is not a child of the handler span"
     );
+    ensure!(
+        settle.parent_span_id == process.span_context.span_id()
+            && attr(settle, "messaging.operation.name").as_deref() == Some("ack"),
+        "the ack is not a settle span under the handler span"
+    );
     let carried_trace = carried
         .as_deref()
         .and_then(|t| t.split('-').nth(1))
@@ -240,7 +247,9 @@ pub async fn trace_crosses_the_broker(ctx: Ctx) -> Result<Outcome> {
         carried_trace == Some(trace),
         "the handler's message carries traceparent {carried:?}, not trace {trace}"
     );
-    Ok(Outcome::ok().note(format!("trace {trace}: publish → handler → publish → read")))
+    Ok(Outcome::ok().note(format!(
+        "trace {trace}: publish → handler (→ ack) → publish → read"
+    )))
 }
 
 /// Without the `otel` feature there is nothing to trace with: the case is declared off.
