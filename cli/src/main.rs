@@ -2,7 +2,10 @@
 //!
 //! `busbar check [URL]` runs the conformance suite against a live broker (default
 //! `memory://`) and prints a pass/fail/ignored table, then `N passed, M failed, K ignored`.
+//! `busbar publish`, `tail` and `lag` are the operator's tools (see `--help` of each).
 #![allow(clippy::print_stdout)]
+
+mod ops;
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -43,6 +46,28 @@ enum Command {
     },
     /// Lists the conformance cases with what each proves.
     Cases,
+    /// Publishes messages: a payload, a file, or one per line of stdin; --count/--rate for load.
+    Publish(ops::PublishArgs),
+    /// Follows a topic: prints its events as they arrive (pretty, or --json lines).
+    Tail(ops::TailArgs),
+    /// Prints how many messages a consumer group has not received yet.
+    #[command(after_help = "Examples:
+  busbar lag redis://127.0.0.1:6379 orders billing
+  busbar lag kafka://127.0.0.1:9092 orders billing --json
+
+What each broker counts is in its README (capability consumer_lag).
+Exit status: 0 printed, 1 an error (broker, unknown capability), 2 bad usage.")]
+    Lag {
+        /// Broker URL.
+        url: String,
+        /// Topic.
+        topic: String,
+        /// Consumer group.
+        group: String,
+        /// {"topic","group","lag"} instead of the bare number.
+        #[arg(long)]
+        json: bool,
+    },
     /// Quick throughput and latency run: busbar vs the raw client and peer crates on one
     /// broker, printed as a table with the ratios busbar/raw and busbar/peer.
     Bench {
@@ -84,6 +109,17 @@ fn main() -> ExitCode {
             jobs,
             scale,
         } => runtime.block_on(check(url, filter, jobs.max(1), scale)),
+        Command::Publish(args) => report("publish", runtime.block_on(ops::publish(args))),
+        Command::Tail(args) => report("tail", runtime.block_on(ops::tail(args))),
+        Command::Lag {
+            url,
+            topic,
+            group,
+            json,
+        } => report(
+            "lag",
+            runtime.block_on(ops::lag(&url, &topic, &group, json)),
+        ),
         Command::Bench {
             url,
             messages,
@@ -99,6 +135,17 @@ fn main() -> ExitCode {
     // Broker clients may keep background threads alive; do not wait for them.
     runtime.shutdown_timeout(Duration::from_secs(5));
     code
+}
+
+/// Exit status 0, or 1 with the error on stderr.
+fn report(command: &str, result: anyhow::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("busbar {command}: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// `memory://` gives a private bus per connection; the suite needs its connections to share

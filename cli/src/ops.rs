@@ -1,0 +1,373 @@
+//! The operator's commands: `publish`, `tail`, `lag`.
+
+use std::io::IsTerminal as _;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use base64::Engine as _;
+use busbar::{Delivery, EventBus, Message, PublishOptions, StartPosition, SubscribeOptions};
+use tokio::io::AsyncBufReadExt as _;
+
+/// What `busbar publish` sends.
+#[derive(Debug, clap::Args)]
+#[command(after_help = "Examples:
+  busbar publish redis://127.0.0.1:6379 orders '{\"id\":42}' --key order-42 --type order.created
+  busbar publish nats://127.0.0.1:4222 orders --file event.json --header tenant=acme
+  printf 'order-1\\t{\"id\":1}\\n' | busbar publish kafka://127.0.0.1:9092 orders --key-from-line
+  busbar publish amqp://guest:guest@127.0.0.1:5672/%2f load 'msg {seq}' --count 10000 --rate 500
+
+Prints the id of each message published (one per line; --quiet: none) and a summary on stderr.
+Exit status: 0 all published, 1 an error (nothing after it is sent), 2 bad usage.")]
+pub(crate) struct PublishArgs {
+    /// Broker URL (memory://, redis://, kafka://, nats://, amqp://, sqs://).
+    url: String,
+    /// Topic to publish to.
+    topic: String,
+    /// The payload; `-` or none (and no --file): one message per line of stdin.
+    payload: Option<String>,
+    /// Read one payload from this file (bytes as they are).
+    #[arg(long, conflicts_with = "payload")]
+    file: Option<PathBuf>,
+    /// Partition key (per-key order).
+    #[arg(long)]
+    key: Option<String>,
+    /// With stdin lines: the key is the text before the first tab of each line (the payload
+    /// the rest).
+    #[arg(long, conflicts_with = "key")]
+    key_from_line: bool,
+    /// Event type (CloudEvents `type`).
+    #[arg(long = "type")]
+    event_type: Option<String>,
+    /// Event source (CloudEvents `source`).
+    #[arg(long)]
+    source: Option<String>,
+    /// Content type of the payload (e.g. application/json).
+    #[arg(long)]
+    content_type: Option<String>,
+    /// A header `name=value` (repeatable).
+    #[arg(long = "header", value_name = "NAME=VALUE", value_parser = header)]
+    headers: Vec<(String, String)>,
+    /// Send each payload this many times; `{seq}` in a payload becomes the message's number
+    /// (from 1) — for load.
+    #[arg(long, default_value_t = 1)]
+    count: u64,
+    /// At most this many messages per second (default: as fast as the broker confirms).
+    #[arg(long, value_parser = positive)]
+    rate: Option<f64>,
+    /// Print no ids.
+    #[arg(long, short)]
+    quiet: bool,
+}
+
+/// Parses `name=value`.
+fn header(h: &str) -> Result<(String, String), String> {
+    h.split_once('=')
+        .filter(|(n, _)| !n.is_empty())
+        .map(|(n, v)| (n.to_owned(), v.to_owned()))
+        .ok_or_else(|| format!("{h:?}: expected NAME=VALUE"))
+}
+
+/// A positive, finite number.
+fn positive(v: &str) -> Result<f64, String> {
+    v.parse::<f64>()
+        .ok()
+        .filter(|r| *r > 0.0 && r.is_finite())
+        .ok_or_else(|| format!("{v:?}: expected a positive number"))
+}
+
+/// A bar on stderr when it is a terminal (indicatif hides it otherwise).
+fn progress(len: Option<u64>, what: &str) -> indicatif::ProgressBar {
+    let bar = match len {
+        Some(n) => indicatif::ProgressBar::new(n),
+        None => indicatif::ProgressBar::no_length(),
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} {pos}/{len} {msg} [{elapsed_precise}, {per_sec}]",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar.set_message(what.to_owned());
+    bar
+}
+
+pub(crate) async fn publish(a: PublishArgs) -> anyhow::Result<()> {
+    let headers = a.headers.clone();
+    let bus = busbar::connect(&a.url).await?;
+    let started = Instant::now();
+    let mut p = Publisher {
+        bus: bus.clone(),
+        headers,
+        pacer: Pacer::new(a.rate),
+        bar: progress(None, &format!("published to {}", a.topic)),
+        sent: 0,
+        args: &a,
+    };
+    match (&a.payload, &a.file) {
+        (_, Some(file)) => {
+            let bytes =
+                std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+            p.send(&bytes, None).await?;
+        }
+        (Some(payload), None) if payload != "-" => p.send(payload.as_bytes(), None).await?,
+        _ => {
+            let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+            while let Some(line) = lines.next_line().await.context("reading stdin")? {
+                let (key, payload) = match line.split_once('\t') {
+                    Some((k, rest)) if a.key_from_line => (Some(k), rest),
+                    _ => (None, line.as_str()),
+                };
+                p.send(payload.as_bytes(), key).await?;
+            }
+        }
+    }
+    p.bar.finish_and_clear();
+    let secs = started.elapsed().as_secs_f64();
+    eprintln!(
+        "published {} message(s) to {} in {secs:.2}s ({:.0} msgs/s)",
+        p.sent,
+        a.topic,
+        p.sent as f64 / secs.max(1e-9)
+    );
+    bus.close().await?;
+    Ok(())
+}
+
+/// Publishes payloads as `busbar publish` was told to.
+struct Publisher<'a> {
+    bus: Arc<dyn EventBus>,
+    headers: Vec<(String, String)>,
+    pacer: Pacer,
+    bar: indicatif::ProgressBar,
+    sent: u64,
+    args: &'a PublishArgs,
+}
+
+impl Publisher<'_> {
+    /// Sends `payload` `--count` times (`{seq}` numbered), one confirmed publish after another.
+    async fn send(&mut self, payload: &[u8], key: Option<&str>) -> anyhow::Result<()> {
+        let a = self.args;
+        let template = std::str::from_utf8(payload)
+            .ok()
+            .filter(|t| t.contains("{seq}"));
+        for n in 1..=a.count {
+            let body = match template {
+                Some(t) => t.replace("{seq}", &n.to_string()).into_bytes(),
+                None => payload.to_vec(),
+            };
+            let mut m = Message::new(body);
+            m.key = key.or(a.key.as_deref()).map(str::to_owned);
+            m.event_type = a.event_type.clone();
+            m.source = a.source.clone();
+            m.content_type = a.content_type.clone();
+            for (name, value) in &self.headers {
+                m.headers.insert(name.as_str(), value.as_str());
+            }
+            let id = m.id.clone();
+            self.pacer.wait().await;
+            self.bus
+                .publish(&a.topic, m, &PublishOptions::default())
+                .await
+                .with_context(|| {
+                    format!(
+                        "publishing message {} to {} ({} sent before it)",
+                        self.sent + 1,
+                        a.topic,
+                        self.sent
+                    )
+                })?;
+            self.sent += 1;
+            self.bar.inc(1);
+            if !a.quiet {
+                println!("{id}");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Spaces sends to at most `rate` per second.
+struct Pacer {
+    every: Option<Duration>,
+    next: tokio::time::Instant,
+}
+
+impl Pacer {
+    fn new(rate: Option<f64>) -> Self {
+        Self {
+            every: rate.map(|r| Duration::from_secs_f64(1.0 / r)),
+            next: tokio::time::Instant::now(),
+        }
+    }
+
+    async fn wait(&mut self) {
+        if let Some(every) = self.every {
+            tokio::time::sleep_until(self.next).await;
+            self.next = self.next.max(tokio::time::Instant::now() - every) + every;
+        }
+    }
+}
+
+/// What `busbar tail` follows.
+#[derive(Debug, clap::Args)]
+#[command(after_help = "Examples:
+  busbar tail redis://127.0.0.1:6379 orders                  # new events, pretty, until Ctrl-C
+  busbar tail kafka://127.0.0.1:9092 orders --from earliest --json --count 100
+  busbar tail nats://127.0.0.1:4222 orders.dlq --group busbar-redrive   # consumes the DLQ group!
+
+Without --group, a throwaway group busbar-tail-<random> sees every event without taking any
+from the application's groups (it stays on brokers that keep groups; delete it there if you
+must). With --group, tail is one more member of that group: it takes (and acks) its share.
+Exit status: 0 stopped (Ctrl-C, --count, --idle), 1 an error, 2 bad usage.")]
+pub(crate) struct TailArgs {
+    /// Broker URL.
+    url: String,
+    /// Topic to follow.
+    topic: String,
+    /// Consume as a member of this group (acks what it shows).
+    #[arg(long)]
+    group: Option<String>,
+    /// Where a new group starts: latest (default) or earliest (where the backend can replay).
+    #[arg(long, default_value = "latest", value_parser = ["latest", "earliest"])]
+    from: String,
+    /// One JSON object per line (id, topic, key, type, source, time, datacontenttype,
+    /// headers, attempt, data or data_base64).
+    #[arg(long)]
+    json: bool,
+    /// Stop after this many events.
+    #[arg(long)]
+    count: Option<u64>,
+    /// Stop after this many seconds without an event.
+    #[arg(long, value_name = "SECONDS", value_parser = positive)]
+    idle: Option<f64>,
+}
+
+/// The JSON line of a delivery.
+pub(crate) fn delivery_json(topic: &str, d: &Delivery) -> serde_json::Value {
+    let m = d.message();
+    let mut v = serde_json::json!({
+        "id": m.id,
+        "topic": topic,
+        "key": m.key,
+        "type": m.event_type,
+        "source": m.source,
+        "time": m.time.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true),
+        "datacontenttype": m.content_type,
+        "headers": m.headers.iter().collect::<std::collections::BTreeMap<_, _>>(),
+        "attempt": d.attempt(),
+    });
+    match std::str::from_utf8(&m.payload) {
+        Ok(text) => v["data"] = text.into(),
+        Err(_) => {
+            v["data_base64"] = base64::engine::general_purpose::STANDARD
+                .encode(&m.payload)
+                .into()
+        }
+    }
+    v
+}
+
+fn pretty(topic: &str, d: &Delivery, colour: bool) -> String {
+    let m = d.message();
+    let (dim, bold, reset) = if colour {
+        ("\x1b[2m", "\x1b[1m", "\x1b[0m")
+    } else {
+        ("", "", "")
+    };
+    let mut line = format!(
+        "{dim}{}{reset} {topic} {bold}{}{reset}",
+        m.time.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        m.id
+    );
+    if let Some(k) = &m.key {
+        line.push_str(&format!(" key={k}"));
+    }
+    if let Some(t) = &m.event_type {
+        line.push_str(&format!(" type={t}"));
+    }
+    if d.attempt() > 1 {
+        line.push_str(&format!(" attempt={}", d.attempt()));
+    }
+    let text = String::from_utf8_lossy(&m.payload);
+    let preview: String = text.chars().take(160).collect();
+    let cut = if preview.len() < text.len() {
+        "…"
+    } else {
+        ""
+    };
+    line.push_str(&format!("  {}{cut}", preview.replace('\n', "⏎")));
+    line
+}
+
+pub(crate) async fn tail(a: TailArgs) -> anyhow::Result<()> {
+    let bus = busbar::connect(&a.url).await?;
+    let group = a.group.clone().unwrap_or_else(|| {
+        format!(
+            "busbar-tail-{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..12]
+        )
+    });
+    let start = if a.from == "earliest" {
+        StartPosition::Earliest
+    } else {
+        StartPosition::Latest
+    };
+    let opts = SubscribeOptions::new(&group).start(start);
+    bus.provision(&a.topic, &opts).await?;
+    let mut sub = bus.subscribe(&a.topic, opts).await?;
+    eprintln!("tailing {} as group {group} (Ctrl-C stops)", a.topic);
+    let colour = std::io::stdout().is_terminal();
+    let idle = a.idle.map(Duration::from_secs_f64);
+    let mut shown = 0u64;
+    let stop = tokio::signal::ctrl_c();
+    tokio::pin!(stop);
+    let outcome = loop {
+        if a.count.is_some_and(|c| shown >= c) {
+            break Ok(());
+        }
+        let next = async {
+            match idle {
+                Some(d) => tokio::time::timeout(d, sub.next()).await.ok(),
+                None => Some(sub.next().await),
+            }
+        };
+        let got = tokio::select! {
+            _ = &mut stop => break Ok(()),
+            got = next => got,
+        };
+        let d = match got {
+            None => break Ok(()), // idle
+            Some(Ok(Some(d))) => d,
+            Some(Ok(None)) => break Ok(()),
+            Some(Err(e)) => break Err(anyhow::Error::from(e)),
+        };
+        if a.json {
+            println!("{}", delivery_json(&a.topic, &d));
+        } else {
+            println!("{}", pretty(&a.topic, &d, colour));
+        }
+        d.ack().await?;
+        shown += 1;
+    };
+    sub.close().await?;
+    bus.close().await?;
+    outcome
+}
+
+/// `busbar lag URL TOPIC GROUP`.
+pub(crate) async fn lag(url: &str, topic: &str, group: &str, json: bool) -> anyhow::Result<()> {
+    let bus: Arc<dyn EventBus> = busbar::connect(url).await?;
+    let lag = bus.lag(topic, group).await?;
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"topic": topic, "group": group, "lag": lag})
+        );
+    } else {
+        println!("{lag}");
+    }
+    bus.close().await?;
+    Ok(())
+}
