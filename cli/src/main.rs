@@ -50,6 +50,9 @@ enum Command {
     Publish(ops::PublishArgs),
     /// Follows a topic: prints its events as they arrive (pretty, or --json lines).
     Tail(ops::TailArgs),
+    /// Dead letters: list, show, redrive, purge.
+    #[command(subcommand)]
+    Dlq(ops::Dlq),
     /// Prints how many messages a consumer group has not received yet.
     #[command(after_help = "Examples:
   busbar lag redis://127.0.0.1:6379 orders billing
@@ -111,6 +114,7 @@ fn main() -> ExitCode {
         } => runtime.block_on(check(url, filter, jobs.max(1), scale)),
         Command::Publish(args) => report("publish", runtime.block_on(ops::publish(args))),
         Command::Tail(args) => report("tail", runtime.block_on(ops::tail(args))),
+        Command::Dlq(command) => report("dlq", runtime.block_on(ops::dlq(command))),
         Command::Lag {
             url,
             topic,

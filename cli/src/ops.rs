@@ -371,3 +371,229 @@ pub(crate) async fn lag(url: &str, topic: &str, group: &str, json: bool) -> anyh
     bus.close().await?;
     Ok(())
 }
+
+/// `busbar dlq …`: look into a dead-letter topic, send its messages back, drop them.
+#[derive(Debug, clap::Subcommand)]
+pub(crate) enum Dlq {
+    /// Lists the dead letters: id, when, attempts, original topic and group, error, payload.
+    #[command(after_help = "Examples:
+  busbar dlq list redis://127.0.0.1:6379 orders           # the dead letters of orders (orders.dlq)
+  busbar dlq list nats://127.0.0.1:4222 orders --json
+
+The dead letters are read through the group busbar-redrive (where busbar keeps them on every
+broker) and handed back untouched when the listing ends; on RabbitMQ and SQS the broker counts
+that hand-out as a delivery. Exit status: 0 listed, 1 an error, 2 bad usage.")]
+    List {
+        #[command(flatten)]
+        at: DlqAt,
+        /// One JSON object per line (the dead letter as `busbar tail --json` prints events).
+        #[arg(long)]
+        json: bool,
+        /// At most this many.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+    /// Shows one dead letter in full: every header and the payload.
+    Show {
+        #[command(flatten)]
+        at: DlqAt,
+        /// The message id (from `busbar dlq list`).
+        id: String,
+    },
+    /// Sends dead letters back to the topic they came from (or --to), in order per key.
+    #[command(after_help = "Examples:
+  busbar dlq redrive redis://127.0.0.1:6379 orders --all
+  busbar dlq redrive redis://127.0.0.1:6379 orders 01a2… 01a3… --to orders-retry
+
+Each message is acked on the dead-letter topic only after its republish succeeded.
+Exit status: 0 every listed id moved, 1 an error or an id not found, 2 bad usage.")]
+    Redrive {
+        #[command(flatten)]
+        at: DlqAt,
+        /// Every dead letter.
+        #[arg(long, conflicts_with = "ids", required_unless_present = "ids")]
+        all: bool,
+        /// The ids to send back.
+        ids: Vec<String>,
+        /// Republish here instead of each message's original topic.
+        #[arg(long)]
+        to: Option<String>,
+    },
+    /// Drops dead letters for good (asks first unless --yes).
+    #[command(after_help = "Examples:
+  busbar dlq purge redis://127.0.0.1:6379 orders            # asks, then drops all
+  busbar dlq purge redis://127.0.0.1:6379 orders 01a2… --yes
+
+Without a terminal to ask on, --yes is required. Exit status: 0 dropped (or nothing to drop),
+1 an error, an id not found or the answer was no, 2 bad usage.")]
+    Purge {
+        #[command(flatten)]
+        at: DlqAt,
+        /// Only these ids (default: all).
+        ids: Vec<String>,
+        /// Do not ask.
+        #[arg(long)]
+        yes: bool,
+    },
+}
+
+/// Which dead-letter topic.
+#[derive(Debug, clap::Args)]
+pub(crate) struct DlqAt {
+    /// Broker URL.
+    url: String,
+    /// The topic whose dead letters to use (`TOPIC.dlq`), or a dead-letter topic itself
+    /// (a name ending in `.dlq`, or any name with --exact).
+    topic: String,
+    /// TOPIC is the dead-letter topic as given (a DeadLetterPolicy topic of your own).
+    #[arg(long)]
+    exact: bool,
+    /// Stop reading after this many seconds without a message (the first one included: a
+    /// new member of the dead-letter group may need a moment to be handed its partitions).
+    #[arg(long, value_name = "SECONDS", default_value = "5", value_parser = positive)]
+    idle: f64,
+}
+
+impl DlqAt {
+    fn dlq_topic(&self) -> String {
+        if self.exact || self.topic.ends_with(".dlq") {
+            self.topic.clone()
+        } else {
+            busbar::dead_letter::default_topic(&self.topic)
+        }
+    }
+
+    fn options(&self, only: &[String]) -> busbar::dead_letter::RedriveOptions {
+        let mut o = busbar::dead_letter::RedriveOptions::default();
+        o.idle_timeout = Duration::from_secs_f64(self.idle);
+        o.only = (!only.is_empty()).then(|| only.iter().cloned().collect());
+        o
+    }
+}
+
+fn dlq_line(e: &busbar::Event) -> String {
+    use busbar::dead_letter::headers as h;
+    let m = e.message();
+    let get = |n: &str| m.headers.get(n).unwrap_or("-");
+    let text = String::from_utf8_lossy(&m.payload);
+    let preview: String = text.chars().take(60).collect();
+    format!(
+        "{}  {}  attempts={}  from={}/{}  error={:?}  {}",
+        m.id,
+        get(h::TIME),
+        get(h::ATTEMPTS),
+        get(h::ORIGINAL_TOPIC),
+        get(h::GROUP),
+        get(h::ERROR),
+        preview.replace('\n', "⏎")
+    )
+}
+
+fn missing(wanted: &[String], found: &[String]) -> Vec<String> {
+    wanted
+        .iter()
+        .filter(|w| !found.contains(w))
+        .cloned()
+        .collect()
+}
+
+pub(crate) async fn dlq(command: Dlq) -> anyhow::Result<()> {
+    use busbar::dead_letter::{peek, purge, redrive};
+    match command {
+        Dlq::List { at, json, limit } => {
+            let bus = busbar::connect(&at.url).await?;
+            let topic = at.dlq_topic();
+            let mut options = at.options(&[]);
+            options.max_messages = Some(limit);
+            let found = peek(bus.as_ref(), &topic, &options).await?;
+            for e in &found {
+                if json {
+                    let mut v = serde_json::json!({
+                        "id": e.id(), "topic": topic, "key": e.key(), "type": e.event_type(),
+                        "headers": e.headers().iter().collect::<std::collections::BTreeMap<_, _>>(),
+                    });
+                    v["data"] = String::from_utf8_lossy(e.payload()).into_owned().into();
+                    println!("{v}");
+                } else {
+                    println!("{}", dlq_line(e));
+                }
+            }
+            eprintln!("{} dead letter(s) in {topic}", found.len());
+            bus.close().await?;
+        }
+        Dlq::Show { at, id } => {
+            let bus = busbar::connect(&at.url).await?;
+            let topic = at.dlq_topic();
+            let found = peek(bus.as_ref(), &topic, &at.options(std::slice::from_ref(&id))).await?;
+            bus.close().await?;
+            let e = found
+                .first()
+                .ok_or_else(|| anyhow::anyhow!("no dead letter {id} in {topic}"))?;
+            let m = e.message();
+            println!("id:       {}", m.id);
+            println!("topic:    {topic}");
+            println!("key:      {}", m.key.as_deref().unwrap_or("-"));
+            println!("type:     {}", m.event_type.as_deref().unwrap_or("-"));
+            println!("source:   {}", m.source.as_deref().unwrap_or("-"));
+            println!("time:     {}", m.time.to_rfc3339());
+            for (n, v) in m.headers.iter() {
+                println!("header:   {n}: {v}");
+            }
+            match std::str::from_utf8(&m.payload) {
+                Ok(text) => println!("payload:\n{text}"),
+                Err(_) => println!(
+                    "payload (base64):\n{}",
+                    base64::engine::general_purpose::STANDARD.encode(&m.payload)
+                ),
+            }
+        }
+        Dlq::Redrive { at, all, ids, to } => {
+            let bus = busbar::connect(&at.url).await?;
+            let topic = at.dlq_topic();
+            let mut options = at.options(if all { &[] } else { &ids });
+            options.target_topic = to;
+            let report = redrive(bus.as_ref(), &topic, &options).await?;
+            bus.close().await?;
+            for id in &report.ids {
+                println!("{id}");
+            }
+            eprintln!("redrove {} dead letter(s) from {topic}", report.redriven);
+            let not_found = missing(&ids, &report.ids);
+            if !not_found.is_empty() {
+                anyhow::bail!(
+                    "not found (or behind another dead letter of their key): {not_found:?}"
+                );
+            }
+        }
+        Dlq::Purge { at, ids, yes } => {
+            let topic = at.dlq_topic();
+            if !yes {
+                if !std::io::stdin().is_terminal() {
+                    anyhow::bail!(
+                        "refusing to purge {topic} without --yes (no terminal to ask on)"
+                    );
+                }
+                let what = if ids.is_empty() {
+                    "ALL dead letters".to_owned()
+                } else {
+                    format!("{} dead letter(s)", ids.len())
+                };
+                eprint!("drop {what} of {topic} for good? [y/N] ");
+                let mut answer = String::new();
+                std::io::stdin().read_line(&mut answer)?;
+                if !matches!(answer.trim(), "y" | "Y" | "yes") {
+                    anyhow::bail!("not purged");
+                }
+            }
+            let bus = busbar::connect(&at.url).await?;
+            let report = purge(bus.as_ref(), &topic, &at.options(&ids)).await?;
+            bus.close().await?;
+            eprintln!("dropped {} dead letter(s) of {topic}", report.redriven);
+            let not_found = missing(&ids, &report.ids);
+            if !not_found.is_empty() {
+                anyhow::bail!("not found: {not_found:?}");
+            }
+        }
+    }
+    Ok(())
+}

@@ -14,6 +14,21 @@ use tokio::process::Command;
 
 const BUSBAR: &str = env!("CARGO_BIN_EXE_busbar");
 
+/// `busbar args…`: its exit status, stdout and stderr.
+async fn status(args: &[&str]) -> Result<(bool, String, String), String> {
+    let out = Command::new(BUSBAR)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok((
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
 async fn run(args: &[&str]) -> Result<String, String> {
     let out = Command::new(BUSBAR)
         .args(args)
@@ -117,6 +132,80 @@ async fn publish_tail_and_lag(url: String) -> TestResult {
     Ok(())
 }
 
+/// `busbar dlq list/show/redrive/purge` on three dead letters the library made.
+async fn dlq_commands(url: String) -> TestResult {
+    use busbar::{Message, NackAction, PublishOptions, SubscribeOptions};
+    let topic = fresh_name("cli-dlq");
+    let dlq = format!("{topic}.dlq");
+    let bus = busbar::connect(&url).await?;
+    bus.provision(&topic, &SubscribeOptions::new("g")).await?;
+    bus.provision(&dlq, &SubscribeOptions::new("busbar-redrive"))
+        .await?;
+    let mut sub = bus.subscribe(&topic, SubscribeOptions::new("g")).await?;
+    let mut ids = Vec::new();
+    for i in 1..=3 {
+        let m = Message::new(format!("poison {i}")).with_key(format!("k{i}"));
+        ids.push(m.id.clone());
+        bus.publish(&topic, m, &PublishOptions::default()).await?;
+    }
+    for _ in 0..3 {
+        let d = tokio::time::timeout(Duration::from_secs(60), sub.next())
+            .await
+            .map_err(|_| "a message never arrived")??
+            .ok_or("the subscription ended")?;
+        let reason = format!("bad {}", d.key().unwrap_or_default());
+        d.nack(NackAction::DeadLetter { reason }).await?;
+    }
+    let listed = run(&["dlq", "list", &url, &topic, "--json"]).await?;
+    let listed: Vec<serde_json::Value> = listed
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()?;
+    let mut listed_ids: Vec<&str> = listed.iter().filter_map(|v| v["id"].as_str()).collect();
+    listed_ids.sort_unstable();
+    let mut want: Vec<&str> = ids.iter().map(String::as_str).collect();
+    want.sort_unstable();
+    if listed_ids != want || listed[0]["headers"]["busbar-dlq-error"].as_str().is_none() {
+        return Err(format!("busbar dlq list printed {listed:?}, expected {ids:?}").into());
+    }
+    let shown = run(&["dlq", "show", &url, &topic, &ids[1]]).await?;
+    if !shown.contains("busbar-dlq-error: bad k2") || !shown.contains("poison 2") {
+        return Err(format!("busbar dlq show printed {shown}").into());
+    }
+    let moved = run(&["dlq", "redrive", &url, &topic, &ids[1]]).await?;
+    if moved.trim() != ids[1] {
+        return Err(format!("busbar dlq redrive printed {moved:?}").into());
+    }
+    let back = tokio::time::timeout(Duration::from_secs(60), sub.next())
+        .await
+        .map_err(|_| "the redriven message never came back")??
+        .ok_or("the subscription ended")?;
+    if back.id() != ids[1] {
+        return Err(format!("{} came back instead of {}", back.id(), ids[1]).into());
+    }
+    back.ack().await?;
+    let (ok, _, err) = status(&["dlq", "purge", &url, &topic, &ids[0]]).await?;
+    if ok || !err.contains("--yes") {
+        return Err(format!("purge without --yes and without a terminal: ok={ok}, {err}").into());
+    }
+    run(&["dlq", "purge", &url, &topic, &ids[0], "--yes"]).await?;
+    let rest = run(&["dlq", "redrive", &url, &topic, "--all"]).await?;
+    if rest.trim() != ids[2] {
+        return Err(format!(
+            "after purge and redrive, --all moved {rest:?}, expected {}",
+            ids[2]
+        )
+        .into());
+    }
+    let (ok, _, err) = status(&["dlq", "redrive", &url, &topic, &ids[0]]).await?;
+    if ok || !err.contains("not found") {
+        return Err(format!("redrive of a purged id: ok={ok}, {err}").into());
+    }
+    sub.close().await?;
+    bus.close().await?;
+    Ok(())
+}
+
 fn main() {
     let backends = [
         ("redis", "BUSBAR_REDIS_URL", cfg!(feature = "redis")),
@@ -145,9 +234,12 @@ fn main() {
     }
     busbar_conformance::private_server::main_matrix(
         &servers,
-        &[("publish_tail_and_lag", |url| {
-            Box::pin(publish_tail_and_lag(url))
-        })],
+        &[
+            ("publish_tail_and_lag", |url| {
+                Box::pin(publish_tail_and_lag(url))
+            }),
+            ("dlq_commands", |url| Box::pin(dlq_commands(url))),
+        ],
         &[],
     )
 }

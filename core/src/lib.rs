@@ -33,7 +33,8 @@ pub mod dead_letter {
         DEAD_LETTER_GROUP as GROUP,
     };
     pub use crate::redrive::{
-        redrive, RedriveOptions, RedriveReport, REDRIVEN_AT_HEADER, REDRIVEN_FROM_HEADER,
+        peek, purge, redrive, RedriveOptions, RedriveReport, REDRIVEN_AT_HEADER,
+        REDRIVEN_FROM_HEADER,
     };
 }
 

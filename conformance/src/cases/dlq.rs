@@ -426,3 +426,90 @@ pub async fn dead_letters_kept_without_provisioning(ctx: Ctx) -> Result<Outcome>
     let expected: HashSet<&str> = ids.iter().map(|(_, id)| id.as_str()).collect();
     Ok(Outcome::ok().note(format!("{} dead letters kept and redriven", expected.len())))
 }
+
+/// The library calls behind `busbar dlq redrive ID…` and `busbar dlq purge`: of three dead
+/// letters (three keys), redriving one id moves only it (the others are handed back
+/// untouched), purging one id drops only it, and a redrive of the rest moves the last one.
+pub async fn selective_redrive_and_purge(ctx: Ctx) -> Result<Outcome> {
+    use busbar_core::dead_letter::purge;
+    use busbar_core::{Message, NackAction, PublishOptions};
+    let bus = ctx.bus.clone();
+    let topic = ctx.topic("t");
+    let dlq_topic = busbar_core::dead_letter::default_topic(&topic);
+    let group = ctx.group("g");
+    bus.provision(&topic, &latest(&group)).await?;
+    bus.provision(&dlq_topic, &latest(&RedriveOptions::default().group))
+        .await?;
+    let mut sub = bus.subscribe(&topic, latest(&group)).await?;
+    let sent: Vec<Message> = (1..=3)
+        .map(|i| Message::new(format!("poison {i}")).with_key(format!("k{i}")))
+        .collect();
+    let ids: Vec<String> = sent.iter().map(|m| m.id.clone()).collect();
+    for m in sent {
+        bus.publish(&topic, m, &PublishOptions::default()).await?;
+    }
+    for _ in 0..3 {
+        let d = tokio::time::timeout(Duration::from_secs(30), sub.next())
+            .await
+            .map_err(|_| anyhow!("a poison message never arrived"))??
+            .ok_or_else(|| anyhow!("the subscription ended early"))?;
+        d.nack(NackAction::DeadLetter {
+            reason: "poison".into(),
+        })
+        .await?;
+    }
+    let options = |only: &[&String]| {
+        let mut o = RedriveOptions::default();
+        o.idle_timeout = Duration::from_secs(5);
+        o.only = (!only.is_empty()).then(|| only.iter().map(|s| (*s).clone()).collect());
+        o
+    };
+    let moved = redrive(bus.as_ref(), &dlq_topic, &options(&[&ids[1]])).await?;
+    ensure!(
+        moved.ids == [ids[1].clone()],
+        "redrive of {} moved {:?}",
+        ids[1],
+        moved.ids
+    );
+    let back = tokio::time::timeout(Duration::from_secs(30), sub.next())
+        .await
+        .map_err(|_| anyhow!("the redriven message never came back"))??
+        .ok_or_else(|| anyhow!("the subscription ended early"))?;
+    ensure!(
+        back.id() == ids[1],
+        "{} came back instead of {}",
+        back.id(),
+        ids[1]
+    );
+    back.ack().await?;
+    let dropped = purge(bus.as_ref(), &dlq_topic, &options(&[&ids[0]])).await?;
+    ensure!(
+        dropped.ids == [ids[0].clone()],
+        "purge of {} dropped {:?}",
+        ids[0],
+        dropped.ids
+    );
+    let rest = redrive(bus.as_ref(), &dlq_topic, &options(&[])).await?;
+    ensure!(
+        rest.ids == [ids[2].clone()],
+        "the dead-letter topic held {:?} at the end, expected only {}",
+        rest.ids,
+        ids[2]
+    );
+    let last = tokio::time::timeout(Duration::from_secs(30), sub.next())
+        .await
+        .map_err(|_| anyhow!("the last redriven message never came back"))??
+        .ok_or_else(|| anyhow!("the subscription ended early"))?;
+    ensure!(
+        last.id() == ids[2],
+        "{} came back instead of {}",
+        last.id(),
+        ids[2]
+    );
+    last.ack().await?;
+    sub.close().await?;
+    Ok(Outcome::ok().note(format!(
+        "redrive of one id skipped {}, purge of one id skipped {}",
+        moved.skipped, dropped.skipped
+    )))
+}

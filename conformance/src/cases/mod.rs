@@ -208,6 +208,12 @@ pub fn all() -> Vec<Case> {
             "with nothing created beforehand, dead letters of nack(DeadLetter) (default topic and DeadLetterPolicy topic) and of the runner (policy topic) are kept, readable and redriven"
         ),
         case!(
+            dlq::selective_redrive_and_purge,
+            needs_groups,
+            120,
+            "of three dead letters, redriving one id moves only it, purging one id drops only it, and redriving the rest moves the last (busbar dlq redrive ID / purge)"
+        ),
+        case!(
             chain::chain_crosses_the_broker,
             needs_groups,
             90,
