@@ -50,6 +50,8 @@ enum Command {
     Publish(ops::PublishArgs),
     /// Follows a topic: prints its events as they arrive (pretty, or --json lines).
     Tail(ops::TailArgs),
+    /// Prints an event chain (correlation id) as a tree, dead letters included.
+    Trace(ops::TraceArgs),
     /// Dead letters: list, show, redrive, purge.
     #[command(subcommand)]
     Dlq(ops::Dlq),
@@ -114,6 +116,7 @@ fn main() -> ExitCode {
         } => runtime.block_on(check(url, filter, jobs.max(1), scale)),
         Command::Publish(args) => report("publish", runtime.block_on(ops::publish(args))),
         Command::Tail(args) => report("tail", runtime.block_on(ops::tail(args))),
+        Command::Trace(args) => report("trace", runtime.block_on(ops::trace(args))),
         Command::Dlq(command) => report("dlq", runtime.block_on(ops::dlq(command))),
         Command::Lag {
             url,

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use base64::Engine as _;
-use busbar::{Delivery, EventBus, Message, PublishOptions, StartPosition, SubscribeOptions};
+use busbar::{EventBus, Message, PublishOptions, StartPosition, SubscribeOptions};
 use tokio::io::AsyncBufReadExt as _;
 
 /// What `busbar publish` sends.
@@ -229,9 +229,11 @@ pub(crate) struct TailArgs {
     /// Consume as a member of this group (acks what it shows).
     #[arg(long)]
     group: Option<String>,
-    /// Where a new group starts: latest (default) or earliest (where the backend can replay).
-    #[arg(long, default_value = "latest", value_parser = ["latest", "earliest"])]
-    from: String,
+    /// Where to start: latest (default), earliest (a new group; where the backend can
+    /// replay), or an RFC 3339 time (what the topic holds from then on, read without a
+    /// group — capability browse — then live).
+    #[arg(long, default_value = "latest", value_parser = from_arg)]
+    from: From,
     /// One JSON object per line (id, topic, key, type, source, time, datacontenttype,
     /// headers, attempt, data or data_base64).
     #[arg(long)]
@@ -244,9 +246,8 @@ pub(crate) struct TailArgs {
     idle: Option<f64>,
 }
 
-/// The JSON line of a delivery.
-pub(crate) fn delivery_json(topic: &str, d: &Delivery) -> serde_json::Value {
-    let m = d.message();
+/// The JSON line of a message (`attempt`: of its delivery; none when browsed).
+pub(crate) fn message_json(topic: &str, m: &Message, attempt: Option<u32>) -> serde_json::Value {
     let mut v = serde_json::json!({
         "id": m.id,
         "topic": topic,
@@ -256,7 +257,7 @@ pub(crate) fn delivery_json(topic: &str, d: &Delivery) -> serde_json::Value {
         "time": m.time.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true),
         "datacontenttype": m.content_type,
         "headers": m.headers.iter().collect::<std::collections::BTreeMap<_, _>>(),
-        "attempt": d.attempt(),
+        "attempt": attempt,
     });
     match std::str::from_utf8(&m.payload) {
         Ok(text) => v["data"] = text.into(),
@@ -269,8 +270,7 @@ pub(crate) fn delivery_json(topic: &str, d: &Delivery) -> serde_json::Value {
     v
 }
 
-fn pretty(topic: &str, d: &Delivery, colour: bool) -> String {
-    let m = d.message();
+fn pretty(topic: &str, m: &Message, attempt: u32, colour: bool) -> String {
     let (dim, bold, reset) = if colour {
         ("\x1b[2m", "\x1b[1m", "\x1b[0m")
     } else {
@@ -287,8 +287,8 @@ fn pretty(topic: &str, d: &Delivery, colour: bool) -> String {
     if let Some(t) = &m.event_type {
         line.push_str(&format!(" type={t}"));
     }
-    if d.attempt() > 1 {
-        line.push_str(&format!(" attempt={}", d.attempt()));
+    if attempt > 1 {
+        line.push_str(&format!(" attempt={attempt}"));
     }
     let text = String::from_utf8_lossy(&m.payload);
     let preview: String = text.chars().take(160).collect();
@@ -301,6 +301,24 @@ fn pretty(topic: &str, d: &Delivery, colour: bool) -> String {
     line
 }
 
+/// `tail --from`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum From {
+    Latest,
+    Earliest,
+    Time(chrono::DateTime<chrono::Utc>),
+}
+
+fn from_arg(v: &str) -> Result<From, String> {
+    match v {
+        "latest" => Ok(From::Latest),
+        "earliest" => Ok(From::Earliest),
+        t => chrono::DateTime::parse_from_rfc3339(t)
+            .map(|t| From::Time(t.with_timezone(&chrono::Utc)))
+            .map_err(|e| format!("{t:?}: expected latest, earliest or an RFC 3339 time ({e})")),
+    }
+}
+
 pub(crate) async fn tail(a: TailArgs) -> anyhow::Result<()> {
     let bus = busbar::connect(&a.url).await?;
     let group = a.group.clone().unwrap_or_else(|| {
@@ -309,18 +327,44 @@ pub(crate) async fn tail(a: TailArgs) -> anyhow::Result<()> {
             &uuid::Uuid::new_v4().simple().to_string()[..12]
         )
     });
-    let start = if a.from == "earliest" {
-        StartPosition::Earliest
-    } else {
-        StartPosition::Latest
+    let start = match a.from {
+        From::Earliest => StartPosition::Earliest,
+        _ => StartPosition::Latest,
     };
     let opts = SubscribeOptions::new(&group).start(start);
+    // The group first: what is published while the history is read comes live too (and is
+    // shown once).
     bus.provision(&a.topic, &opts).await?;
+    let colour = std::io::stdout().is_terminal();
+    let show = |m: &Message, attempt: Option<u32>| {
+        if a.json {
+            println!("{}", message_json(&a.topic, m, attempt));
+        } else {
+            println!("{}", pretty(&a.topic, m, attempt.unwrap_or(1), colour));
+        }
+    };
+    let mut shown = 0u64;
+    let mut history = std::collections::HashSet::new();
+    if let From::Time(t) = a.from {
+        let limit = a
+            .count
+            .map_or(busbar::limits::BROWSE_LIMIT_MAX, |c| {
+                usize::try_from(c).unwrap_or(usize::MAX)
+            })
+            .clamp(1, busbar::limits::BROWSE_LIMIT_MAX);
+        let past = bus
+            .browse(&a.topic, &busbar::BrowseOptions::since(t, limit))
+            .await
+            .context("reading the topic from --from")?;
+        for m in &past {
+            show(m, None);
+            history.insert(m.id.clone());
+            shown += 1;
+        }
+    }
     let mut sub = bus.subscribe(&a.topic, opts).await?;
     eprintln!("tailing {} as group {group} (Ctrl-C stops)", a.topic);
-    let colour = std::io::stdout().is_terminal();
     let idle = a.idle.map(Duration::from_secs_f64);
-    let mut shown = 0u64;
     let stop = tokio::signal::ctrl_c();
     tokio::pin!(stop);
     let outcome = loop {
@@ -343,13 +387,11 @@ pub(crate) async fn tail(a: TailArgs) -> anyhow::Result<()> {
             Some(Ok(None)) => break Ok(()),
             Some(Err(e)) => break Err(anyhow::Error::from(e)),
         };
-        if a.json {
-            println!("{}", delivery_json(&a.topic, &d));
-        } else {
-            println!("{}", pretty(&a.topic, &d, colour));
+        if !history.remove(d.id()) {
+            show(d.message(), Some(d.attempt()));
+            shown += 1;
         }
         d.ack().await?;
-        shown += 1;
     };
     sub.close().await?;
     bus.close().await?;
@@ -380,9 +422,10 @@ pub(crate) enum Dlq {
   busbar dlq list redis://127.0.0.1:6379 orders           # the dead letters of orders (orders.dlq)
   busbar dlq list nats://127.0.0.1:4222 orders --json
 
-The dead letters are read through the group busbar-redrive (where busbar keeps them on every
-broker) and handed back untouched when the listing ends; on RabbitMQ and SQS the broker counts
-that hand-out as a delivery. Exit status: 0 listed, 1 an error, 2 bad usage.")]
+Where the backend can browse (memory, Redis, NATS, Kafka) the dead letters are read without a
+consumer group. On RabbitMQ and SQS they are read through the group busbar-redrive (where busbar
+keeps them) and handed back untouched when the listing ends — the broker counts that hand-out as
+a delivery. Exit status: 0 listed, 1 an error, 2 bad usage.")]
     List {
         #[command(flatten)]
         at: DlqAt,
@@ -471,9 +514,8 @@ impl DlqAt {
     }
 }
 
-fn dlq_line(e: &busbar::Event) -> String {
+fn dlq_line(m: &Message) -> String {
     use busbar::dead_letter::headers as h;
-    let m = e.message();
     let get = |n: &str| m.headers.get(n).unwrap_or("-");
     let text = String::from_utf8_lossy(&m.payload);
     let preview: String = text.chars().take(60).collect();
@@ -489,6 +531,34 @@ fn dlq_line(e: &busbar::Event) -> String {
     )
 }
 
+/// The dead letters of `topic` (those of `only`, at most `limit`): read without a group
+/// where the backend can browse, else through the group `busbar-redrive` and handed back.
+async fn dead_letters(
+    bus: &dyn EventBus,
+    at: &DlqAt,
+    topic: &str,
+    only: &[String],
+    limit: usize,
+) -> anyhow::Result<Vec<Message>> {
+    if bus.capabilities().browse {
+        let all = bus
+            .browse(
+                topic,
+                &busbar::BrowseOptions::earliest(busbar::limits::BROWSE_LIMIT_MAX),
+            )
+            .await?;
+        return Ok(all
+            .into_iter()
+            .filter(|m| only.is_empty() || only.contains(&m.id))
+            .take(limit)
+            .collect());
+    }
+    let mut options = at.options(only);
+    options.max_messages = Some(limit);
+    let held = busbar::dead_letter::peek(bus, topic, &options).await?;
+    Ok(held.iter().map(|e| e.message().clone()).collect())
+}
+
 fn missing(wanted: &[String], found: &[String]) -> Vec<String> {
     wanted
         .iter()
@@ -498,22 +568,15 @@ fn missing(wanted: &[String], found: &[String]) -> Vec<String> {
 }
 
 pub(crate) async fn dlq(command: Dlq) -> anyhow::Result<()> {
-    use busbar::dead_letter::{peek, purge, redrive};
+    use busbar::dead_letter::{purge, redrive};
     match command {
         Dlq::List { at, json, limit } => {
             let bus = busbar::connect(&at.url).await?;
             let topic = at.dlq_topic();
-            let mut options = at.options(&[]);
-            options.max_messages = Some(limit);
-            let found = peek(bus.as_ref(), &topic, &options).await?;
+            let found = dead_letters(bus.as_ref(), &at, &topic, &[], limit).await?;
             for e in &found {
                 if json {
-                    let mut v = serde_json::json!({
-                        "id": e.id(), "topic": topic, "key": e.key(), "type": e.event_type(),
-                        "headers": e.headers().iter().collect::<std::collections::BTreeMap<_, _>>(),
-                    });
-                    v["data"] = String::from_utf8_lossy(e.payload()).into_owned().into();
-                    println!("{v}");
+                    println!("{}", message_json(&topic, e, None));
                 } else {
                     println!("{}", dlq_line(e));
                 }
@@ -524,12 +587,12 @@ pub(crate) async fn dlq(command: Dlq) -> anyhow::Result<()> {
         Dlq::Show { at, id } => {
             let bus = busbar::connect(&at.url).await?;
             let topic = at.dlq_topic();
-            let found = peek(bus.as_ref(), &topic, &at.options(std::slice::from_ref(&id))).await?;
+            let found =
+                dead_letters(bus.as_ref(), &at, &topic, std::slice::from_ref(&id), 1).await?;
             bus.close().await?;
-            let e = found
+            let m = found
                 .first()
                 .ok_or_else(|| anyhow::anyhow!("no dead letter {id} in {topic}"))?;
-            let m = e.message();
             println!("id:       {}", m.id);
             println!("topic:    {topic}");
             println!("key:      {}", m.key.as_deref().unwrap_or("-"));
@@ -594,6 +657,123 @@ pub(crate) async fn dlq(command: Dlq) -> anyhow::Result<()> {
                 anyhow::bail!("not found: {not_found:?}");
             }
         }
+    }
+    Ok(())
+}
+
+/// `busbar trace URL CORRELATION_ID --topic T…`: the event chain as a tree.
+#[derive(Debug, clap::Args)]
+#[command(after_help = "Examples:
+  busbar trace redis://127.0.0.1:6379 01a2… --topic orders --topic invoices --topic payments
+  busbar trace kafka://127.0.0.1:9092 saga-7 --topic orders --json
+
+Reads each topic and its dead-letter topic (TOPIC.dlq) without a consumer group (capability
+browse: memory, Redis, NATS, Kafka) and prints every event of the chain — the event whose id
+is CORRELATION_ID and everything whose correlationid header is it — under the event that
+caused it (causationid). Exit status: 0 printed, 1 an error or no event found, 2 bad usage.")]
+pub(crate) struct TraceArgs {
+    /// Broker URL.
+    url: String,
+    /// The chain's correlation id (the id of its first event, or one the application set).
+    correlation_id: String,
+    /// A topic to look in (repeatable; its dead-letter topic is read too).
+    #[arg(long = "topic", required = true)]
+    topics: Vec<String>,
+    /// One JSON object per event (with `depth` and `dead_letter`) instead of the tree.
+    #[arg(long)]
+    json: bool,
+    /// At most this many messages read per topic.
+    #[arg(long, default_value_t = busbar::limits::BROWSE_LIMIT_MAX)]
+    scan: usize,
+}
+
+pub(crate) async fn trace(a: TraceArgs) -> anyhow::Result<()> {
+    let bus = busbar::connect(&a.url).await?;
+    let mut found: Vec<(String, Message)> = Vec::new();
+    for topic in &a.topics {
+        for t in [topic.clone(), busbar::dead_letter::default_topic(topic)] {
+            let messages = bus
+                .browse(&t, &busbar::BrowseOptions::earliest(a.scan))
+                .await
+                .with_context(|| format!("reading {t}"))?;
+            found.extend(
+                messages
+                    .into_iter()
+                    .filter(|m| m.correlation_id() == a.correlation_id)
+                    .map(|m| (t.clone(), m)),
+            );
+        }
+    }
+    bus.close().await?;
+    if found.is_empty() {
+        anyhow::bail!(
+            "no event of chain {} in {:?} (or their dead-letter topics)",
+            a.correlation_id,
+            a.topics
+        );
+    }
+    found.sort_by_key(|(_, m)| m.time);
+    // Roots: events whose cause is not among those found (the first event has none).
+    let ids: std::collections::HashSet<&str> = found.iter().map(|(_, m)| m.id.as_str()).collect();
+    let is_root = |m: &Message| m.causation_id().is_none_or(|c| !ids.contains(c));
+    let mut lines = Vec::new();
+    let mut stack: Vec<(usize, usize)> = found
+        .iter()
+        .enumerate()
+        .filter(|(_, (_, m))| is_root(m))
+        .map(|(i, _)| (i, 0))
+        .rev()
+        .collect();
+    let mut shown = std::collections::HashSet::new();
+    while let Some((i, depth)) = stack.pop() {
+        if !shown.insert(i) {
+            continue;
+        }
+        lines.push((i, depth));
+        let id = found[i].1.id.as_str();
+        let children: Vec<usize> = found
+            .iter()
+            .enumerate()
+            .filter(|(_, (_, m))| m.causation_id() == Some(id))
+            .map(|(j, _)| j)
+            .collect();
+        stack.extend(children.into_iter().rev().map(|j| (j, depth + 1)));
+    }
+    for (i, depth) in lines {
+        let (topic, m) = &found[i];
+        let dead = topic.ends_with(".dlq");
+        if a.json {
+            println!(
+                "{}",
+                serde_json::json!({
+                    "depth": depth, "topic": topic, "id": m.id, "type": m.event_type,
+                    "key": m.key, "time": m.time.to_rfc3339(), "causationid": m.causation_id(),
+                    "dead_letter": dead,
+                    "error": m.headers.get(busbar::dead_letter::headers::ERROR),
+                })
+            );
+            continue;
+        }
+        let indent = if depth == 0 {
+            String::new()
+        } else {
+            format!("{}└─ ", "   ".repeat(depth - 1))
+        };
+        let mut line = format!(
+            "{indent}{} {} ({topic}) {}",
+            m.event_type.as_deref().unwrap_or("busbar.message"),
+            m.id,
+            m.time.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+        );
+        if dead {
+            line.push_str(&format!(
+                " DEAD LETTER: {}",
+                m.headers
+                    .get(busbar::dead_letter::headers::ERROR)
+                    .unwrap_or("-")
+            ));
+        }
+        println!("{line}");
     }
     Ok(())
 }

@@ -206,6 +206,85 @@ async fn dlq_commands(url: String) -> TestResult {
     Ok(())
 }
 
+/// `busbar trace` prints a chain (root, a consequence, a dead letter of it) as a tree, and
+/// `busbar tail --from TIME` shows what the topic already holds — where the backend can browse;
+/// elsewhere both say so.
+async fn trace_and_history(url: String) -> TestResult {
+    use busbar::{Message, PublishOptions};
+    let bus = busbar::connect(&url).await?;
+    let (orders, invoices) = (fresh_name("cli-orders"), fresh_name("cli-invoices"));
+    let before = chrono::Utc::now() - chrono::Duration::seconds(1);
+    let root = Message::new("order 42").with_type("order.placed");
+    let child = Message::new("invoice")
+        .with_type("invoice.created")
+        .caused_by(&root);
+    let dead = Message::new("payment")
+        .with_type("payment.requested")
+        .caused_by(&child)
+        .with_header("busbar-dlq-error", "card declined");
+    let args = ["trace", &url, &root.id, "--topic", &orders, "--topic", &invoices];
+    if !bus.capabilities().browse {
+        let (ok, _, err) = status(&args).await?;
+        if ok || !err.contains("browse") {
+            return Err(format!("trace without browse: ok={ok}, {err}").into());
+        }
+        return Ok(());
+    }
+    for (topic, m) in [
+        (&orders, &root),
+        (&invoices, &child),
+        (&format!("{invoices}.dlq"), &dead),
+    ] {
+        bus.publish(topic, m.clone(), &PublishOptions::default())
+            .await?;
+    }
+    bus.close().await?;
+    let args = [
+        "trace", &url, &root.id, "--topic", &orders, "--topic", &invoices,
+    ];
+    if !bus.capabilities().browse {
+        let (ok, _, err) = status(&args).await?;
+        if ok || !err.contains("browse") {
+            return Err(format!("trace without browse: ok={ok}, {err}").into());
+        }
+        return Ok(());
+    }
+    let tree = run(&args).await?;
+    let lines: Vec<&str> = tree.lines().collect();
+    let expected = [
+        format!("order.placed {}", root.id),
+        format!("└─ invoice.created {}", child.id),
+        format!("   └─ payment.requested {}", dead.id),
+    ];
+    if lines.len() != 3
+        || !lines
+            .iter()
+            .zip(&expected)
+            .all(|(l, e)| l.starts_with(e.as_str()))
+        || !lines[2].contains("DEAD LETTER: card declined")
+    {
+        return Err(
+            format!("busbar trace printed:\n{tree}expected lines starting {expected:?}").into(),
+        );
+    }
+    let history = run(&[
+        "tail",
+        &url,
+        &orders,
+        "--from",
+        &before.to_rfc3339(),
+        "--json",
+        "--count",
+        "1",
+    ])
+    .await?;
+    let v: serde_json::Value = serde_json::from_str(history.trim())?;
+    if v["id"] != root.id.as_str() || !v["attempt"].is_null() {
+        return Err(format!("tail --from showed {v}").into());
+    }
+    Ok(())
+}
+
 fn main() {
     let backends = [
         ("redis", "BUSBAR_REDIS_URL", cfg!(feature = "redis")),
@@ -239,6 +318,7 @@ fn main() {
                 Box::pin(publish_tail_and_lag(url))
             }),
             ("dlq_commands", |url| Box::pin(dlq_commands(url))),
+            ("trace_and_history", |url| Box::pin(trace_and_history(url))),
         ],
         &[],
     )

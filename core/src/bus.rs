@@ -82,6 +82,18 @@ pub trait EventBus: Send + Sync + fmt::Debug {
         Err(Error::unsupported(self.backend(), "reading consumer lag"))
     }
 
+    /// Reads messages of `topic` without a consumer group: nothing is consumed, acked,
+    /// counted or made invisible, and no group is created (capability `browse`). Oldest
+    /// first: each partition in its order (so each key in its order), partitions merged by
+    /// time. What the broker no longer holds (retention) is not there.
+    ///
+    /// Errors: `Unsupported` (capability `browse` off), `InvalidTopic`, `InvalidInput` (a
+    /// limit of 0 or past [`crate::limits::BROWSE_LIMIT_MAX`]), `Closed`, `Connection`.
+    async fn browse(&self, topic: &str, options: &crate::BrowseOptions) -> Result<Vec<Message>> {
+        let _ = (topic, options);
+        Err(Error::unsupported(self.backend(), "browsing a topic"))
+    }
+
     /// Closes the connection: later publishes, subscriptions and acks fail with `Closed`,
     /// open subscribers end. Idempotent.
     async fn close(&self) -> Result<()>;

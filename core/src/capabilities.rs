@@ -51,6 +51,8 @@ pub struct Capabilities {
     pub exact_attempts: bool,
     /// [`crate::EventBus::lag`] reports how many messages a group has not received yet.
     pub consumer_lag: bool,
+    /// [`crate::EventBus::browse`] reads a topic without a consumer group, changing nothing.
+    pub browse: bool,
 }
 
 impl Capabilities {
@@ -70,6 +72,7 @@ impl Capabilities {
             batch_max_size: None,
             exact_attempts: false,
             consumer_lag: false,
+            browse: false,
         }
     }
 }

@@ -228,6 +228,22 @@ impl<B: Backend> EventBus for Bus<B> {
         Ok(lag)
     }
 
+    async fn browse(&self, topic: &str, options: &crate::BrowseOptions) -> Result<Vec<Message>> {
+        self.check_open()?;
+        let tag = |e: Error| e.with_backend(self.name());
+        crate::topic::validate_topic(topic).map_err(tag)?;
+        options.check().map_err(tag)?;
+        if !self.capabilities().browse {
+            return Err(Error::unsupported(
+                self.name(),
+                "browsing a topic (capability browse is off)",
+            ));
+        }
+        let mut messages = self.inner.backend.browse(topic, options).await?;
+        messages.truncate(options.limit);
+        Ok(messages)
+    }
+
     async fn close(&self) -> Result<()> {
         if self.inner.closed.swap(true, AtomicOrdering::AcqRel) {
             return Ok(());

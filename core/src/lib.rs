@@ -21,7 +21,7 @@ pub use capabilities::{Capabilities, Ordering};
 pub use error::{Error, ErrorKind, Result};
 pub use front::Bus;
 pub use message::{Headers, Message};
-pub use options::{PublishOptions, StartPosition, SubscribeOptions};
+pub use options::{BrowseFrom, BrowseOptions, PublishOptions, StartPosition, SubscribeOptions};
 pub use policy::{DeadLetterPolicy, RetryPolicy};
 pub use runner::{Consumer, ConsumerReport, Permanent};
 
@@ -47,7 +47,7 @@ pub mod envelope {
 /// The limits every backend takes the same way, and the name checks behind them.
 pub mod limits {
     pub use crate::message::METADATA_MAX_BYTES;
-    pub use crate::options::{ACK_TIMEOUT_MIN, DURATION_MAX};
+    pub use crate::options::{ACK_TIMEOUT_MIN, BROWSE_LIMIT_MAX, DURATION_MAX};
     pub use crate::topic::{validate_group, validate_topic, GROUP_MAX_LEN, TOPIC_MAX_LEN};
 }
 

@@ -173,3 +173,58 @@ mod tests {
         assert_eq!(kind(Duration::MAX), Err(ErrorKind::InvalidInput));
     }
 }
+
+/// The most messages one [`crate::EventBus::browse`] call returns.
+pub const BROWSE_LIMIT_MAX: usize = 10_000;
+
+/// Where [`crate::EventBus::browse`] starts reading.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum BrowseFrom {
+    /// The oldest message the broker still holds.
+    Earliest,
+    /// The first message the broker stored at or after this time (the broker's clock: Redis
+    /// stream ids, Kafka record timestamps, JetStream stored times, the memory log's times).
+    Time(chrono::DateTime<chrono::Utc>),
+}
+
+/// What [`crate::EventBus::browse`] reads: from where, and at most how many.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct BrowseOptions {
+    /// Where to start.
+    pub from: BrowseFrom,
+    /// At most this many messages (1 to [`BROWSE_LIMIT_MAX`]).
+    pub limit: usize,
+}
+
+impl BrowseOptions {
+    /// From the oldest message held, at most `limit`.
+    pub fn earliest(limit: usize) -> Self {
+        Self {
+            from: BrowseFrom::Earliest,
+            limit,
+        }
+    }
+
+    /// From `time` on, at most `limit`.
+    pub fn since(time: chrono::DateTime<chrono::Utc>, limit: usize) -> Self {
+        Self {
+            from: BrowseFrom::Time(time),
+            limit,
+        }
+    }
+
+    pub(crate) fn check(&self) -> Result<()> {
+        if !(1..=BROWSE_LIMIT_MAX).contains(&self.limit) {
+            return Err(Error::new(
+                ErrorKind::InvalidInput,
+                format!(
+                    "a browse limit must be 1 to {BROWSE_LIMIT_MAX}, not {}",
+                    self.limit
+                ),
+            ));
+        }
+        Ok(())
+    }
+}

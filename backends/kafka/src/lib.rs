@@ -266,6 +266,102 @@ impl Inner {
         .await
     }
 
+    /// Up to `options.limit` records of `topic`: a consumer that is assigned the partitions
+    /// (it joins no group and commits nothing, so no group appears) reads each from its low
+    /// watermark, or from the offset of the time (`offsetsForTimes`), up to the high
+    /// watermark seen at the start; partitions merged by time.
+    pub(crate) async fn browse(
+        &self,
+        topic: &str,
+        options: &busbar_core::BrowseOptions,
+    ) -> Result<Vec<Message>> {
+        use rdkafka::Message as _;
+        let client = self.group_client("busbar-browse")?;
+        let (topic, options) = (topic.to_owned(), *options);
+        blocking(move || {
+            let meta = client
+                .fetch_metadata(Some(&topic), REQUEST_TIMEOUT)
+                .map_err(|e| error::map(e, "reading the topic's partitions"))?;
+            let ids: Vec<i32> = meta
+                .topics()
+                .iter()
+                .filter(|t| t.name() == topic)
+                .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+                .collect();
+            let mut wanted = TopicPartitionList::new();
+            let mut ends = std::collections::BTreeMap::new();
+            for &p in &ids {
+                let (low, high) = watermarks(&client, &topic, p)?;
+                if high > low {
+                    let at = match options.from {
+                        busbar_core::BrowseFrom::Time(t) => Offset::Offset(t.timestamp_millis()),
+                        _ => Offset::Offset(low),
+                    };
+                    wanted
+                        .add_partition_offset(&topic, p, at)
+                        .map_err(|e| error::map(e, "building the partitions to browse"))?;
+                    ends.insert(p, high);
+                }
+            }
+            if let busbar_core::BrowseFrom::Time(_) = options.from {
+                if wanted.count() > 0 {
+                    wanted = client
+                        .offsets_for_times(wanted, REQUEST_TIMEOUT)
+                        .map_err(|e| error::map(e, "finding the offsets of the time"))?;
+                }
+            }
+            let mut assign = TopicPartitionList::new();
+            let mut parts: std::collections::BTreeMap<i32, Vec<Message>> = Default::default();
+            for e in wanted.elements() {
+                let Offset::Offset(at) = e.offset() else {
+                    continue; // past the end (no record at or after the time)
+                };
+                if ends.get(&e.partition()).is_some_and(|end| at < *end) {
+                    assign
+                        .add_partition_offset(&topic, e.partition(), Offset::Offset(at))
+                        .map_err(|e| error::map(e, "building the partitions to browse"))?;
+                    parts.insert(e.partition(), Vec::new());
+                }
+            }
+            if assign.count() == 0 {
+                return Ok(Vec::new());
+            }
+            client
+                .assign(&assign)
+                .map_err(|e| error::map(e, "assigning the partitions to browse"))?;
+            let deadline = std::time::Instant::now() + REQUEST_TIMEOUT * 3;
+            let mut open: HashSet<i32> = parts.keys().copied().collect();
+            while !open.is_empty() && std::time::Instant::now() < deadline {
+                let Some(record) = client.poll(Duration::from_millis(200)) else {
+                    continue;
+                };
+                let record = record.map_err(|e| error::map(e, "browsing the topic"))?;
+                let p = record.partition();
+                let end = ends.get(&p).copied().unwrap_or(0);
+                if let Some(list) = parts.get_mut(&p) {
+                    if record.offset() < end && list.len() < options.limit {
+                        list.push(codec::decode(&record));
+                    }
+                    if record.offset() + 1 >= end || list.len() >= options.limit {
+                        open.remove(&p);
+                    }
+                }
+            }
+            if !open.is_empty() {
+                return Err(Error::new(
+                    ErrorKind::Timeout,
+                    format!("browsing {topic}: partitions {open:?} did not answer in time"),
+                )
+                .with_backend(BACKEND));
+            }
+            Ok(busbar_core::raw::merge_by_time(
+                parts.into_values().collect(),
+                options.limit,
+            ))
+        })
+        .await
+    }
+
     /// Makes the group exist: every partition of `topic` without a committed offset gets
     /// one at the start position (the end for `Latest`, the beginning for `Earliest`), so
     /// records published from now on are kept for the group even before a member joined.
@@ -468,6 +564,7 @@ impl Backend for Kafka {
         c.ack_deadline_can_extend = true;
         c.exact_attempts = true;
         c.consumer_lag = true;
+        c.browse = true;
         c.message_max_bytes = Some(
             self.inner
                 .config
@@ -499,6 +596,14 @@ impl Backend for Kafka {
 
     async fn provision(&self, topic: &str, options: &SubscribeOptions) -> Result<()> {
         self.inner.provision_group(topic, options).await
+    }
+
+    async fn browse(
+        &self,
+        topic: &str,
+        options: &busbar_core::BrowseOptions,
+    ) -> Result<Vec<Message>> {
+        self.inner.browse(topic, options).await
     }
 
     async fn lag(&self, topic: &str, group: &str) -> Result<u64> {

@@ -136,6 +136,102 @@ impl Inner {
         Ok(total)
     }
 
+    /// Up to `options.limit` messages of `topic`'s stream, in stream order: an ordered
+    /// consumer (ephemeral, no acks: nothing changes for any group) from the first stored
+    /// message or the first stored at the time, up to the last sequence seen at the start.
+    /// Scheduled messages (not yet due) are skipped.
+    pub(crate) async fn browse(
+        &self,
+        topic: &str,
+        options: &busbar_core::BrowseOptions,
+    ) -> Result<Vec<Message>> {
+        use async_nats::jetstream::context::GetStreamErrorKind;
+        use async_nats::jetstream::ErrorCode;
+        use futures::StreamExt as _;
+        let name = config::stream_name(topic);
+        let mut stream = match self.js.get_stream(&name).await {
+            Ok(s) => s,
+            Err(e) => match e.kind() {
+                GetStreamErrorKind::JetStream(j)
+                    if j.error_code() == ErrorCode::STREAM_NOT_FOUND =>
+                {
+                    return Ok(Vec::new())
+                }
+                _ => {
+                    let kind = error::request_kind(&e);
+                    return Err(error::map(kind, e, "reading the topic stream"));
+                }
+            },
+        };
+        let state = stream
+            .info()
+            .await
+            .map_err(|e| error::map(error::request_kind(&e), e, "reading the topic stream"))?
+            .state
+            .clone();
+        if state.messages == 0 {
+            return Ok(Vec::new());
+        }
+        let deliver_policy = match options.from {
+            busbar_core::BrowseFrom::Time(t) => consumer::DeliverPolicy::ByStartTime {
+                start_time: time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(
+                    t.timestamp_nanos_opt().unwrap_or(0),
+                ))
+                .unwrap_or(time::OffsetDateTime::UNIX_EPOCH),
+            },
+            _ => consumer::DeliverPolicy::All,
+        };
+        let prefix = format!("busbar.{}.", config::encode_topic(topic));
+        let ordered = stream
+            .create_consumer(consumer::pull::OrderedConfig {
+                filter_subject: format!("{prefix}*"),
+                deliver_policy,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| error::map(error::request_kind(&e), e, "creating a browsing consumer"))?;
+        if ordered.cached_info().num_pending == 0 {
+            return Ok(Vec::new());
+        }
+        let mut messages = ordered
+            .messages()
+            .await
+            .map_err(|e| error::map(ErrorKind::Connection, e, "browsing the topic stream"))?;
+        let mut out = Vec::new();
+        while out.len() < options.limit {
+            let next = tokio::time::timeout(Duration::from_secs(10), messages.next())
+                .await
+                .map_err(|_| {
+                    Error::new(ErrorKind::Timeout, format!("browsing {topic}: no answer"))
+                        .with_backend(BACKEND)
+                })?;
+            let Some(msg) = next else { break };
+            let msg =
+                msg.map_err(|e| error::map(ErrorKind::Connection, e, "browsing the topic stream"))?;
+            let (seq, pending) = msg
+                .info()
+                .map(|i| (i.stream_sequence, i.pending))
+                .unwrap_or((state.last_sequence, 0));
+            let partition_subject = msg
+                .subject
+                .strip_prefix(prefix.as_str())
+                .is_some_and(|rest| rest.bytes().all(|b| b.is_ascii_digit()));
+            if partition_subject {
+                let decoded =
+                    codec::decode_message(msg.headers.as_ref(), msg.payload.clone(), || {
+                        format!("nats-{topic}-{seq}")
+                    });
+                out.push(decoded.unwrap_or_else(|_| {
+                    Message::new(msg.payload.clone()).with_id(format!("nats-{topic}-{seq}"))
+                }));
+            }
+            if seq >= state.last_sequence || pending == 0 {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
     fn cached_partitions(&self, topic: &str) -> Option<u32> {
         self.topics
             .lock()
@@ -399,6 +495,7 @@ impl Backend for Nats {
         c.ack_deadline_can_extend = true;
         c.exact_attempts = true;
         c.consumer_lag = true;
+        c.browse = true;
         c.message_max_bytes = Some(self.inner.max_payload.saturating_sub(HEADER_ROOM));
         if self.inner.schedules {
             c.publish_with_delay = true;
@@ -445,6 +542,14 @@ impl Backend for Nats {
 
     async fn lag(&self, topic: &str, group: &str) -> Result<u64> {
         self.inner.lag(topic, group).await
+    }
+
+    async fn browse(
+        &self,
+        topic: &str,
+        options: &busbar_core::BrowseOptions,
+    ) -> Result<Vec<Message>> {
+        self.inner.browse(topic, options).await
     }
 
     async fn close(&self) -> Result<()> {

@@ -93,6 +93,48 @@ impl Inner {
         Ok(n)
     }
 
+    /// Up to `options.limit` entries of `topic`'s partition streams (XRANGE from the start or
+    /// from the stream id of the time), merged by time; nothing is read by a group.
+    pub(crate) async fn browse(
+        &self,
+        topic: &str,
+        options: &busbar_core::BrowseOptions,
+    ) -> Result<Vec<Message>> {
+        let mut conn = self.conn.clone();
+        let partitions: Option<u32> = redis::cmd("HGET")
+            .arg(self.config.meta_key(topic))
+            .arg("partitions")
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| error::map(e, "reading the topic's partition count"))?;
+        let start = match options.from {
+            busbar_core::BrowseFrom::Time(t) => format!("{}-0", t.timestamp_millis().max(0)),
+            _ => "-".to_owned(),
+        };
+        let mut parts = Vec::new();
+        for p in 0..partitions.unwrap_or(0) {
+            let reply: Value = redis::cmd("XRANGE")
+                .arg(self.config.stream_key(topic, p))
+                .arg(&start)
+                .arg("+")
+                .arg("COUNT")
+                .arg(options.limit)
+                .query_async(&mut conn)
+                .await
+                .map_err(|e| error::map(e, "browsing a partition stream"))?;
+            parts.push(
+                codec::entries_of(reply)?
+                    .into_iter()
+                    .map(|raw| {
+                        let entry = subscriber::to_entry(p, raw, 1);
+                        Arc::unwrap_or_clone(entry.message)
+                    })
+                    .collect(),
+            );
+        }
+        Ok(busbar_core::raw::merge_by_time(parts, options.limit))
+    }
+
     /// The group's lag on `topic`: over every partition stream, the entries the group has not
     /// read yet (XINFO GROUPS `lag`; where Redis cannot tell, counted from the group's last
     /// delivered id). Delayed messages not yet due are not counted.
@@ -388,6 +430,7 @@ impl Backend for Redis {
         c.ack_deadline_can_extend = true;
         c.exact_attempts = true;
         c.consumer_lag = true;
+        c.browse = true;
         c.publish_with_delay = true;
         c.message_max_bytes = Some(self.inner.config.max_message_bytes);
         c
@@ -426,6 +469,14 @@ impl Backend for Redis {
 
     async fn lag(&self, topic: &str, group: &str) -> Result<u64> {
         self.inner.lag(topic, group).await
+    }
+
+    async fn browse(
+        &self,
+        topic: &str,
+        options: &busbar_core::BrowseOptions,
+    ) -> Result<Vec<Message>> {
+        self.inner.browse(topic, options).await
     }
 
     async fn close(&self) -> Result<()> {

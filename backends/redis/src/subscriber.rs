@@ -29,10 +29,10 @@ use crate::scripts::{MOVE_DUE, REBALANCE, RELEASE};
 use crate::{Inner, BACKEND};
 
 #[derive(Clone)]
-struct Entry {
+pub(crate) struct Entry {
     partition: u32,
     stream_id: String,
-    message: Arc<Message>,
+    pub(crate) message: Arc<Message>,
     attempt: u32,
     /// Why busbar could not decode it (then `message` holds what could be read, and the
     /// bus in front dead-letters it).
@@ -1023,7 +1023,7 @@ impl Ack for RedisAck {
 /// can be read, under the id `redis-<partition>-<entry id>`; a busbar entry with a broken
 /// field is marked undecodable, with its payload (`d`) and every field as a
 /// `busbar-redis-field-<name>` header (the bus in front dead-letters it).
-fn to_entry(p: u32, raw: RawEntry, attempt: u32) -> Entry {
+pub(crate) fn to_entry(p: u32, raw: RawEntry, attempt: u32) -> Entry {
     let (error, fields) = match raw.decoded {
         Ok(d) => match d.message {
             Ok(mut m) => {

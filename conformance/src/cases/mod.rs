@@ -1,6 +1,7 @@
 //! The cases, grouped by what they prove. `cargo test -p <backend> ordering` runs one group.
 
 pub mod basic;
+pub mod browse;
 pub mod capabilities;
 pub mod chain;
 pub mod churn;
@@ -80,6 +81,10 @@ fn needs_otel(c: &Capabilities) -> Option<&'static str> {
             "busbar-conformance was built without its otel feature (nothing to trace with)",
         )
     })
+}
+
+fn needs_browse(c: &Capabilities) -> Option<&'static str> {
+    (!c.browse).then_some("the backend declares browse off")
 }
 
 fn needs_lag(c: &Capabilities) -> Option<&'static str> {
@@ -218,6 +223,12 @@ pub fn all() -> Vec<Case> {
             needs_groups,
             90,
             "what a handler publishes carries the handled event's correlation and causation ids across the broker; versions survive and an upcaster brings v1 to v2"
+        ),
+        case!(
+            browse::browse_reads_without_consuming,
+            needs_browse,
+            90,
+            "browsing reads a topic without a group: all messages oldest first (each key in order), a limit, from a time; an unknown topic is empty; the group still gets every message, first attempt"
         ),
         case!(
             lag::consumer_lag,

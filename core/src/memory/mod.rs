@@ -253,6 +253,7 @@ impl Memory {
         c.ack_deadline_can_extend = true;
         c.exact_attempts = true;
         c.consumer_lag = true;
+        c.browse = true;
         c.publish_with_delay = true;
         c.message_max_bytes = Some(config.max_message_bytes);
         c
@@ -332,6 +333,10 @@ impl Backend for Memory {
 
     async fn lag(&self, topic: &str, group: &str) -> Result<u64> {
         Ok(self.shared.lock().lag(topic, group))
+    }
+
+    async fn browse(&self, topic: &str, options: &crate::BrowseOptions) -> Result<Vec<Message>> {
+        Ok(self.shared.lock().browse(topic, options))
     }
 
     async fn close(&self) -> Result<()> {

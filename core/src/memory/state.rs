@@ -43,6 +43,23 @@ impl State {
         })
     }
 
+    /// Up to `options.limit` messages of the log, oldest first (from a time: those whose
+    /// time is at or after it).
+    pub(super) fn browse(&self, topic: &str, options: &crate::BrowseOptions) -> Vec<Message> {
+        let Some(t) = self.topics.get(topic) else {
+            return Vec::new();
+        };
+        t.log
+            .iter()
+            .filter(|m| match options.from {
+                crate::BrowseFrom::Time(at) => m.time >= at,
+                _ => true,
+            })
+            .take(options.limit)
+            .map(|m| Message::clone(m))
+            .collect()
+    }
+
     pub(super) fn all_notifies(&self) -> Vec<Arc<Notify>> {
         self.topics.values().map(|t| t.notify.clone()).collect()
     }

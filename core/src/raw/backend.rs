@@ -124,6 +124,21 @@ pub trait Backend: Send + Sync + fmt::Debug + 'static {
         ))
     }
 
+    /// Reads up to `options.limit` messages of `topic` without a group (see
+    /// [`crate::EventBus::browse`]; [`merge_by_time`](crate::raw::merge_by_time) merges
+    /// partitions). Called only with capability `browse` on, with checked options.
+    async fn browse(
+        &self,
+        topic: &str,
+        options: &crate::BrowseOptions,
+    ) -> Result<Vec<crate::Message>> {
+        let _ = (topic, options);
+        Err(crate::Error::unsupported(
+            Self::IDENTITY.name,
+            "browsing a topic",
+        ))
+    }
+
     /// Closes the connection: open subscribers end, later acks fail with `Closed`. Called
     /// once.
     async fn close(&self) -> Result<()>;

@@ -29,6 +29,27 @@ pub fn join_chain(messages: &mut [crate::Message]) {
 
 use crate::bus::{Delivery, Event};
 
+/// Merges the messages of several partitions (each oldest first) into one list of at most
+/// `limit`, oldest first, keeping each partition's own order (so each key's): the next one
+/// is always the earliest of the partitions' heads (ties: the lower partition).
+pub fn merge_by_time(partitions: Vec<Vec<crate::Message>>, limit: usize) -> Vec<crate::Message> {
+    let mut heads: Vec<std::collections::VecDeque<crate::Message>> =
+        partitions.into_iter().map(Into::into).collect();
+    let mut out = Vec::new();
+    while out.len() < limit {
+        let next = heads
+            .iter()
+            .enumerate()
+            .filter_map(|(i, p)| p.front().map(|m| (m.time, i)))
+            .min();
+        let Some((_, i)) = next else { break };
+        if let Some(m) = heads[i].pop_front() {
+            out.push(m);
+        }
+    }
+    out
+}
+
 /// A delivery of `event`, settled through `acker` (what a backend's subscriber returns).
 pub fn delivery(event: Event, acker: Box<dyn Ack>) -> Delivery {
     Delivery::new(event, acker)
