@@ -170,6 +170,8 @@ install_debian() {
   command -v node >/dev/null || need+=(nodejs npm)
   command -v java >/dev/null || need+=(openjdk-17-jre-headless)
   command -v mvn >/dev/null || need+=(maven)
+  # Not a broker: the headless browser of the `busbar tail --sse` test (cli/tests/operator.rs).
+  command -v chromium >/dev/null || need+=(chromium)
   ((${#need[@]} == 0)) || apt_install "${need[@]}"
 }
 

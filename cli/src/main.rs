@@ -6,6 +6,8 @@
 #![allow(clippy::print_stdout)]
 
 mod ops;
+#[cfg(feature = "sse")]
+mod sse;
 
 use std::process::ExitCode;
 use std::sync::Arc;

@@ -216,6 +216,7 @@ impl Pacer {
   busbar tail redis://127.0.0.1:6379 orders                  # new events, pretty, until Ctrl-C
   busbar tail kafka://127.0.0.1:9092 orders --from earliest --json --count 100
   busbar tail nats://127.0.0.1:4222 orders.dlq --group busbar-redrive   # consumes the DLQ group!
+  busbar tail redis://127.0.0.1:6379 orders --sse 127.0.0.1:8080         # open http://127.0.0.1:8080/
 
 Without --group, a throwaway group busbar-tail-<random> sees every event without taking any
 from the application's groups (it stays on brokers that keep groups; delete it there if you
@@ -244,6 +245,10 @@ pub(crate) struct TailArgs {
     /// Stop after this many seconds without an event.
     #[arg(long, value_name = "SECONDS", value_parser = positive)]
     idle: Option<f64>,
+    /// Also serve the events as Server-Sent Events on this address (`GET /events`, with
+    /// `Last-Event-ID` catch-up) and a page showing them live (`GET /`); feature `sse`.
+    #[arg(long, value_name = "ADDR")]
+    sse: Option<String>,
 }
 
 /// The JSON line of a message (`attempt`: of its delivery; none when browsed).
@@ -336,7 +341,14 @@ pub(crate) async fn tail(a: TailArgs) -> anyhow::Result<()> {
     // shown once).
     bus.provision(&a.topic, &opts).await?;
     let colour = std::io::stdout().is_terminal();
+    let feed = match &a.sse {
+        Some(addr) => Some(sse_feed(addr, &a.topic).await?),
+        None => None,
+    };
     let show = |m: &Message, attempt: Option<u32>| {
+        if let Some(hub) = &feed {
+            hub.push(message_json(&a.topic, m, attempt).to_string());
+        }
         if a.json {
             println!("{}", message_json(&a.topic, m, attempt));
         } else {
@@ -396,6 +408,34 @@ pub(crate) async fn tail(a: TailArgs) -> anyhow::Result<()> {
     sub.close().await?;
     bus.close().await?;
     outcome
+}
+
+#[cfg(feature = "sse")]
+type Feed = Arc<crate::sse::Hub>;
+
+#[cfg(feature = "sse")]
+async fn sse_feed(addr: &str, topic: &str) -> anyhow::Result<Feed> {
+    let hub = crate::sse::Hub::new(topic);
+    let bound = crate::sse::serve(addr, hub.clone()).await?;
+    eprintln!("serving http://{bound}/ (events: http://{bound}/events)");
+    Ok(hub)
+}
+
+/// Without the `sse` feature: an event sink that says how to get one.
+#[cfg(not(feature = "sse"))]
+#[derive(Debug)]
+struct Feed;
+
+#[cfg(not(feature = "sse"))]
+impl Feed {
+    fn push(&self, _json: String) {}
+}
+
+#[cfg(not(feature = "sse"))]
+async fn sse_feed(_addr: &str, _topic: &str) -> anyhow::Result<Feed> {
+    anyhow::bail!(
+        "this busbar was built without its `sse` feature (axum): cargo install busbar-cli --features sse"
+    )
 }
 
 /// `busbar lag URL TOPIC GROUP`.

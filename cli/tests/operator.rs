@@ -222,7 +222,9 @@ async fn trace_and_history(url: String) -> TestResult {
         .with_type("payment.requested")
         .caused_by(&child)
         .with_header("busbar-dlq-error", "card declined");
-    let args = ["trace", &url, &root.id, "--topic", &orders, "--topic", &invoices];
+    let args = [
+        "trace", &url, &root.id, "--topic", &orders, "--topic", &invoices,
+    ];
     if !bus.capabilities().browse {
         let (ok, _, err) = status(&args).await?;
         if ok || !err.contains("browse") {
@@ -285,6 +287,95 @@ async fn trace_and_history(url: String) -> TestResult {
     Ok(())
 }
 
+/// `busbar tail --sse`: a client reconnecting with `Last-Event-ID: 1` gets event 2 (not 1),
+/// then event 3 live; headless Chromium renders the page with all three, connected ("live").
+#[cfg(all(feature = "sse", feature = "redis"))]
+async fn sse_live_view(url: String) -> TestResult {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let chromium = std::env::var("BUSBAR_CHROMIUM").unwrap_or_else(|_| "chromium".to_owned());
+    let topic = fresh_name("cli-sse");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut tail = Command::new(BUSBAR)
+        .args(["tail", &url, &topic, "--json", "--sse", &addr])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let mut err = BufReader::new(tail.stderr.take().ok_or("no stderr")?).lines();
+    for want in ["serving", "tailing"] {
+        let said = tokio::time::timeout(Duration::from_secs(60), err.next_line())
+            .await
+            .map_err(|_| "busbar tail --sse never started")??
+            .unwrap_or_default();
+        if !said.starts_with(want) {
+            return Err(format!("busbar tail --sse said {said:?}").into());
+        }
+    }
+    let publish = |n: &'static str| {
+        let (url, topic) = (url.clone(), topic.clone());
+        async move { run(&["publish", &url, &topic, n, "--key", "k"]).await }
+    };
+    let mut ids = vec![publish("one").await?.trim().to_owned()];
+    ids.push(publish("two").await?.trim().to_owned());
+    let mut http = tokio::net::TcpStream::connect(&addr).await?;
+    http.write_all(
+        format!("GET /events HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\nLast-Event-ID: 1\r\n\r\n")
+            .as_bytes(),
+    )
+    .await?;
+    let mut seen = String::new();
+    let mut buf = [0u8; 4096];
+    let mut read_until = async |want: &str, seen: &mut String| -> TestResult {
+        let end = Instant::now() + Duration::from_secs(30);
+        while !seen.contains(want) {
+            let left = end.saturating_duration_since(Instant::now());
+            let n = tokio::time::timeout(left, http.read(&mut buf))
+                .await
+                .map_err(|_| format!("no {want:?} in the SSE stream: {seen}"))??;
+            if n == 0 {
+                return Err(format!("the SSE stream ended: {seen}").into());
+            }
+            seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+        Ok(())
+    };
+    read_until("id: 2\n", &mut seen).await?;
+    if seen.contains("id: 1\n") || !seen.contains(ids[1].as_str()) {
+        return Err(format!("Last-Event-ID: 1 should replay event 2 only: {seen}").into());
+    }
+    ids.push(publish("three").await?.trim().to_owned());
+    read_until(&ids[2], &mut seen).await?;
+    let dom = Command::new(&chromium)
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--timeout=5000",
+            "--dump-dom",
+            &format!("http://{addr}/"),
+        ])
+        .output()
+        .await
+        .map_err(|e| format!("cannot run {chromium} (BUSBAR_CHROMIUM): {e}"))?;
+    let dom = String::from_utf8_lossy(&dom.stdout);
+    let shown = ids
+        .iter()
+        .filter(|id| dom.contains(&format!("data-id=\"{id}\"")))
+        .count();
+    if shown != 3 || !dom.contains("class=\"live\"") {
+        return Err(format!(
+            "the page showed {shown} of 3 events (live: {}):\n{dom}",
+            dom.contains("class=\"live\"")
+        )
+        .into());
+    }
+    tail.kill().await?;
+    Ok(())
+}
+
 fn main() {
     let backends = [
         ("redis", "BUSBAR_REDIS_URL", cfg!(feature = "redis")),
@@ -311,6 +402,17 @@ fn main() {
             param: url.unwrap_or_default(),
         });
     }
+    #[cfg(all(feature = "sse", feature = "redis"))]
+    let once: Vec<(&'static str, busbar_conformance::private_server::TestFn)> =
+        vec![("sse_live_view", || {
+            let url = std::env::var("BUSBAR_REDIS_URL")
+                .ok()
+                .and_then(|l| l.split_whitespace().next().map(str::to_owned))
+                .unwrap_or_else(|| "redis://127.0.0.1:6379".to_owned());
+            Box::pin(sse_live_view(url))
+        })];
+    #[cfg(not(all(feature = "sse", feature = "redis")))]
+    let once: Vec<(&'static str, busbar_conformance::private_server::TestFn)> = Vec::new();
     busbar_conformance::private_server::main_matrix(
         &servers,
         &[
@@ -320,6 +422,6 @@ fn main() {
             ("dlq_commands", |url| Box::pin(dlq_commands(url))),
             ("trace_and_history", |url| Box::pin(trace_and_history(url))),
         ],
-        &[],
+        &once,
     )
 }
