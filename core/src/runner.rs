@@ -565,7 +565,7 @@ impl RunShared {
             }
         };
         let event = upcast.as_ref().unwrap_or(delivery.event());
-        let cause = Cause::of(delivery.message());
+        let cause = Cause::of(delivery.event());
         let mut handled = false;
         let mut handler_span: tracing::Span;
         loop {

@@ -10,19 +10,14 @@ use crate::bus::Event;
 use crate::error::{Error, ErrorKind, Result};
 use crate::message::{Message, CAUSATION_ID, CORRELATION_ID};
 
-/// The event a handler is handling.
+/// The event a handler is handling (shared with its delivery: nothing is copied per
+/// delivery).
 #[derive(Clone)]
-pub(crate) struct Cause {
-    id: Arc<str>,
-    correlation: Arc<str>,
-}
+pub(crate) struct Cause(Arc<Message>);
 
 impl Cause {
-    pub(crate) fn of(message: &Message) -> Self {
-        Self {
-            id: message.id.as_str().into(),
-            correlation: message.correlation_id().into(),
-        }
+    pub(crate) fn of(event: &Event) -> Self {
+        Self(event.shared_message().clone())
     }
 }
 
@@ -39,8 +34,8 @@ pub(crate) fn inherit(messages: &mut [Message]) {
             .iter_mut()
             .filter(|m| m.headers.get(CORRELATION_ID).is_none())
         {
-            m.headers.insert(CORRELATION_ID, &*cause.correlation);
-            m.headers.insert(CAUSATION_ID, &*cause.id);
+            m.headers.insert(CORRELATION_ID, cause.0.correlation_id());
+            m.headers.insert(CAUSATION_ID, cause.0.id.as_str());
         }
     });
 }
