@@ -170,8 +170,9 @@ install_debian() {
   command -v node >/dev/null || need+=(nodejs npm)
   command -v java >/dev/null || need+=(openjdk-17-jre-headless)
   command -v mvn >/dev/null || need+=(maven)
-  # Not a broker: the headless browser of the `busbar tail --sse` test (cli/tests/operator.rs).
+  # Not brokers: the headless browser (and its WebDriver) of the `busbar tail --sse` test.
   command -v chromium >/dev/null || need+=(chromium)
+  command -v chromedriver >/dev/null || need+=(chromium-driver)
   ((${#need[@]} == 0)) || apt_install "${need[@]}"
 }
 

@@ -31,6 +31,12 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Runs the conformance suite against a broker and prints a table of the cases.
+    #[command(after_help = "Examples:
+  busbar check                                   # the embedded in-memory bus
+  busbar check redis://127.0.0.1:6379 --filter ordering
+  busbar check kafka://127.0.0.1:9092 --json > report.jsonl
+
+Exit status: 0 no case failed, 1 a case failed or the broker did not answer, 2 bad usage.")]
     Check {
         /// Broker URL: memory://, redis://, kafka://, nats://, amqp://, sqs:// (each broker
         /// needs its cargo feature: --features redis, ..., or all-backends).
@@ -45,8 +51,14 @@ enum Command {
         /// Message-count multiplier (as BUSBAR_CONFORMANCE_SCALE).
         #[arg(long)]
         scale: Option<f64>,
+        /// One JSON object per case (`case`, `result`, `seconds`, `note`), then one with the
+        /// totals, instead of the table.
+        #[arg(long)]
+        json: bool,
     },
     /// Lists the conformance cases with what each proves.
+    #[command(after_help = "Example:
+  busbar cases | grep ordering")]
     Cases,
     /// Publishes messages: a payload, a file, or one per line of stdin; --count/--rate for load.
     Publish(ops::PublishArgs),
@@ -77,6 +89,13 @@ Exit status: 0 printed, 1 an error (broker, unknown capability), 2 bad usage.")]
     },
     /// Quick throughput and latency run: busbar vs the raw client and peer crates on one
     /// broker, printed as a table with the ratios busbar/raw and busbar/peer.
+    #[command(
+        after_help = "Examples (feature bench: cargo run --release -p busbar-cli --features bench -- bench URL):
+  busbar bench redis://127.0.0.1:6379
+  busbar bench nats://127.0.0.1:4222 --messages 20000 --rate 1000
+
+Exit status: 0 done, 1 an error."
+    )]
     Bench {
         /// Broker URL (default memory://).
         #[arg(default_value = "memory://")]
@@ -115,7 +134,8 @@ fn main() -> ExitCode {
             filter,
             jobs,
             scale,
-        } => runtime.block_on(check(url, filter, jobs.max(1), scale)),
+            json,
+        } => runtime.block_on(check(url, filter, jobs.max(1), scale, json)),
         Command::Publish(args) => report("publish", runtime.block_on(ops::publish(args))),
         Command::Tail(args) => report("tail", runtime.block_on(ops::tail(args))),
         Command::Trace(args) => report("trace", runtime.block_on(ops::trace(args))),
@@ -171,7 +191,13 @@ fn shared_url(url: &str) -> String {
     }
 }
 
-async fn check(url: String, filter: Option<String>, jobs: usize, scale: Option<f64>) -> ExitCode {
+async fn check(
+    url: String,
+    filter: Option<String>,
+    jobs: usize,
+    scale: Option<f64>,
+    json: bool,
+) -> ExitCode {
     let url = shared_url(&url);
     let shown = busbar_core::raw::redact_url(&url);
     let backend = url.split("://").next().unwrap_or("?").to_owned();
@@ -187,7 +213,14 @@ async fn check(url: String, filter: Option<String>, jobs: usize, scale: Option<f
     };
     if let Err(why) = harness.probe().await {
         eprintln!("busbar check: {why}");
-        println!("0 passed, 1 failed, 0 ignored");
+        if json {
+            println!(
+                "{}",
+                serde_json::json!({"passed": 0, "failed": 1, "ignored": 0, "error": why.to_string()})
+            );
+        } else {
+            println!("0 passed, 1 failed, 0 ignored");
+        }
         return ExitCode::FAILURE;
     }
     let scale = scale.map(Scale::new).unwrap_or_else(Scale::from_env);
@@ -195,9 +228,24 @@ async fn check(url: String, filter: Option<String>, jobs: usize, scale: Option<f
         .into_iter()
         .filter(|c| filter.as_deref().is_none_or(|f| c.name.contains(f)))
         .collect();
-    println!("busbar check {shown} ({backend}): {} cases\n", cases.len());
-    println!("{:<52} {:<8} {:>9}  notes", "case", "result", "time");
-    println!("{}", "-".repeat(100));
+    // Lines go to stdout around a progress bar on stderr (drawn only on a terminal).
+    let bar = indicatif::ProgressBar::new(cases.len() as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} cases [{elapsed_precise}]")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let say = |line: String| bar.suspend(|| println!("{line}"));
+    if !json {
+        say(format!(
+            "busbar check {shown} ({backend}): {} cases\n",
+            cases.len()
+        ));
+        say(format!(
+            "{:<52} {:<8} {:>9}  notes",
+            "case", "result", "time"
+        ));
+        say("-".repeat(100));
+    }
     let started = Instant::now();
     let (mut passed, mut failed, mut ignored) = (0, 0, 0);
     let h = &harness;
@@ -232,17 +280,41 @@ async fn check(url: String, filter: Option<String>, jobs: usize, scale: Option<f
                 ("ignored", why)
             }
         };
-        println!(
-            "{:<52} {:<8} {:>8.2}s  {}",
-            r.case,
-            word,
-            r.elapsed.as_secs_f64(),
-            note
-        );
+        bar.inc(1);
+        if json {
+            let result = match word {
+                "pass" => "passed",
+                "FAIL" => "failed",
+                other => other,
+            };
+            say(serde_json::json!({
+                "case": r.case, "result": result, "seconds": r.elapsed.as_secs_f64(), "note": note,
+            })
+            .to_string());
+        } else {
+            say(format!(
+                "{:<52} {:<8} {:>8.2}s  {}",
+                r.case,
+                word,
+                r.elapsed.as_secs_f64(),
+                note
+            ));
+        }
     }
-    println!("{}", "-".repeat(100));
-    println!("total time {:.1}s", started.elapsed().as_secs_f64());
-    println!("{passed} passed, {failed} failed, {ignored} ignored");
+    bar.finish_and_clear();
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "url": shown, "passed": passed, "failed": failed, "ignored": ignored,
+                "seconds": started.elapsed().as_secs_f64(),
+            })
+        );
+    } else {
+        println!("{}", "-".repeat(100));
+        println!("total time {:.1}s", started.elapsed().as_secs_f64());
+        println!("{passed} passed, {failed} failed, {ignored} ignored");
+    }
     if failed > 0 {
         ExitCode::FAILURE
     } else {

@@ -599,6 +599,14 @@ async fn dead_letters(
     Ok(held.iter().map(|e| e.message().clone()).collect())
 }
 
+/// A spinner on stderr (a terminal only) while long work runs.
+fn working(what: &str) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new_spinner();
+    bar.set_message(what.to_owned());
+    bar.enable_steady_tick(Duration::from_millis(120));
+    bar
+}
+
 fn missing(wanted: &[String], found: &[String]) -> Vec<String> {
     wanted
         .iter()
@@ -655,7 +663,10 @@ pub(crate) async fn dlq(command: Dlq) -> anyhow::Result<()> {
             let topic = at.dlq_topic();
             let mut options = at.options(if all { &[] } else { &ids });
             options.target_topic = to;
-            let report = redrive(bus.as_ref(), &topic, &options).await?;
+            let spinner = working(&format!("redriving {topic}"));
+            let report = redrive(bus.as_ref(), &topic, &options).await;
+            spinner.finish_and_clear();
+            let report = report?;
             bus.close().await?;
             for id in &report.ids {
                 println!("{id}");
@@ -689,7 +700,10 @@ pub(crate) async fn dlq(command: Dlq) -> anyhow::Result<()> {
                 }
             }
             let bus = busbar::connect(&at.url).await?;
-            let report = purge(bus.as_ref(), &topic, &at.options(&ids)).await?;
+            let spinner = working(&format!("purging {topic}"));
+            let report = purge(bus.as_ref(), &topic, &at.options(&ids)).await;
+            spinner.finish_and_clear();
+            let report = report?;
             bus.close().await?;
             eprintln!("dropped {} dead letter(s) of {topic}", report.redriven);
             let not_found = missing(&ids, &report.ids);

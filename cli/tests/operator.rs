@@ -287,12 +287,149 @@ async fn trace_and_history(url: String) -> TestResult {
     Ok(())
 }
 
+/// A chromedriver process and its HTTP address (WebDriver, JSON over HTTP/1.1).
+#[cfg(all(feature = "sse", feature = "redis"))]
+#[derive(Clone)]
+struct WebDriver {
+    addr: String,
+    _child: std::sync::Arc<tokio::process::Child>,
+}
+
+#[cfg(all(feature = "sse", feature = "redis"))]
+impl WebDriver {
+    async fn start(binary: &str) -> Result<Self, busbar_conformance::private_server::Failed> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let child = Command::new(binary)
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| format!("cannot run {binary} (BUSBAR_CHROMEDRIVER): {e}"))?;
+        let addr = format!("127.0.0.1:{port}");
+        let end = Instant::now() + Duration::from_secs(20);
+        while tokio::net::TcpStream::connect(&addr).await.is_err() {
+            if Instant::now() > end {
+                return Err("chromedriver did not start".into());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Ok(Self {
+            addr,
+            _child: std::sync::Arc::new(child),
+        })
+    }
+
+    async fn request(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> Result<serde_json::Value, busbar_conformance::private_server::Failed> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let body = body.map(|b| b.to_string()).unwrap_or_default();
+        let mut s = tokio::net::TcpStream::connect(&self.addr).await?;
+        s.write_all(
+            format!(
+                "{method} {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                self.addr,
+                body.len()
+            )
+            .as_bytes(),
+        )
+        .await?;
+        // chromedriver keeps the connection open: read the head, then Content-Length bytes.
+        let read = async {
+            let mut raw = Vec::new();
+            let mut buf = [0u8; 8192];
+            loop {
+                let n = s.read(&mut buf).await?;
+                if n == 0 {
+                    break;
+                }
+                raw.extend_from_slice(&buf[..n]);
+                let text = String::from_utf8_lossy(&raw);
+                if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                    let length = head
+                        .lines()
+                        .find_map(|l| {
+                            let (k, v) = l.split_once(':')?;
+                            k.eq_ignore_ascii_case("content-length")
+                                .then(|| v.trim().parse::<usize>().ok())
+                                .flatten()
+                        })
+                        .unwrap_or(0);
+                    if body.len() >= length {
+                        break;
+                    }
+                }
+            }
+            Ok::<_, std::io::Error>(raw)
+        };
+        let raw = tokio::time::timeout(Duration::from_secs(60), read)
+            .await
+            .map_err(|_| format!("chromedriver did not answer {method} {path}"))??;
+        let text = String::from_utf8_lossy(&raw);
+        let (head, json) = text
+            .split_once("\r\n\r\n")
+            .ok_or("chromedriver answered without a body")?;
+        if !head.starts_with("HTTP/1.1 200") {
+            return Err(format!("chromedriver {method} {path}: {head} {json}").into());
+        }
+        Ok(serde_json::from_str(json)?)
+    }
+
+    async fn post(
+        &self,
+        path: &str,
+        body: serde_json::Value,
+    ) -> Result<serde_json::Value, busbar_conformance::private_server::Failed> {
+        self.request("POST", path, Some(body)).await
+    }
+
+    async fn delete(
+        &self,
+        path: &str,
+    ) -> Result<serde_json::Value, busbar_conformance::private_server::Failed> {
+        self.request("DELETE", path, None).await
+    }
+
+    /// A headless Chromium session; its id.
+    async fn session(
+        &self,
+        chromium: &str,
+    ) -> Result<String, busbar_conformance::private_server::Failed> {
+        let v = self
+            .post(
+                "/session",
+                serde_json::json!({"capabilities": {"alwaysMatch": {
+                    "browserName": "chrome",
+                    "goog:chromeOptions": {
+                        "binary": chromium,
+                        "args": ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"],
+                    },
+                }}}),
+            )
+            .await?;
+        v["value"]["sessionId"]
+            .as_str()
+            .map(str::to_owned)
+            .ok_or_else(|| format!("no session: {v}").into())
+    }
+}
+
 /// `busbar tail --sse`: a client reconnecting with `Last-Event-ID: 1` gets event 2 (not 1),
-/// then event 3 live; headless Chromium renders the page with all three, connected ("live").
+/// then event 3 live; headless Chromium (through chromedriver) shows the page connected
+/// ("live") with all three, and a fourth as it arrives.
 #[cfg(all(feature = "sse", feature = "redis"))]
 async fn sse_live_view(url: String) -> TestResult {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let chromium = std::env::var("BUSBAR_CHROMIUM").unwrap_or_else(|_| "chromium".to_owned());
+    let chromium =
+        std::env::var("BUSBAR_CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".to_owned());
+    let chromedriver =
+        std::env::var("BUSBAR_CHROMEDRIVER").unwrap_or_else(|_| "chromedriver".to_owned());
     let topic = fresh_name("cli-sse");
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
@@ -348,31 +485,87 @@ async fn sse_live_view(url: String) -> TestResult {
     }
     ids.push(publish("three").await?.trim().to_owned());
     read_until(&ids[2], &mut seen).await?;
-    let dom = Command::new(&chromium)
-        .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--timeout=5000",
-            "--dump-dom",
-            &format!("http://{addr}/"),
-        ])
-        .output()
-        .await
-        .map_err(|e| format!("cannot run {chromium} (BUSBAR_CHROMIUM): {e}"))?;
-    let dom = String::from_utf8_lossy(&dom.stdout);
-    let shown = ids
-        .iter()
-        .filter(|id| dom.contains(&format!("data-id=\"{id}\"")))
-        .count();
-    if shown != 3 || !dom.contains("class=\"live\"") {
-        return Err(format!(
-            "the page showed {shown} of 3 events (live: {}):\n{dom}",
-            dom.contains("class=\"live\"")
+    // The page in headless Chromium, driven through chromedriver (WebDriver): it connects,
+    // catches up and shows the three events, live; then a fourth arrives while it is open.
+    let driver = WebDriver::start(&chromedriver).await?;
+    let session = driver.session(&chromium).await?;
+    driver
+        .post(
+            &format!("/session/{session}/url"),
+            serde_json::json!({ "url": format!("http://{addr}/") }),
         )
-        .into());
+        .await?;
+    let shown = |driver: &WebDriver, session: &str| {
+        let (driver, session) = (driver.clone(), session.to_owned());
+        async move {
+            let v = driver
+                .post(
+                    &format!("/session/{session}/execute/sync"),
+                    serde_json::json!({
+                        "script": "return [document.getElementById('status').className, \
+                                   Array.from(document.querySelectorAll('li')).map(l => l.dataset.id)]",
+                        "args": [],
+                    }),
+                )
+                .await?;
+            Ok::<_, busbar_conformance::private_server::Failed>(v["value"].clone())
+        }
+    };
+    let wait_for = |want: Vec<String>| {
+        let (driver, session) = (driver.clone(), session.clone());
+        async move {
+            let end = Instant::now() + Duration::from_secs(30);
+            loop {
+                let v = shown(&driver, &session).await?;
+                let mut ids: Vec<String> = v[1]
+                    .as_array()
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(|x| x.as_str().map(str::to_owned))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                ids.sort();
+                let mut sorted = want.clone();
+                sorted.sort();
+                if v[0] == "live" && ids == sorted {
+                    return Ok(());
+                }
+                if Instant::now() > end {
+                    return Err(format!("the page shows {v}, expected live and {want:?}").into());
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    let result: TestResult = async {
+        wait_for(ids.clone()).await?;
+        ids.push(publish("four").await?.trim().to_owned());
+        wait_for(ids.clone()).await
     }
+    .await;
+    let _ = driver.delete(&format!("/session/{session}")).await;
+    result?;
     tail.kill().await?;
+    Ok(())
+}
+
+/// `busbar check --json`: one object per case, then the totals; exit status 0.
+async fn check_json() -> TestResult {
+    let out = run(&["check", "memory://", "--json", "--filter", "basic::"]).await?;
+    let lines: Vec<serde_json::Value> = out
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()?;
+    let (cases, totals) = lines.split_at(lines.len().saturating_sub(1));
+    let passed = cases.iter().filter(|c| c["result"] == "passed").count();
+    if cases.is_empty() || passed != cases.len() || totals[0]["passed"] != passed {
+        return Err(format!("busbar check --json printed {out}").into());
+    }
+    let (ok, _, _) = status(&["check", "nope://", "--json"]).await?;
+    if ok {
+        return Err("busbar check of an unknown scheme exited 0".into());
+    }
     Ok(())
 }
 
@@ -403,16 +596,19 @@ fn main() {
         });
     }
     #[cfg(all(feature = "sse", feature = "redis"))]
-    let once: Vec<(&'static str, busbar_conformance::private_server::TestFn)> =
-        vec![("sse_live_view", || {
+    let once: Vec<(&'static str, busbar_conformance::private_server::TestFn)> = vec![
+        ("check_json", || Box::pin(check_json())),
+        ("sse_live_view", || {
             let url = std::env::var("BUSBAR_REDIS_URL")
                 .ok()
                 .and_then(|l| l.split_whitespace().next().map(str::to_owned))
                 .unwrap_or_else(|| "redis://127.0.0.1:6379".to_owned());
             Box::pin(sse_live_view(url))
-        })];
+        }),
+    ];
     #[cfg(not(all(feature = "sse", feature = "redis")))]
-    let once: Vec<(&'static str, busbar_conformance::private_server::TestFn)> = Vec::new();
+    let once: Vec<(&'static str, busbar_conformance::private_server::TestFn)> =
+        vec![("check_json", || Box::pin(check_json()))];
     busbar_conformance::private_server::main_matrix(
         &servers,
         &[

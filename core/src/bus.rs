@@ -181,12 +181,12 @@ impl Event {
         }
     }
 
-    /// An event sharing an already reference-counted message (for backends that keep one).
     /// The shared message (no copy).
     pub(crate) fn shared_message(&self) -> &Arc<Message> {
         &self.message
     }
 
+    /// An event sharing an already reference-counted message (for backends that keep one).
     pub fn from_shared(topic: impl Into<Arc<str>>, message: Arc<Message>, attempt: u32) -> Self {
         Self {
             topic: topic.into(),
