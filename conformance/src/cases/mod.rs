@@ -216,7 +216,7 @@ pub fn all() -> Vec<Case> {
             dlq::selective_redrive_and_purge,
             needs_groups,
             120,
-            "of three dead letters, redriving one id moves only it, purging one id drops only it, and redriving the rest moves the last (busbar dlq redrive ID / purge)"
+            "of six dead letters, redriving one id moves only it, purging one id drops only it, and redriving the rest moves the others, one key's in its order (busbar dlq redrive / purge)"
         ),
         case!(
             chain::chain_crosses_the_broker,
