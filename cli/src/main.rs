@@ -172,7 +172,11 @@ fn report(command: &str, result: anyhow::Result<()>) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("busbar {command}: {e:#}");
-            ExitCode::FAILURE
+            if e.downcast_ref::<ops::Usage>().is_some() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }

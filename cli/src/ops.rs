@@ -69,6 +69,18 @@ fn header(h: &str) -> Result<(String, String), String> {
         .ok_or_else(|| format!("{h:?}: expected NAME=VALUE"))
 }
 
+/// A command line the command refuses (exit status 2, as clap's usage errors).
+#[derive(Debug)]
+pub(crate) struct Usage(pub(crate) String);
+
+impl std::fmt::Display for Usage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Usage {}
+
 /// A positive, finite number.
 fn positive(v: &str) -> Result<f64, String> {
     v.parse::<f64>()
@@ -374,6 +386,10 @@ pub(crate) async fn tail(a: TailArgs) -> anyhow::Result<()> {
             shown += 1;
         }
     }
+    if a.count.is_some_and(|c| shown >= c) {
+        bus.close().await?;
+        return Ok(());
+    }
     let mut sub = bus.subscribe(&a.topic, opts).await?;
     eprintln!("tailing {} as group {group} (Ctrl-C stops)", a.topic);
     let idle = a.idle.map(Duration::from_secs_f64);
@@ -507,8 +523,8 @@ Exit status: 0 every listed id moved, 1 an error or an id not found, 2 bad usage
   busbar dlq purge redis://127.0.0.1:6379 orders            # asks, then drops all
   busbar dlq purge redis://127.0.0.1:6379 orders 01a2… --yes
 
-Without a terminal to ask on, --yes is required. Exit status: 0 dropped (or nothing to drop),
-1 an error, an id not found or the answer was no, 2 bad usage.")]
+Without a terminal to ask on, --yes is required (else exit status 2). Exit status: 0 dropped
+(or nothing to drop), 1 an error, an id not found or the answer was no, 2 bad usage.")]
     Purge {
         #[command(flatten)]
         at: DlqAt,
