@@ -129,6 +129,30 @@ pub async fn write(python: &str, script: &str, args: &[&str]) -> TestResult {
 /// The id of the event the scripts' `write` mode sends.
 pub const WRITTEN_ID: &str = "py-0001";
 
+/// Reads `sub` (acking what it reads, at most 3 deliveries, each within `wait`) until the event
+/// the scripts' `write` mode sent arrives, and checks it with [`check_written`].
+pub async fn check_received_written(
+    sub: &mut dyn busbar_core::Subscriber,
+    wait: Duration,
+) -> TestResult {
+    let mut got = None;
+    for _ in 0..3 {
+        let d = tokio::time::timeout(wait, sub.next())
+            .await
+            .map_err(|_| "the SDK's event never arrived")??
+            .ok_or("the subscription ended")?;
+        let done = d.id() == WRITTEN_ID;
+        if done {
+            got = Some(d.message().clone());
+        }
+        d.ack().await?;
+        if done {
+            break;
+        }
+    }
+    check_written(&got.ok_or("the SDK's event never arrived")?)
+}
+
 /// busbar read the event the SDK wrote with its id, type, source, time, key, extension, content
 /// type and data.
 pub fn check_written(m: &Message) -> TestResult {

@@ -93,6 +93,37 @@ pub async fn purge(
     drain(bus, dlq_topic, options, None).await
 }
 
+/// Joins the dead-letter group `options.group` on `dlq_topic`, from the earliest retained
+/// message where the backend can replay.
+async fn open(
+    bus: &dyn EventBus,
+    dlq_topic: &str,
+    options: &RedriveOptions,
+) -> Result<Box<dyn crate::Subscriber>> {
+    validate_topic(dlq_topic)?;
+    let start = if bus.capabilities().replay {
+        StartPosition::Earliest
+    } else {
+        StartPosition::Latest
+    };
+    bus.subscribe(
+        dlq_topic,
+        SubscribeOptions::new(options.group.clone()).start(start),
+    )
+    .await
+}
+
+/// Hands every held delivery back untouched; the first error, after trying them all.
+async fn release_all(held: Vec<crate::Delivery>) -> Result<()> {
+    let mut released = Ok(());
+    for d in held {
+        if let Err(e) = d.release().await {
+            released = released.and(Err(e));
+        }
+    }
+    released
+}
+
 /// Reads the dead letters of `dlq_topic` without taking them: up to
 /// [`RedriveOptions::max_messages`] (those of [`RedriveOptions::only`]) are held until no
 /// other arrives for `idle_timeout`, then all are handed back (`release`) in the same state —
@@ -103,18 +134,7 @@ pub async fn peek(
     dlq_topic: &str,
     options: &RedriveOptions,
 ) -> Result<Vec<crate::Event>> {
-    validate_topic(dlq_topic)?;
-    let start = if bus.capabilities().replay {
-        StartPosition::Earliest
-    } else {
-        StartPosition::Latest
-    };
-    let mut sub = bus
-        .subscribe(
-            dlq_topic,
-            SubscribeOptions::new(options.group.clone()).start(start),
-        )
-        .await?;
+    let mut sub = open(bus, dlq_topic, options).await?;
     let mut held = Vec::new();
     let mut seen = Vec::new();
     let result = async {
@@ -142,12 +162,7 @@ pub async fn peek(
         Ok(())
     }
     .await;
-    let mut released = Ok(());
-    for d in held {
-        if let Err(e) = d.release().await {
-            released = released.and(Err(e));
-        }
-    }
+    let released = release_all(held).await;
     let closed = sub.close().await;
     result.and(released).and(closed).map(|()| seen)
 }
@@ -160,18 +175,7 @@ async fn drain(
     options: &RedriveOptions,
     redrive_to: Option<Option<&str>>,
 ) -> Result<RedriveReport> {
-    validate_topic(dlq_topic)?;
-    let start = if bus.capabilities().replay {
-        StartPosition::Earliest
-    } else {
-        StartPosition::Latest
-    };
-    let mut sub = bus
-        .subscribe(
-            dlq_topic,
-            SubscribeOptions::new(options.group.clone()).start(start),
-        )
-        .await?;
+    let mut sub = open(bus, dlq_topic, options).await?;
     let mut report = RedriveReport::default();
     let mut held = Vec::new();
     let result = async {
@@ -228,12 +232,7 @@ async fn drain(
         Ok(())
     }
     .await;
-    let mut released = Ok(());
-    for d in held {
-        if let Err(e) = d.release().await {
-            released = released.and(Err(e));
-        }
-    }
+    let released = release_all(held).await;
     let closed = sub.close().await;
     result.and(released).and(closed).map(|()| report)
 }
