@@ -381,7 +381,7 @@ start_postgres() {
 }
 
 print_env() {
-  local amqp_opts='partitions=4&queue_expires_ms=60000'
+  local amqp_opts='partitions=4&queue_expires_ms=60000&history=1h'
   cat <<EOF
 export BUSBAR_REDIS_URL="redis://127.0.0.1:$REDIS_PORT"
 export BUSBAR_NATS_URL="nats://127.0.0.1:$NATS_NEW_PORT nats://127.0.0.1:$NATS_PORT"

@@ -478,10 +478,10 @@ pub(crate) enum Dlq {
   busbar dlq list redis://127.0.0.1:6379 orders           # the dead letters of orders (orders.dlq)
   busbar dlq list nats://127.0.0.1:4222 orders --json
 
-Where the backend can browse (memory, Redis, NATS, Kafka) the dead letters are read without a
-consumer group. On RabbitMQ and SQS they are read through the group busbar-redrive (where busbar
-keeps them) and handed back untouched when the listing ends — the broker counts that hand-out as
-a delivery. Exit status: 0 listed, 1 an error, 2 bad usage.")]
+The dead letters are what the group busbar-redrive (where busbar keeps them) has not settled:
+not redriven, not purged. They are read through it and handed back untouched when the listing
+ends (RabbitMQ and SQS count that hand-out as a delivery; dead-letter topics have no delivery
+limit there, so nothing moves). Exit status: 0 listed, 1 an error, 2 bad usage.")]
     List {
         #[command(flatten)]
         at: DlqAt,
@@ -493,6 +493,12 @@ a delivery. Exit status: 0 listed, 1 an error, 2 bad usage.")]
         limit: usize,
     },
     /// Shows one dead letter in full: every header and the payload.
+    #[command(after_help = "Examples:
+  busbar dlq show redis://127.0.0.1:6379 orders 01a2…       # an id from busbar dlq list
+  busbar dlq show kafka://127.0.0.1:9092 payments-failed 01a2… --exact  # your own DLQ topic
+
+A payload that is not UTF-8 is printed as base64. Exit status: 0 shown, 1 an error or no such
+dead letter (redriven, purged or never there), 2 bad usage.")]
     Show {
         #[command(flatten)]
         at: DlqAt,
@@ -587,8 +593,9 @@ fn dlq_line(m: &Message) -> String {
     )
 }
 
-/// The dead letters of `topic` (those of `only`, at most `limit`): read without a group
-/// where the backend can browse, else through the group `busbar-redrive` and handed back.
+/// The dead letters of `topic` (those of `only`, at most `limit`): what the group
+/// `busbar-redrive` has not settled — not redriven, not purged — read through it and handed
+/// back. Not `browse`: a log broker keeps what was redriven or purged in the topic's history.
 async fn dead_letters(
     bus: &dyn EventBus,
     at: &DlqAt,
@@ -596,19 +603,6 @@ async fn dead_letters(
     only: &[String],
     limit: usize,
 ) -> anyhow::Result<Vec<Message>> {
-    if bus.capabilities().browse {
-        let all = bus
-            .browse(
-                topic,
-                &busbar::BrowseOptions::earliest(busbar::limits::BROWSE_LIMIT_MAX),
-            )
-            .await?;
-        return Ok(all
-            .into_iter()
-            .filter(|m| only.is_empty() || only.contains(&m.id))
-            .take(limit)
-            .collect());
-    }
     let mut options = at.options(only);
     options.max_messages = Some(limit);
     let held = busbar::dead_letter::peek(bus, topic, &options).await?;
@@ -738,7 +732,7 @@ pub(crate) async fn dlq(command: Dlq) -> anyhow::Result<()> {
   busbar trace kafka://127.0.0.1:9092 saga-7 --topic orders --json
 
 Reads each topic and its dead-letter topic (TOPIC.dlq) without a consumer group (capability
-browse: memory, Redis, NATS, Kafka) and prints every event of the chain — the event whose id
+browse: memory, Redis, NATS, Kafka, RabbitMQ with ?history=) and prints every event of the chain — the event whose id
 is CORRELATION_ID and everything whose correlationid header is it — under the event that
 caused it (causationid). Exit status: 0 printed, 1 an error or no event found, 2 bad usage.")]
 pub(crate) struct TraceArgs {

@@ -16,7 +16,9 @@ use crate::BACKEND;
 /// group's queues, messages included, once unused that long — for test and short-lived
 /// groups; off by default), `delivery_limit` (RabbitMQ dead-letters a message into
 /// `<topic>.dlq` by itself once it was delivered more than this many times — crashes and
-/// hand-overs, not busbar's in-member retries; off by default). Other options (`heartbeat`, default
+/// hand-overs, not busbar's in-member retries; off by default), `history` (keep every
+/// message of a topic for this long — `30s`, `15m`, `12h`, `7d` — in a stream queue that
+/// [`busbar_core::EventBus::browse`] reads without touching any group; off by default). Other options (`heartbeat`, default
 /// [`DEFAULT_HEARTBEAT_SECS`] here, `frame_max`, `channel_max`, `connection_timeout`) go to the AMQP client.
 #[derive(Clone, PartialEq, Eq)]
 pub struct AmqpConfig {
@@ -32,6 +34,9 @@ pub struct AmqpConfig {
     /// `x-delivery-limit` of the group queues, with dead-lettering into `<topic>.dlq`;
     /// `None` = no native dead-lettering (the default).
     pub delivery_limit: Option<u32>,
+    /// How long the history stream of each topic keeps its messages (`x-max-age`); `None` =
+    /// no history, no `browse` (the default).
+    pub history: Option<std::time::Duration>,
 }
 
 impl fmt::Debug for AmqpConfig {
@@ -42,6 +47,7 @@ impl fmt::Debug for AmqpConfig {
             .field("max_message_bytes", &self.max_message_bytes)
             .field("queue_expires", &self.queue_expires)
             .field("delivery_limit", &self.delivery_limit)
+            .field("history", &self.history)
             .finish()
     }
 }
@@ -76,6 +82,7 @@ impl AmqpConfig {
             max_message_bytes: 4 * 1024 * 1024,
             queue_expires: None,
             delivery_limit: None,
+            history: None,
         };
         let mut passed = Vec::new();
         for (k, v) in parsed.query_pairs() {
@@ -98,12 +105,13 @@ impl AmqpConfig {
                 "delivery_limit" => {
                     cfg.delivery_limit = Some(num(0, 100_000)? as u32).filter(|n| *n > 0)
                 }
+                "history" => cfg.history = Some(parse_age(&v)?),
                 "heartbeat" | "frame_max" | "channel_max" | "connection_timeout" | "auth_mechanism" => {
                     passed.push((k.into_owned(), v.into_owned()))
                 }
                 other => {
                     return Err(config_error(format!(
-                        "unknown AMQP URL option {other:?} (known: partitions, max_message_bytes, queue_expires_ms, delivery_limit, heartbeat, frame_max, channel_max, connection_timeout, auth_mechanism)"
+                        "unknown AMQP URL option {other:?} (known: partitions, max_message_bytes, queue_expires_ms, delivery_limit, history, heartbeat, frame_max, channel_max, connection_timeout, auth_mechanism)"
                     )))
                 }
             }
@@ -126,6 +134,32 @@ impl AmqpConfig {
     }
 }
 
+/// The longest `history` accepted: ten years.
+const HISTORY_MAX_SECS: u64 = 10 * 366 * 24 * 3600;
+
+/// A `history` age: a whole number and a unit (`s`, `m`, `h`, `d`), 1 s to ten years.
+fn parse_age(v: &str) -> Result<std::time::Duration> {
+    let unit_at = v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len());
+    let (n, unit) = v.split_at(unit_at);
+    let per = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => 0,
+    };
+    n.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(per))
+        .filter(|secs| (1..=HISTORY_MAX_SECS).contains(secs))
+        .map(std::time::Duration::from_secs)
+        .ok_or_else(|| {
+            config_error(format!(
+                "AMQP URL option history={v:?} must be an age such as 30s, 15m, 12h or 7d (1 s to 10 years)"
+            ))
+        })
+}
+
 /// AMQP names (exchanges, queues) are short strings: at most 255 bytes. Longer ones keep
 /// their start and end in a hash of the whole (`busbar_core::raw::fit_name`).
 const NAME_MAX: usize = 255;
@@ -143,6 +177,12 @@ pub(crate) fn queue(topic: &str, group: &str, p: u32) -> String {
 /// The attempts queue of partition `p` of a group (see `attempts`).
 pub(crate) fn attempts_queue(topic: &str, group: &str, p: u32) -> String {
     fit_name(&format!("busbar.{topic}.{group}.{p}.attempts"), NAME_MAX)
+}
+
+/// The stream queue that keeps a topic's history (URL option `history`). Group queues end
+/// in their partition number, so no group's queue has this name.
+pub(crate) fn history_queue(topic: &str) -> String {
+    fit_name(&format!("busbar.{topic}.history"), NAME_MAX)
 }
 
 /// The fanout exchange a group's members announce themselves on.
@@ -171,6 +211,12 @@ mod tests {
             "amqp://h?connection_timeout=soon",
             "amqp://h?auth_mechanism=magic",
             "amqp://h?x=1",
+            "amqp://h?history=7",
+            "amqp://h?history=0s",
+            "amqp://h?history=7w",
+            "amqp://h?history=-1d",
+            "amqp://h?history=99999999999999999999d",
+            "amqp://h?history=4000d",
         ] {
             assert_eq!(
                 AmqpConfig::from_url(bad).map_err(|e| e.kind()),
@@ -178,6 +224,21 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    #[test]
+    fn history_ages() {
+        let age = |q: &str| {
+            AmqpConfig::from_url(&format!("amqp://h/%2f?{q}"))
+                .expect("ok")
+                .history
+                .map(|d| d.as_secs())
+        };
+        assert_eq!(age(""), None);
+        assert_eq!(age("history=30s"), Some(30));
+        assert_eq!(age("history=15m"), Some(900));
+        assert_eq!(age("history=12h"), Some(43_200));
+        assert_eq!(age("history=7d"), Some(604_800));
     }
 
     #[test]

@@ -3,6 +3,7 @@
 mod attempts;
 mod codec;
 pub mod config;
+mod history;
 mod server;
 mod subscriber;
 
@@ -248,6 +249,9 @@ impl Inner {
             }
             err
         })?;
+        if let Some(age) = self.config.history {
+            history::declare(&ch, topic, self.config.partitions, age).await?;
+        }
         self.exchanges
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -282,6 +286,19 @@ impl Inner {
         }
         let _ = ch.close(200, ShortString::from("lag read")).await;
         Ok(total)
+    }
+
+    /// Up to `options.limit` messages of `topic`'s history stream (URL option `history`).
+    pub(crate) async fn browse(
+        &self,
+        topic: &str,
+        options: &busbar_core::BrowseOptions,
+    ) -> Result<Vec<Message>> {
+        // A channel of its own: a missing stream closes it, and its consumer ends with it.
+        let ch = self.new_channel().await?;
+        let read = history::browse(&ch, topic, options).await;
+        let _ = ch.close(200, ShortString::from("history read")).await;
+        read
     }
 
     /// Declares the group's partition queues (quorum, single active consumer) bound to the
@@ -523,6 +540,7 @@ impl Backend for Amqp {
         // limit, when the URL sets one, counts every return (see the README).
         c.exact_attempts = self.inner.config.delivery_limit.is_none();
         c.consumer_lag = true;
+        c.browse = self.inner.config.history.is_some();
         c
     }
 
@@ -556,6 +574,14 @@ impl Backend for Amqp {
 
     async fn lag(&self, topic: &str, group: &str) -> Result<u64> {
         self.inner.lag(topic, group).await
+    }
+
+    async fn browse(
+        &self,
+        topic: &str,
+        options: &busbar_core::BrowseOptions,
+    ) -> Result<Vec<Message>> {
+        self.inner.browse(topic, options).await
     }
 
     async fn close(&self) -> Result<()> {
