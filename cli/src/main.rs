@@ -96,6 +96,8 @@ Exit status: 0 printed, 1 an error (broker, unknown capability), 2 bad usage.")]
 
 Exit status: 0 done, 1 an error."
     )]
+    #[command(hide = true)]
+    Worker(ops::WorkerArgs),
     Bench {
         /// Broker URL (default memory://).
         #[arg(default_value = "memory://")]
@@ -149,6 +151,7 @@ fn main() -> ExitCode {
             "lag",
             runtime.block_on(ops::lag(&url, &topic, &group, json)),
         ),
+        Command::Worker(args) => report("worker", runtime.block_on(ops::worker(args))),
         Command::Bench {
             url,
             messages,

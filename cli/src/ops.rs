@@ -841,3 +841,47 @@ pub(crate) async fn trace(a: TraceArgs) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// `busbar worker URL --topic T --group G --record FILE` (hidden): the consumer process the
+/// crash tests SIGKILL (`busbar_conformance::crash`). It handles each message for
+/// `--handle-ms`, appends `<pid> <micros> <key> <payload> <id>` to the record, then returns
+/// (the runner acks), until it is killed.
+#[derive(Debug, clap::Args)]
+pub(crate) struct WorkerArgs {
+    /// Broker URL.
+    url: String,
+    /// Topic.
+    #[arg(long)]
+    topic: String,
+    /// Consumer group.
+    #[arg(long)]
+    group: String,
+    /// The record file (appended to).
+    #[arg(long)]
+    record: PathBuf,
+    /// Handler time in milliseconds.
+    #[arg(long, default_value_t = 20)]
+    handle_ms: u64,
+    /// Handlers at once.
+    #[arg(long, default_value_t = 16)]
+    concurrency: usize,
+    /// The subscription's ack timeout in seconds.
+    #[arg(long, default_value_t = 10)]
+    ack_timeout_secs: u64,
+}
+
+pub(crate) async fn worker(a: WorkerArgs) -> anyhow::Result<()> {
+    let bus = busbar::connect(&a.url).await?;
+    busbar_conformance::crash::worker(
+        bus,
+        busbar_conformance::crash::WorkerOptions {
+            topic: a.topic,
+            group: a.group,
+            record: a.record,
+            handle: Duration::from_millis(a.handle_ms),
+            concurrency: a.concurrency.max(1),
+            ack_timeout: Duration::from_secs(a.ack_timeout_secs.max(1)),
+        },
+    )
+    .await
+}

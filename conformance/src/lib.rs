@@ -25,6 +25,7 @@
 mod capture;
 pub mod cases;
 pub mod containers;
+pub mod crash;
 pub mod interop;
 pub mod private_server;
 mod report;
