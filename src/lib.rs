@@ -1,10 +1,10 @@
 #![doc = include_str!("../README.md")]
 
 pub use busbar_core::{
-    dead_letter, envelope, limits, memory, retry, telemetry, BrowseFrom, BrowseOptions, Bus,
-    Capabilities, Consumer, ConsumerReport, DeadLetterPolicy, Delivery, Error, ErrorKind, Event,
-    EventBus, EventBusExt, Headers, Message, NackAction, Ordering, Permanent, PublishOptions,
-    Result, RetryPolicy, StartPosition, SubscribeOptions, Subscriber,
+    dead_letter, envelope, idempotency, limits, memory, retry, telemetry, BrowseFrom,
+    BrowseOptions, Bus, Capabilities, Consumer, ConsumerReport, DeadLetterPolicy, Delivery, Error,
+    ErrorKind, Event, EventBus, EventBusExt, Headers, Message, NackAction, Ordering, Permanent,
+    PublishOptions, Result, RetryPolicy, StartPosition, SubscribeOptions, Subscriber,
 };
 
 use std::sync::Arc;

@@ -868,10 +868,50 @@ pub(crate) struct WorkerArgs {
     /// The subscription's ack timeout in seconds.
     #[arg(long, default_value_t = 10)]
     ack_timeout_secs: u64,
+    /// Make the consumer idempotent with this store: redis://… (feature redis) or
+    /// postgres://… (feature postgres; the table is created).
+    #[arg(long, value_name = "STORE_URL")]
+    idempotent: Option<String>,
+    /// Abort right after the store recorded this many messages (before the ack).
+    #[arg(long, requires = "idempotent")]
+    die_after_records: Option<usize>,
+    /// Abort right after handling this many messages (before the ack).
+    #[arg(long)]
+    die_after_handled: Option<usize>,
+}
+
+/// The idempotency store of `url`, for `busbar worker --idempotent`.
+async fn idempotency_store(
+    url: &str,
+) -> anyhow::Result<Arc<dyn busbar::idempotency::IdempotencyStore>> {
+    #[cfg(feature = "redis")]
+    if url.starts_with("redis://") || url.starts_with("rediss://") {
+        return Ok(Arc::new(
+            busbar::redis::RedisIdempotencyStore::connect(url).await?,
+        ));
+    }
+    #[cfg(feature = "postgres")]
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(4)
+            .connect(url)
+            .await?;
+        busbar_outbox::Outbox::migrate(&pool).await?;
+        return Ok(Arc::new(busbar_outbox::PgIdempotencyStore::new(pool)));
+    }
+    Err(Usage(format!(
+        "--idempotent takes redis://… (feature redis) or postgres://… (feature postgres), not {url:?}"
+    ))
+    .into())
 }
 
 pub(crate) async fn worker(a: WorkerArgs) -> anyhow::Result<()> {
+    busbar_conformance::crash::init_worker_log();
     let bus = busbar::connect(&a.url).await?;
+    let idempotent = match &a.idempotent {
+        Some(url) => Some((idempotency_store(url).await?, Duration::from_secs(3600))),
+        None => None,
+    };
     busbar_conformance::crash::worker(
         bus,
         busbar_conformance::crash::WorkerOptions {
@@ -881,6 +921,9 @@ pub(crate) async fn worker(a: WorkerArgs) -> anyhow::Result<()> {
             handle: Duration::from_millis(a.handle_ms),
             concurrency: a.concurrency.max(1),
             ack_timeout: Duration::from_secs(a.ack_timeout_secs.max(1)),
+            idempotent,
+            die_after_records: a.die_after_records,
+            die_after_handled: a.die_after_handled,
         },
     )
     .await

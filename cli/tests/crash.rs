@@ -6,7 +6,7 @@
 //! URL is unset, or whose feature this build lacks, is IGNORED (FAILED with
 //! `BUSBAR_REQUIRE_BROKERS=1`).
 
-use busbar_conformance::crash::{killed_worker, CrashPlan};
+use busbar_conformance::crash::{idempotent_redelivery, killed_worker, CrashPlan};
 use busbar_conformance::private_server::{Server, TestResult};
 
 const BUSBAR: &str = env!("CARGO_BIN_EXE_busbar");
@@ -21,6 +21,28 @@ async fn sigkill_mid_batch(url: String) -> TestResult {
     );
     bus.close().await?;
     Ok(())
+}
+
+/// An idempotent worker (`--idempotent STORE`) aborts between its 20th record and that
+/// message's ack; the next worker gets the message again and must skip it.
+async fn idempotent_redelivery_with(url: String, store: String) -> TestResult {
+    let bus = busbar::connect(&url).await?;
+    let command = vec![BUSBAR.to_owned(), "worker".to_owned(), url.clone()];
+    let store_args = vec!["--idempotent".to_owned(), store.clone()];
+    let report = idempotent_redelivery(bus.clone(), &command, &store_args).await?;
+    eprintln!(
+        "  idempotent_redelivery {} ({} store): {report}",
+        without_credentials(&url),
+        store.split(':').next().unwrap_or_default()
+    );
+    bus.close().await?;
+    Ok(())
+}
+
+fn first_url(var: &str) -> Option<String> {
+    std::env::var(var)
+        .ok()
+        .and_then(|l| l.split_whitespace().next().map(str::to_owned))
 }
 
 /// The URL without its credentials, for the report line.
@@ -77,9 +99,29 @@ fn main() {
             }
         }
     }
+    // The PostgreSQL store once, behind Kafka (the broker that redelivers the most after a
+    // crash) where Kafka is built, else Redis.
+    #[cfg(all(feature = "postgres", feature = "kafka"))]
+    let once: Vec<(&'static str, busbar_conformance::private_server::TestFn)> =
+        vec![("idempotent_redelivery_postgres_store@kafka", || {
+            let url = first_url("BUSBAR_KAFKA_URL")
+                .unwrap_or_else(|| "kafka://127.0.0.1:9092".to_owned());
+            let store = first_url("BUSBAR_POSTGRES_URL")
+                .unwrap_or_else(|| "postgres://busbar@127.0.0.1:5432/busbar".to_owned());
+            Box::pin(idempotent_redelivery_with(url, store))
+        })];
+    #[cfg(not(all(feature = "postgres", feature = "kafka")))]
+    let once: Vec<(&'static str, busbar_conformance::private_server::TestFn)> = Vec::new();
     busbar_conformance::private_server::main_matrix(
         &servers,
-        &[("sigkill_mid_batch", |url| Box::pin(sigkill_mid_batch(url)))],
-        &[],
+        &[
+            ("sigkill_mid_batch", |url| Box::pin(sigkill_mid_batch(url))),
+            ("idempotent_redelivery_redis_store", |url| {
+                let store = first_url("BUSBAR_REDIS_URL")
+                    .unwrap_or_else(|| "redis://127.0.0.1:6379".to_owned());
+                Box::pin(idempotent_redelivery_with(url, store))
+            }),
+        ],
+        &once,
     )
 }

@@ -17,6 +17,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, bail, ensure, Context as _, Result};
+use async_trait::async_trait;
+use busbar_core::idempotency::IdempotencyStore;
 use busbar_core::{Consumer, EventBus, Message, Ordering, PublishOptions, SubscribeOptions};
 
 /// What a worker consumes and where it records.
@@ -35,6 +37,70 @@ pub struct WorkerOptions {
     /// The subscription's ack timeout (bounds how long a dead member's deliveries stay out
     /// on brokers that redeliver by timeout).
     pub ack_timeout: Duration,
+    /// An idempotent consumer's store and ttl ([`Consumer::idempotent`]).
+    pub idempotent: Option<(Arc<dyn IdempotencyStore>, Duration)>,
+    /// Dies (abort: no ack, no goodbye) right after the store recorded this many messages —
+    /// a crash between the record and the ack, which only idempotency saves from a
+    /// duplicate. Needs `idempotent`.
+    pub die_after_records: Option<usize>,
+    /// Dies (abort) right after handling this many messages, before the last one's ack.
+    pub die_after_handled: Option<usize>,
+}
+
+/// The worker's store, watched: each message found recorded (so skipped) is appended to
+/// `<record>.skipped`, and the process aborts right after its `die_after`th record.
+#[derive(Debug)]
+struct Watched {
+    inner: Arc<dyn IdempotencyStore>,
+    die_after: Option<std::sync::atomic::AtomicUsize>,
+    skipped: Mutex<std::fs::File>,
+}
+
+#[async_trait]
+impl IdempotencyStore for Watched {
+    async fn contains(&self, key: &str) -> busbar_core::Result<bool> {
+        let found = self.inner.contains(key).await?;
+        if found {
+            let line = format!("{} {key}\n", std::process::id());
+            let written = self
+                .skipped
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .write_all(line.as_bytes());
+            if let Err(e) = written {
+                tracing::error!(error = %e, "worker: cannot note a skipped message");
+            }
+        }
+        Ok(found)
+    }
+
+    async fn record(&self, key: &str, ttl: Duration) -> busbar_core::Result<()> {
+        self.inner.record(key, ttl).await?;
+        let last = self
+            .die_after
+            .as_ref()
+            .is_some_and(|left| left.fetch_sub(1, std::sync::atomic::Ordering::AcqRel) == 1);
+        if last {
+            tracing::warn!(key, "worker: dying between a record and its ack, as asked");
+            std::process::abort();
+        }
+        Ok(())
+    }
+}
+
+fn append(path: &Path) -> Result<std::fs::File> {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .with_context(|| format!("opening {}", path.display()))
+}
+
+/// Where a worker notes the messages its idempotency store made it skip.
+fn skipped_file(record: &Path) -> PathBuf {
+    let mut name = record.as_os_str().to_owned();
+    name.push(".skipped");
+    PathBuf::from(name)
 }
 
 /// Microseconds since the Unix epoch (the record's clock, shared by every process).
@@ -44,23 +110,42 @@ fn now_micros() -> u128 {
         .map_or(0, |d| d.as_micros())
 }
 
+/// Logs at INFO and above to stderr (the worker's log file), once per process.
+pub fn init_worker_log() {
+    let _ = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::INFO)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
 /// Consumes until the process is killed (or the subscription ends). Each handled message
 /// becomes the line `<pid> <micros> <key> <payload> <id>` of the record.
 pub async fn worker(bus: Arc<dyn EventBus>, options: WorkerOptions) -> Result<()> {
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&options.record)
-        .with_context(|| format!("opening the record {}", options.record.display()))?;
-    let file = Arc::new(Mutex::new(file));
+    let file = Arc::new(Mutex::new(append(&options.record)?));
     let pid = std::process::id();
     let handle = options.handle;
-    Consumer::new(bus, options.topic)
+    let left = Arc::new(
+        options
+            .die_after_handled
+            .map(|n| std::sync::atomic::AtomicUsize::new(n.max(1))),
+    );
+    let mut consumer = Consumer::new(bus, options.topic)
         .group(options.group)
         .concurrency(options.concurrency)
-        .ack_timeout(options.ack_timeout)
+        .ack_timeout(options.ack_timeout);
+    if let Some((store, ttl)) = options.idempotent {
+        let watched = Watched {
+            inner: store,
+            die_after: options
+                .die_after_records
+                .map(|n| std::sync::atomic::AtomicUsize::new(n.max(1))),
+            skipped: Mutex::new(append(&skipped_file(&options.record))?),
+        };
+        consumer = consumer.idempotent(Arc::new(watched), ttl);
+    }
+    consumer
         .run(move |event| {
-            let file = file.clone();
+            let (file, left) = (file.clone(), left.clone());
             async move {
                 tokio::time::sleep(handle).await;
                 let line = format!(
@@ -74,7 +159,18 @@ pub async fn worker(bus: Arc<dyn EventBus>, options: WorkerOptions) -> Result<()
                 file.lock()
                     .unwrap_or_else(PoisonError::into_inner)
                     .write_all(line.as_bytes())
-                    .map_err(|e| format!("recording {}: {e}", event.id()))
+                    .map_err(|e| format!("recording {}: {e}", event.id()))?;
+                let last = left
+                    .as_ref()
+                    .as_ref()
+                    .is_some_and(|n| n.fetch_sub(1, std::sync::atomic::Ordering::AcqRel) == 1);
+                if last {
+                    tracing::warn!(
+                        "worker: dying after a handled message, before its ack, as asked"
+                    );
+                    std::process::abort();
+                }
+                Ok::<(), String>(())
             }
         })
         .await?;
@@ -183,7 +279,12 @@ fn read_record(path: &Path) -> Result<Vec<Handled>> {
 }
 
 /// A worker process: `command` with the worker's options appended, its output in `log`.
-fn spawn(command: &[String], o: &WorkerOptions, log: &Path) -> Result<tokio::process::Child> {
+fn spawn(
+    command: &[String],
+    o: &WorkerOptions,
+    extra: &[String],
+    log: &Path,
+) -> Result<tokio::process::Child> {
     let (program, args) = command
         .split_first()
         .ok_or_else(|| anyhow!("no worker command"))?;
@@ -200,6 +301,7 @@ fn spawn(command: &[String], o: &WorkerOptions, log: &Path) -> Result<tokio::pro
             "--ack-timeout-secs",
             &o.ack_timeout.as_secs().max(1).to_string(),
         ])
+        .args(extra)
         .stdin(std::process::Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
@@ -260,22 +362,27 @@ pub async fn killed_worker(
     result
 }
 
-async fn run_plan(
-    bus: Arc<dyn EventBus>,
-    worker_command: &[String],
+/// A fresh topic with the group made (at the workers' ack timeout: on NATS it is the
+/// partition consumers' ack wait, fixed when the group is made) and `plan`'s messages
+/// published: the workers' options and the published count.
+async fn prepare(
+    bus: &Arc<dyn EventBus>,
     plan: &CrashPlan,
     dir: &Path,
-) -> Result<CrashReport> {
+) -> Result<(WorkerOptions, usize)> {
     let options = WorkerOptions {
         topic: crate::interop::fresh_name("crash"),
-        group: "crash".to_owned(),
+        // Fresh: on Kafka a group id is global, and the killed members of an earlier run stay
+        // in a group of that name (on any topic) until their session times out.
+        group: crate::interop::fresh_name("crash"),
         record: dir.join("record"),
         handle: plan.handle,
         concurrency: plan.concurrency,
         ack_timeout: Duration::from_secs(10),
+        idempotent: None,
+        die_after_records: None,
+        die_after_handled: None,
     };
-    // The workers' ack timeout from the start (on NATS it is the partition consumers' ack
-    // wait, fixed when the group is made).
     let group = SubscribeOptions::new(options.group.clone()).ack_timeout(options.ack_timeout);
     bus.provision(&options.topic, &group).await?;
     let batch = bus
@@ -289,13 +396,29 @@ async fn run_plan(
             all.push(Message::new(seq.to_string()).with_key(format!("k{k}")));
         }
     }
-    let published = all.len();
     for chunk in all.chunks(batch) {
         bus.publish_batch(&options.topic, chunk.to_vec(), &PublishOptions::default())
             .await?;
     }
+    Ok((options, all.len()))
+}
+
+/// Every (key, seq) of `plan`.
+fn expected(plan: &CrashPlan) -> HashSet<(String, usize)> {
+    (0..plan.keys)
+        .flat_map(|k| (0..plan.per_key).map(move |s| (format!("k{k}"), s)))
+        .collect()
+}
+
+async fn run_plan(
+    bus: Arc<dyn EventBus>,
+    worker_command: &[String],
+    plan: &CrashPlan,
+    dir: &Path,
+) -> Result<CrashReport> {
+    let (options, published) = prepare(&bus, plan, dir).await?;
     let until = Instant::now() + plan.deadline;
-    let mut a = spawn(worker_command, &options, &dir.join("worker-a.log"))?;
+    let mut a = spawn(worker_command, &options, &[], &dir.join("worker-a.log"))?;
     let at_kill = wait_for(&options.record, plan.kill_after, until, &mut [&mut a]).await?;
     ensure!(
         at_kill.len() >= plan.kill_after,
@@ -308,13 +431,11 @@ async fn run_plan(
     let killed_at = now_micros();
     a.wait().await?;
     let recorded_at_kill = read_record(&options.record)?.len();
-    let mut b = spawn(worker_command, &options, &dir.join("worker-b.log"))?;
+    let mut b = spawn(worker_command, &options, &[], &dir.join("worker-b.log"))?;
     let b_pid = b.id().unwrap_or(0);
     wait_for(&options.record, plan.join_after, until, &mut [&mut b]).await?;
-    let mut c = spawn(worker_command, &options, &dir.join("worker-c.log"))?;
-    let expected: HashSet<(String, usize)> = (0..plan.keys)
-        .flat_map(|k| (0..plan.per_key).map(move |s| (format!("k{k}"), s)))
-        .collect();
+    let mut c = spawn(worker_command, &options, &[], &dir.join("worker-c.log"))?;
+    let expected = expected(plan);
     let lines = loop {
         let lines = read_record(&options.record)?;
         let seen: HashSet<(&str, usize)> = lines.iter().map(|h| (h.key.as_str(), h.seq)).collect();
@@ -389,4 +510,123 @@ fn analyse(
         recovery,
         recorded_at_kill,
     }
+}
+
+/// What an idempotent redelivery run saw.
+#[derive(Debug, Clone, Default)]
+pub struct RedeliveryReport {
+    /// Messages published.
+    pub published: usize,
+    /// Messages never handled (must be 0).
+    pub lost: usize,
+    /// Messages handled more than once (must be 0 with an idempotency store).
+    pub handled_twice: usize,
+    /// Redeliveries the second worker acked without handling them.
+    pub skipped: usize,
+}
+
+impl std::fmt::Display for RedeliveryReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} published, {} lost, {} handled twice, {} redeliveries skipped",
+            self.published, self.lost, self.handled_twice, self.skipped
+        )
+    }
+}
+
+/// The kill -9 redelivery of an idempotent consumer: one handler at a time, worker A records
+/// its 20th message in the store (given to the workers as `store_args`, e.g. `--idempotent
+/// URL`) and aborts before the ack; worker B gets that message again. It passes when B skips
+/// it (noted by the worker) and every message was handled exactly once. With `store_args`
+/// empty the same run shows what the store prevents: the message A died on handled twice.
+pub async fn idempotent_redelivery(
+    bus: Arc<dyn EventBus>,
+    worker_command: &[String],
+    store_args: &[String],
+) -> Result<RedeliveryReport> {
+    let dir = std::env::temp_dir().join(crate::interop::fresh_name("busbar-idem"));
+    std::fs::create_dir_all(&dir)?;
+    let result = redeliver(bus, worker_command, store_args, &dir).await;
+    if result.is_ok() {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    result
+}
+
+async fn redeliver(
+    bus: Arc<dyn EventBus>,
+    worker_command: &[String],
+    store_args: &[String],
+    dir: &Path,
+) -> Result<RedeliveryReport> {
+    let plan = CrashPlan {
+        keys: 10,
+        per_key: 6,
+        handle: Duration::from_millis(5),
+        concurrency: 1,
+        deadline: Duration::from_secs(120),
+        ..CrashPlan::default()
+    };
+    let (options, published) = prepare(&bus, &plan, dir).await?;
+    let until = Instant::now() + plan.deadline;
+    let mut dying = store_args.to_vec();
+    dying.extend(["--die-after-records".to_owned(), "20".to_owned()]);
+    if store_args.is_empty() {
+        // Without a store the worker cannot count records: it dies after 20 handled.
+        dying = vec!["--die-after-handled".to_owned(), "20".to_owned()];
+    }
+    let mut a = spawn(worker_command, &options, &dying, &dir.join("worker-a.log"))?;
+    let status = tokio::time::timeout_at(until.into(), a.wait())
+        .await
+        .map_err(|_| anyhow!("worker A did not die after 20 records"))??;
+    ensure!(!status.success(), "worker A ended by itself: {status}");
+    let mut b = spawn(
+        worker_command,
+        &options,
+        store_args,
+        &dir.join("worker-b.log"),
+    )?;
+    let expected = expected(&plan);
+    let skipped_path = skipped_file(&options.record);
+    let (lines, skipped) = loop {
+        let lines = read_record(&options.record)?;
+        let skipped = std::fs::read_to_string(&skipped_path)
+            .map(|t| t.lines().count())
+            .unwrap_or(0);
+        let seen: HashSet<(&str, usize)> = lines.iter().map(|h| (h.key.as_str(), h.seq)).collect();
+        // Done when everything was handled and the message A died on came back (skipped, or
+        // handled a second time).
+        if seen.len() >= expected.len() && (skipped > 0 || lines.len() > seen.len())
+            || Instant::now() >= until
+        {
+            break (lines, skipped);
+        }
+        if let Some(status) = b.try_wait()? {
+            bail!("worker B exited ({status}) with {} recorded", lines.len());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let _ = b.start_kill();
+    let _ = b.wait().await;
+    let mut count: HashMap<(&str, usize), usize> = HashMap::new();
+    for h in &lines {
+        *count.entry((h.key.as_str(), h.seq)).or_default() += 1;
+    }
+    let report = RedeliveryReport {
+        published,
+        lost: expected
+            .iter()
+            .filter(|(k, s)| !count.contains_key(&(k.as_str(), *s)))
+            .count(),
+        handled_twice: count.values().filter(|n| **n > 1).count(),
+        skipped,
+    };
+    ensure!(report.lost == 0, "{report}");
+    ensure!(report.handled_twice == 0, "{report}");
+    ensure!(
+        report.skipped > 0,
+        "the message worker A died on never came back within the deadline: {report}"
+    );
+    Ok(report)
 }

@@ -4,6 +4,7 @@ mod bus;
 mod capabilities;
 mod error;
 mod front;
+pub mod idempotency;
 pub mod memory;
 mod message;
 mod options;

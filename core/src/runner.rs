@@ -40,6 +40,8 @@ mod chain;
 pub(crate) use chain::inherit;
 use chain::{Cause, Upcasters, HANDLING};
 
+use crate::idempotency::{Idempotency, IdempotencyStore};
+
 /// What a consumer run did, returned when it stops.
 #[derive(Debug, Default)]
 #[non_exhaustive]
@@ -54,6 +56,9 @@ pub struct ConsumerReport {
     pub dead_lettered: u64,
     /// Deliveries left unacked (for redelivery) at shutdown or because settling failed.
     pub left_unacked: u64,
+    /// Deliveries acked without calling the handler: the idempotency store had already
+    /// recorded them as processed ([`Consumer::idempotent`]).
+    pub skipped: u64,
     /// The error that stopped the run, if it did not stop by shutdown or end of stream.
     pub error: Option<Error>,
 }
@@ -93,6 +98,7 @@ pub struct Consumer {
     drain_timeout: Duration,
     upcasters: Upcasters,
     lag_interval: Option<Duration>,
+    idempotency: Option<Idempotency>,
 }
 
 impl fmt::Debug for Consumer {
@@ -106,6 +112,7 @@ impl fmt::Debug for Consumer {
             .field("drain_timeout", &self.drain_timeout)
             .field("upcasters", &self.upcasters)
             .field("lag_interval", &self.lag_interval)
+            .field("idempotency", &self.idempotency)
             .finish()
     }
 }
@@ -129,7 +136,18 @@ impl Consumer {
             drain_timeout: Self::DEFAULT_DRAIN_TIMEOUT,
             upcasters: Upcasters::default(),
             lag_interval: Some(Self::DEFAULT_LAG_INTERVAL),
+            idempotency: None,
         }
+    }
+
+    /// Makes the consumer idempotent: a message the group already processed successfully
+    /// (recorded in `store` less than `ttl` ago) is acked without calling the handler, and
+    /// each success is recorded before its ack. A store that cannot answer hands the
+    /// delivery back for later (never handled unchecked); a record that fails is logged
+    /// (that message would be handled again if redelivered). See [`crate::idempotency`].
+    pub fn idempotent(mut self, store: Arc<dyn IdempotencyStore>, ttl: Duration) -> Self {
+        self.idempotency = Some(Idempotency { store, ttl });
+        self
     }
 
     /// Sets the consumer group.
@@ -284,6 +302,8 @@ impl Consumer {
                 stats: Stats::default(),
                 handler,
                 upcasters: self.upcasters,
+                idempotency: self.idempotency,
+                group: self.options.group.clone(),
             }),
             in_flight: Arc::new(Semaphore::new(self.options.max_in_flight)),
             tasks: JoinSet::new(),
@@ -293,6 +313,15 @@ impl Consumer {
         Ok(report)
     }
 }
+
+/// What the idempotency store said of a delivery (`Settled`: nothing left to do).
+enum Seen {
+    Settled,
+    Fresh(String),
+}
+
+/// How long a delivery waits before it is handed back when the idempotency store fails.
+const STORE_RETRY_PAUSE: Duration = Duration::from_secs(1);
 
 /// A task that ends with its handle.
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
@@ -388,6 +417,7 @@ struct Stats {
     processed: AtomicU64,
     retried: AtomicU64,
     dead_lettered: AtomicU64,
+    skipped: AtomicU64,
 }
 
 struct RunShared {
@@ -402,6 +432,8 @@ struct RunShared {
     stats: Stats,
     handler: BoxedHandler,
     upcasters: Upcasters,
+    idempotency: Option<Idempotency>,
+    group: String,
 }
 
 struct Run {
@@ -500,12 +532,14 @@ impl Run {
         let received = s.received.load(AtomicOrdering::Acquire);
         let processed = s.processed.load(AtomicOrdering::Acquire);
         let dead_lettered = s.dead_lettered.load(AtomicOrdering::Acquire);
+        let skipped = s.skipped.load(AtomicOrdering::Acquire);
         ConsumerReport {
             received,
             processed,
             retried: s.retried.load(AtomicOrdering::Acquire),
             dead_lettered,
-            left_unacked: received.saturating_sub(processed + dead_lettered),
+            left_unacked: received.saturating_sub(processed + dead_lettered + skipped),
+            skipped,
             error,
         }
     }
@@ -564,6 +598,11 @@ impl RunShared {
                 return;
             }
         };
+        let record_key = match self.already_processed(delivery).await {
+            Some(Seen::Settled) => return,
+            Some(Seen::Fresh(key)) => Some(key),
+            None => None,
+        };
         let event = upcast.as_ref().unwrap_or(delivery.event());
         let cause = Cause::of(delivery.event());
         let mut handled = false;
@@ -610,6 +649,11 @@ impl RunShared {
             };
             let error = match outcome {
                 Ok(()) => {
+                    if let (Some(key), Some(idem)) = (&record_key, &self.idempotency) {
+                        if let Err(e) = idem.store.record(key, idem.ttl).await {
+                            tracing::warn!(id = delivery.id(), error = %e, "busbar consumer: recording the processed message failed; a redelivery would be handled again");
+                        }
+                    }
                     if settle(delivery.ack().instrument(handler_span.clone()).await, "ack") {
                         self.stats.processed.fetch_add(1, AtomicOrdering::Relaxed);
                     }
@@ -654,6 +698,41 @@ impl RunShared {
                         .await;
                     return;
                 }
+            }
+        }
+    }
+
+    /// With an idempotency store: `Seen::Settled` when the delivery was processed before (it is
+    /// acked here, or handed back when the store cannot answer), else its record key.
+    async fn already_processed(&self, delivery: &Delivery) -> Option<Seen> {
+        let idem = self.idempotency.as_ref()?;
+        let key = crate::idempotency::key(&self.group, delivery.topic(), delivery.id());
+        match idem.store.contains(&key).await {
+            Ok(false) => Some(Seen::Fresh(key)),
+            Ok(true) => {
+                tracing::debug!(
+                    id = delivery.id(),
+                    "busbar consumer: processed before, acking without the handler"
+                );
+                if settle(delivery.ack().await, "ack") {
+                    self.stats.skipped.fetch_add(1, AtomicOrdering::Relaxed);
+                }
+                Some(Seen::Settled)
+            }
+            Err(e) => {
+                tracing::warn!(id = delivery.id(), error = %e, "busbar consumer: the idempotency store did not answer; handing the delivery back");
+                // Not in a hot loop: the delivery comes back after a pause.
+                let stop = self.stop.notified();
+                tokio::pin!(stop);
+                stop.as_mut().enable();
+                if !self.stopping() {
+                    tokio::select! {
+                        _ = stop => {}
+                        _ = tokio::time::sleep(STORE_RETRY_PAUSE) => {}
+                    }
+                }
+                let _ = delivery.release().await;
+                Some(Seen::Settled)
             }
         }
     }

@@ -1,5 +1,6 @@
 #![doc = include_str!("../README.md")]
 
+mod idempotency;
 mod relay;
 
 use std::time::Duration;
@@ -10,6 +11,7 @@ use chrono::{DateTime, Utc};
 use sqlx::postgres::{PgConnection, PgPool};
 use sqlx::Row;
 
+pub use idempotency::PgIdempotencyStore;
 pub use relay::{Relay, RelayReport};
 
 pub(crate) const BACKEND: &str = "outbox";
@@ -60,7 +62,8 @@ pub struct ParkedRow {
 }
 
 impl Outbox {
-    /// Creates or upgrades the outbox table (embedded sqlx migrations; idempotent).
+    /// Creates or upgrades the outbox table and the idempotency table `busbar_processed`
+    /// (embedded sqlx migrations; idempotent).
     pub async fn migrate(pool: &PgPool) -> Result<()> {
         MIGRATOR
             .run(pool)

@@ -3,6 +3,7 @@
 mod codec;
 pub mod config;
 mod error;
+mod idempotency;
 mod scripts;
 mod subscriber;
 
@@ -22,6 +23,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::Value;
 
 pub use config::{partition_for, RedisConfig};
+pub use idempotency::RedisIdempotencyStore;
 
 pub(crate) const BACKEND: &str = known::REDIS.name;
 
@@ -351,33 +353,7 @@ impl Connect for Redis {
     /// Connects to the Redis server and checks that it answers (and accepts the
     /// credentials). Errors: `Config`, `Connection` (unreachable), `Auth`.
     async fn connect_with(config: RedisConfig) -> Result<Self> {
-        if config.connection_url.starts_with("rediss:") {
-            // redis-rs uses rustls without choosing a crypto provider; use ring. Another
-            // provider installed by the application first is kept.
-            let _ = rustls::crypto::ring::default_provider().install_default();
-        }
-        let client = redis::Client::open(config.connection_url.as_str())
-            .map_err(|e| error::map(e, "parsing the Redis URL"))?;
-        let mut conn = tokio::time::timeout(
-            Duration::from_secs(15),
-            client.get_connection_manager_with_config(manager_config()),
-        )
-        .await
-        .map_err(|_| {
-            Error::new(
-                ErrorKind::Connection,
-                format!(
-                    "no answer from Redis at {} within 15 s",
-                    busbar_core::raw::redact_url(&config.connection_url)
-                ),
-            )
-            .with_backend(BACKEND)
-        })?
-        .map_err(|e| error::connecting(e, &config.connection_url))?;
-        let _: String = redis::cmd("PING")
-            .query_async(&mut conn)
-            .await
-            .map_err(|e| error::connecting(e, &config.connection_url))?;
+        let (client, mut conn) = open(&config).await?;
         let persistent = persistence_enabled(&mut conn).await;
         Ok(Self {
             inner: Arc::new(Inner {
@@ -395,6 +371,41 @@ impl Connect for Redis {
     fn config(&self) -> &RedisConfig {
         &self.inner.config
     }
+}
+
+/// Opens a client and a connection manager for `config` and checks that Redis answers.
+/// Errors: `Config`, `Connection` (unreachable, or not Redis), `Auth`.
+pub(crate) async fn open(
+    config: &RedisConfig,
+) -> Result<(redis::Client, redis::aio::ConnectionManager)> {
+    if config.connection_url.starts_with("rediss:") {
+        // redis-rs uses rustls without choosing a crypto provider; use ring. Another
+        // provider installed by the application first is kept.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    }
+    let client = redis::Client::open(config.connection_url.as_str())
+        .map_err(|e| error::map(e, "parsing the Redis URL"))?;
+    let mut conn = tokio::time::timeout(
+        Duration::from_secs(15),
+        client.get_connection_manager_with_config(manager_config()),
+    )
+    .await
+    .map_err(|_| {
+        Error::new(
+            ErrorKind::Connection,
+            format!(
+                "no answer from Redis at {} within 15 s",
+                busbar_core::raw::redact_url(&config.connection_url)
+            ),
+        )
+        .with_backend(BACKEND)
+    })?
+    .map_err(|e| error::connecting(e, &config.connection_url))?;
+    let _: String = redis::cmd("PING")
+        .query_async(&mut conn)
+        .await
+        .map_err(|e| error::connecting(e, &config.connection_url))?;
+    Ok((client, conn))
 }
 
 /// Whether the server keeps data across restarts (AOF on, or RDB snapshots configured).

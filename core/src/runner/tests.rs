@@ -594,3 +594,100 @@ async fn run_ends_when_the_bus_closes() {
     closer.await.expect("join").expect("close");
     assert_eq!(report.processed, 1);
 }
+
+/// A store that fails its first `failures` lookups, then answers from a memory store.
+#[derive(Debug, Default)]
+struct FlakyStore {
+    failures: AtomicUsize,
+    inner: crate::idempotency::MemoryStore,
+}
+
+#[async_trait]
+impl IdempotencyStore for FlakyStore {
+    async fn contains(&self, key: &str) -> Result<bool> {
+        if self
+            .failures
+            .fetch_update(AtomicOrdering::AcqRel, AtomicOrdering::Acquire, |n| {
+                n.checked_sub(1)
+            })
+            .is_ok()
+        {
+            return Err(Error::new(ErrorKind::Connection, "store down"));
+        }
+        self.inner.contains(key).await
+    }
+
+    async fn record(&self, key: &str, ttl: Duration) -> Result<()> {
+        self.inner.record(key, ttl).await
+    }
+}
+
+/// The same message delivered three times (published again with its id, as a redelivery
+/// after a crash arrives) is handled once; a message whose handler failed first is recorded
+/// only after it succeeded; a store that fails hands the delivery back, and it is handled
+/// once the store answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotent_consumer_handles_a_message_once() {
+    let bus = setup("t", "g").await;
+    let once = Message::new("once").with_key("a");
+    for _ in 0..3 {
+        bus.publish("t", once.clone(), &PublishOptions::default())
+            .await
+            .expect("publish");
+    }
+    let flaky = Message::new("flaky").with_key("b");
+    bus.publish("t", flaky.clone(), &PublishOptions::default())
+        .await
+        .expect("publish");
+    let store = Arc::new(FlakyStore {
+        failures: AtomicUsize::new(1),
+        ..FlakyStore::default()
+    });
+    let calls: Arc<Mutex<Vec<String>>> = Arc::default();
+    let c = calls.clone();
+    let done = calls.clone();
+    let report = Consumer::new(bus.clone(), "t")
+        .group("g")
+        .retry(fast_retry(3))
+        .idempotent(store.clone(), Duration::from_secs(60))
+        .run_until(
+            move |e: Event| {
+                let c = c.clone();
+                async move {
+                    let body = String::from_utf8_lossy(e.payload()).into_owned();
+                    let first = {
+                        let mut calls = c.lock().expect("calls");
+                        calls.push(body.clone());
+                        calls.iter().filter(|b| **b == body).count() == 1
+                    };
+                    if body == "flaky" && first {
+                        return Err("first try fails");
+                    }
+                    Ok(())
+                }
+            },
+            until(Duration::from_secs(10), move || {
+                done.lock().expect("calls").len() >= 3
+            }),
+        )
+        .await
+        .expect("run");
+    let calls = calls.lock().expect("calls").clone();
+    assert_eq!(
+        calls.iter().filter(|b| *b == "once").count(),
+        1,
+        "{calls:?}"
+    );
+    assert_eq!(
+        calls.iter().filter(|b| *b == "flaky").count(),
+        2,
+        "{calls:?}"
+    );
+    assert_eq!(report.skipped, 2, "{report:?}");
+    assert_eq!(report.processed, 2, "{report:?}");
+    assert!(store
+        .inner
+        .contains(&crate::idempotency::key("g", "t", &flaky.id))
+        .await
+        .expect("store"));
+}
