@@ -71,7 +71,7 @@ async fn outage_mid_stream_loses_nothing_acked(url: String) -> TestResult {
         publish_retrying(&bus, &topic, m, Duration::from_secs(30)).await?;
     }
     recorder
-        .expect_all(&acked, Duration::from_secs(60), "outage")
+        .expect_all_in_key_order(&acked, Duration::from_secs(60), "outage")
         .await?;
     let _ = bus.close().await;
     Ok(())

@@ -239,7 +239,7 @@ async fn node_restart_loses_nothing_confirmed(root: String) -> TestResult {
         publish_retrying(&bus, topic, m, Duration::from_secs(60)).await?;
     }
     recorder
-        .expect_all(&acked, Duration::from_secs(120), "restart")
+        .expect_all_in_key_order(&acked, Duration::from_secs(120), "restart")
         .await?;
     let _ = bus.close().await;
     node.stop().await

@@ -313,7 +313,7 @@ async fn outage_mid_stream_loses_nothing_acked() -> TestResult {
         publish_retrying(&bus, topic, m, Duration::from_secs(60)).await?;
     }
     recorder
-        .expect_all(&acked, Duration::from_secs(120), "outage")
+        .expect_all_in_key_order(&acked, Duration::from_secs(120), "outage")
         .await?;
     let _ = bus.close().await;
     Ok(())

@@ -137,7 +137,7 @@ async fn restart_mid_stream_loses_nothing_acked(bin: String) -> TestResult {
         publish_retrying(&bus, topic, m, Duration::from_secs(30)).await?;
     }
     recorder
-        .expect_all(&acked, Duration::from_secs(90), "restart")
+        .expect_all_in_key_order(&acked, Duration::from_secs(90), "restart")
         .await?;
     Ok(())
 }

@@ -141,7 +141,7 @@ async fn restart_mid_stream_loses_nothing_acked() -> TestResult {
         publish_retrying(&bus, topic, m, Duration::from_secs(30)).await?;
     }
     recorder
-        .expect_all(&acked, Duration::from_secs(60), "restart")
+        .expect_all_in_key_order(&acked, Duration::from_secs(60), "restart")
         .await?;
     Ok(())
 }
