@@ -880,6 +880,24 @@ pub(crate) struct WorkerArgs {
     die_after_handled: Option<usize>,
 }
 
+/// Completes on SIGTERM or Ctrl-C (never, where neither can be listened for).
+async fn terminated() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+            return;
+        }
+    }
+    if tokio::signal::ctrl_c().await.is_err() {
+        futures::future::pending::<()>().await;
+    }
+}
+
 /// The idempotency store of `url`, for `busbar worker --idempotent`.
 async fn idempotency_store(
     url: &str,
@@ -925,6 +943,7 @@ pub(crate) async fn worker(a: WorkerArgs) -> anyhow::Result<()> {
             die_after_records: a.die_after_records,
             die_after_handled: a.die_after_handled,
         },
+        terminated(),
     )
     .await
 }

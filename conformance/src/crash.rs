@@ -118,9 +118,14 @@ pub fn init_worker_log() {
         .try_init();
 }
 
-/// Consumes until the process is killed (or the subscription ends). Each handled message
+/// Consumes until the process is killed, `shutdown` completes (then it leaves gracefully:
+/// handlers finish, the rest is handed back) or the subscription ends. Each handled message
 /// becomes the line `<pid> <micros> <key> <payload> <id>` of the record.
-pub async fn worker(bus: Arc<dyn EventBus>, options: WorkerOptions) -> Result<()> {
+pub async fn worker(
+    bus: Arc<dyn EventBus>,
+    options: WorkerOptions,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<()> {
     let file = Arc::new(Mutex::new(append(&options.record)?));
     let pid = std::process::id();
     let handle = options.handle;
@@ -143,37 +148,41 @@ pub async fn worker(bus: Arc<dyn EventBus>, options: WorkerOptions) -> Result<()
         };
         consumer = consumer.idempotent(Arc::new(watched), ttl);
     }
-    consumer
-        .run(move |event| {
-            let (file, left) = (file.clone(), left.clone());
-            async move {
-                tokio::time::sleep(handle).await;
-                let line = format!(
-                    "{pid} {} {} {} {}\n",
-                    now_micros(),
-                    event.key().unwrap_or("-"),
-                    String::from_utf8_lossy(event.payload()),
-                    event.id()
-                );
-                // One write of the whole line: O_APPEND keeps it in one piece.
-                file.lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .write_all(line.as_bytes())
-                    .map_err(|e| format!("recording {}: {e}", event.id()))?;
-                let last = left
-                    .as_ref()
-                    .as_ref()
-                    .is_some_and(|n| n.fetch_sub(1, std::sync::atomic::Ordering::AcqRel) == 1);
-                if last {
-                    tracing::warn!(
-                        "worker: dying after a handled message, before its ack, as asked"
+    let report = consumer
+        .run_until(
+            move |event| {
+                let (file, left) = (file.clone(), left.clone());
+                async move {
+                    tokio::time::sleep(handle).await;
+                    let line = format!(
+                        "{pid} {} {} {} {}\n",
+                        now_micros(),
+                        event.key().unwrap_or("-"),
+                        String::from_utf8_lossy(event.payload()),
+                        event.id()
                     );
-                    std::process::abort();
+                    // One write of the whole line: O_APPEND keeps it in one piece.
+                    file.lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .write_all(line.as_bytes())
+                        .map_err(|e| format!("recording {}: {e}", event.id()))?;
+                    let last = left
+                        .as_ref()
+                        .as_ref()
+                        .is_some_and(|n| n.fetch_sub(1, std::sync::atomic::Ordering::AcqRel) == 1);
+                    if last {
+                        tracing::warn!(
+                            "worker: dying after a handled message, before its ack, as asked"
+                        );
+                        std::process::abort();
+                    }
+                    Ok::<(), String>(())
                 }
-                Ok::<(), String>(())
-            }
-        })
+            },
+            shutdown,
+        )
         .await?;
+    tracing::info!(?report, "worker: left");
     Ok(())
 }
 
@@ -628,5 +637,160 @@ async fn redeliver(
         report.skipped > 0,
         "the message worker A died on never came back within the deadline: {report}"
     );
+    Ok(report)
+}
+
+/// What a rebalance-under-churn run saw.
+#[derive(Debug, Clone, Default)]
+pub struct ChurnReport {
+    /// Messages published.
+    pub published: usize,
+    /// Messages never handled (must be 0).
+    pub lost: usize,
+    /// Messages first handled before their key's previous one (must be 0 where the backend
+    /// orders per key).
+    pub order_violations: usize,
+    /// Handlings beyond the first.
+    pub duplicates: usize,
+    /// Members that joined (the first two included) and that left gracefully.
+    pub joined: usize,
+    /// Members that left gracefully (SIGTERM: handlers finish, the rest is handed back).
+    pub left: usize,
+    /// From the first publish to the last message's first handling.
+    pub took: Duration,
+}
+
+impl std::fmt::Display for ChurnReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} published, {} lost, {} order violations, {} duplicates; {} joined, {} left; {:.1} s",
+            self.published,
+            self.lost,
+            self.order_violations,
+            self.duplicates,
+            self.joined,
+            self.left,
+            self.took.as_secs_f64()
+        )
+    }
+}
+
+/// Asks a worker to leave (SIGTERM) and waits up to 30 s for it; SIGKILL after that.
+async fn leave(worker: &mut tokio::process::Child) -> Result<()> {
+    if let Some(pid) = worker.id() {
+        let sent = tokio::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .await?;
+        ensure!(sent.success(), "kill -TERM {pid} failed");
+    }
+    match tokio::time::timeout(Duration::from_secs(30), worker.wait()).await {
+        Ok(status) => {
+            let status = status?;
+            ensure!(status.success(), "a worker left with {status}");
+        }
+        Err(_) => {
+            worker.start_kill()?;
+            bail!("a worker did not leave within 30 s of SIGTERM");
+        }
+    }
+    Ok(())
+}
+
+/// Rebalances under load: `plan.keys × plan.per_key` messages, two workers, then every
+/// `every` a member joins or the oldest leaves gracefully (never fewer than two), until
+/// everything is handled. None lost, per-key order kept where the backend orders per key.
+pub async fn rebalance_under_churn(
+    bus: Arc<dyn EventBus>,
+    worker_command: &[String],
+    plan: &CrashPlan,
+    every: Duration,
+) -> Result<ChurnReport> {
+    let dir = std::env::temp_dir().join(crate::interop::fresh_name("busbar-churn"));
+    std::fs::create_dir_all(&dir)?;
+    let result = churn(bus, worker_command, plan, every, &dir).await;
+    if result.is_ok() {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    result
+}
+
+async fn churn(
+    bus: Arc<dyn EventBus>,
+    worker_command: &[String],
+    plan: &CrashPlan,
+    every: Duration,
+    dir: &Path,
+) -> Result<ChurnReport> {
+    let started = Instant::now();
+    let (options, published) = prepare(&bus, plan, dir).await?;
+    let until = started + plan.deadline;
+    let expected = expected(plan);
+    let mut workers = std::collections::VecDeque::new();
+    let mut report = ChurnReport {
+        published,
+        ..ChurnReport::default()
+    };
+    let join = |workers: &mut std::collections::VecDeque<tokio::process::Child>,
+                report: &mut ChurnReport|
+     -> Result<()> {
+        let log = dir.join(format!("worker-{}.log", report.joined));
+        workers.push_back(spawn(worker_command, &options, &[], &log)?);
+        report.joined += 1;
+        Ok(())
+    };
+    join(&mut workers, &mut report)?;
+    join(&mut workers, &mut report)?;
+    let mut step = 0usize;
+    let mut next_change = Instant::now() + every;
+    let lines = loop {
+        let lines = read_record(&options.record)?;
+        let seen: HashSet<(&str, usize)> = lines.iter().map(|h| (h.key.as_str(), h.seq)).collect();
+        if seen.len() >= expected.len() || Instant::now() >= until {
+            break lines;
+        }
+        for w in workers.iter_mut() {
+            if let Some(status) = w.try_wait()? {
+                bail!("a worker exited ({status}) with {} recorded", lines.len());
+            }
+        }
+        if Instant::now() >= next_change {
+            if step % 2 == 0 || workers.len() <= 2 {
+                join(&mut workers, &mut report)?;
+            } else if let Some(mut oldest) = workers.pop_front() {
+                leave(&mut oldest).await?;
+                report.left += 1;
+            }
+            step += 1;
+            next_change = Instant::now() + every;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    report.took = started.elapsed();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let lines = if lines.len() < expected.len() {
+        lines
+    } else {
+        read_record(&options.record)?
+    };
+    for mut w in workers {
+        let _ = w.start_kill();
+        let _ = w.wait().await;
+    }
+    let seen = analyse(
+        &lines,
+        &expected,
+        bus.capabilities().ordering,
+        published,
+        0,
+        0,
+        0,
+    );
+    report.lost = seen.lost;
+    report.order_violations = seen.order_violations;
+    report.duplicates = seen.duplicates;
+    ensure!(report.lost == 0, "{report}");
+    ensure!(report.order_violations == 0, "{report}");
     Ok(report)
 }
