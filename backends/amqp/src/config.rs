@@ -3,7 +3,7 @@
 use std::fmt;
 
 use busbar_core::raw::fit_name;
-use busbar_core::raw::redact_url;
+use busbar_core::raw::{redact_url, UrlOptions};
 use busbar_core::{Error, ErrorKind, Result};
 
 use crate::BACKEND;
@@ -85,35 +85,36 @@ impl AmqpConfig {
             history: None,
         };
         let mut passed = Vec::new();
-        for (k, v) in parsed.query_pairs() {
-            let num = |min: u64, max: u64| -> Result<u64> {
-                v.parse::<u64>()
-                    .ok()
-                    .filter(|n| (min..=max).contains(n))
-                    .ok_or_else(|| {
-                        config_error(format!(
-                            "AMQP URL option {k}={v:?} must be a number from {min} to {max}"
-                        ))
-                    })
-            };
-            match &*k {
-                "partitions" => cfg.partitions = num(1, 1024)? as u32,
-                "max_message_bytes" => cfg.max_message_bytes = num(1024, 128 * 1024 * 1024)? as usize,
+        const KNOWN: [&str; 10] = [
+            "partitions",
+            "max_message_bytes",
+            "queue_expires_ms",
+            "delivery_limit",
+            "history",
+            "heartbeat",
+            "frame_max",
+            "channel_max",
+            "connection_timeout",
+            "auth_mechanism",
+        ];
+        let options = UrlOptions::parse("AMQP", BACKEND, parsed.query());
+        for o in options.clone() {
+            match o.key() {
+                "partitions" => cfg.partitions = o.number_as(1..=1024)?,
+                "max_message_bytes" => {
+                    cfg.max_message_bytes = o.number_as(1024..=128 * 1024 * 1024)?
+                }
                 "queue_expires_ms" => {
-                    cfg.queue_expires = Some(std::time::Duration::from_millis(num(1000, u32::MAX as u64)?))
+                    cfg.queue_expires = Some(o.millis(1000..=u64::from(u32::MAX))?)
                 }
                 "delivery_limit" => {
-                    cfg.delivery_limit = Some(num(0, 100_000)? as u32).filter(|n| *n > 0)
+                    cfg.delivery_limit = Some(o.number_as(0..=100_000)?).filter(|n| *n > 0)
                 }
-                "history" => cfg.history = Some(parse_age(&v)?),
-                "heartbeat" | "frame_max" | "channel_max" | "connection_timeout" | "auth_mechanism" => {
-                    passed.push((k.into_owned(), v.into_owned()))
-                }
-                other => {
-                    return Err(config_error(format!(
-                        "unknown AMQP URL option {other:?} (known: partitions, max_message_bytes, queue_expires_ms, delivery_limit, history, heartbeat, frame_max, channel_max, connection_timeout, auth_mechanism)"
-                    )))
-                }
+                "history" => cfg.history = Some(o.age(1..=HISTORY_MAX_SECS)?),
+                // lapin's own options, checked by its parser below.
+                "heartbeat" | "frame_max" | "channel_max" | "connection_timeout"
+                | "auth_mechanism" => passed.push(o.into_pair()),
+                _ => return Err(options.unknown(&o, &KNOWN)),
             }
         }
         if !passed.iter().any(|(k, _)| k == "heartbeat") {
@@ -136,29 +137,6 @@ impl AmqpConfig {
 
 /// The longest `history` accepted: ten years.
 const HISTORY_MAX_SECS: u64 = 10 * 366 * 24 * 3600;
-
-/// A `history` age: a whole number and a unit (`s`, `m`, `h`, `d`), 1 s to ten years.
-fn parse_age(v: &str) -> Result<std::time::Duration> {
-    let unit_at = v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len());
-    let (n, unit) = v.split_at(unit_at);
-    let per = match unit {
-        "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        "d" => 86_400,
-        _ => 0,
-    };
-    n.parse::<u64>()
-        .ok()
-        .and_then(|n| n.checked_mul(per))
-        .filter(|secs| (1..=HISTORY_MAX_SECS).contains(secs))
-        .map(std::time::Duration::from_secs)
-        .ok_or_else(|| {
-            config_error(format!(
-                "AMQP URL option history={v:?} must be an age such as 30s, 15m, 12h or 7d (1 s to 10 years)"
-            ))
-        })
-}
 
 /// AMQP names (exchanges, queues) are short strings: at most 255 bytes. Longer ones keep
 /// their start and end in a hash of the whole (`busbar_core::raw::fit_name`).

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::time::Duration;
 
-use busbar_core::raw::redact_url;
+use busbar_core::raw::{redact_url, UrlOptions};
 use busbar_core::{Error, ErrorKind, Result};
 
 use crate::BACKEND;
@@ -151,54 +151,39 @@ impl KafkaConfig {
         };
         cfg.client
             .insert("security.protocol".into(), protocol.into());
-        for (k, v) in url::form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
-            let num = |min: u64, max: u64| -> Result<u64> {
-                v.parse::<u64>()
-                    .ok()
-                    .filter(|n| (min..=max).contains(n))
-                    .ok_or_else(|| {
-                        config_error(format!(
-                            "Kafka URL option {k}={v:?} must be a number from {min} to {max}"
-                        ))
-                    })
-            };
-            match &*k {
-                "partitions" => cfg.partitions = num(1, 10_000)? as i32,
-                "replication" => cfg.replication = num(1, 100)? as i32,
-                "max_message_bytes" => cfg.max_message_bytes = num(1024, 1_000_000_000)? as usize,
-                "commit_interval_ms" => {
-                    cfg.commit_interval = Duration::from_millis(num(10, 60_000)?)
-                }
-                "session_timeout_ms" => {
-                    cfg.session_timeout = Duration::from_millis(num(1_000, 3_600_000)?)
-                }
+        const KNOWN: [&str; 6] = [
+            "partitions",
+            "replication",
+            "max_message_bytes",
+            "commit_interval_ms",
+            "session_timeout_ms",
+            "partitioner; librdkafka settings contain a dot, e.g. security.protocol",
+        ];
+        let options = UrlOptions::parse("Kafka", BACKEND, query);
+        for o in options.clone() {
+            match o.key() {
+                "partitions" => cfg.partitions = o.number_as(1..=10_000)?,
+                "replication" => cfg.replication = o.number_as(1..=100)?,
+                "max_message_bytes" => cfg.max_message_bytes = o.number_as(1024..=1_000_000_000)?,
+                "commit_interval_ms" => cfg.commit_interval = o.millis(10..=60_000)?,
+                "session_timeout_ms" => cfg.session_timeout = o.millis(1_000..=3_600_000)?,
                 "partitioner" => {
-                    const KNOWN: [&str; 6] = [
-                        "murmur2_random",
-                        "murmur2",
-                        "consistent_random",
-                        "consistent",
-                        "fnv1a_random",
-                        "fnv1a",
-                    ];
-                    if !KNOWN.contains(&&*v) {
-                        return Err(config_error(format!(
-                            "Kafka URL option partitioner={v:?} must be one of {}",
-                            KNOWN.join(", ")
-                        )));
-                    }
-                    cfg.partitioner = v.into_owned();
+                    cfg.partitioner = o
+                        .one_of(&[
+                            "murmur2_random",
+                            "murmur2",
+                            "consistent_random",
+                            "consistent",
+                            "fnv1a_random",
+                            "fnv1a",
+                        ])?
+                        .to_owned()
                 }
                 key if key.contains('.') => {
-                    cfg.client.insert(key.to_owned(), v.into_owned());
+                    let (k, v) = o.into_pair();
+                    cfg.client.insert(k, v);
                 }
-                other => {
-                    return Err(config_error(format!(
-                    "unknown Kafka URL option {other:?} (busbar options: partitions, replication, \
-                         max_message_bytes, commit_interval_ms, session_timeout_ms, partitioner; librdkafka \
-                         settings contain a dot, e.g. security.protocol)"
-                )))
-                }
+                _ => return Err(options.unknown(&o, &KNOWN)),
             }
         }
         Ok(cfg)

@@ -3,7 +3,7 @@
 use std::fmt;
 use std::time::Duration;
 
-use busbar_core::raw::redact_url;
+use busbar_core::raw::{redact_url, UrlOptions};
 use busbar_core::{Error, ErrorKind, Result};
 
 use crate::BACKEND;
@@ -94,25 +94,16 @@ impl NatsConfig {
             lease_ttl: Duration::from_secs(6),
             name: "busbar".into(),
         };
-        for (k, v) in parsed.query_pairs() {
-            let num = |min: u64| -> Result<u64> {
-                v.parse::<u64>().ok().filter(|n| *n >= min).ok_or_else(|| {
-                    config_error(format!(
-                        "NATS URL option {k}={v:?} must be a number >= {min}"
-                    ))
-                })
-            };
-            match &*k {
-                "partitions" => cfg.partitions = num(1)?.min(1024) as u32,
-                "retention" => cfg.retention = num(1)?.min(i64::MAX as u64) as i64,
-                "lease_ttl_ms" => cfg.lease_ttl = Duration::from_millis(num(300)?),
-                "creds" => cfg.auth = Auth::CredsFile(v.into_owned()),
-                "name" => cfg.name = v.into_owned(),
-                other => {
-                    return Err(config_error(format!(
-                        "unknown NATS URL option {other:?} (known: partitions, retention, lease_ttl_ms, creds, name)"
-                    )))
-                }
+        const KNOWN: [&str; 5] = ["partitions", "retention", "lease_ttl_ms", "creds", "name"];
+        let options = UrlOptions::parse("NATS", BACKEND, parsed.query());
+        for o in options.clone() {
+            match o.key() {
+                "partitions" => cfg.partitions = o.number_as(1..=1024)?,
+                "retention" => cfg.retention = o.number_as(1..=i64::MAX as u64)?,
+                "lease_ttl_ms" => cfg.lease_ttl = o.millis(300..=u64::MAX)?,
+                "creds" => cfg.auth = Auth::CredsFile(o.value().to_owned()),
+                "name" => cfg.name = o.value().to_owned(),
+                _ => return Err(options.unknown(&o, &KNOWN)),
             }
         }
         Ok(cfg)

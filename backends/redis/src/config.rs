@@ -4,7 +4,7 @@
 use std::fmt;
 use std::time::Duration;
 
-use busbar_core::raw::redact_url;
+use busbar_core::raw::{redact_url, UrlOptions};
 use busbar_core::{Error, ErrorKind, Result};
 
 use crate::BACKEND;
@@ -86,27 +86,20 @@ impl RedisConfig {
             fetch_count: 100,
         };
         let mut rest = Vec::new();
-        for (k, v) in parsed.query_pairs() {
-            let num = |min: u64| -> Result<u64> {
-                v.parse::<u64>().ok().filter(|n| *n >= min).ok_or_else(|| {
-                    config_error(format!(
-                        "Redis URL option {k}={v:?} must be a number >= {min}"
-                    ))
-                })
-            };
-            match &*k {
+        for o in UrlOptions::parse("Redis", BACKEND, parsed.query()) {
+            match o.key() {
                 "prefix" => {
-                    busbar_core::limits::validate_topic(&v).map_err(|_| {
-                        config_error(format!("Redis URL option prefix={v:?} is not a valid name"))
-                    })?;
-                    cfg.prefix = v.into_owned();
+                    busbar_core::limits::validate_topic(o.value())
+                        .map_err(|_| o.invalid("is not a valid name"))?;
+                    cfg.prefix = o.value().to_owned();
                 }
-                "partitions" => cfg.partitions = num(1)?.min(1024) as u32,
-                "retention" => cfg.retention = num(1)?,
-                "max_message_bytes" => cfg.max_message_bytes = num(1)? as usize,
-                "lease_ttl_ms" => cfg.lease_ttl = Duration::from_millis(num(300)?),
-                "block_ms" => cfg.block = Duration::from_millis(num(1)?),
-                _ => rest.push((k.into_owned(), v.into_owned())),
+                "partitions" => cfg.partitions = o.number_as(1..=1024)?,
+                "retention" => cfg.retention = o.number(1..=u64::MAX)?,
+                "max_message_bytes" => cfg.max_message_bytes = o.number_as(1..=u64::MAX)?,
+                "lease_ttl_ms" => cfg.lease_ttl = o.millis(300..=u64::MAX)?,
+                "block_ms" => cfg.block = o.millis(1..=u64::MAX)?,
+                // The Redis client's own options (`protocol`, ...) are handed on.
+                _ => rest.push(o.into_pair()),
             }
         }
         if rest.is_empty() {
@@ -187,6 +180,9 @@ mod tests {
             "redis://",
             "redis://h?partitions=0",
             "redis://h?partitions=x",
+            // Was silently taken as 1024 before the shared option parser.
+            "redis://h?partitions=5000",
+            "redis://h?lease_ttl_ms=100",
             "redis://h?prefix=a%20b",
             "http://h",
             "not a url",

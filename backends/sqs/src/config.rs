@@ -3,7 +3,7 @@
 use std::fmt;
 use std::time::Duration;
 
-use busbar_core::raw::redact_url;
+use busbar_core::raw::{redact_url, UrlOptions};
 use busbar_core::{Error, ErrorKind, Result};
 
 use crate::BACKEND;
@@ -116,49 +116,40 @@ impl SqsConfig {
             retention: Duration::from_secs(4 * 24 * 3600),
         };
         let mut tls = true;
-        for (k, v) in parsed.query_pairs() {
-            let num = |min: u64, max: u64| -> Result<u64> {
-                v.parse::<u64>()
-                    .ok()
-                    .filter(|n| (min..=max).contains(n))
-                    .ok_or_else(|| {
-                        config_error(format!(
-                            "SQS URL option {k}={v:?} must be a number from {min} to {max}"
-                        ))
-                    })
-            };
-            let flag = || -> Result<bool> {
-                match &*v {
-                    "true" | "1" | "yes" => Ok(true),
-                    "false" | "0" | "no" => Ok(false),
-                    _ => Err(config_error(format!(
-                        "SQS URL option {k}={v:?} must be true or false"
-                    ))),
-                }
-            };
-            match &*k {
-                "region" if !v.is_empty() => cfg.region = Some(v.into_owned()),
-                "tls" => tls = flag()?,
-                "fifo" => cfg.fifo = flag()?,
+        const KNOWN: [&str; 8] = [
+            "region",
+            "tls",
+            "fifo",
+            "prefix",
+            "max_receive_count",
+            "receivers",
+            "wait_seconds",
+            "retention_seconds",
+        ];
+        let options = UrlOptions::parse("SQS", BACKEND, parsed.query());
+        for o in options.clone() {
+            match o.key() {
+                "region" if !o.value().is_empty() => cfg.region = Some(o.value().to_owned()),
+                "region" => {}
+                "tls" => tls = o.flag()?,
+                "fifo" => cfg.fifo = o.flag()?,
                 "prefix" => {
-                    if !v.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
-                        return Err(config_error(format!(
-                            "SQS URL option prefix={v:?} may hold only ASCII letters, digits, '-' and '_'"
-                        )));
+                    if !o
+                        .value()
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+                    {
+                        return Err(o.invalid("may hold only ASCII letters, digits, '-' and '_'"));
                     }
-                    cfg.prefix = v.into_owned();
+                    cfg.prefix = o.value().to_owned();
                 }
                 "max_receive_count" => {
-                    cfg.max_receive_count = Some(num(0, 1000)? as u32).filter(|n| *n > 0)
+                    cfg.max_receive_count = Some(o.number_as(0..=1000)?).filter(|n| *n > 0)
                 }
-                "receivers" => cfg.receivers = num(1, 64)? as usize,
-                "wait_seconds" => cfg.wait = Duration::from_secs(num(1, 20)?),
-                "retention_seconds" => cfg.retention = Duration::from_secs(num(60, 1_209_600)?),
-                other => {
-                    return Err(config_error(format!(
-                        "unknown SQS URL option {other:?} (known: region, tls, fifo, prefix, max_receive_count, receivers, wait_seconds, retention_seconds)"
-                    )))
-                }
+                "receivers" => cfg.receivers = o.number_as(1..=64)?,
+                "wait_seconds" => cfg.wait = o.secs(1..=20)?,
+                "retention_seconds" => cfg.retention = o.secs(60..=1_209_600)?,
+                _ => return Err(options.unknown(&o, &KNOWN)),
             }
         }
         if let Some(host) = parsed.host_str().filter(|h| !h.is_empty()) {

@@ -77,30 +77,12 @@ impl MemoryConfig {
             ));
         }
         let mut cfg = Self::default();
-        for (k, v) in parsed.query_pairs() {
-            let n: usize = v.parse().map_err(|_| {
-                Error::new(
-                    ErrorKind::Config,
-                    format!("memory URL option {k}={v:?} is not a number"),
-                )
-            })?;
-            match &*k {
-                "retention" if n > 0 => cfg.retention = n,
-                "max_message_bytes" if n > 0 => cfg.max_message_bytes = n,
-                "retention" | "max_message_bytes" => {
-                    return Err(Error::new(
-                        ErrorKind::Config,
-                        format!("memory URL option {k} must be greater than zero"),
-                    ))
-                }
-                other => {
-                    return Err(Error::new(
-                        ErrorKind::Config,
-                        format!(
-                        "unknown memory URL option {other:?} (known: retention, max_message_bytes)"
-                    ),
-                    ))
-                }
+        let options = crate::raw::UrlOptions::parse("memory", "memory", parsed.query());
+        for o in options.clone() {
+            match o.key() {
+                "retention" => cfg.retention = o.number_as(1..=u64::MAX)?,
+                "max_message_bytes" => cfg.max_message_bytes = o.number_as(1..=u64::MAX)?,
+                _ => return Err(options.unknown(&o, &["retention", "max_message_bytes"])),
             }
         }
         let name = parsed

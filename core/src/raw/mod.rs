@@ -11,6 +11,7 @@ mod backend;
 pub mod cloudevents;
 pub mod coalesce;
 pub mod inflight;
+mod url_options;
 
 pub use crate::bus::{check_publish, Ack};
 pub use crate::error::BoxError;
@@ -18,6 +19,7 @@ pub use crate::options::check_duration;
 pub use crate::partition::partition_for;
 pub use crate::registry::{redact_url, BackendEntry, ConnectFn, Registry};
 pub use backend::{connect_boxed, known, Backend, Connect, Identity};
+pub use url_options::{UrlOption, UrlOptions};
 
 /// Puts messages published now into the event chain of the handler running in this task (its
 /// correlation id, its event's id as causation id), as the front door does for every publish:
