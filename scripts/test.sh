@@ -54,3 +54,10 @@ scripts/compat-table "$BUSBAR_CONFORMANCE_REPORT" --versions target/broker-versi
 # every broker; the tests should not run under that load on a 2-core machine.
 step "benchmarks, smoke mode (each workload once, small counts; speed is never asserted)"
 BUSBAR_BENCH_QUICK=1 cargo test -p busbar-benches --benches
+
+step "fuzz smoke (every cargo-fuzz target of fuzz/ for 5 s; scripts/fuzz.sh 600 is a real run)"
+if rustup toolchain list 2>/dev/null | grep -q '^nightly'; then
+  scripts/fuzz.sh 5
+else
+  echo "NOT RUN: the fuzz targets need the nightly toolchain (rustup toolchain install nightly)" >&2
+fi

@@ -3,6 +3,8 @@
 mod attempts;
 mod codec;
 pub mod config;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 mod history;
 mod server;
 mod subscriber;

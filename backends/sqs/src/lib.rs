@@ -3,6 +3,8 @@
 mod codec;
 pub mod config;
 mod error;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 mod subscriber;
 
 use std::collections::HashMap;

@@ -86,7 +86,7 @@ impl UrlOption {
         (self.key, self.value)
     }
 
-    /// A `Config` error about this option: "<Broker> URL option k="v" <why>".
+    /// A `Config` error about this option: `<Broker> URL option k="v" <why>`.
     pub fn invalid(&self, why: impl std::fmt::Display) -> Error {
         config_error(
             self.backend,
