@@ -25,14 +25,15 @@ async fn sigkill_mid_batch(url: String) -> TestResult {
     Ok(())
 }
 
-/// 1,000 keys × 20 messages while members join and leave (SIGTERM) every 2 s.
+/// 1,000 keys × 20 messages while a member joins or leaves (SIGTERM) every 2 s, twelve
+/// times; then the members left finish the work.
 async fn rebalance_at_scale(url: String) -> TestResult {
     let bus = busbar::connect(&url).await?;
     let command = vec![BUSBAR.to_owned(), "worker".to_owned(), url.clone()];
     let plan = CrashPlan {
         keys: 1000,
         per_key: 20,
-        // ~400 messages/s per member: the run lasts long enough for about ten changes.
+        // ~400 messages/s per member: the twelve changes happen under load.
         handle: std::time::Duration::from_millis(20),
         concurrency: 8,
         deadline: std::time::Duration::from_secs(170),
@@ -42,7 +43,8 @@ async fn rebalance_at_scale(url: String) -> TestResult {
         bus.clone(),
         &command,
         &plan,
-        std::time::Duration::from_secs(3),
+        std::time::Duration::from_secs(2),
+        12,
     )
     .await?;
     eprintln!(

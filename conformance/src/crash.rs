@@ -656,6 +656,8 @@ pub struct ChurnReport {
     pub joined: usize,
     /// Members that left gracefully (SIGTERM: handlers finish, the rest is handed back).
     pub left: usize,
+    /// Handled when the last change was made.
+    pub handled_during_churn: usize,
     /// From the first publish to the last message's first handling.
     pub took: Duration,
 }
@@ -664,13 +666,14 @@ impl std::fmt::Display for ChurnReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{} published, {} lost, {} order violations, {} duplicates; {} joined, {} left; {:.1} s",
+            "{} published, {} lost, {} order violations, {} duplicates; {} joined, {} left, {} handled during the changes; {:.1} s",
             self.published,
             self.lost,
             self.order_violations,
             self.duplicates,
             self.joined,
             self.left,
+            self.handled_during_churn,
             self.took.as_secs_f64()
         )
     }
@@ -699,17 +702,19 @@ async fn leave(worker: &mut tokio::process::Child) -> Result<()> {
 }
 
 /// Rebalances under load: `plan.keys × plan.per_key` messages, two workers, then every
-/// `every` a member joins or the oldest leaves gracefully (never fewer than two), until
-/// everything is handled. None lost, per-key order kept where the backend orders per key.
+/// `every` a member joins or the oldest leaves gracefully (never fewer than two), `changes`
+/// times (or until everything is handled), then the members left finish. None lost, per-key
+/// order kept where the backend orders per key.
 pub async fn rebalance_under_churn(
     bus: Arc<dyn EventBus>,
     worker_command: &[String],
     plan: &CrashPlan,
     every: Duration,
+    changes: usize,
 ) -> Result<ChurnReport> {
     let dir = std::env::temp_dir().join(crate::interop::fresh_name("busbar-churn"));
     std::fs::create_dir_all(&dir)?;
-    let result = churn(bus, worker_command, plan, every, &dir).await;
+    let result = churn(bus, worker_command, plan, every, changes, &dir).await;
     if result.is_ok() {
         let _ = std::fs::remove_dir_all(&dir);
     }
@@ -721,6 +726,7 @@ async fn churn(
     worker_command: &[String],
     plan: &CrashPlan,
     every: Duration,
+    changes: usize,
     dir: &Path,
 ) -> Result<ChurnReport> {
     let started = Instant::now();
@@ -755,7 +761,7 @@ async fn churn(
                 bail!("a worker exited ({status}) with {} recorded", lines.len());
             }
         }
-        if Instant::now() >= next_change {
+        if step < changes && Instant::now() >= next_change {
             if step % 2 == 0 || workers.len() <= 2 {
                 join(&mut workers, &mut report)?;
             } else if let Some(mut oldest) = workers.pop_front() {
@@ -764,10 +770,21 @@ async fn churn(
             }
             step += 1;
             next_change = Instant::now() + every;
+            if step == changes {
+                report.handled_during_churn = seen.len();
+            }
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     report.took = started.elapsed();
+    if step < changes {
+        // Done before the last change: everything was handled while members came and went.
+        report.handled_during_churn = lines
+            .iter()
+            .map(|h| (h.key.as_str(), h.seq))
+            .collect::<HashSet<_>>()
+            .len();
+    }
     tokio::time::sleep(Duration::from_secs(1)).await;
     let lines = if lines.len() < expected.len() {
         lines
