@@ -6,6 +6,8 @@
 //! URL is unset, or whose feature this build lacks, is IGNORED (FAILED with
 //! `BUSBAR_REQUIRE_BROKERS=1`).
 
+mod common;
+
 use busbar_conformance::crash::{idempotent_redelivery, killed_worker, CrashPlan};
 use busbar_conformance::private_server::{Server, TestResult};
 
@@ -51,53 +53,18 @@ fn without_credentials(url: &str) -> String {
 }
 
 fn main() {
-    let backends = [
-        ("redis", "BUSBAR_REDIS_URL", cfg!(feature = "redis")),
-        ("nats", "BUSBAR_NATS_URL", cfg!(feature = "nats")),
-        ("amqp", "BUSBAR_AMQP_URL", cfg!(feature = "amqp")),
-        ("kafka", "BUSBAR_KAFKA_URL", cfg!(feature = "kafka")),
-        ("sqs", "BUSBAR_SQS_URL", cfg!(feature = "sqs")),
-    ];
-    let mut servers = Vec::new();
-    for (label, var, built) in backends {
-        if !built {
-            eprintln!("skipping {label}: busbar-cli was built without its {label} feature");
-            continue;
-        }
-        let urls: Vec<String> = std::env::var(var)
-            .map(|l| l.split_whitespace().map(str::to_owned).collect())
-            .unwrap_or_default();
-        if urls.is_empty() {
-            servers.push(Server {
-                label: label.to_owned(),
-                missing: Some(format!(
-                    "{var} is unset; run scripts/brokers.sh up and eval \"$(scripts/brokers.sh env)\""
-                )),
-                param: String::new(),
-            });
-        }
-        for (i, url) in urls.iter().enumerate() {
-            let name = if urls.len() > 1 {
-                format!("{label}-{}", i + 1)
-            } else {
-                label.to_owned()
-            };
-            servers.push(Server {
-                label: name,
-                missing: None,
-                param: url.clone(),
-            });
-        }
-        if label == "sqs" {
-            if let Some(url) = urls.first() {
-                let separator = if url.contains('?') { '&' } else { '?' };
-                servers.push(Server {
-                    label: "sqs-standard".to_owned(),
-                    missing: None,
-                    param: format!("{url}{separator}fifo=false"),
-                });
-            }
-        }
+    let mut servers = common::servers(true);
+    let fifo = servers
+        .iter()
+        .find(|s| s.label == "sqs" && s.missing.is_none())
+        .map(|s| s.param.clone());
+    if let Some(url) = fifo {
+        let separator = if url.contains('?') { '&' } else { '?' };
+        servers.push(Server {
+            label: "sqs-standard".to_owned(),
+            missing: None,
+            param: format!("{url}{separator}fifo=false"),
+        });
     }
     // The PostgreSQL store once, behind Kafka (the broker that redelivers the most after a
     // crash) where Kafka is built, else Redis.

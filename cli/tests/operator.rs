@@ -4,11 +4,13 @@
 //! `busbar lag` counts what the group has not received. A backend whose URL is unset, or whose
 //! feature this build lacks, is IGNORED (FAILED with `BUSBAR_REQUIRE_BROKERS=1`).
 
+mod common;
+
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use busbar_conformance::interop::fresh_name;
-use busbar_conformance::private_server::{Server, TestResult};
+use busbar_conformance::private_server::TestResult;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 
@@ -572,31 +574,7 @@ async fn check_json() -> TestResult {
 }
 
 fn main() {
-    let backends = [
-        ("redis", "BUSBAR_REDIS_URL", cfg!(feature = "redis")),
-        ("nats", "BUSBAR_NATS_URL", cfg!(feature = "nats")),
-        ("amqp", "BUSBAR_AMQP_URL", cfg!(feature = "amqp")),
-        ("kafka", "BUSBAR_KAFKA_URL", cfg!(feature = "kafka")),
-        ("sqs", "BUSBAR_SQS_URL", cfg!(feature = "sqs")),
-    ];
-    let mut servers = Vec::new();
-    for (label, var, built) in backends {
-        if !built {
-            // Not a missing broker: this build cannot speak to it (cargo test --all-features can).
-            eprintln!("skipping {label}: busbar-cli was built without its {label} feature");
-            continue;
-        }
-        let url = std::env::var(var)
-            .ok()
-            .and_then(|l| l.split_whitespace().next().map(str::to_owned));
-        servers.push(Server {
-            label: label.to_owned(),
-            missing: url.is_none().then(|| {
-                format!("{var} is unset; run scripts/brokers.sh up and eval \"$(scripts/brokers.sh env)\"")
-            }),
-            param: url.unwrap_or_default(),
-        });
-    }
+    let servers = common::servers(false);
     #[cfg(all(feature = "sse", feature = "redis"))]
     let once: Vec<(&'static str, busbar_conformance::private_server::TestFn)> = vec![
         ("check_json", || Box::pin(check_json())),
