@@ -39,6 +39,8 @@ pub(crate) struct Shared {
     stop: AtomicBool,
     /// Leaving for good: revocations do not wait for in-flight deliveries.
     closing: AtomicBool,
+    /// Fetching is paused (the buffer is full); newly assigned partitions follow it.
+    paused: AtomicBool,
     /// An error for `next` to report (authorization refused, ...).
     failure: Mutex<Option<Error>>,
     topic: Arc<str>,
@@ -120,6 +122,20 @@ impl ConsumerContext for MemberContext {
             let mut st = self.shared.state();
             for p in parts {
                 st.assign_with(p, notes.get(&p).cloned());
+            }
+            drop(st);
+            // librdkafka keeps an application's pause on a partition through revocation and
+            // re-assignment: a partition paused before a rebalance and given back after it
+            // would never be fetched again. Every assigned partition takes the member's state.
+            let paused = self.shared.paused.load(AtomicOrdering::Acquire);
+            let r = if paused {
+                consumer.pause(tpl)
+            } else {
+                consumer.resume(tpl)
+            };
+            if let Err(e) = r {
+                tracing::warn!(group = %self.shared.options.group, error = %e, paused,
+                    "kafka: cannot set the fetch state of the assigned partitions");
             }
         }
     }
@@ -231,7 +247,6 @@ fn run(consumer: BaseConsumer<MemberContext>, shared: Arc<Shared>, done: oneshot
     let interval = shared.inner.config.commit_interval;
     let high_water = (shared.options.max_in_flight * 4).max(1024);
     let mut next_commit = Instant::now() + interval;
-    let mut paused = false;
     while !shared.is_stopped() {
         match consumer.poll(Duration::from_millis(100)) {
             Some(Ok(record)) => {
@@ -259,6 +274,7 @@ fn run(consumer: BaseConsumer<MemberContext>, shared: Arc<Shared>, done: oneshot
             next_commit = now + interval;
         }
         let buffered = shared.state().buffered();
+        let paused = shared.paused.load(AtomicOrdering::Acquire);
         let want_pause = buffered >= high_water || (paused && buffered > high_water / 2);
         if want_pause != paused {
             if let Ok(assigned) = consumer.assignment() {
@@ -268,7 +284,7 @@ fn run(consumer: BaseConsumer<MemberContext>, shared: Arc<Shared>, done: oneshot
                     consumer.resume(&assigned)
                 };
                 match r {
-                    Ok(()) => paused = want_pause,
+                    Ok(()) => shared.paused.store(want_pause, AtomicOrdering::Release),
                     Err(e) => tracing::debug!(error = %e, "kafka: pause/resume failed"),
                 }
             }
@@ -295,6 +311,7 @@ impl KafkaSubscriber {
             wake: Notify::new(),
             stop: AtomicBool::new(false),
             closing: AtomicBool::new(false),
+            paused: AtomicBool::new(false),
             failure: Mutex::new(None),
             topic: topic.into(),
             options,
