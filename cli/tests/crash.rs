@@ -8,7 +8,9 @@
 
 mod common;
 
-use busbar_conformance::crash::{idempotent_redelivery, killed_worker, CrashPlan};
+use busbar_conformance::crash::{
+    idempotent_redelivery, killed_worker, rebalance_under_churn, CrashPlan,
+};
 use busbar_conformance::private_server::{Server, TestResult};
 
 const BUSBAR: &str = env!("CARGO_BIN_EXE_busbar");
@@ -19,6 +21,36 @@ async fn sigkill_mid_batch(url: String) -> TestResult {
     let report = killed_worker(bus.clone(), &command, &CrashPlan::default()).await?;
     eprintln!(
         "  sigkill_mid_batch {}: {report}",
+        without_credentials(&url)
+    );
+    bus.close().await?;
+    Ok(())
+}
+
+/// 1,000 keys × 20 messages while a member joins or leaves (SIGTERM) every 2 s, twelve
+/// times; then the members left finish the work.
+async fn rebalance_at_scale(url: String) -> TestResult {
+    let bus = busbar::connect(&url).await?;
+    let command = vec![BUSBAR.to_owned(), "worker".to_owned(), url.clone()];
+    let plan = CrashPlan {
+        keys: 1000,
+        per_key: 20,
+        // ~400 messages/s per member: the twelve changes happen under load.
+        handle: std::time::Duration::from_millis(20),
+        concurrency: 8,
+        deadline: std::time::Duration::from_secs(170),
+        ..CrashPlan::default()
+    };
+    let report = rebalance_under_churn(
+        bus.clone(),
+        &command,
+        &plan,
+        std::time::Duration::from_secs(2),
+        12,
+    )
+    .await?;
+    eprintln!(
+        "  rebalance_at_scale {}: {report}",
         without_credentials(&url)
     );
     bus.close().await?;
@@ -83,6 +115,9 @@ fn main() {
         &servers,
         &[
             ("sigkill_mid_batch", |url| Box::pin(sigkill_mid_batch(url))),
+            ("rebalance_at_scale", |url| {
+                Box::pin(rebalance_at_scale(url))
+            }),
             ("idempotent_redelivery_redis_store", |url| {
                 let store = first_url("BUSBAR_REDIS_URL")
                     .unwrap_or_else(|| "redis://127.0.0.1:6379".to_owned());
