@@ -11,6 +11,7 @@ mod backend;
 pub mod cloudevents;
 pub mod coalesce;
 pub mod inflight;
+pub mod ownership;
 mod url_options;
 
 pub use crate::bus::{check_publish, Ack};
