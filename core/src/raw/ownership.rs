@@ -229,6 +229,20 @@ impl<R: Clone + Send + Sync + std::fmt::Debug> Ownership<R> {
             .is_some_and(|o| o.draining_since.is_some())
     }
 
+    /// Starts handing `partition` over outside a round (the member found its lease lapsed
+    /// while reading, say); the next rounds release it once drained, and take it again if it
+    /// is still wanted. Returns whether the hand-over started now.
+    pub fn drain(&self, partition: u32) -> bool {
+        let mut st = self.lock();
+        match st.get_mut(&partition) {
+            Some(o) if o.draining_since.is_none() => {
+                o.draining_since = Some(Instant::now());
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// The partitions owned (serving or draining).
     pub fn owned(&self) -> Vec<u32> {
         self.lock().keys().copied().collect()

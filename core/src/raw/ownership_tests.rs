@@ -352,3 +352,27 @@ async fn leaving_releases_as_told_and_the_others_take_over_at_once() {
     assert!(log.contains(&Ev::Start(0, HandOver::Clean)));
     assert!(log.contains(&Ev::Start(2, HandOver::Hold)));
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_partition_the_member_drains_itself_is_handed_over_then_taken_again() {
+    let store = MemoryLeaseStore::new(TTL);
+    let a = Member::new("a", 1);
+    rounds(&store, &[&a], 1, 1).await;
+    a.recovered();
+    a.fake.set(0, |x| x.in_flight = 1);
+    assert!(a.own.drain(0));
+    assert!(!a.own.drain(0), "already draining");
+    assert!(!a.own.serving(0, Instant::now()));
+    rounds(&store, &[&a], 1, 3).await;
+    assert!(a.own.draining(0), "released with a delivery out");
+    a.fake.set(0, |x| x.in_flight = 0);
+    rounds(&store, &[&a], 1, 2).await;
+    assert_eq!(
+        a.fake.log(),
+        vec![
+            Ev::Start(0, HandOver::Hold),
+            Ev::GiveUp(0, HandOver::Clean),
+            Ev::Start(0, HandOver::Clean)
+        ]
+    );
+}

@@ -1,5 +1,6 @@
-//! A member of a consumer group: partition leases in a KV bucket, one puller per owned
-//! partition, acks and redelivery by JetStream.
+//! A member of a consumer group: one puller per owned partition, acks and redelivery by
+//! JetStream. Which partitions it owns is core's ownership engine
+//! (`busbar_core::raw::ownership`) over the leases of [`membership`].
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering as AtomicOrdering};
@@ -20,6 +21,11 @@ use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+mod membership;
+
+use busbar_core::raw::ownership::{HandOver, Ownership};
+use membership::Member;
+
 use crate::config::{consumer_name, encode_topic};
 use crate::error::{map, request_kind};
 use crate::{codec, Inner, BACKEND};
@@ -28,12 +34,10 @@ use crate::{codec, Inner, BACKEND};
 const PULL_BATCH: usize = 64;
 
 struct Part {
-    lease_revision: u64,
-    lease_valid_until: Instant,
     /// Set when the partition is being handed over (or its lease lapsed): its puller stops,
-    /// messages still arriving from it are nacked in order, and the lease is released once
-    /// the puller finished and its handed-out deliveries are settled.
-    draining_since: Option<Instant>,
+    /// messages still arriving from it are kept for the hand-over, and the engine releases
+    /// the lease once the puller finished and its handed-out deliveries are settled.
+    draining: bool,
     stop: Arc<AtomicBool>,
     puller_done: Arc<AtomicBool>,
     /// Set while the partition waits for (or fetches) what the previous owner left unacked:
@@ -100,12 +104,6 @@ struct Held {
     released: bool,
 }
 
-impl Part {
-    fn active(&self, now: Instant) -> bool {
-        self.draining_since.is_none() && self.lease_valid_until > now
-    }
-}
-
 impl Drop for Part {
     fn drop(&mut self) {
         self.puller.abort();
@@ -153,10 +151,8 @@ impl State {
     /// Starts handing partition `p` over: its puller stops after its current pull.
     fn drain(&mut self, p: u32) {
         if let Some(part) = self.parts.get_mut(&p) {
-            if part.draining_since.is_none() {
-                part.draining_since = Some(Instant::now());
-                part.stop.store(true, AtomicOrdering::Release);
-            }
+            part.draining = true;
+            part.stop.store(true, AtomicOrdering::Release);
         }
     }
 }
@@ -164,21 +160,15 @@ impl State {
 /// A message on its way from a puller to `next()`, with its partition's queue counter.
 type Forwarded = (u32, Arc<AtomicUsize>, JsMessage);
 
-/// Lease value written by a clean hand-over: nothing the partition delivered is left
-/// unacked and unscheduled, so the next owner may start at once.
-const RELEASED_CLEAN: &[u8] = b"";
-/// Lease value written when deliveries were still unsettled at hand-over: the next owner
-/// waits one ack wait, so JetStream redelivers them before anything newer.
-const RELEASED_HOLD: &[u8] = b"-hold-";
-
 pub(crate) struct SubShared {
     inner: Arc<Inner>,
     stream: stream::Stream,
     topic: Arc<str>,
     options: SubscribeOptions,
     member: String,
-    partitions: u32,
     state: Mutex<State>,
+    /// Which partitions this member owns (leases in [`membership`]).
+    ownership: Ownership<u64>,
     closed: AtomicBool,
     tags: AtomicU64,
     wake: Notify,
@@ -222,177 +212,49 @@ impl SubShared {
         Ok(())
     }
 
-    /// Adds or refreshes this member (or removes it with `leave`) in the group's member map,
-    /// dropping expired members; returns the live members, sorted, and the entry revision.
-    async fn update_members(&self, leave: bool) -> Result<(Vec<String>, u64)> {
-        let kv = self.inner.leases().await?;
-        let key = self.members_key();
-        let ttl = self.inner.config.lease_ttl.as_millis() as u64;
-        for _ in 0..20 {
-            let current = kv.get(&key).await?;
-            let mut members: BTreeMap<String, u64> =
-                serde_json::from_slice(&current.value).unwrap_or_default();
-            let now = now_ms();
-            members.retain(|_, expiry| *expiry > now);
-            if leave {
-                members.remove(&self.member);
-            } else {
-                members.insert(self.member.clone(), now + ttl);
-            }
-            let value = Bytes::from(serde_json::to_vec(&members).unwrap_or_default());
-            if let Some(seq) = kv.put_if(&key, value, current.seq).await? {
-                return Ok((members.into_keys().collect(), seq));
-            }
-            // Another member wrote in between: read again.
-            tokio::time::sleep(Duration::from_millis(fastrand_ms())).await;
-        }
-        Err(Error::new(
-            ErrorKind::Timeout,
-            "could not update the group members after 20 attempts",
-        )
-        .with_backend(BACKEND))
+    /// Heartbeat and rebalance (core's ownership engine); returns whether the next one
+    /// should come soon.
+    async fn heartbeat(self: &Arc<Self>) -> Result<bool> {
+        self.ownership
+            .round(self.as_ref(), &Member(self.clone()))
+            .await
     }
 
-    /// Heartbeat and rebalance; returns whether the next one should come soon.
-    async fn heartbeat(self: &Arc<Self>) -> Result<bool> {
-        let started = Instant::now();
-        let (members, _) = self.update_members(false).await?;
-        let kv = self.inner.leases().await?;
-        let ttl = self.inner.config.lease_ttl;
-        let valid_until = started + ttl * 2 / 3;
-        let m = members.len().max(1);
-        let mut soon = false;
-        for p in 0..self.partitions {
-            let desired = members.get(p as usize % m).map(String::as_str);
-            let mine = desired == Some(self.member.as_str());
-            let key = self.lease_key(p);
-            let local = self.lock().parts.get(&p).map(|part| part.lease_revision);
-            match local {
-                Some(rev) => {
-                    let renewed = kv
-                        .put_if(&key, Bytes::from(self.member.clone()), rev)
-                        .await?;
-                    let Some(new_rev) = renewed else {
-                        tracing::warn!(topic = %self.topic, partition = p, "nats: partition lease lost; no longer delivering from it");
-                        self.lock().parts.remove(&p);
-                        soon = true;
-                        continue;
-                    };
-                    let (release, released, returned) = {
-                        let mut st = self.lock();
-                        if !mine {
-                            st.drain(p);
-                        }
-                        let inflight = st.inflight_in(p);
-                        let Some(part) = st.parts.get_mut(&p) else {
-                            continue;
-                        };
-                        part.lease_revision = new_rev;
-                        part.lease_valid_until = valid_until;
-                        let done = part.puller_done.load(AtomicOrdering::Acquire)
-                            && part.queued.load(AtomicOrdering::Acquire) == 0;
-                        let unrecovered = part.recovering.load(AtomicOrdering::Acquire);
-                        let release = match part.draining_since {
-                            None => None,
-                            Some(since) => {
-                                if done && unrecovered {
-                                    // Stopped during its hold: the previous owner's
-                                    // deliveries are still unacked, so the next owner
-                                    // must wait for them as this one would have.
-                                    Some(RELEASED_HOLD)
-                                } else if done && inflight == 0 {
-                                    Some(RELEASED_CLEAN)
-                                } else if since.elapsed() > self.options.ack_timeout {
-                                    Some(RELEASED_HOLD)
-                                } else {
-                                    None
-                                }
-                            }
-                        };
-                        // Only when the partition goes: what arrived while draining (and what
-                        // handlers released) was never seen. Nacked now (clean hand-over: no
-                        // older delivery is still out), or left to the ack wait (hold);
-                        // either way JetStream counts a delivery nobody saw.
-                        let returned = if release.is_some() {
-                            std::mem::take(&mut part.returned)
-                        } else {
-                            Vec::new()
-                        };
-                        for m in &returned {
-                            part.unseen.add(stream_seq(m));
-                        }
-                        let released = if release.is_some() {
-                            st.take_released(p)
-                        } else {
-                            Vec::new()
-                        };
-                        (release, released, returned)
-                    };
-                    if release == Some(RELEASED_CLEAN) {
-                        // In hand-out order: released deliveries came before what arrived
-                        // while draining.
-                        let client = self.inner.js.client();
-                        for h in released.iter().filter(|h| !h.reply.is_empty()) {
-                            let _ = client
-                                .request(h.reply.clone(), Bytes::from_static(b"-NAK"))
-                                .await;
-                        }
-                        nack_in_order(returned).await;
-                    } else {
-                        // Deliveries of this partition are still unsettled: nacking newer
-                        // messages now would queue them before those. Leave everything to
-                        // JetStream's ack wait, which redelivers in sequence order, and
-                        // make the next owner wait for it.
-                        drop((released, returned));
-                    }
-                    if let Some(value) = release {
-                        let part = self.lock().parts.remove(&p);
-                        if let Some(part) = &part {
-                            // Before the lease: the next owner reads them when it takes it.
-                            self.save_unseen(p, &part.unseen).await;
-                        }
-                        let _ = kv.put_if(&key, Bytes::from_static(value), new_rev).await;
-                        soon = true;
-                        tracing::debug!(topic = %self.topic, partition = p, clean = value.is_empty(), "nats: partition handed over");
-                    }
-                }
-                None if mine => {
-                    let current = kv.get(&key).await?;
-                    let clean = current.seq > 0 && current.value.as_ref() == RELEASED_CLEAN;
-                    if !clean
-                        && current.value.as_ref() != RELEASED_HOLD
-                        && !current.value.is_empty()
-                    {
-                        soon = true; // still held by its previous owner
-                        continue;
-                    }
-                    match kv
-                        .put_if(&key, Bytes::from(self.member.clone()), current.seq)
-                        .await?
-                    {
-                        Some(rev) => {
-                            self.acquire(p, rev, valid_until, !clean).await?;
-                            soon = true;
-                        }
-                        None => soon = true,
-                    }
-                }
-                None => {}
-            }
+    /// Gives partition `p` up (its puller finished, or the drain is stuck): what arrived while
+    /// draining and what handlers released is nacked in order on a clean hand-over (no older
+    /// delivery is still out), or left to JetStream's ack wait on a hold — nacking newer
+    /// messages then would queue them before the unsettled ones. Either way JetStream counted
+    /// a delivery nobody saw: the unseen counts go to the store before the lease is released.
+    async fn give_up(&self, p: u32, how: HandOver) {
+        let (mut part, released) = {
+            let mut st = self.lock();
+            let released = st.take_released(p);
+            let Some(part) = st.parts.remove(&p) else {
+                return;
+            };
+            (part, released)
+        };
+        let returned = std::mem::take(&mut part.returned);
+        for m in &returned {
+            part.unseen.add(stream_seq(m));
         }
-        Ok(soon)
+        if how == HandOver::Clean {
+            // In hand-out order: released deliveries came before what arrived while draining.
+            let client = self.inner.js.client();
+            for h in released.iter().filter(|h| !h.reply.is_empty()) {
+                let _ = client
+                    .request(h.reply.clone(), Bytes::from_static(b"-NAK"))
+                    .await;
+            }
+            nack_in_order(returned).await;
+        }
+        self.save_unseen(p, &part.unseen).await;
     }
 
     /// Starts delivering from partition `p`. Unless the previous owner handed it over
     /// cleanly, unacked deliveries it may have left make the new owner wait one ack wait
     /// first, so that JetStream redelivers them before anything newer.
-    async fn acquire(
-        self: &Arc<Self>,
-        p: u32,
-        revision: u64,
-        valid_until: Instant,
-        may_hold: bool,
-    ) -> Result<()> {
+    async fn acquire(self: &Arc<Self>, p: u32, may_hold: bool) -> Result<()> {
         let name = consumer_name(&self.options.group, p);
         let mut consumer: Consumer<pull::Config> =
             self.stream.get_consumer(&name).await.map_err(|e| {
@@ -433,9 +295,7 @@ impl SubShared {
         self.lock().parts.insert(
             p,
             Part {
-                lease_revision: revision,
-                lease_valid_until: valid_until,
-                draining_since: None,
+                draining: false,
                 stop,
                 puller_done: done,
                 recovering,
@@ -555,20 +415,13 @@ impl SubShared {
 
     /// Whether partition `p` is owned and not being handed over.
     fn owns(&self, p: u32) -> bool {
-        let now = Instant::now();
-        self.lock()
-            .parts
-            .get(&p)
-            .is_some_and(|part| part.active(now))
+        self.lock().parts.contains_key(&p) && self.ownership.serving(p, Instant::now())
     }
 
     fn settled(&self, tag: u64) {
         let mut st = self.lock();
         if let Some(Held { partition: p, .. }) = st.inflight.remove(&tag) {
-            let draining = st
-                .parts
-                .get(&p)
-                .is_some_and(|part| part.draining_since.is_some());
+            let draining = st.parts.get(&p).is_some_and(|part| part.draining);
             if draining && st.inflight_in(p) == 0 {
                 self.wake_bg.notify_one();
             }
@@ -658,17 +511,16 @@ impl SubShared {
             q.fetch_sub(1, AtomicOrdering::AcqRel);
             forwarded.push((p, m));
         }
-        let (owned, held, returned, mut unseen) = {
+        let (clean, held, returned, mut unseen) = {
             let mut st = self.lock();
             // Clean only when the puller finished and was not waiting for the previous
             // owner's unacked deliveries.
-            let owned: Vec<(u32, u64, bool)> = st
+            let clean: BTreeMap<u32, bool> = st
                 .parts
                 .iter()
                 .map(|(p, part)| {
                     (
                         *p,
-                        part.lease_revision,
                         part.puller_done.load(AtomicOrdering::Acquire)
                             && !part.recovering.load(AtomicOrdering::Acquire),
                     )
@@ -691,7 +543,7 @@ impl SubShared {
             st.parts.clear();
             // In hand-out order, so that a key's deliveries come back in their order.
             let held: Vec<Held> = std::mem::take(&mut st.inflight).into_values().collect();
-            (owned, held, returned, unseen)
+            (clean, held, returned, unseen)
         };
         // Oldest first: deliveries the application still holds (or released), then what was
         // stashed, then what the pullers forwarded last. Only the first ones were seen.
@@ -713,15 +565,14 @@ impl SubShared {
         for (p, u) in &unseen {
             self.save_unseen(*p, u).await;
         }
-        if let Ok(kv) = self.inner.leases().await {
-            for (p, rev, clean) in owned {
-                let value = if clean { RELEASED_CLEAN } else { RELEASED_HOLD };
-                let _ = kv
-                    .put_if(&self.lease_key(p), Bytes::from_static(value), rev)
-                    .await;
+        let how = |p: u32| {
+            if clean.get(&p).copied().unwrap_or(false) {
+                HandOver::Clean
+            } else {
+                HandOver::Hold
             }
-        }
-        if let Err(e) = self.update_members(true).await {
+        };
+        if let Err(e) = self.ownership.leave(self, how).await {
             tracing::debug!(error = %e, "nats: leaving the member list failed; it expires by itself");
         }
     }
@@ -800,14 +651,22 @@ impl NatsSubscriber {
         partitions: u32,
     ) -> Result<Self> {
         let (tx, rx) = mpsc::channel(PULL_BATCH);
+        let member = uuid::Uuid::new_v4().simple().to_string();
+        // A drain stuck for an ack wait is handed over with a hold.
+        let ownership = Ownership::new(
+            member.clone(),
+            partitions,
+            inner.config.lease_ttl,
+            options.ack_timeout,
+        );
         let shared = Arc::new(SubShared {
             inner,
             stream,
             topic: topic.into(),
             options,
-            member: uuid::Uuid::new_v4().simple().to_string(),
-            partitions,
+            member,
             state: Mutex::new(State::default()),
+            ownership,
             closed: AtomicBool::new(false),
             tags: AtomicU64::new(0),
             wake: Notify::new(),
@@ -855,7 +714,7 @@ impl Subscriber for NatsSubscriber {
                 // handed over are delivered. Anything else is nacked in arrival order (so
                 // JetStream redelivers it first) and a lapsed partition is handed over.
                 match st.parts.get(&p) {
-                    Some(part) if part.active(now) => {
+                    Some(part) if !part.draining && shared.ownership.serving(p, now) => {
                         queued.fetch_sub(1, AtomicOrdering::AcqRel);
                         let reply = msg
                             .reply
@@ -880,6 +739,7 @@ impl Subscriber for NatsSubscriber {
                     }
                     Some(_) => {
                         st.drain(p);
+                        shared.ownership.drain(p);
                         if let Some(part) = st.parts.get_mut(&p) {
                             part.returned.push(msg);
                         }
