@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use busbar_core::raw::inflight::{next_handed, State, Token};
+use busbar_core::raw::ownership::{self, Activity};
 use busbar_core::raw::{self, Ack};
 use busbar_core::{Delivery, Error, Event, Result, SubscribeOptions, Subscriber};
 use futures::StreamExt;
@@ -318,16 +319,11 @@ impl Member {
         let now = Instant::now();
         self.peers
             .retain(|_, seen| now.duration_since(*seen) < MEMBER_TTL);
-        let mut live: Vec<&str> = self.peers.keys().map(String::as_str).collect();
-        live.push(&self.id);
-        live.sort_unstable();
-        let m = live.len() as u32;
-        let me = live.iter().position(|id| *id == self.id).unwrap_or(0) as u32;
-        let target: Vec<u32> = (0..self.shared.inner.config.partitions)
-            .filter(|p| p % m == me)
-            .collect();
+        let mut live: Vec<String> = self.peers.keys().cloned().collect();
+        live.push(self.id.clone());
+        let target = ownership::share(&live, &self.id, self.shared.inner.config.partitions);
         if live.len() != self.last_view {
-            tracing::debug!(member = %self.id, members = m, index = me, ?target, "amqp: group view changed");
+            tracing::debug!(member = %self.id, members = live.len(), ?target, "amqp: group view changed");
             self.last_view = live.len();
         }
         target
@@ -518,8 +514,15 @@ impl Member {
                     }
                 }
                 Some(since) => {
+                    // RabbitMQ fences the queue itself (single active consumer): the hand-over
+                    // is closing the channel, which returns what is unacked to the queue's
+                    // head, so either verdict releases.
                     let live = self.shared.state().live_in_flight(p as i32, now);
-                    if live == 0 || now.duration_since(since) >= limit {
+                    let activity = Activity {
+                        in_flight: live,
+                        ..Activity::default()
+                    };
+                    if ownership::verdict(activity, now.duration_since(since), limit).is_some() {
                         if live > 0 {
                             tracing::warn!(partition = p, live, "amqp: handing a partition over with deliveries unsettled; they come back");
                         }

@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use busbar_core::raw::ownership::{self, Activity};
 use busbar_core::raw::{self, coalesce::Coalescer, Ack};
 use busbar_core::{
     Delivery, Error, ErrorKind, Event, Message, Result, SubscribeOptions, Subscriber,
@@ -249,7 +250,7 @@ impl SubShared {
             .invoke_async(&mut self.conn())
             .await
             .map_err(|e| map(e, "renewing partition leases"))?;
-        let valid_until = started + ttl * 2 / 3;
+        let valid_until = ownership::trusted_until(started, ttl);
         let mut acquired = Vec::new();
         let mut to_release = Vec::new();
         let mut unseen: Vec<Entry> = Vec::new();
@@ -287,8 +288,17 @@ impl SubShared {
                             part.draining_since
                         });
                         unseen.extend(st.take_retries(p));
-                        let stuck = drain.is_some_and(|d| now - d > self.options.ack_timeout);
-                        if (st.inflight_in(p) == 0 && !st.reading.contains(&p)) || stuck {
+                        // The next owner recovers what is pending in ID order either way:
+                        // any verdict releases (Redis has no hold to pass on).
+                        let activity = Activity {
+                            in_flight: st.inflight_in(p),
+                            reading: st.reading.contains(&p),
+                            recovering: false,
+                        };
+                        let draining_for = drain.map_or(Duration::ZERO, |d| now - d);
+                        if ownership::verdict(activity, draining_for, self.options.ack_timeout)
+                            .is_some()
+                        {
                             to_release.push(p);
                         }
                     }

@@ -148,6 +148,12 @@ pub fn share(members: &[String], me: &str, partitions: u32) -> Vec<u32> {
         .collect()
 }
 
+/// Until when a lease renewed by a call started at `renewed_at` is trusted (two thirds of
+/// its TTL: a member whose heartbeat stalls stops handing out before another can take over).
+pub fn trusted_until(renewed_at: Instant, ttl: Duration) -> Instant {
+    renewed_at + ttl * 2 / 3
+}
+
 /// Whether a draining partition may be released now, and how (see the module docs).
 pub fn verdict(
     activity: Activity,
@@ -259,7 +265,7 @@ impl<R: Clone + Send + Sync + std::fmt::Debug> Ownership<R> {
         let started = Instant::now();
         let members = store.members(&self.me, false).await?;
         let wanted = share(&members, &self.me, self.partitions);
-        let valid_until = started + self.lease_ttl * 2 / 3;
+        let valid_until = trusted_until(started, self.lease_ttl);
         let mut soon = false;
 
         let owned: Vec<(u32, R)> = self
