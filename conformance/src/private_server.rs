@@ -21,6 +21,55 @@ pub type TestResult = Result<(), Failed>;
 /// A private-server test.
 pub type TestFn = fn() -> Pin<Box<dyn Future<Output = TestResult> + Send>>;
 
+/// How a private broker goes down in a fault test.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    /// SIGKILL: no goodbye, nothing flushed that was not flushed already.
+    Kill,
+    /// SIGTERM: the broker's own controlled shutdown.
+    Clean,
+}
+
+impl Stop {
+    /// `"killed"` or `"stopped"`, for test names and messages.
+    pub fn word(self) -> &'static str {
+        match self {
+            Stop::Kill => "killed",
+            Stop::Clean => "stopped",
+        }
+    }
+}
+
+/// Stops a private broker process as `how` says — with `group`, its whole process group (a
+/// wrapper script and the VM it starts) — and waits until it exited; a clean stop that takes
+/// longer than `grace` is an error (the process is then killed).
+pub async fn stop_process(
+    child: &mut tokio::process::Child,
+    how: Stop,
+    group: bool,
+    grace: Duration,
+) -> TestResult {
+    let signal = match how {
+        Stop::Kill => "KILL",
+        Stop::Clean => "TERM",
+    };
+    if let Some(pid) = child.id() {
+        let target = if group {
+            format!("-{pid}")
+        } else {
+            pid.to_string()
+        };
+        let _ = std::process::Command::new("kill")
+            .args(["-s", signal, "--", &target])
+            .status();
+    }
+    if tokio::time::timeout(grace, child.wait()).await.is_err() {
+        let _ = child.kill().await;
+        return Err(format!("the private broker ignored SIG{signal} for {grace:?}").into());
+    }
+    Ok(())
+}
+
 /// A free TCP port on 127.0.0.1.
 pub fn free_port() -> std::io::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?

@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use busbar_conformance::private_server::{
-    expect_config_errors, expect_connection_error, free_port, publish_retrying, Failed, Proxy,
-    Recorder, TestResult,
+    expect_config_errors, expect_connection_error, free_port, publish_retrying, stop_process,
+    Failed, Proxy, Recorder, Stop, TestResult,
 };
 use busbar_core::{EventBus, Message, PublishOptions};
 use busbar_kafka::KafkaBus;
@@ -49,15 +49,6 @@ fn kafka_home() -> Option<PathBuf> {
 
 fn config_template() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/kafka")
-}
-
-/// How the private broker goes down.
-#[derive(Debug, Clone, Copy)]
-enum Stop {
-    /// SIGKILL: no goodbye, unflushed pages of the JVM lost.
-    Kill,
-    /// SIGTERM: a controlled shutdown.
-    Clean,
 }
 
 struct Broker {
@@ -165,24 +156,7 @@ impl Broker {
         let Some(mut child) = self.child.take() else {
             return Ok(());
         };
-        match how {
-            Stop::Kill => child.kill().await?,
-            Stop::Clean => {
-                if let Some(pid) = child.id() {
-                    let _ = std::process::Command::new("kill")
-                        .args(["-s", "TERM", &pid.to_string()])
-                        .status();
-                }
-                if tokio::time::timeout(Duration::from_secs(60), child.wait())
-                    .await
-                    .is_err()
-                {
-                    child.kill().await?;
-                    return Err("the private Kafka broker ignored SIGTERM for 60 s".into());
-                }
-            }
-        }
-        Ok(())
+        stop_process(&mut child, how, false, Duration::from_secs(60)).await
     }
 
     fn url(&self) -> String {

@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use busbar_conformance::private_server::{
-    expect_config_errors, expect_connection_error, free_port, publish_retrying, Failed, Recorder,
-    TestResult,
+    expect_config_errors, expect_connection_error, free_port, publish_retrying, stop_process,
+    Failed, Recorder, Stop, TestResult,
 };
 use busbar_core::{
     Delivery, ErrorKind, EventBus, Message, PublishOptions, SubscribeOptions, Subscriber,
@@ -76,11 +76,12 @@ impl Server {
         Ok(())
     }
 
-    async fn kill(&mut self) -> TestResult {
-        if let Some(mut c) = self.child.take() {
-            c.kill().await?;
+    /// Takes the server down as `how` says (SIGTERM: nats-server's own orderly shutdown).
+    async fn stop(&mut self, how: Stop) -> TestResult {
+        match self.child.take() {
+            Some(mut c) => stop_process(&mut c, how, false, Duration::from_secs(30)).await,
+            None => Ok(()),
         }
-        Ok(())
     }
 
     fn url(&self) -> String {
@@ -97,7 +98,10 @@ impl Drop for Server {
     }
 }
 
-async fn restart_mid_stream_loses_nothing_acked(bin: String) -> TestResult {
+/// The server goes down (`how`) and comes back on the same store mid-stream, while a consumer
+/// reads and publishes go on: every publish that returned Ok is handled, each key's messages
+/// first handled in publish order.
+async fn restart_mid_stream(bin: String, how: Stop) -> TestResult {
     let mut server = Server::start(&bin, None).await?;
     let bus = NatsBus::connect(&format!("{}?lease_ttl_ms=2000", server.url())).await?;
     let topic = "restart";
@@ -118,7 +122,7 @@ async fn restart_mid_stream_loses_nothing_acked(bin: String) -> TestResult {
         }
         if i == 150 {
             // Mid-stream, while the consumer is reading.
-            server.kill().await?;
+            server.stop(how).await?;
             for j in 0..3 {
                 let m = Message::new(format!("down-{j}"));
                 let id = m.id.clone();
@@ -137,7 +141,7 @@ async fn restart_mid_stream_loses_nothing_acked(bin: String) -> TestResult {
         publish_retrying(&bus, topic, m, Duration::from_secs(30)).await?;
     }
     recorder
-        .expect_all_in_key_order(&acked, Duration::from_secs(90), "restart")
+        .expect_all_in_key_order(&acked, Duration::from_secs(90), how.word())
         .await?;
     Ok(())
 }
@@ -558,8 +562,11 @@ fn main() {
     busbar_conformance::private_server::main_matrix(
         &servers(),
         &[
-            ("restart_mid_stream_loses_nothing_acked", |b| {
-                Box::pin(restart_mid_stream_loses_nothing_acked(b))
+            ("killed_server_restart_loses_nothing_acked", |b| {
+                Box::pin(restart_mid_stream(b, Stop::Kill))
+            }),
+            ("stopped_server_restart_loses_nothing_acked", |b| {
+                Box::pin(restart_mid_stream(b, Stop::Clean))
             }),
             ("handover_during_recovery_keeps_key_order", |b| {
                 Box::pin(handover_during_recovery_keeps_key_order(b))

@@ -9,8 +9,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use busbar_conformance::private_server::{
-    expect_config_errors, expect_connection_error, free_port, publish_retrying, Failed, Recorder,
-    TestResult,
+    expect_config_errors, expect_connection_error, free_port, publish_retrying, stop_process,
+    Failed, Recorder, Stop, TestResult,
 };
 use busbar_core::{ErrorKind, EventBus, Message, PublishOptions, SubscribeOptions};
 use busbar_redis::RedisBus;
@@ -76,11 +76,12 @@ impl Server {
         Ok(())
     }
 
-    async fn kill(&mut self) -> TestResult {
-        if let Some(mut c) = self.child.take() {
-            c.kill().await?;
+    /// Takes the server down as `how` says (SIGTERM: Redis fsyncs the AOF and exits).
+    async fn stop(&mut self, how: Stop) -> TestResult {
+        match self.child.take() {
+            Some(mut c) => stop_process(&mut c, how, false, Duration::from_secs(30)).await,
+            None => Ok(()),
         }
-        Ok(())
     }
 
     fn url(&self, query: &str) -> String {
@@ -97,7 +98,10 @@ impl Drop for Server {
     }
 }
 
-async fn restart_mid_stream_loses_nothing_acked() -> TestResult {
+/// The server goes down (`how`) and comes back on the same AOF mid-stream, while a consumer
+/// reads and publishes go on: every publish that returned Ok is handled, each key's messages
+/// first handled in publish order.
+async fn restart_mid_stream(how: Stop) -> TestResult {
     let mut server = Server::start(None).await?;
     let bus = RedisBus::connect(&server.url("?lease_ttl_ms=1500")).await?;
     let topic = "restart";
@@ -120,7 +124,7 @@ async fn restart_mid_stream_loses_nothing_acked() -> TestResult {
         }
         if i == 150 {
             // Mid-stream, while the consumer is reading.
-            server.kill().await?;
+            server.stop(how).await?;
             // While Redis is down, publishing fails with a retryable error, never silently.
             for j in 0..5 {
                 let m = Message::new(format!("down-{j}"));
@@ -141,9 +145,17 @@ async fn restart_mid_stream_loses_nothing_acked() -> TestResult {
         publish_retrying(&bus, topic, m, Duration::from_secs(30)).await?;
     }
     recorder
-        .expect_all_in_key_order(&acked, Duration::from_secs(60), "restart")
+        .expect_all_in_key_order(&acked, Duration::from_secs(60), how.word())
         .await?;
     Ok(())
+}
+
+async fn killed_server_restart_loses_nothing_acked() -> TestResult {
+    restart_mid_stream(Stop::Kill).await
+}
+
+async fn stopped_server_restart_loses_nothing_acked() -> TestResult {
+    restart_mid_stream(Stop::Clean).await
 }
 
 async fn wrong_password_is_an_auth_error() -> TestResult {
@@ -299,8 +311,11 @@ fn main() {
     busbar_conformance::private_server::main(
         "redis-server",
         &[
-            ("restart_mid_stream_loses_nothing_acked", true, || {
-                Box::pin(restart_mid_stream_loses_nothing_acked())
+            ("killed_server_restart_loses_nothing_acked", true, || {
+                Box::pin(killed_server_restart_loses_nothing_acked())
+            }),
+            ("stopped_server_restart_loses_nothing_acked", true, || {
+                Box::pin(stopped_server_restart_loses_nothing_acked())
             }),
             ("wrong_password_is_an_auth_error", true, || {
                 Box::pin(wrong_password_is_an_auth_error())
