@@ -383,6 +383,15 @@ struct MemoryLeases {
     revision: u64,
 }
 
+impl MemoryLeases {
+    /// Writes `lease` under a new revision and returns the revision.
+    fn write(&mut self, partition: u32, lease: MemoryLease) -> u64 {
+        self.revision += 1;
+        self.leases.insert(partition, (self.revision, lease));
+        self.revision
+    }
+}
+
 #[derive(Debug)]
 enum MemoryLease {
     Held { owner: String, until: Instant },
@@ -457,14 +466,11 @@ impl LeaseStore for MemoryLeaseStore {
         if current != *revision {
             return Ok(None);
         }
-        st.revision += 1;
-        let r = st.revision;
         let held = MemoryLease::Held {
             owner: me.to_owned(),
             until: now + self.ttl,
         };
-        st.leases.insert(partition, (r, held));
-        Ok(Some(r))
+        Ok(Some(st.write(partition, held)))
     }
 
     async fn renew(&self, partition: u32, me: &str, revision: &u64) -> Result<Option<u64>> {
@@ -474,14 +480,11 @@ impl LeaseStore for MemoryLeaseStore {
             Some((r, MemoryLease::Held { owner, .. })) if r == revision && owner == me => {}
             _ => return Ok(None),
         }
-        st.revision += 1;
-        let r = st.revision;
         let held = MemoryLease::Held {
             owner: me.to_owned(),
             until: now + self.ttl,
         };
-        st.leases.insert(partition, (r, held));
-        Ok(Some(r))
+        Ok(Some(st.write(partition, held)))
     }
 
     async fn release(&self, partition: u32, revision: &u64, how: HandOver) -> Result<()> {
@@ -491,9 +494,7 @@ impl LeaseStore for MemoryLeaseStore {
             .get(&partition)
             .is_some_and(|(r, _)| r == revision)
         {
-            st.revision += 1;
-            let r = st.revision;
-            st.leases.insert(partition, (r, MemoryLease::Released(how)));
+            st.write(partition, MemoryLease::Released(how));
         }
         Ok(())
     }
