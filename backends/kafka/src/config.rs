@@ -90,9 +90,21 @@ impl KafkaConfig {
             "kafka" => false,
             "kafkas" => true,
             other => {
+                // Echoed only when it is a scheme: the text before "://" of a malformed URL
+                // can hold user info.
+                let valid = other.len() <= 32
+                    && other.starts_with(|c: char| c.is_ascii_alphabetic())
+                    && other
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'));
+                let got = if valid {
+                    format!("scheme {other:?}")
+                } else {
+                    "text that is not a URL scheme".to_owned()
+                };
                 return Err(config_error(format!(
-                    "expected a kafka:// or kafkas:// URL, got scheme {other:?}"
-                )))
+                    "expected a kafka:// or kafkas:// URL, got {got} before \"://\""
+                )));
             }
         };
         let (authority, query) = match rest.split_once('?') {
@@ -256,5 +268,11 @@ mod tests {
         }
         let e = KafkaConfig::from_url("kafka://u:hunter2@h?partitions=x").expect_err("bad option");
         assert!(!e.to_string().contains("hunter2"), "{e}");
+        // Found by fuzzing: what precedes "://" was echoed as the scheme, though it can hold
+        // user info (here an ftp URL's password, as the URL standard reads it).
+        let e = KafkaConfig::from_url("ftp:user:sup3rs3cretpassw0rd@host://x").expect_err("scheme");
+        assert!(!e.to_string().contains("sup3rs3cret"), "{e}");
+        let e = KafkaConfig::from_url("redis://h").expect_err("scheme");
+        assert!(e.to_string().contains("\"redis\""), "{e}");
     }
 }
