@@ -30,6 +30,7 @@ pub mod interop;
 pub mod private_server;
 mod report;
 pub mod support;
+pub mod tls;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -3,6 +3,7 @@
 use std::fmt;
 use std::time::Duration;
 
+use busbar_core::raw::tls::TlsFiles;
 use busbar_core::raw::{redact_url, UrlOptions};
 use busbar_core::{Error, ErrorKind, Result};
 
@@ -37,7 +38,9 @@ impl fmt::Debug for Auth {
 /// URL: `nats://[user:password@|token@]host:port[?options]`, or `tls://...` to require TLS.
 /// Options: `partitions` (subjects per new topic, default 8), `retention` (messages kept per
 /// topic stream, default 1,000,000), `lease_ttl_ms` (partition lease, default 6000),
-/// `creds` (path of a `.creds` file), `name` (client name).
+/// `creds` (path of a `.creds` file), `name` (client name); on `tls://` only, `tls_ca` (PEM
+/// certificates to trust instead of the system's), `tls_cert` and `tls_key` (a client
+/// certificate and its key, for servers that verify clients).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NatsConfig {
     /// `host:port` of the server.
@@ -54,6 +57,8 @@ pub struct NatsConfig {
     pub lease_ttl: Duration,
     /// Client name shown by the server.
     pub name: String,
+    /// TLS files (`tls://` only).
+    pub tls_files: TlsFiles,
 }
 
 fn config_error(msg: String) -> Error {
@@ -93,10 +98,23 @@ impl NatsConfig {
             retention: 1_000_000,
             lease_ttl: Duration::from_secs(6),
             name: "busbar".into(),
+            tls_files: TlsFiles::default(),
         };
-        const KNOWN: [&str; 5] = ["partitions", "retention", "lease_ttl_ms", "creds", "name"];
+        const KNOWN: [&str; 8] = [
+            "partitions",
+            "retention",
+            "lease_ttl_ms",
+            "creds",
+            "name",
+            "tls_ca",
+            "tls_cert",
+            "tls_key",
+        ];
         let options = UrlOptions::parse("NATS", BACKEND, parsed.query());
         for o in options.clone() {
+            if cfg.tls_files.take(&o)? {
+                continue;
+            }
             match o.key() {
                 "partitions" => cfg.partitions = o.number_as(1..=1024)?,
                 "retention" => cfg.retention = o.number_as(1..=i64::MAX as u64)?,
@@ -106,6 +124,7 @@ impl NatsConfig {
                 _ => return Err(options.unknown(&o, &KNOWN)),
             }
         }
+        cfg.tls_files.check(cfg.tls, "NATS", "tls://", BACKEND)?;
         Ok(cfg)
     }
 }
@@ -187,6 +206,12 @@ mod tests {
         assert!(t.tls);
         assert_eq!(t.auth, Auth::Token("tok3n".into()));
         assert!(!format!("{t:?}").contains("tok3n"));
+        let f = NatsConfig::from_url("tls://h?tls_ca=/ca.pem&tls_cert=/c.pem&tls_key=/k.pem")
+            .expect("ok");
+        assert_eq!(
+            f.tls_files.ca.as_deref(),
+            Some(std::path::Path::new("/ca.pem"))
+        );
     }
 
     #[test]
@@ -195,6 +220,8 @@ mod tests {
             "nats://",
             "nats://h?partitions=0",
             "nats://h?nope=1",
+            "nats://h?tls_ca=/ca.pem",
+            "tls://h?tls_key=/k.pem",
             "redis://h",
             "x",
         ] {

@@ -43,6 +43,18 @@ pub(crate) fn connect_kind(k: async_nats::ConnectErrorKind) -> ErrorKind {
     }
 }
 
+/// Converts a failure to connect: a server certificate the client does not trust is `Auth`
+/// (as a refused password is), the rest by [`connect_kind`].
+pub(crate) fn connecting(e: async_nats::ConnectError) -> Error {
+    if busbar_core::raw::tls::error_is_tls_trust_failure(&e) {
+        let what = "connecting to NATS: the server's TLS certificate is not trusted (see the URL option tls_ca)";
+        return Error::new(ErrorKind::Auth, what)
+            .with_backend(BACKEND)
+            .with_source(e);
+    }
+    map(connect_kind(e.kind()), e, "connecting to NATS")
+}
+
 /// Any other request failure: a time-out when the text says so, otherwise a broker error.
 pub(crate) fn request_kind(e: &dyn std::fmt::Display) -> ErrorKind {
     let text = e.to_string().to_ascii_lowercase();

@@ -397,6 +397,15 @@ impl Connect for Nats {
             .name(&config.name)
             .connection_timeout(Duration::from_secs(5))
             .require_tls(config.tls);
+        // Read here first: a missing or non-PEM file is a `Config` error naming the option.
+        config.tls_files.read_ca(BACKEND)?;
+        config.tls_files.read_identity(BACKEND)?;
+        if let Some(ca) = &config.tls_files.ca {
+            opts = opts.add_root_certificates(ca.clone());
+        }
+        if let (Some(cert), Some(key)) = (&config.tls_files.cert, &config.tls_files.key) {
+            opts = opts.add_client_certificate(cert.clone(), key.clone());
+        }
         match &config.auth {
             Auth::None => {}
             Auth::UserPassword(u, p) => opts = opts.user_and_password(u.clone(), p.clone()),
@@ -416,7 +425,7 @@ impl Connect for Nats {
                 )
                 .with_backend(BACKEND)
             })?
-            .map_err(|e| error::map(error::connect_kind(e.kind()), e, "connecting to NATS"))?;
+            .map_err(error::connecting)?;
         let max_payload = client.server_info().max_payload;
         let server_version = client.server_info().version;
         let schedules = config::version_at_least(&server_version, (2, 12));

@@ -23,6 +23,9 @@ use busbar_core::{
 use busbar_nats::NatsBus;
 use tokio::process::{Child, Command};
 
+mod common;
+use common::servers;
+
 struct Server {
     bin: String,
     port: u16,
@@ -520,42 +523,6 @@ async fn malformed_urls_are_config_errors() -> TestResult {
         |url| async move { NatsBus::connect(&url).await },
     )
     .await
-}
-
-/// The servers of the matrix: each binary of `BUSBAR_NATS_SERVERS`, labelled by the version
-/// it reports.
-fn servers() -> Vec<busbar_conformance::private_server::Server> {
-    let bins: Vec<String> = std::env::var("BUSBAR_NATS_SERVERS")
-        .unwrap_or_default()
-        .split_whitespace()
-        .map(str::to_owned)
-        .collect();
-    let bins = if bins.is_empty() {
-        vec!["nats-server".to_owned()]
-    } else {
-        bins
-    };
-    bins.into_iter()
-        .map(|bin| {
-            let version = std::process::Command::new(&bin)
-                .arg("--version")
-                .output()
-                .ok()
-                .filter(|o| o.status.success())
-                .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned());
-            busbar_conformance::private_server::Server {
-                label: version
-                    .as_deref()
-                    .and_then(|v| v.rsplit('v').next())
-                    .unwrap_or(&bin)
-                    .to_owned(),
-                missing: version
-                    .is_none()
-                    .then(|| format!("{bin} is not installed; run scripts/brokers.sh up")),
-                param: bin,
-            }
-        })
-        .collect()
 }
 
 fn main() {

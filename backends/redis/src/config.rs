@@ -4,6 +4,7 @@
 use std::fmt;
 use std::time::Duration;
 
+use busbar_core::raw::tls::TlsFiles;
 use busbar_core::raw::{redact_url, UrlOptions};
 use busbar_core::{Error, ErrorKind, Result};
 
@@ -15,7 +16,9 @@ use crate::BACKEND;
 /// `prefix` (key prefix, default `busbar`), `partitions` (streams per new topic, default 8),
 /// `retention` (approximate `MAXLEN` per partition stream, default 1,000,000),
 /// `max_message_bytes` (default 1 MiB), `lease_ttl_ms` (partition lease, default 6000),
-/// `block_ms` (longest blocking read, default 200). Other query options go to redis-rs
+/// `block_ms` (longest blocking read, default 200); on `rediss://` only, `tls_ca` (PEM
+/// certificates to trust instead of the system's), `tls_cert` and `tls_key` (a client
+/// certificate and its key, for `tls-auth-clients yes`). Other query options go to redis-rs
 /// (for example `protocol=resp3`).
 #[derive(Clone, PartialEq, Eq)]
 pub struct RedisConfig {
@@ -35,6 +38,8 @@ pub struct RedisConfig {
     pub block: Duration,
     /// Entries fetched per read at most.
     pub fetch_count: usize,
+    /// TLS files (`rediss://` only).
+    pub tls: TlsFiles,
 }
 
 impl fmt::Debug for RedisConfig {
@@ -47,6 +52,7 @@ impl fmt::Debug for RedisConfig {
             .field("max_message_bytes", &self.max_message_bytes)
             .field("lease_ttl", &self.lease_ttl)
             .field("block", &self.block)
+            .field("tls", &self.tls)
             .finish()
     }
 }
@@ -84,9 +90,13 @@ impl RedisConfig {
             lease_ttl: Duration::from_secs(6),
             block: Duration::from_millis(200),
             fetch_count: 100,
+            tls: TlsFiles::default(),
         };
         let mut rest = Vec::new();
         for o in UrlOptions::parse("Redis", BACKEND, parsed.query()) {
+            if cfg.tls.take(&o)? {
+                continue;
+            }
             match o.key() {
                 "prefix" => {
                     busbar_core::limits::validate_topic(o.value())
@@ -102,6 +112,8 @@ impl RedisConfig {
                 _ => rest.push(o.into_pair()),
             }
         }
+        cfg.tls
+            .check(parsed.scheme() == "rediss", "Redis", "rediss://", BACKEND)?;
         if rest.is_empty() {
             parsed.set_query(None);
         } else {
@@ -172,6 +184,10 @@ mod tests {
             "redis://user:pw@127.0.0.1:6380/2?protocol=resp3"
         );
         assert!(!format!("{c:?}").contains("pw"));
+        let c = RedisConfig::from_url("rediss://h?tls_ca=/ca.pem&tls_cert=/c.pem&tls_key=/k.pem")
+            .expect("valid");
+        assert_eq!(c.tls.key.as_deref(), Some(std::path::Path::new("/k.pem")));
+        assert_eq!(c.connection_url, "rediss://h");
     }
 
     #[test]
@@ -184,6 +200,10 @@ mod tests {
             "redis://h?partitions=5000",
             "redis://h?lease_ttl_ms=100",
             "redis://h?prefix=a%20b",
+            // TLS files need rediss://, a certificate needs its key.
+            "redis://h?tls_ca=/ca.pem",
+            "rediss://h?tls_cert=/c.pem",
+            "rediss://h?tls_key=",
             "http://h",
             "not a url",
         ] {

@@ -7,6 +7,14 @@ use crate::BACKEND;
 
 /// Converts a redis-rs error, saying what busbar was doing.
 pub(crate) fn map(e: RedisError, doing: &str) -> Error {
+    if busbar_core::raw::tls::error_is_tls_trust_failure(&e) {
+        let what = format!(
+            "{doing}: the server's TLS certificate is not trusted (see the URL option tls_ca)"
+        );
+        return Error::new(ErrorKind::Auth, what)
+            .with_backend(BACKEND)
+            .with_source(e);
+    }
     let kind = if e.kind() == redis::ErrorKind::AuthenticationFailed
         || e.code() == Some("WRONGPASS")
         || e.code() == Some("NOAUTH")

@@ -385,8 +385,22 @@ pub(crate) async fn open(
         // provider installed by the application first is kept.
         let _ = rustls::crypto::ring::default_provider().install_default();
     }
-    let client = redis::Client::open(config.connection_url.as_str())
-        .map_err(|e| error::map(e, "parsing the Redis URL"))?;
+    let client = if config.tls.is_empty() {
+        redis::Client::open(config.connection_url.as_str())
+    } else {
+        let certs = redis::TlsCertificates {
+            client_tls: config
+                .tls
+                .read_identity(BACKEND)?
+                .map(|(client_cert, client_key)| redis::ClientTlsConfig {
+                    client_cert,
+                    client_key,
+                }),
+            root_cert: config.tls.read_ca(BACKEND)?,
+        };
+        redis::Client::build_with_tls(config.connection_url.as_str(), certs)
+    }
+    .map_err(|e| error::map(e, "parsing the Redis URL"))?;
     let mut conn = tokio::time::timeout(
         Duration::from_secs(15),
         client.get_connection_manager_with_config(manager_config()),

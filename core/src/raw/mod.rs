@@ -12,6 +12,7 @@ pub mod cloudevents;
 pub mod coalesce;
 pub mod inflight;
 pub mod ownership;
+pub mod tls;
 mod url_options;
 
 pub use crate::bus::{check_publish, Ack};

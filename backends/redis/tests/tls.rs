@@ -1,0 +1,133 @@
+//! `rediss://` against a private redis-server that requires TLS, a client certificate
+//! (`tls-auth-clients yes`) and a password, with certificates made by `openssl`: a message goes
+//! through; a server certificate of an unknown CA, the system CAs alone, or a wrong password
+//! are `Auth` errors; unreadable TLS files are `Config` errors; and no password or private key
+//! appears in an error, a `Debug` text or any log line at TRACE level.
+
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use busbar_conformance::private_server::{free_port, Failed, TestResult};
+use busbar_conformance::tls::{capture_logs, expect_auth_error, round_trip, TestCerts};
+use busbar_core::{ErrorKind, EventBus};
+use busbar_redis::RedisBus;
+use tokio::process::{Child, Command};
+
+const PASSWORD: &str = "tls-s3cret-pw";
+const WRONG: &str = "tls-wrong-pw";
+
+/// A private redis-server listening for TLS only.
+struct TlsServer {
+    port: u16,
+    _child: Child,
+}
+
+impl TlsServer {
+    async fn start(certs: &TestCerts) -> Result<Self, Failed> {
+        let port = free_port()?;
+        let child = Command::new("redis-server")
+            .args(["--bind", "127.0.0.1", "--port", "0", "--save", ""])
+            .args(["--tls-port", &port.to_string(), "--tls-auth-clients", "yes"])
+            .arg("--tls-cert-file")
+            .arg(certs.server_pem())
+            .arg("--tls-key-file")
+            .arg(certs.server_key())
+            .arg("--tls-ca-cert-file")
+            .arg(certs.ca_pem())
+            .args(["--requirepass", PASSWORD])
+            .arg("--dir")
+            .arg(certs.dir())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| format!("cannot start redis-server: {e}"))?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err()
+        {
+            if Instant::now() > deadline {
+                return Err(
+                    "redis-server did not listen for TLS within 10 s (built without TLS?)".into(),
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(Self {
+            port,
+            _child: child,
+        })
+    }
+
+    fn url(&self, password: &str, options: &str) -> String {
+        format!("rediss://:{password}@127.0.0.1:{}/?{options}", self.port)
+    }
+}
+
+async fn tls_and_auth() -> TestResult {
+    let logs = capture_logs();
+    let certs = TestCerts::make("redis")?;
+    let server = TlsServer::start(&certs).await?;
+    let mut secrets = certs.key_texts()?;
+    secrets.extend([PASSWORD.to_owned(), WRONG.to_owned()]);
+    let trusted = certs.client_options(&certs.ca_pem());
+
+    let bus = RedisBus::connect(&server.url(PASSWORD, &trusted)).await?;
+    round_trip(&bus, "tls-topic").await?;
+    if let Some(s) = secrets
+        .iter()
+        .find(|s| format!("{bus:?}").contains(s.as_str()))
+    {
+        return Err(format!("the bus's Debug text holds the secret {s:?}").into());
+    }
+    bus.close().await?;
+
+    let untrusted = certs.client_options(&certs.other_ca_pem());
+    expect_auth_error(
+        "a server certificate of another CA",
+        RedisBus::connect(&server.url(PASSWORD, &untrusted)),
+        &secrets,
+    )
+    .await?;
+    let client_only = format!(
+        "tls_cert={}&tls_key={}",
+        certs.client_pem().display(),
+        certs.client_key().display()
+    );
+    expect_auth_error(
+        "the system CAs only",
+        RedisBus::connect(&server.url(PASSWORD, &client_only)),
+        &secrets,
+    )
+    .await?;
+    expect_auth_error(
+        "a wrong password",
+        RedisBus::connect(&server.url(WRONG, &trusted)),
+        &secrets,
+    )
+    .await?;
+    // Without a client certificate the server ends the handshake: an error, whatever its kind.
+    let no_identity = format!("tls_ca={}", certs.ca_pem().display());
+    if RedisBus::connect(&server.url(PASSWORD, &no_identity))
+        .await
+        .is_ok()
+    {
+        return Err("connected without the client certificate the server requires".into());
+    }
+    let missing = format!("tls_ca={}/missing.pem", certs.dir().display());
+    match RedisBus::connect(&server.url(PASSWORD, &missing)).await {
+        Err(e) if e.kind() == ErrorKind::Config => {}
+        other => return Err(format!("a missing CA file: expected Config, got {other:?}").into()),
+    }
+    logs.expect_none_of(&secrets)
+}
+
+fn main() {
+    // First: every log line from here on is captured and checked for secrets.
+    capture_logs();
+    busbar_conformance::private_server::main(
+        "redis-server",
+        &[("tls_and_auth", true, || Box::pin(tls_and_auth()))],
+    )
+}
