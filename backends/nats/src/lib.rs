@@ -393,6 +393,10 @@ impl Connect for Nats {
     /// Errors: `Config` (malformed URL, unreadable creds file), `Connection` (unreachable),
     /// `Auth` (credentials refused), `Broker` (JetStream disabled).
     async fn connect_with(config: NatsConfig) -> Result<Self> {
+        // async-nats builds its rustls config without choosing a crypto provider: with both of
+        // rustls' providers in the build (the AWS SDK brings aws-lc-rs) it panicked on a TLS
+        // connect. Use ring; a provider the application installed first is kept.
+        let _ = async_nats::rustls::crypto::ring::default_provider().install_default();
         let mut opts = async_nats::ConnectOptions::new()
             .name(&config.name)
             .connection_timeout(Duration::from_secs(5))
