@@ -313,3 +313,50 @@ pub async fn round_trip(bus: &dyn EventBus, topic: &str) -> TestResult {
     sub.close().await?;
     Ok(())
 }
+
+/// The refusals every TLS test checks, with `url(good_credentials, options)` the server's URL
+/// and `connect` the backend's connect: a server certificate of the unrelated CA, the system
+/// CAs alone, and wrong credentials are `Auth` errors without `secrets`; without a client
+/// certificate the server ends the handshake (an error, whatever its kind); a missing CA file
+/// is a `Config` error.
+pub async fn expect_refusals<T, F, Fut>(
+    certs: &TestCerts,
+    secrets: &[String],
+    url: impl Fn(bool, &str) -> String,
+    connect: F,
+) -> TestResult
+where
+    T: std::fmt::Debug,
+    F: Fn(String) -> Fut,
+    Fut: std::future::Future<Output = busbar_core::Result<T>>,
+{
+    let untrusted = certs.client_options(&certs.other_ca_pem());
+    expect_auth_error(
+        "a server certificate of another CA",
+        connect(url(true, &untrusted)),
+        secrets,
+    )
+    .await?;
+    let client_only = format!(
+        "tls_cert={}&tls_key={}",
+        certs.client_pem().display(),
+        certs.client_key().display()
+    );
+    expect_auth_error(
+        "the system CAs only",
+        connect(url(true, &client_only)),
+        secrets,
+    )
+    .await?;
+    let trusted = certs.client_options(&certs.ca_pem());
+    expect_auth_error("wrong credentials", connect(url(false, &trusted)), secrets).await?;
+    let no_identity = format!("tls_ca={}", certs.ca_pem().display());
+    if connect(url(true, &no_identity)).await.is_ok() {
+        return Err("connected without the client certificate the server requires".into());
+    }
+    let missing = format!("tls_ca={}/missing.pem", certs.dir().display());
+    match connect(url(true, &missing)).await {
+        Err(e) if e.kind() == ErrorKind::Config => Ok(()),
+        other => Err(format!("a missing CA file: expected Config, got {other:?}").into()),
+    }
+}

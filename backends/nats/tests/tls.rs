@@ -9,8 +9,8 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use busbar_conformance::private_server::{free_port, Failed, TestResult};
-use busbar_conformance::tls::{capture_logs, expect_auth_error, round_trip, TestCerts};
-use busbar_core::{ErrorKind, EventBus};
+use busbar_conformance::tls::{capture_logs, expect_refusals, round_trip, TestCerts};
+use busbar_core::EventBus;
 use busbar_nats::NatsBus;
 use tokio::process::{Child, Command};
 
@@ -85,43 +85,13 @@ async fn tls_with(bin: String, name: &str, auth: &[&str], good: &str, bad: &str)
     }
     bus.close().await?;
 
-    let untrusted = certs.client_options(&certs.other_ca_pem());
-    expect_auth_error(
-        "a server certificate of another CA",
-        NatsBus::connect(&server.url(good, &untrusted)),
+    expect_refusals(
+        &certs,
         &secrets,
+        |ok, options| server.url(if ok { good } else { bad }, options),
+        |url| async move { NatsBus::connect(&url).await },
     )
     .await?;
-    let client_only = format!(
-        "tls_cert={}&tls_key={}",
-        certs.client_pem().display(),
-        certs.client_key().display()
-    );
-    expect_auth_error(
-        "the system CAs only",
-        NatsBus::connect(&server.url(good, &client_only)),
-        &secrets,
-    )
-    .await?;
-    expect_auth_error(
-        "wrong credentials",
-        NatsBus::connect(&server.url(bad, &trusted)),
-        &secrets,
-    )
-    .await?;
-    // Without a client certificate the server ends the handshake: an error, whatever its kind.
-    let no_identity = format!("tls_ca={}", certs.ca_pem().display());
-    if NatsBus::connect(&server.url(good, &no_identity))
-        .await
-        .is_ok()
-    {
-        return Err("connected without the client certificate the server requires".into());
-    }
-    let missing = format!("tls_ca={}/missing.pem", certs.dir().display());
-    match NatsBus::connect(&server.url(good, &missing)).await {
-        Err(e) if e.kind() == ErrorKind::Config => {}
-        other => return Err(format!("a missing CA file: expected Config, got {other:?}").into()),
-    }
     logs.expect_none_of(&secrets)
 }
 

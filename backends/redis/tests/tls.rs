@@ -8,8 +8,8 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use busbar_conformance::private_server::{free_port, Failed, TestResult};
-use busbar_conformance::tls::{capture_logs, expect_auth_error, round_trip, TestCerts};
-use busbar_core::{ErrorKind, EventBus};
+use busbar_conformance::tls::{capture_logs, expect_refusals, round_trip, TestCerts};
+use busbar_core::EventBus;
 use busbar_redis::RedisBus;
 use tokio::process::{Child, Command};
 
@@ -83,43 +83,13 @@ async fn tls_and_auth() -> TestResult {
     }
     bus.close().await?;
 
-    let untrusted = certs.client_options(&certs.other_ca_pem());
-    expect_auth_error(
-        "a server certificate of another CA",
-        RedisBus::connect(&server.url(PASSWORD, &untrusted)),
+    expect_refusals(
+        &certs,
         &secrets,
+        |good, options| server.url(if good { PASSWORD } else { WRONG }, options),
+        |url| async move { RedisBus::connect(&url).await },
     )
     .await?;
-    let client_only = format!(
-        "tls_cert={}&tls_key={}",
-        certs.client_pem().display(),
-        certs.client_key().display()
-    );
-    expect_auth_error(
-        "the system CAs only",
-        RedisBus::connect(&server.url(PASSWORD, &client_only)),
-        &secrets,
-    )
-    .await?;
-    expect_auth_error(
-        "a wrong password",
-        RedisBus::connect(&server.url(WRONG, &trusted)),
-        &secrets,
-    )
-    .await?;
-    // Without a client certificate the server ends the handshake: an error, whatever its kind.
-    let no_identity = format!("tls_ca={}", certs.ca_pem().display());
-    if RedisBus::connect(&server.url(PASSWORD, &no_identity))
-        .await
-        .is_ok()
-    {
-        return Err("connected without the client certificate the server requires".into());
-    }
-    let missing = format!("tls_ca={}/missing.pem", certs.dir().display());
-    match RedisBus::connect(&server.url(PASSWORD, &missing)).await {
-        Err(e) if e.kind() == ErrorKind::Config => {}
-        other => return Err(format!("a missing CA file: expected Config, got {other:?}").into()),
-    }
     logs.expect_none_of(&secrets)
 }
 
