@@ -8,7 +8,6 @@
 //! A server certificate the client does not trust is an [`ErrorKind::Auth`] error
 //! ([`error_is_tls_trust_failure`] tells a backend which of its client's errors are such).
 
-use std::fmt;
 use std::path::{Path, PathBuf};
 
 use super::UrlOption;
@@ -17,8 +16,9 @@ use crate::{Error, ErrorKind, Result};
 /// The names of the URL options [`TlsFiles::take`] reads.
 pub const TLS_OPTIONS: [&str; 3] = ["tls_ca", "tls_cert", "tls_key"];
 
-/// The TLS files of a broker URL (see the module documentation).
-#[derive(Clone, Default, PartialEq, Eq)]
+/// The TLS files of a broker URL (see the module documentation): paths only, never the
+/// files' contents (a private key), so its `Debug` text is safe to log.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TlsFiles {
     /// `tls_ca`: PEM certificates of the authorities to trust.
     pub ca: Option<PathBuf>,
@@ -26,17 +26,6 @@ pub struct TlsFiles {
     pub cert: Option<PathBuf>,
     /// `tls_key`: the client certificate's PEM private key.
     pub key: Option<PathBuf>,
-}
-
-impl fmt::Debug for TlsFiles {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        // Paths only: the files' contents (a private key) are never held here.
-        f.debug_struct("TlsFiles")
-            .field("ca", &self.ca)
-            .field("cert", &self.cert)
-            .field("key", &self.key)
-            .finish()
-    }
 }
 
 impl TlsFiles {
@@ -163,6 +152,7 @@ pub fn error_is_tls_trust_failure(e: &(dyn std::error::Error + 'static)) -> bool
 mod tests {
     use super::*;
     use crate::raw::UrlOptions;
+    use std::fmt;
 
     fn files(query: &str) -> Result<TlsFiles> {
         let mut files = TlsFiles::default();
