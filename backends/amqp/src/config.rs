@@ -3,6 +3,7 @@
 use std::fmt;
 
 use busbar_core::raw::fit_name;
+use busbar_core::raw::tls::TlsFiles;
 use busbar_core::raw::{redact_url, UrlOptions};
 use busbar_core::{Error, ErrorKind, Result};
 
@@ -18,8 +19,11 @@ use crate::BACKEND;
 /// `<topic>.dlq` by itself once it was delivered more than this many times — crashes and
 /// hand-overs, not busbar's in-member retries; off by default), `history` (keep every
 /// message of a topic for this long — `30s`, `15m`, `12h`, `7d` — in a stream queue that
-/// [`busbar_core::EventBus::browse`] reads without touching any group; off by default). Other options (`heartbeat`, default
-/// [`DEFAULT_HEARTBEAT_SECS`] here, `frame_max`, `channel_max`, `connection_timeout`) go to the AMQP client.
+/// [`busbar_core::EventBus::browse`] reads without touching any group; off by default); on
+/// `amqps://` only, `tls_ca` (PEM certificates to trust besides the system's), `tls_cert` and
+/// `tls_key` (a client certificate and its key, for `ssl_options.verify = verify_peer`).
+/// Other options (`heartbeat`, default [`DEFAULT_HEARTBEAT_SECS`] here, `frame_max`,
+/// `channel_max`, `connection_timeout`, `auth_mechanism`) go to the AMQP client.
 #[derive(Clone, PartialEq, Eq)]
 pub struct AmqpConfig {
     /// The AMQP URI handed to lapin (busbar's own options removed).
@@ -37,6 +41,8 @@ pub struct AmqpConfig {
     /// How long the history stream of each topic keeps its messages (`x-max-age`); `None` =
     /// no history, no `browse` (the default).
     pub history: Option<std::time::Duration>,
+    /// The TLS files of an `amqps://` URL (paths only).
+    pub tls: TlsFiles,
 }
 
 impl fmt::Debug for AmqpConfig {
@@ -48,6 +54,7 @@ impl fmt::Debug for AmqpConfig {
             .field("queue_expires", &self.queue_expires)
             .field("delivery_limit", &self.delivery_limit)
             .field("history", &self.history)
+            .field("tls", &self.tls)
             .finish()
     }
 }
@@ -83,9 +90,10 @@ impl AmqpConfig {
             queue_expires: None,
             delivery_limit: None,
             history: None,
+            tls: TlsFiles::default(),
         };
         let mut passed = Vec::new();
-        const KNOWN: [&str; 10] = [
+        const KNOWN: [&str; 13] = [
             "partitions",
             "max_message_bytes",
             "queue_expires_ms",
@@ -96,9 +104,15 @@ impl AmqpConfig {
             "channel_max",
             "connection_timeout",
             "auth_mechanism",
+            "tls_ca",
+            "tls_cert",
+            "tls_key",
         ];
         let options = UrlOptions::parse("AMQP", BACKEND, parsed.query());
         for o in options.clone() {
+            if cfg.tls.take(&o)? {
+                continue;
+            }
             match o.key() {
                 "partitions" => cfg.partitions = o.number_as(1..=1024)?,
                 "max_message_bytes" => {
@@ -117,6 +131,8 @@ impl AmqpConfig {
                 _ => return Err(options.unknown(&o, &KNOWN)),
             }
         }
+        cfg.tls
+            .check(parsed.scheme() == "amqps", "AMQP", "amqps://", BACKEND)?;
         if !passed.iter().any(|(k, _)| k == "heartbeat") {
             // RabbitMQ's default (60 s) leaves a silently dead connection holding its queues'
             // single active consumer for minutes; 10 s bounds that to about 20 s.
@@ -195,6 +211,10 @@ mod tests {
             "amqp://h?history=-1d",
             "amqp://h?history=99999999999999999999d",
             "amqp://h?history=4000d",
+            "amqp://h?tls_ca=/ca.pem",
+            "amqps://h?tls_cert=/c.pem",
+            "amqps://h?tls_key=/k.pem",
+            "amqps://h?tls_ca=",
         ] {
             assert_eq!(
                 AmqpConfig::from_url(bad).map_err(|e| e.kind()),
@@ -202,6 +222,22 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    #[test]
+    fn tls_files_are_taken_on_amqps_and_not_handed_to_lapin() {
+        let c = AmqpConfig::from_url(
+            "amqps://u:p@h/%2f?tls_ca=/ca.pem&tls_cert=/c.pem&tls_key=/k.pem&partitions=2",
+        )
+        .expect("ok");
+        assert_eq!(c.tls.ca.as_deref(), Some(std::path::Path::new("/ca.pem")));
+        assert_eq!(c.tls.key.as_deref(), Some(std::path::Path::new("/k.pem")));
+        assert!(!c.uri.contains("tls_"), "{}", c.uri);
+        assert!(c.uri.starts_with("amqps://"), "{}", c.uri);
+        assert!(AmqpConfig::from_url("amqps://h")
+            .expect("ok")
+            .tls
+            .is_empty());
     }
 
     #[test]

@@ -24,6 +24,7 @@ use lapin::options::{
     BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
     QueueDeclareOptions,
 };
+use lapin::tcp::{OwnedIdentity, OwnedTLSConfig};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::Confirmation;
 use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
@@ -132,10 +133,51 @@ pub(crate) async fn create_channel(conn: &Connection) -> Result<Channel> {
     }
 }
 
+/// The TLS settings of an `amqps://` connection: the URL's `tls_ca` besides the system's
+/// CAs, and its client certificate.
+fn tls_config(config: &AmqpConfig) -> Result<OwnedTLSConfig> {
+    let cert_chain = config
+        .tls
+        .read_ca(BACKEND)?
+        .map(|pem| {
+            String::from_utf8(pem).map_err(|_| {
+                Error::new(
+                    ErrorKind::Config,
+                    "URL option tls_ca: the file is not UTF-8 PEM text",
+                )
+                .with_backend(BACKEND)
+            })
+        })
+        .transpose()?;
+    let identity = config
+        .tls
+        .read_identity(BACKEND)?
+        .map(|(pem, key)| OwnedIdentity::PKCS8 { pem, key });
+    Ok(OwnedTLSConfig {
+        identity,
+        cert_chain,
+    })
+}
+
 pub(crate) async fn open(config: &AmqpConfig) -> Result<Connection> {
-    let connect = Connection::connect(&config.uri, ConnectionProperties::default());
+    let runtime = lapin::runtime::default_runtime()
+        .map_err(|e| map_err(e, "starting the AMQP client's runtime"))?;
+    let connect = Connection::connect_with_config(
+        &config.uri,
+        ConnectionProperties::default(),
+        tls_config(config)?,
+        runtime,
+    );
     match tokio::time::timeout(std::time::Duration::from_secs(15), connect).await {
         Ok(Ok(c)) => Ok(c),
+        Ok(Err(e)) if busbar_core::raw::tls::error_is_tls_trust_failure(&e) => Err(Error::new(
+            ErrorKind::Auth,
+            format!(
+                "connecting to RabbitMQ: the server's TLS certificate is not trusted (see the URL option tls_ca): {e}"
+            ),
+        )
+        .with_backend(BACKEND)
+        .with_source(e)),
         Ok(Err(e)) => Err(map_err(e, "connecting to RabbitMQ")),
         Err(_) => Err(Error::new(
             ErrorKind::Connection,

@@ -22,6 +22,7 @@ use busbar_amqp::AmqpBus;
 use busbar_conformance::private_server::{
     free_port, publish_retrying, stop_process, Failed, Recorder, Stop, TestResult,
 };
+use busbar_conformance::tls::{capture_logs, expect_refusals, round_trip, TestCerts};
 use busbar_core::{EventBus, Message, PublishOptions, SubscribeOptions};
 use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
@@ -46,6 +47,10 @@ fn server_bin(root: &Path) -> Option<String> {
 struct Node {
     /// The installation's root (`/` for the machine's own).
     root: PathBuf,
+    /// `user:password` of the URLs (`guest:guest` unless the node was made with others).
+    credentials: String,
+    /// The AMQPS port, for a node started with [`Node::start_tls`].
+    tls_port: Option<u16>,
     /// The node's directory as the node sees it (inside `root`).
     dir: PathBuf,
     port: u16,
@@ -55,6 +60,21 @@ struct Node {
 
 impl Node {
     async fn start(root: &str) -> Result<Self, Failed> {
+        Self::start_with(root, None).await
+    }
+
+    /// A node that also listens for AMQPS with the certificates of `certs`, requires a client
+    /// certificate of their CA, and knows one user: `user` with `password` (no guest).
+    async fn start_tls(
+        root: &str,
+        certs: &TestCerts,
+        user: &str,
+        password: &str,
+    ) -> Result<Self, Failed> {
+        Self::start_with(root, Some((certs, user, password))).await
+    }
+
+    async fn start_with(root: &str, tls: Option<(&TestCerts, &str, &str)>) -> Result<Self, Failed> {
         let root = PathBuf::from(root);
         let dir = PathBuf::from(format!(
             "/tmp/busbar-rabbit-{}",
@@ -66,18 +86,47 @@ impl Node {
             std::fs::create_dir_all(host_dir.join(sub))?;
         }
         std::fs::write(host_dir.join("enabled_plugins"), "[].\n")?;
-        std::fs::write(
-            host_dir.join("rabbitmq.conf"),
-            format!(
-                "listeners.tcp.default = 127.0.0.1:{port}\n\
-                 distribution.listener.interface = 127.0.0.1\n\
-                 distribution.listener.port_range.min = {dist_port}\n\
-                 distribution.listener.port_range.max = {dist_port}\n\
-                 loopback_users = none\n"
-            ),
-        )?;
+        let mut conf = format!(
+            "listeners.tcp.default = 127.0.0.1:{port}\n\
+             distribution.listener.interface = 127.0.0.1\n\
+             distribution.listener.port_range.min = {dist_port}\n\
+             distribution.listener.port_range.max = {dist_port}\n\
+             loopback_users = none\n"
+        );
+        let mut credentials = "guest:guest".to_owned();
+        let mut tls_port = None;
+        if let Some((certs, user, password)) = tls {
+            // The node reads its files inside its root: copies in its directory.
+            let inside = |name: &str| dir.join(name).display().to_string();
+            for (from, name) in [
+                (certs.ca_pem(), "ca.pem"),
+                (certs.server_pem(), "server.pem"),
+                (certs.server_key(), "server.key"),
+            ] {
+                std::fs::copy(from, host_dir.join(name))?;
+            }
+            let p = free_port()?;
+            conf.push_str(&format!(
+                "listeners.ssl.default = 127.0.0.1:{p}\n\
+                 ssl_options.cacertfile = {}\n\
+                 ssl_options.certfile = {}\n\
+                 ssl_options.keyfile = {}\n\
+                 ssl_options.verify = verify_peer\n\
+                 ssl_options.fail_if_no_peer_cert = true\n\
+                 default_user = {user}\n\
+                 default_pass = {password}\n",
+                inside("ca.pem"),
+                inside("server.pem"),
+                inside("server.key"),
+            ));
+            credentials = format!("{user}:{password}");
+            tls_port = Some(p);
+        }
+        std::fs::write(host_dir.join("rabbitmq.conf"), conf)?;
         let mut node = Self {
             root,
+            credentials,
+            tls_port,
             dir,
             port,
             dist_port,
@@ -125,7 +174,12 @@ impl Node {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
+            let tls_listens = match self.tls_port {
+                Some(p) => TcpStream::connect(("127.0.0.1", p)).await.is_ok(),
+                None => true,
+            };
             if TcpStream::connect(("127.0.0.1", self.port)).await.is_ok()
+                && tls_listens
                 && AmqpBus::connect(&self.url()).await.is_ok()
             {
                 return Ok(());
@@ -171,8 +225,8 @@ impl Node {
 
     fn url(&self) -> String {
         format!(
-            "amqp://guest:guest@127.0.0.1:{}/%2f?partitions=4",
-            self.port
+            "amqp://{}@127.0.0.1:{}/%2f?partitions=4",
+            self.credentials, self.port
         )
     }
 }
@@ -312,6 +366,47 @@ async fn delivery_limit_dead_letters_into_the_dlq_topic(root: String) -> TestRes
     Ok(())
 }
 
+const TLS_USER: &str = "busbar-tls";
+const PASSWORD: &str = "amqps-s3cret-pw";
+const WRONG: &str = "amqps-wrong-pw";
+
+/// `amqps://` against a node that requires a client certificate and a password: a message
+/// goes through; a server certificate of an unknown CA, the system CAs alone, or a wrong
+/// password are `Auth` errors; no client certificate is refused; an unreadable CA file is a
+/// `Config` error; and no password or private key appears in an error, a `Debug` text or any
+/// log line at TRACE level.
+async fn tls_and_auth(root: String) -> TestResult {
+    let logs = capture_logs();
+    let certs = TestCerts::make("amqp")?;
+    let node = Node::start_tls(&root, &certs, TLS_USER, PASSWORD).await?;
+    let port = node.tls_port.ok_or("no AMQPS port")?;
+    let url = |password: &str, options: &str| {
+        format!("amqps://{TLS_USER}:{password}@127.0.0.1:{port}/%2f?partitions=2&{options}")
+    };
+    let mut secrets = certs.key_texts()?;
+    secrets.extend([PASSWORD.to_owned(), WRONG.to_owned()]);
+
+    let bus = AmqpBus::connect(&url(PASSWORD, &certs.client_options(&certs.ca_pem()))).await?;
+    round_trip(&bus, "tls-topic").await?;
+    if let Some(s) = secrets
+        .iter()
+        .find(|s| format!("{bus:?}").contains(s.as_str()))
+    {
+        return Err(format!("the bus's Debug text holds the secret {s:?}").into());
+    }
+    bus.close().await?;
+
+    expect_refusals(
+        &certs,
+        &secrets,
+        |good, options| url(if good { PASSWORD } else { WRONG }, options),
+        |url| async move { AmqpBus::connect(&url).await },
+    )
+    .await?;
+    drop(node);
+    logs.expect_none_of(&secrets)
+}
+
 /// The installations of the matrix (see the module docs), labelled by version.
 fn servers() -> Vec<busbar_conformance::private_server::Server> {
     let roots: Vec<String> = std::env::var("BUSBAR_RABBITMQ_ROOTS")
@@ -357,6 +452,8 @@ fn servers() -> Vec<busbar_conformance::private_server::Server> {
 }
 
 fn main() {
+    // First: every log line from here on is captured and checked for secrets.
+    capture_logs();
     busbar_conformance::private_server::main_matrix(
         &servers(),
         &[
@@ -369,6 +466,7 @@ fn main() {
             ("delivery_limit_dead_letters_into_the_dlq_topic", |r| {
                 Box::pin(delivery_limit_dead_letters_into_the_dlq_topic(r))
             }),
+            ("tls_and_auth", |r| Box::pin(tls_and_auth(r))),
         ],
         &[],
     )
