@@ -293,6 +293,14 @@ pub async fn expect_auth_error<T: std::fmt::Debug>(
     Ok(())
 }
 
+/// Fails if `text` (`what`: e.g. a bus's `Debug` text) holds one of `secrets`.
+pub fn expect_no_secret(what: &str, text: &str, secrets: &[String]) -> TestResult {
+    match secrets.iter().find(|s| text.contains(s.as_str())) {
+        Some(s) => Err(format!("{what} holds the secret {s:?}").into()),
+        None => Ok(()),
+    }
+}
+
 /// Publishes one message to `topic` and receives it in a fresh group: the connection works.
 pub async fn round_trip(bus: &dyn EventBus, topic: &str) -> TestResult {
     // The group exists before the publish (provision), so it gets the message from where it

@@ -22,7 +22,9 @@ use busbar_amqp::AmqpBus;
 use busbar_conformance::private_server::{
     free_port, publish_retrying, stop_process, Failed, Recorder, Stop, TestResult,
 };
-use busbar_conformance::tls::{capture_logs, expect_refusals, round_trip, TestCerts};
+use busbar_conformance::tls::{
+    capture_logs, expect_no_secret, expect_refusals, round_trip, TestCerts,
+};
 use busbar_core::{EventBus, Message, PublishOptions, SubscribeOptions};
 use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
@@ -388,12 +390,7 @@ async fn tls_and_auth(root: String) -> TestResult {
 
     let bus = AmqpBus::connect(&url(PASSWORD, &certs.client_options(&certs.ca_pem()))).await?;
     round_trip(&bus, "tls-topic").await?;
-    if let Some(s) = secrets
-        .iter()
-        .find(|s| format!("{bus:?}").contains(s.as_str()))
-    {
-        return Err(format!("the bus's Debug text holds the secret {s:?}").into());
-    }
+    expect_no_secret("the bus's Debug text", &format!("{bus:?}"), &secrets)?;
     bus.close().await?;
 
     expect_refusals(

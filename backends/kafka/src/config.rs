@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::time::Duration;
 
+use busbar_core::raw::tls::TlsFiles;
 use busbar_core::raw::{redact_url, UrlOptions};
 use busbar_core::{Error, ErrorKind, Result};
 
@@ -22,6 +23,9 @@ use crate::BACKEND;
 /// default 1,000,000 — keep it at or below the
 /// broker's `message.max.bytes`), `commit_interval_ms` (how often acked progress is
 /// committed, default 200), `session_timeout_ms` (group session timeout, default 10,000).
+/// On `kafkas://`: `tls_ca` (PEM certificates to trust — librdkafka then trusts them
+/// instead of the system's), `tls_cert` and `tls_key` (a client certificate and its key,
+/// for brokers that require one), as on every busbar URL.
 /// Any option containing a dot (`security.protocol`, `sasl.mechanism`, `ssl.ca.location`,
 /// `client.id`, ...) is passed to librdkafka unchanged, for producers and consumers alike.
 #[derive(Clone, PartialEq, Eq)]
@@ -42,6 +46,9 @@ pub struct KafkaConfig {
     /// placement of keys) or `consistent_random` (librdkafka's own default: confluent-kafka,
     /// kcat), or another of librdkafka's. Every producer of a topic must place keys alike.
     pub partitioner: String,
+    /// The URL's `tls_ca`, `tls_cert` and `tls_key` (`kafkas://` only): librdkafka's
+    /// `ssl.ca.location`, `ssl.certificate.location` and `ssl.key.location`.
+    pub tls: TlsFiles,
     /// librdkafka settings applied to every client (security, SASL, TLS, client.id, ...).
     pub client: BTreeMap<String, String>,
 }
@@ -70,6 +77,7 @@ impl fmt::Debug for KafkaConfig {
             .field("commit_interval", &self.commit_interval)
             .field("session_timeout", &self.session_timeout)
             .field("partitioner", &self.partitioner)
+            .field("tls", &self.tls)
             .field("client", &client)
             .finish()
     }
@@ -139,6 +147,7 @@ impl KafkaConfig {
             commit_interval: Duration::from_millis(200),
             session_timeout: Duration::from_secs(10),
             partitioner: "murmur2_random".to_owned(),
+            tls: TlsFiles::default(),
             client: BTreeMap::new(),
         };
         let mut sasl = false;
@@ -163,16 +172,22 @@ impl KafkaConfig {
         };
         cfg.client
             .insert("security.protocol".into(), protocol.into());
-        const KNOWN: [&str; 6] = [
+        const KNOWN: [&str; 9] = [
             "partitions",
             "replication",
             "max_message_bytes",
             "commit_interval_ms",
             "session_timeout_ms",
+            "tls_ca",
+            "tls_cert",
+            "tls_key",
             "partitioner; librdkafka settings contain a dot, e.g. security.protocol",
         ];
         let options = UrlOptions::parse("Kafka", BACKEND, query);
         for o in options.clone() {
+            if cfg.tls.take(&o)? {
+                continue;
+            }
             match o.key() {
                 "partitions" => cfg.partitions = o.number_as(1..=10_000)?,
                 "replication" => cfg.replication = o.number_as(1..=100)?,
@@ -198,6 +213,7 @@ impl KafkaConfig {
                 _ => return Err(options.unknown(&o, &KNOWN)),
             }
         }
+        cfg.tls.check(tls, "Kafka", "kafkas://", BACKEND)?;
         Ok(cfg)
     }
 
@@ -213,6 +229,16 @@ impl KafkaConfig {
             // Not every Kafka-protocol broker answers client telemetry; busbar does not use it.
             .set("enable.metrics.push", "false")
             .set("log_level", "4");
+        for (key, path) in [
+            ("ssl.ca.location", &self.tls.ca),
+            ("ssl.certificate.location", &self.tls.cert),
+            ("ssl.key.location", &self.tls.key),
+        ] {
+            if let Some(path) = path {
+                c.set(key, path.to_string_lossy());
+            }
+        }
+        // Set last: a librdkafka setting named in the URL wins.
         for (k, v) in &self.client {
             c.set(k, v);
         }
@@ -249,6 +275,31 @@ mod tests {
         assert_eq!(librdkafka.partitioner, "consistent_random");
         let tls = KafkaConfig::from_url("kafkas://h:9093").expect("tls");
         assert_eq!(tls.client["security.protocol"], "ssl");
+    }
+
+    #[test]
+    fn tls_files_become_librdkafka_ssl_locations_on_kafkas_only() {
+        let c = KafkaConfig::from_url(
+            "kafkas://u:p@h:9093?tls_ca=/ca.pem&tls_cert=/c.pem&tls_key=/k.pem",
+        )
+        .expect("ok");
+        assert_eq!(c.client["security.protocol"], "sasl_ssl");
+        let base = c.base();
+        assert_eq!(base.get("ssl.ca.location"), Some("/ca.pem"));
+        assert_eq!(base.get("ssl.certificate.location"), Some("/c.pem"));
+        assert_eq!(base.get("ssl.key.location"), Some("/k.pem"));
+        let theirs = KafkaConfig::from_url("kafkas://h?tls_ca=/ca.pem&ssl.ca.location=/mine.pem")
+            .expect("ok");
+        assert_eq!(theirs.base().get("ssl.ca.location"), Some("/mine.pem"));
+        for bad in [
+            "kafka://h?tls_ca=/ca.pem",
+            "kafkas://h?tls_cert=/c.pem",
+            "kafkas://h?tls_key=/k.pem",
+            "kafkas://h?tls_ca=",
+        ] {
+            let e = KafkaConfig::from_url(bad).expect_err(bad);
+            assert_eq!(e.kind(), ErrorKind::Config, "{bad}");
+        }
     }
 
     #[test]

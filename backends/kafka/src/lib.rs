@@ -21,10 +21,12 @@ use busbar_core::{
     SubscribeOptions, Subscriber,
 };
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
+use rdkafka::client::{ClientContext, DefaultClientContext};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{
+    BaseProducer, DeliveryResult, FutureProducer, FutureRecord, Producer, ProducerContext,
+};
 use rdkafka::{Offset, TopicPartitionList};
 
 pub use config::KafkaConfig;
@@ -457,6 +459,99 @@ fn new_producer(config: &KafkaConfig) -> Result<FutureProducer> {
         .map_err(|e| error::map(e, "creating the Kafka producer"))
 }
 
+/// The last global error librdkafka reported to a client: how [`probe_cluster`] tells a
+/// refused handshake or login from a broker that does not answer.
+#[derive(Default)]
+struct ProbeContext {
+    last: Mutex<Option<(Option<RDKafkaErrorCode>, String)>>,
+}
+
+impl ClientContext for ProbeContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        tracing::debug!(target: "busbar::kafka", %error, reason, "librdkafka error while connecting");
+        *self.last.lock().unwrap_or_else(PoisonError::into_inner) =
+            Some((error.rdkafka_error_code(), reason.to_owned()));
+    }
+}
+
+impl ProbeContext {
+    /// The error to give up with at once: an untrusted server certificate or refused
+    /// credentials (`Auth`), another TLS failure (`Connection`, e.g. the broker wanted a
+    /// client certificate); `None` while the broker may still answer.
+    fn refusal(&self, servers: &str) -> Option<Error> {
+        let last = self.last.lock().unwrap_or_else(PoisonError::into_inner);
+        let (code, reason) = last.as_ref()?;
+        let kind = match code {
+            Some(RDKafkaErrorCode::SSL) if busbar_core::raw::tls::is_tls_trust_failure(reason) => {
+                ErrorKind::Auth
+            }
+            Some(RDKafkaErrorCode::SSL) => ErrorKind::Connection,
+            Some(code) if error::kind_of_code(*code) == ErrorKind::Auth => ErrorKind::Auth,
+            _ => return None,
+        };
+        Some(
+            Error::new(kind, format!("connecting to Kafka at {servers}: {reason}"))
+                .with_backend(BACKEND),
+        )
+    }
+}
+
+impl ProducerContext for ProbeContext {
+    type DeliveryOpaque = ();
+    fn delivery(&self, _: &DeliveryResult<'_>, _: ()) {}
+}
+
+/// Asks the cluster for its metadata until a broker answers, for at most
+/// [`REQUEST_TIMEOUT`]; an untrusted certificate, refused credentials or a failed TLS
+/// handshake end the wait at once (librdkafka itself would retry them until the timeout).
+fn probe_cluster(config: &KafkaConfig) -> Result<()> {
+    let servers = &config.bootstrap_servers;
+    // A producer only to be polled: polling serves librdkafka's error events to the context.
+    let probe: BaseProducer<ProbeContext> = config
+        .base()
+        .create_with_context(ProbeContext::default())
+        .map_err(|e| error::map(e, "creating the Kafka client"))?;
+    let deadline = std::time::Instant::now() + REQUEST_TIMEOUT;
+    loop {
+        let step = deadline
+            .saturating_duration_since(std::time::Instant::now())
+            .min(Duration::from_millis(500));
+        let e = match probe.client().fetch_metadata(None, step) {
+            Ok(_) => return Ok(()),
+            Err(e) => e,
+        };
+        probe.poll(Duration::ZERO);
+        if let Some(refused) = probe.context().refusal(servers) {
+            return Err(refused);
+        }
+        let err = error::map(e, &format!("connecting to Kafka at {servers}"));
+        let waiting = matches!(
+            err.kind(),
+            ErrorKind::Broker | ErrorKind::Timeout | ErrorKind::Connection
+        );
+        if !waiting {
+            return Err(err);
+        }
+        if std::time::Instant::now() >= deadline {
+            let last = probe
+                .context()
+                .last
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .as_ref()
+                .map(|(_, reason)| format!(" (last error: {reason})"))
+                .unwrap_or_default();
+            return Err(Error::new(
+                ErrorKind::Connection,
+                format!("no Kafka broker answered at {servers} within {REQUEST_TIMEOUT:?}{last}"),
+            )
+            .with_backend(BACKEND));
+        }
+        // fetch_metadata may fail at once (broker transport failure): not a busy loop.
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// How long connecting to one bootstrap server may take before the next is tried.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -506,35 +601,22 @@ impl Connect for Kafka {
 
     /// Connects to the Kafka cluster of `url` and checks that a broker answers.
     ///
-    /// Errors: `Config` (malformed URL or librdkafka setting), `Connection` (no broker
-    /// answered within 15 s), `Auth` (credentials refused).
+    /// Errors: `Config` (malformed URL, librdkafka setting or TLS file), `Connection` (no
+    /// broker answered within 15 s, or the TLS handshake failed), `Auth` (credentials
+    /// refused, or a server certificate the client does not trust).
     async fn connect_with(config: KafkaConfig) -> Result<Self> {
+        // Unreadable TLS files are Config errors naming the option (librdkafka's own
+        // message would not).
+        config.tls.read_ca(BACKEND)?;
+        config.tls.read_identity(BACKEND)?;
         probe_bootstrap(&config.bootstrap_servers).await?;
         let producer = new_producer(&config)?;
         let admin: AdminClient<DefaultClientContext> = config
             .base()
             .create()
             .map_err(|e| error::map(e, "creating the Kafka admin client"))?;
-        let probe = producer.clone();
-        let servers = config.bootstrap_servers.clone();
-        blocking(move || {
-            probe
-                .client()
-                .fetch_metadata(None, REQUEST_TIMEOUT)
-                .map(|_| ())
-                .map_err(|e| {
-                    let mut err = error::map(e, &format!("connecting to Kafka at {servers}"));
-                    if err.kind() == ErrorKind::Broker || err.kind() == ErrorKind::Timeout {
-                        err = Error::new(
-                            ErrorKind::Connection,
-                            format!("no Kafka broker answered at {servers} within {REQUEST_TIMEOUT:?}: {err}"),
-                        )
-                        .with_backend(BACKEND);
-                    }
-                    err
-                })
-        })
-        .await?;
+        let probe_config = config.clone();
+        blocking(move || probe_cluster(&probe_config)).await?;
         Ok(Self {
             inner: Arc::new(Inner {
                 config,

@@ -21,6 +21,9 @@ use busbar_conformance::private_server::{
     expect_config_errors, expect_connection_error, free_port, publish_retrying, stop_process,
     Failed, Proxy, Recorder, Stop, TestResult,
 };
+use busbar_conformance::tls::{
+    capture_logs, expect_no_secret, expect_refusals, round_trip, TestCerts,
+};
 use busbar_core::{EventBus, Message, PublishOptions};
 use busbar_kafka::KafkaBus;
 use tokio::process::{Child, Command};
@@ -55,13 +58,31 @@ struct Broker {
     home: PathBuf,
     dir: PathBuf,
     port: u16,
+    /// The SASL_SSL listener's port, on a broker started with [`Broker::start_tls`].
+    tls_port: Option<u16>,
     proxy: Option<Proxy>,
     child: Option<Child>,
 }
 
+/// The user the SASL_SSL listener of [`Broker::start_tls`] knows, and its password.
+const TLS_USER: &str = "app";
+const PASSWORD: &str = "kafka-s3cret-pw";
+const WRONG: &str = "kafka-wrong-pw";
+
 impl Broker {
     /// A fresh broker; with `proxied`, clients reach it only through a [`Proxy`].
     async fn start(proxied: bool) -> Result<Self, Failed> {
+        Self::start_with(proxied, None).await
+    }
+
+    /// A fresh broker with a second listener, SASL_SSL: TLS with the server certificate of
+    /// `certs`, a client certificate of their CA required, and SASL/PLAIN with the user
+    /// [`TLS_USER`] and the password [`PASSWORD`].
+    async fn start_tls(certs: &TestCerts) -> Result<Self, Failed> {
+        Self::start_with(false, Some(certs)).await
+    }
+
+    async fn start_with(proxied: bool, tls: Option<&TestCerts>) -> Result<Self, Failed> {
         let home = kafka_home().ok_or("no Kafka jars; run scripts/brokers.sh up")?;
         let (port, controller) = (free_port()?, free_port()?);
         let proxy = if proxied {
@@ -79,6 +100,13 @@ impl Broker {
             .replace("@ADVERTISED_PORT@", &advertised.to_string())
             .replace("@CONTROLLER_PORT@", &controller.to_string())
             .replace("@DATA@", &dir.join("data").to_string_lossy());
+        let (config, tls_port) = match tls {
+            Some(certs) => {
+                let tls_port = free_port()?;
+                (tls_listener(config, &dir, certs, tls_port)?, Some(tls_port))
+            }
+            None => (config, None),
+        };
         std::fs::write(dir.join("server.properties"), config)?;
         let cluster = base64::engine::general_purpose::URL_SAFE_NO_PAD
             .encode(uuid::Uuid::new_v4().as_bytes());
@@ -106,6 +134,7 @@ impl Broker {
             home,
             dir,
             port,
+            tls_port,
             proxy,
             child: None,
         };
@@ -167,6 +196,56 @@ impl Broker {
     fn proxy(&self) -> Result<&Proxy, Failed> {
         self.proxy.as_ref().ok_or_else(|| "no proxy".into())
     }
+}
+
+/// `config` with a SASL_SSL listener on `port` (see [`Broker::start_tls`]); the broker's key
+/// goes into a PKCS#12 keystore made with `openssl` in `dir`.
+fn tls_listener(
+    config: String,
+    dir: &Path,
+    certs: &TestCerts,
+    port: u16,
+) -> Result<String, Failed> {
+    let keystore = dir.join("server.p12");
+    let out = std::process::Command::new("openssl")
+        .args(["pkcs12", "-export", "-passout", "pass:keystore-pw", "-in"])
+        .arg(certs.server_pem())
+        .arg("-inkey")
+        .arg(certs.server_key())
+        .arg("-out")
+        .arg(&keystore)
+        .output()
+        .map_err(|e| format!("cannot run openssl: {e}"))?;
+    if !out.status.success() {
+        return Err(format!("openssl pkcs12: {}", String::from_utf8_lossy(&out.stderr)).into());
+    }
+    let listener = format!("SASL_SSL://127.0.0.1:{port}");
+    let mut edited = String::new();
+    for line in config.lines() {
+        match line.split_once('=') {
+            Some(("listeners" | "advertised.listeners", _)) => {
+                edited += &format!("{line},{listener}\n");
+            }
+            Some(("listener.security.protocol.map", _)) => {
+                edited += &format!("{line},SASL_SSL:SASL_SSL\n");
+            }
+            _ => edited += &format!("{line}\n"),
+        }
+    }
+    edited += &format!(
+        "sasl.enabled.mechanisms=PLAIN\n\
+         listener.name.sasl_ssl.plain.sasl.jaas.config=org.apache.kafka.common.security.plain.PlainLoginModule required user_{TLS_USER}=\"{PASSWORD}\";\n\
+         listener.name.sasl_ssl.ssl.client.auth=required\n\
+         ssl.keystore.type=PKCS12\n\
+         ssl.keystore.location={}\n\
+         ssl.keystore.password=keystore-pw\n\
+         ssl.key.password=keystore-pw\n\
+         ssl.truststore.type=PEM\n\
+         ssl.truststore.location={}\n",
+        keystore.display(),
+        certs.ca_pem().display()
+    );
+    Ok(edited)
 }
 
 impl Drop for Broker {
@@ -383,6 +462,44 @@ async fn keys_land_where_the_chosen_partitioner_puts_them() -> TestResult {
     Ok(())
 }
 
+/// `kafkas://` with SASL/PLAIN against a SASL_SSL listener that requires a client
+/// certificate: a message goes through; a server certificate of another CA, the system CAs
+/// alone or a wrong password are `Auth` errors, refused at once rather than after
+/// librdkafka's 15 s of retries; no password or private key appears in an error, a `Debug`
+/// text or any log line at TRACE level.
+async fn tls_and_auth() -> TestResult {
+    let logs = capture_logs();
+    let certs = TestCerts::make("kafka")?;
+    let broker = Broker::start_tls(&certs).await?;
+    let port = broker.tls_port.ok_or("no SASL_SSL port")?;
+    let url = |password: &str, options: &str| {
+        format!("kafkas://{TLS_USER}:{password}@127.0.0.1:{port}?partitions=2&{options}")
+    };
+    let mut secrets = certs.key_texts()?;
+    secrets.extend([PASSWORD.to_owned(), WRONG.to_owned()]);
+
+    let bus = KafkaBus::connect(&url(PASSWORD, &certs.client_options(&certs.ca_pem()))).await?;
+    round_trip(&bus, "tls-topic").await?;
+    expect_no_secret("the bus's Debug text", &format!("{bus:?}"), &secrets)?;
+    bus.close().await?;
+
+    let started = Instant::now();
+    expect_refusals(
+        &certs,
+        &secrets,
+        |good, options| url(if good { PASSWORD } else { WRONG }, options),
+        |url| async move { KafkaBus::connect(&url).await },
+    )
+    .await?;
+    // Five refusals: each is reported when librdkafka sees it, not after its request
+    // timeout (15 s each).
+    if started.elapsed() > Duration::from_secs(30) {
+        return Err(format!("the refusals took {:?}", started.elapsed()).into());
+    }
+    drop(broker);
+    logs.expect_none_of(&secrets)
+}
+
 async fn unreachable_broker_is_a_connection_error() -> TestResult {
     let port = free_port()?;
     expect_connection_error(
@@ -407,6 +524,8 @@ async fn malformed_urls_are_config_errors() -> TestResult {
 }
 
 fn main() {
+    // First: every log line from here on is captured and checked for secrets.
+    capture_logs();
     let home = kafka_home();
     busbar_conformance::private_server::main_when(
         home.as_ref().is_some_and(|h| h.join("lib").is_dir()),
@@ -430,6 +549,7 @@ fn main() {
                 true,
                 || Box::pin(keys_land_where_the_chosen_partitioner_puts_them()),
             ),
+            ("tls_and_auth", true, || Box::pin(tls_and_auth())),
             ("unreachable_broker_is_a_connection_error", false, || {
                 Box::pin(unreachable_broker_is_a_connection_error())
             }),

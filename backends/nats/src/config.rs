@@ -20,6 +20,8 @@ pub enum Auth {
     Token(String),
     /// A `.creds` file (URL option `creds`).
     CredsFile(String),
+    /// A file holding an nkey seed (URL option `nkey`), as `nats --nkey` takes.
+    NkeyFile(String),
 }
 
 impl fmt::Debug for Auth {
@@ -29,6 +31,7 @@ impl fmt::Debug for Auth {
             Auth::UserPassword(u, _) => write!(f, "UserPassword({u:?}, ***)"),
             Auth::Token(_) => f.write_str("Token(***)"),
             Auth::CredsFile(p) => write!(f, "CredsFile({p:?})"),
+            Auth::NkeyFile(p) => write!(f, "NkeyFile({p:?})"),
         }
     }
 }
@@ -38,7 +41,8 @@ impl fmt::Debug for Auth {
 /// URL: `nats://[user:password@|token@]host:port[?options]`, or `tls://...` to require TLS.
 /// Options: `partitions` (subjects per new topic, default 8), `retention` (messages kept per
 /// topic stream, default 1,000,000), `lease_ttl_ms` (partition lease, default 6000),
-/// `creds` (path of a `.creds` file), `name` (client name); on `tls://` only, `tls_ca` (PEM
+/// `creds` (path of a `.creds` file), `nkey` (path of a file holding an nkey seed, `SU...`,
+/// as `nats --nkey` takes), `name` (client name); on `tls://` only, `tls_ca` (PEM
 /// certificates to trust instead of the system's), `tls_cert` and `tls_key` (a client
 /// certificate and its key, for servers that verify clients).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -100,11 +104,12 @@ impl NatsConfig {
             name: "busbar".into(),
             tls_files: TlsFiles::default(),
         };
-        const KNOWN: [&str; 8] = [
+        const KNOWN: [&str; 9] = [
             "partitions",
             "retention",
             "lease_ttl_ms",
             "creds",
+            "nkey",
             "name",
             "tls_ca",
             "tls_cert",
@@ -120,6 +125,7 @@ impl NatsConfig {
                 "retention" => cfg.retention = o.number_as(1..=i64::MAX as u64)?,
                 "lease_ttl_ms" => cfg.lease_ttl = o.millis(300..=u64::MAX)?,
                 "creds" => cfg.auth = Auth::CredsFile(o.value().to_owned()),
+                "nkey" => cfg.auth = Auth::NkeyFile(o.value().to_owned()),
                 "name" => cfg.name = o.value().to_owned(),
                 _ => return Err(options.unknown(&o, &KNOWN)),
             }
@@ -212,6 +218,8 @@ mod tests {
             f.tls_files.ca.as_deref(),
             Some(std::path::Path::new("/ca.pem"))
         );
+        let n = NatsConfig::from_url("nats://h?nkey=/keys/app.nk").expect("ok");
+        assert_eq!(n.auth, Auth::NkeyFile("/keys/app.nk".into()));
     }
 
     #[test]

@@ -419,6 +419,7 @@ impl Connect for Nats {
                     error::map(ErrorKind::Config, e, "reading the NATS credentials file")
                 })?;
             }
+            Auth::NkeyFile(path) => opts = opts.nkey(read_nkey_seed(path)?),
         }
         let client = tokio::time::timeout(Duration::from_secs(15), opts.connect(&config.server))
             .await
@@ -454,6 +455,23 @@ impl Connect for Nats {
     fn config(&self) -> &NatsConfig {
         &self.inner.config
     }
+}
+
+/// The nkey seed in the file `path` (the URL option `nkey`): unreadable, or not a seed, is a
+/// `Config` error that names the file and never prints its contents.
+fn read_nkey_seed(path: &str) -> Result<String> {
+    let bad = |why: String| {
+        Error::new(
+            ErrorKind::Config,
+            format!("the NATS URL option nkey={path:?}: {why}"),
+        )
+        .with_backend(BACKEND)
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| bad(format!("cannot read it: {e}")))?;
+    let seed = text.trim();
+    nkeys::KeyPair::from_seed(seed)
+        .map_err(|_| bad("holds no nkey seed (one line starting with S)".to_owned()))?;
+    Ok(seed.to_owned())
 }
 
 /// Asks `$JS.API.INFO` (the raw request: async-nats's typed account info does not parse a

@@ -8,7 +8,9 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use busbar_conformance::private_server::{free_port, Failed, TestResult};
-use busbar_conformance::tls::{capture_logs, expect_refusals, round_trip, TestCerts};
+use busbar_conformance::tls::{
+    capture_logs, expect_no_secret, expect_refusals, round_trip, TestCerts,
+};
 use busbar_core::EventBus;
 use busbar_redis::RedisBus;
 use tokio::process::{Child, Command};
@@ -75,12 +77,7 @@ async fn tls_and_auth() -> TestResult {
 
     let bus = RedisBus::connect(&server.url(PASSWORD, &trusted)).await?;
     round_trip(&bus, "tls-topic").await?;
-    if let Some(s) = secrets
-        .iter()
-        .find(|s| format!("{bus:?}").contains(s.as_str()))
-    {
-        return Err(format!("the bus's Debug text holds the secret {s:?}").into());
-    }
+    expect_no_secret("the bus's Debug text", &format!("{bus:?}"), &secrets)?;
     bus.close().await?;
 
     expect_refusals(
