@@ -3,6 +3,7 @@
 use std::fmt;
 use std::time::Duration;
 
+use busbar_core::raw::tls::TlsFiles;
 use busbar_core::raw::{redact_url, UrlOptions};
 use busbar_core::{Error, ErrorKind, Result};
 
@@ -46,7 +47,9 @@ impl fmt::Debug for Credentials {
 /// `max_receive_count` (deliveries before SQS moves a message to the group's `-dlq` queue,
 /// default 50 — receives include messages handed back unprocessed, see the README; 0 turns native redrive off), `receivers` (concurrent long polls per subscriber,
 /// default 2), `wait_seconds` (long-poll wait, 1–20, default 2), `retention_seconds`
-/// (queue retention, default 4 days).
+/// (queue retention, default 4 days), `tls_ca` (PEM certificates trusted besides the
+/// system's, e.g. a private CA of an endpoint; not with `tls=false`). The AWS SDK's HTTP
+/// client presents no client certificate: `tls_cert` and `tls_key` are `Config` errors.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SqsConfig {
     /// Endpoint override (`http(s)://host:port`), if the URL names a host.
@@ -67,6 +70,8 @@ pub struct SqsConfig {
     pub wait: Duration,
     /// Queue retention.
     pub retention: Duration,
+    /// The URL's `tls_ca` (`tls_cert` and `tls_key` are refused).
+    pub tls_files: TlsFiles,
 }
 
 fn config_error(msg: String) -> Error {
@@ -114,9 +119,11 @@ impl SqsConfig {
             receivers: 2,
             wait: Duration::from_secs(2),
             retention: Duration::from_secs(4 * 24 * 3600),
+            tls_files: TlsFiles::default(),
         };
         let mut tls = true;
-        const KNOWN: [&str; 8] = [
+        const KNOWN: [&str; 9] = [
+            "tls_ca",
             "region",
             "tls",
             "fifo",
@@ -128,6 +135,9 @@ impl SqsConfig {
         ];
         let options = UrlOptions::parse("SQS", BACKEND, parsed.query());
         for o in options.clone() {
+            if cfg.tls_files.take(&o)? {
+                continue;
+            }
             match o.key() {
                 "region" if !o.value().is_empty() => cfg.region = Some(o.value().to_owned()),
                 "region" => {}
@@ -151,6 +161,13 @@ impl SqsConfig {
                 "retention_seconds" => cfg.retention = o.secs(60..=1_209_600)?,
                 _ => return Err(options.unknown(&o, &KNOWN)),
             }
+        }
+        cfg.tls_files
+            .check(tls, "SQS", "sqs://host?tls=true", BACKEND)?;
+        if cfg.tls_files.cert.is_some() || cfg.tls_files.key.is_some() {
+            return Err(config_error(
+                "the SQS URL options tls_cert and tls_key are not supported: the AWS SDK's HTTP client presents no client certificate".into(),
+            ));
         }
         if let Some(host) = parsed.host_str().filter(|h| !h.is_empty()) {
             let scheme = if tls { "https" } else { "http" };
@@ -255,6 +272,12 @@ mod tests {
         assert_eq!(aws.max_receive_count, Some(50));
         let https = SqsConfig::from_url("sqs://vpce.example?region=eu-west-1").expect("https");
         assert_eq!(https.endpoint.as_deref(), Some("https://vpce.example"));
+        let ca = SqsConfig::from_url("sqs://vpce.example?region=eu-west-1&tls_ca=/ca.pem")
+            .expect("a private CA");
+        assert_eq!(
+            ca.tls_files.ca.as_deref(),
+            Some(std::path::Path::new("/ca.pem"))
+        );
     }
 
     #[test]
@@ -269,6 +292,8 @@ mod tests {
             "sqs://127.0.0.1?receivers=0",
             "sqs://127.0.0.1?prefix=a.b",
             "sqs://127.0.0.1?colour=blue",
+            "sqs://127.0.0.1?tls=false&tls_ca=/ca.pem",
+            "sqs://127.0.0.1?tls_ca=/ca.pem&tls_cert=/c.pem&tls_key=/k.pem",
         ] {
             let e = SqsConfig::from_url(url).expect_err(url);
             assert_eq!(e.kind(), ErrorKind::Config, "{url}: {e}");

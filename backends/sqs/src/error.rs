@@ -44,7 +44,10 @@ where
     R: std::fmt::Debug + Send + Sync + 'static,
 {
     let text = DisplayErrorContext(&e).to_string();
+    let untrusted = matches!(e, SdkError::DispatchFailure(_))
+        && busbar_core::raw::tls::is_tls_trust_failure(&text);
     let kind = match &e {
+        _ if untrusted => ErrorKind::Auth,
         SdkError::ConstructionFailure(_) if text.contains("credentials") => ErrorKind::Auth,
         SdkError::ConstructionFailure(_) => ErrorKind::Config,
         SdkError::TimeoutError(_) => ErrorKind::Timeout,
@@ -56,6 +59,9 @@ where
     };
     let code = e.code().map(|c| format!(" [{c}]")).unwrap_or_default();
     let what = match (kind, e.code()) {
+        _ if untrusted => {
+            " (the server's TLS certificate is not trusted; see the URL option tls_ca)"
+        }
         (ErrorKind::Auth, _) => " (the credentials or permissions were refused)",
         (_, Some(c)) if MISSING_CODES.contains(&c) => " (the queue or topic does not exist)",
         (ErrorKind::Timeout, Some(_)) => " (throttled, after the SDK's retries with backoff)",

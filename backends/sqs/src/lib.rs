@@ -480,6 +480,26 @@ pub async fn sdk_config(config: &SqsConfig) -> Result<aws_config::SdkConfig> {
     if let Some(endpoint) = &config.endpoint {
         loader = loader.endpoint_url(endpoint);
     }
+    if let Some(ca) = config.tls_files.read_ca(BACKEND)? {
+        // The SDK's default HTTPS client (rustls on aws-lc) with the CA added to the
+        // platform's roots.
+        use aws_smithy_http_client::tls;
+        let context = tls::TlsContext::builder()
+            .with_trust_store(tls::TrustStore::default().with_pem_certificate(ca))
+            .build()
+            .map_err(|e| {
+                Error::new(ErrorKind::Config, format!("the SQS URL option tls_ca: {e}"))
+                    .with_backend(BACKEND)
+            })?;
+        loader = loader.http_client(
+            aws_smithy_http_client::Builder::new()
+                .tls_provider(tls::Provider::Rustls(
+                    tls::rustls_provider::CryptoMode::AwsLc,
+                ))
+                .tls_context(context)
+                .build_https(),
+        );
+    }
     if let Credentials::Static {
         access_key_id,
         secret_access_key,

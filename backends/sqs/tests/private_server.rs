@@ -1,6 +1,6 @@
 //! Tests that need an SQS endpoint of their own: an outage mid-stream, native redrive into the
-//! group's `-dlq` queue, a queue deleted under a subscriber, an unreachable endpoint and
-//! malformed URLs.
+//! group's `-dlq` queue, a queue deleted under a subscriber, HTTPS with a private CA, an
+//! unreachable endpoint and malformed URLs.
 //!
 //! The private endpoint is a fauxqs@1.9.2 process (installed by `scripts/brokers.sh up` under
 //! `~/.cache/busbar-brokers/fauxqs`; `BUSBAR_BROKER_TOOLS` moves it) on a spare loopback port,
@@ -18,6 +18,9 @@ use std::time::{Duration, Instant};
 use busbar_conformance::private_server::{
     expect_config_errors, expect_connection_error, free_port, publish_retrying, Failed, Proxy,
     Recorder, TestResult,
+};
+use busbar_conformance::tls::{
+    capture_logs, expect_auth_error, expect_no_secret, round_trip, TestCerts,
 };
 use busbar_core::{ErrorKind, EventBus, Message, NackAction, PublishOptions, SubscribeOptions};
 use busbar_sqs::SqsBus;
@@ -236,6 +239,94 @@ async fn deleted_queue_is_reported() -> TestResult {
     Ok(())
 }
 
+/// Terminates TLS on `port` with the server certificate of `certs` and forwards each
+/// connection to `target`: fauxqs serves plain HTTP only. A few lines of Node, which runs
+/// fauxqs anyway.
+async fn tls_terminator(certs: &TestCerts, port: u16, target: u16) -> Result<Child, Failed> {
+    const SCRIPT: &str = r#"
+const tls = require("node:tls"), net = require("node:net"), fs = require("node:fs");
+const env = process.env;
+tls.createServer({ key: fs.readFileSync(env.KEY), cert: fs.readFileSync(env.CERT) }, (client) => {
+  const upstream = net.connect(Number(env.TARGET), "127.0.0.1");
+  client.pipe(upstream).pipe(client);
+  client.on("error", () => upstream.destroy());
+  upstream.on("error", () => client.destroy());
+}).listen(Number(env.PORT), "127.0.0.1");
+"#;
+    let child = Command::new("node")
+        .args(["-e", SCRIPT])
+        .env("KEY", certs.server_key())
+        .env("CERT", certs.server_pem())
+        .env("PORT", port.to_string())
+        .env("TARGET", target.to_string())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| format!("cannot start node: {e}"))?;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+        if Instant::now() > deadline {
+            return Err("the TLS terminator did not listen within 15 s".into());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(child)
+}
+
+/// HTTPS to an endpoint whose certificate a private CA signed (fauxqs behind a TLS
+/// terminator): with `tls_ca` naming the CA a message goes through; a certificate of another
+/// CA, or the system's CAs alone, are `Auth` errors; a missing CA file and a client
+/// certificate (the AWS SDK's HTTP client presents none) are `Config` errors; the secret key
+/// appears in no error, `Debug` text or TRACE log line. (fauxqs accepts any credentials: a
+/// wrong key cannot be tested here.)
+async fn https_endpoint_with_a_private_ca() -> TestResult {
+    const SECRET: &str = "sqs-s3cret-access-key";
+    let logs = capture_logs();
+    let certs = TestCerts::make("sqs")?;
+    let endpoint = Endpoint::start().await?;
+    let port = free_port()?;
+    let _terminator = tls_terminator(&certs, port, endpoint.proxy.port()).await?;
+    let url =
+        |options: &str| format!("sqs://test:{SECRET}@127.0.0.1:{port}?region=us-east-1{options}");
+    let ca = |path: PathBuf| format!("&tls_ca={}", path.display());
+    let mut secrets = certs.key_texts()?;
+    secrets.push(SECRET.to_owned());
+
+    let bus = SqsBus::connect(&url(&ca(certs.ca_pem()))).await?;
+    round_trip(&bus, "tls-topic").await?;
+    expect_no_secret("the bus's Debug text", &format!("{bus:?}"), &secrets)?;
+    bus.close().await?;
+
+    expect_auth_error(
+        "a server certificate of another CA",
+        SqsBus::connect(&url(&ca(certs.other_ca_pem()))),
+        &secrets,
+    )
+    .await?;
+    expect_auth_error("the system CAs only", SqsBus::connect(&url("")), &secrets).await?;
+    for (what, options) in [
+        ("a missing CA file", ca(certs.dir().join("missing.pem"))),
+        (
+            "a client certificate",
+            format!(
+                "{}&tls_cert={}&tls_key={}",
+                ca(certs.ca_pem()),
+                certs.client_pem().display(),
+                certs.client_key().display()
+            ),
+        ),
+    ] {
+        match SqsBus::connect(&url(&options)).await {
+            Err(e) if e.kind() == ErrorKind::Config => {
+                expect_no_secret(what, &format!("{e} {e:?}"), &secrets)?
+            }
+            other => return Err(format!("{what}: expected Config, got {other:?}").into()),
+        }
+    }
+    logs.expect_none_of(&secrets)
+}
+
 async fn unreachable_endpoint_is_a_connection_error() -> TestResult {
     let port = free_port()?;
     expect_connection_error(
@@ -417,6 +508,8 @@ async fn broken_busbar_messages_are_dead_lettered_with_their_content() -> TestRe
 }
 
 fn main() {
+    // First: every log line from here on is captured and checked for secrets.
+    capture_logs();
     busbar_conformance::private_server::main(
         "node",
         &[
@@ -438,6 +531,9 @@ fn main() {
             ),
             ("deleted_queue_is_reported", true, || {
                 Box::pin(deleted_queue_is_reported())
+            }),
+            ("https_endpoint_with_a_private_ca", true, || {
+                Box::pin(https_endpoint_with_a_private_ca())
             }),
             ("unreachable_endpoint_is_a_connection_error", false, || {
                 Box::pin(unreachable_endpoint_is_a_connection_error())
