@@ -1,15 +1,16 @@
 //! Real crashes (issue 22): a consumer PROCESS (`busbar worker`) SIGKILLed while 16 handlers
-//! are busy, a second started at once, a third joining under load — against every server of
+//! are busy, a second started at once, a third joining under load; one of two workers
+//! SIGKILLed while partitions move to a third that joined — against every server of
 //! every `BUSBAR_*_URL` list. Nothing may be lost and, where the backend orders per key, no
 //! message may be first handled before its key's previous one; duplicates and the recovery
-//! time (SIGKILL → the second worker's first handled message) are printed. A backend whose
+//! time (the longest a key the killed worker served waited for its next handling) are printed. A backend whose
 //! URL is unset, or whose feature this build lacks, is IGNORED (FAILED with
 //! `BUSBAR_REQUIRE_BROKERS=1`).
 
 mod common;
 
 use busbar_conformance::crash::{
-    idempotent_redelivery, killed_worker, rebalance_under_churn, CrashPlan,
+    idempotent_redelivery, killed_worker, rebalance_under_churn, CrashPlan, KillAt,
 };
 use busbar_conformance::private_server::{Server, TestResult};
 
@@ -18,9 +19,33 @@ const BUSBAR: &str = env!("CARGO_BIN_EXE_busbar");
 async fn sigkill_mid_batch(url: String) -> TestResult {
     let bus = busbar::connect(&url).await?;
     let command = vec![BUSBAR.to_owned(), "worker".to_owned(), url.clone()];
-    let report = killed_worker(bus.clone(), &command, &CrashPlan::default()).await?;
+    let report = killed_worker(
+        bus.clone(),
+        &command,
+        &CrashPlan::default(),
+        KillAt::MidBatch,
+    )
+    .await?;
     eprintln!(
         "  sigkill_mid_batch {}: {report}",
+        without_credentials(&url)
+    );
+    bus.close().await?;
+    Ok(())
+}
+
+/// Two workers share the group; a third joins and, as soon as it handled its first message
+/// (partitions are moving), one of the two is SIGKILLed.
+async fn sigkill_during_handover(url: String) -> TestResult {
+    let bus = busbar::connect(&url).await?;
+    let command = vec![BUSBAR.to_owned(), "worker".to_owned(), url.clone()];
+    let plan = CrashPlan {
+        kill_after: 400,
+        ..CrashPlan::default()
+    };
+    let report = killed_worker(bus.clone(), &command, &plan, KillAt::DuringHandover).await?;
+    eprintln!(
+        "  sigkill_during_handover {}: {report}",
         without_credentials(&url)
     );
     bus.close().await?;
@@ -115,6 +140,9 @@ fn main() {
         &servers,
         &[
             ("sigkill_mid_batch", |url| Box::pin(sigkill_mid_batch(url))),
+            ("sigkill_during_handover", |url| {
+                Box::pin(sigkill_during_handover(url))
+            }),
             ("rebalance_at_scale", |url| {
                 Box::pin(rebalance_at_scale(url))
             }),

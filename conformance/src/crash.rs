@@ -6,9 +6,10 @@
 //! handled message to a record file — one `write` per line on an `O_APPEND` file, so lines
 //! of several processes never mix — before its handler returns, that is before its ack.
 //! [`killed_worker`] publishes `keys × per_key` messages, starts a worker, SIGKILLs it while
-//! its handlers are busy, starts a second, lets a third join, and reads the record: every
-//! message handled at least once, and (where the backend orders per key) the first handling
-//! of each key's message n never before that of n − 1.
+//! its handlers are busy, starts a second, lets a third join — or, [`KillAt::DuringHandover`],
+//! kills one of two workers while partitions move to a third that joined — and reads the
+//! record: every message handled at least once, and (where the backend orders per key) the
+//! first handling of each key's message n never before that of n − 1.
 
 use std::collections::{HashMap, HashSet};
 use std::io::Write as _;
@@ -231,23 +232,28 @@ pub struct CrashReport {
     pub order_violations: usize,
     /// Handlings beyond the first.
     pub duplicates: usize,
-    /// From the SIGKILL to the second worker's first recorded message.
+    /// The longest a key the killed worker was serving waited, from the SIGKILL to its next
+    /// handling by a survivor.
     pub recovery: Option<Duration>,
-    /// Recorded by the first worker when it was killed.
+    /// Recorded (by all workers) when the first was killed.
     pub recorded_at_kill: usize,
+    /// Keys the killed worker had served last and that had messages left: the work the
+    /// survivors had to take over.
+    pub left_waiting: usize,
 }
 
 impl std::fmt::Display for CrashReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{} published, {} lost, {} order violations, {} duplicates, recovery {}, killed after {} recorded",
+            "{} published, {} lost, {} order violations, {} duplicates, recovery {} ({} keys taken over), killed after {} recorded",
             self.published,
             self.lost,
             self.order_violations,
             self.duplicates,
             self.recovery
                 .map_or_else(|| "-".to_owned(), |d| format!("{:.1} s", d.as_secs_f64())),
+            self.left_waiting,
             self.recorded_at_kill
         )
     }
@@ -343,18 +349,31 @@ async fn wait_for(
     }
 }
 
+/// When [`killed_worker`] SIGKILLs its first worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KillAt {
+    /// Worker A runs alone and is killed once it recorded `plan.kill_after` (its handlers
+    /// busy); B starts at once, C joins once `plan.join_after` are recorded.
+    MidBatch,
+    /// Workers A and B share the group; once `plan.kill_after` are recorded C joins, and A is
+    /// killed as soon as C handled its first message — a partition has moved to C and A may
+    /// still be draining or handing over others.
+    DuringHandover,
+}
+
 /// Publishes `plan.keys × plan.per_key` messages to a fresh topic whose group exists, runs
-/// worker A (`worker_command` + options), SIGKILLs it once it recorded `plan.kill_after`,
-/// starts B at once, starts C once `plan.join_after` are recorded, waits until every message
-/// is recorded, and checks: none lost, per-key order (where the backend orders per key).
+/// workers (`worker_command` + options) and SIGKILLs the first as `at` says, waits until
+/// every message is recorded, and checks: none lost, per-key order (where the backend orders
+/// per key).
 pub async fn killed_worker(
     bus: Arc<dyn EventBus>,
     worker_command: &[String],
     plan: &CrashPlan,
+    at: KillAt,
 ) -> Result<CrashReport> {
     let dir = std::env::temp_dir().join(crate::interop::fresh_name("busbar-crash"));
     std::fs::create_dir_all(&dir)?;
-    let result = run_plan(bus, worker_command, plan, &dir).await;
+    let result = run_plan(bus, worker_command, plan, at, &dir).await;
     match &result {
         Ok(_) => {
             let _ = std::fs::remove_dir_all(&dir);
@@ -423,27 +442,67 @@ async fn run_plan(
     bus: Arc<dyn EventBus>,
     worker_command: &[String],
     plan: &CrashPlan,
+    at: KillAt,
     dir: &Path,
 ) -> Result<CrashReport> {
     let (options, published) = prepare(&bus, plan, dir).await?;
     let until = Instant::now() + plan.deadline;
-    let mut a = spawn(worker_command, &options, &[], &dir.join("worker-a.log"))?;
-    let at_kill = wait_for(&options.record, plan.kill_after, until, &mut [&mut a]).await?;
-    ensure!(
-        at_kill.len() >= plan.kill_after,
-        "the first worker recorded {} of {} before the deadline",
-        at_kill.len(),
-        plan.kill_after
-    );
-    // SIGKILL: no handler finishes, nothing is acked or handed back.
-    a.start_kill()?;
-    let killed_at = now_micros();
-    a.wait().await?;
-    let recorded_at_kill = read_record(&options.record)?.len();
-    let mut b = spawn(worker_command, &options, &[], &dir.join("worker-b.log"))?;
-    let b_pid = b.id().unwrap_or(0);
-    wait_for(&options.record, plan.join_after, until, &mut [&mut b]).await?;
-    let mut c = spawn(worker_command, &options, &[], &dir.join("worker-c.log"))?;
+    let start = |who: &str| {
+        spawn(
+            worker_command,
+            &options,
+            &[],
+            &dir.join(format!("worker-{who}.log")),
+        )
+    };
+    let mut a = start("a")?;
+    let a_pid = a.id().unwrap_or(0);
+    let (killed_at, recorded_at_kill, mut b, mut c) = match at {
+        KillAt::MidBatch => {
+            let at_kill = wait_for(&options.record, plan.kill_after, until, &mut [&mut a]).await?;
+            ensure!(
+                at_kill.len() >= plan.kill_after,
+                "the first worker recorded {} of {} before the deadline",
+                at_kill.len(),
+                plan.kill_after
+            );
+            let (killed_at, recorded) = sigkill(&mut a, &options.record).await?;
+            let mut b = start("b")?;
+            wait_for(&options.record, plan.join_after, until, &mut [&mut b]).await?;
+            let c = start("c")?;
+            (killed_at, recorded, b, c)
+        }
+        KillAt::DuringHandover => {
+            let mut b = start("b")?;
+            wait_for(
+                &options.record,
+                plan.kill_after,
+                until,
+                &mut [&mut a, &mut b],
+            )
+            .await?;
+            let mut c = start("c")?;
+            let c_pid = c.id().unwrap_or(0);
+            loop {
+                let lines = read_record(&options.record)?;
+                if lines.iter().any(|h| h.pid == c_pid) {
+                    break;
+                }
+                ensure!(
+                    Instant::now() < until,
+                    "the joining worker handled nothing before the deadline"
+                );
+                for w in [&mut a, &mut b, &mut c] {
+                    if let Some(status) = w.try_wait()? {
+                        bail!("a worker exited ({status}) with {} recorded", lines.len());
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let (killed_at, recorded) = sigkill(&mut a, &options.record).await?;
+            (killed_at, recorded, b, c)
+        }
+    };
     let expected = expected(plan);
     let lines = loop {
         let lines = read_record(&options.record)?;
@@ -474,8 +533,7 @@ async fn run_plan(
         &expected,
         bus.capabilities().ordering,
         published,
-        b_pid,
-        killed_at,
+        (a_pid, killed_at),
         recorded_at_kill,
     );
     ensure!(report.lost == 0, "{report}");
@@ -483,13 +541,22 @@ async fn run_plan(
     Ok(report)
 }
 
+/// SIGKILLs `worker` (no handler finishes, nothing is acked or handed back) and waits for
+/// it to be gone: when it was killed, and how many lines the record held then.
+async fn sigkill(worker: &mut tokio::process::Child, record: &Path) -> Result<(u128, usize)> {
+    worker.start_kill()?;
+    let killed_at = now_micros();
+    worker.wait().await?;
+    Ok((killed_at, read_record(record)?.len()))
+}
+
+/// The run's report; `killed` is the SIGKILLed worker's pid and when it died (pid 0: none).
 fn analyse(
     lines: &[Handled],
     expected: &HashSet<(String, usize)>,
     ordering: Ordering,
     published: usize,
-    b_pid: u32,
-    killed_at: u128,
+    killed: (u32, u128),
     recorded_at_kill: usize,
 ) -> CrashReport {
     let mut first: HashMap<(&str, usize), usize> = HashMap::new();
@@ -508,17 +575,47 @@ fn analyse(
     } else {
         0
     };
-    let recovery = lines.iter().find(|h| h.pid == b_pid).map(|h| {
-        Duration::from_micros(u64::try_from(h.micros.saturating_sub(killed_at)).unwrap_or(u64::MAX))
-    });
     CrashReport {
         published,
         lost,
         order_violations,
         duplicates: lines.len().saturating_sub(first.len()),
-        recovery,
+        recovery: recovery(lines, killed),
         recorded_at_kill,
+        left_waiting: recovery_stalls(lines, killed).len(),
     }
+}
+
+/// The longest stall the kill caused: over the keys whose last handling before the kill was
+/// the killed worker's and that had messages left, the longest time from the kill to the
+/// key's next handling by a survivor. `None` when no key was left waiting.
+fn recovery(lines: &[Handled], killed: (u32, u128)) -> Option<Duration> {
+    recovery_stalls(lines, killed).into_iter().max()
+}
+
+/// For each key whose last handling before the kill was the killed worker's and that was
+/// handled again afterwards: the time from the kill to that next handling.
+fn recovery_stalls(lines: &[Handled], (pid, killed_at): (u32, u128)) -> Vec<Duration> {
+    if pid == 0 {
+        return Vec::new();
+    }
+    let mut last_before: HashMap<&str, u32> = HashMap::new();
+    let mut next_after: HashMap<&str, u128> = HashMap::new();
+    for h in lines {
+        if h.micros <= killed_at {
+            last_before.insert(h.key.as_str(), h.pid);
+        } else if h.pid != pid {
+            next_after.entry(h.key.as_str()).or_insert(h.micros);
+        }
+    }
+    last_before
+        .iter()
+        .filter(|(_, p)| **p == pid)
+        .filter_map(|(key, _)| next_after.get(key))
+        .map(|at| {
+            Duration::from_micros(u64::try_from(at.saturating_sub(killed_at)).unwrap_or(u64::MAX))
+        })
+        .collect()
 }
 
 /// What an idempotent redelivery run saw.
@@ -800,8 +897,7 @@ async fn churn(
         &expected,
         bus.capabilities().ordering,
         published,
-        0,
-        0,
+        (0, 0),
         0,
     );
     report.lost = seen.lost;
