@@ -320,6 +320,10 @@ pub async fn publish_retrying(
 #[derive(Debug)]
 pub struct Recorder {
     handled: Arc<Mutex<HashSet<String>>>,
+    /// When each handling happened (duplicates included).
+    times: Arc<Mutex<Vec<Instant>>>,
+    /// When the test said the broker was back ([`Recorder::broker_back`]).
+    back: Mutex<Option<Instant>>,
     /// Per key, ids in the order they were first handled.
     first_by_key: Arc<Mutex<std::collections::HashMap<String, Vec<String>>>>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
@@ -332,7 +336,8 @@ impl Recorder {
         let handled: Arc<Mutex<HashSet<String>>> = Arc::default();
         let first_by_key: Arc<Mutex<std::collections::HashMap<String, Vec<String>>>> =
             Arc::default();
-        let (h, f) = (handled.clone(), first_by_key.clone());
+        let times: Arc<Mutex<Vec<Instant>>> = Arc::default();
+        let (h, f, t) = (handled.clone(), first_by_key.clone(), times.clone());
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(
             Consumer::new(bus, topic)
@@ -340,8 +345,9 @@ impl Recorder {
                 .ack_timeout(ack_timeout)
                 .run_until(
                     move |e: Event| {
-                        let (h, f) = (h.clone(), f.clone());
+                        let (h, f, t) = (h.clone(), f.clone(), t.clone());
                         async move {
+                            t.lock().map_err(|_| "lock")?.push(Instant::now());
                             let first = h.lock().map_err(|_| "lock")?.insert(e.id().to_owned());
                             if let (true, Some(k)) = (first, e.key()) {
                                 f.lock()
@@ -360,10 +366,46 @@ impl Recorder {
         );
         Self {
             handled,
+            times,
+            back: Mutex::new(None),
             first_by_key,
             stop: Some(stop),
             task,
         }
+    }
+
+    /// Notes that the broker is back up now: the report says how long after this the
+    /// consumer handled its next message (its recovery).
+    pub fn broker_back(&self) {
+        if let Ok(mut back) = self.back.lock() {
+            *back = Some(Instant::now());
+        }
+    }
+
+    /// Duplicates, the recovery after [`Recorder::broker_back`] and the longest pause
+    /// between two handlings, for the report line.
+    fn summary(&self) -> String {
+        let times = self.times.lock().map(|t| t.clone()).unwrap_or_default();
+        let unique = self.handled.lock().map(|h| h.len()).unwrap_or_default();
+        let back = self.back.lock().ok().and_then(|b| *b);
+        let resumed = back
+            .and_then(|b| times.iter().find(|t| **t >= b).map(|t| t.duration_since(b)))
+            .map_or_else(String::new, |d| {
+                format!(
+                    ", first handling {:.1} s after the broker was back",
+                    d.as_secs_f64()
+                )
+            });
+        let pause = times
+            .windows(2)
+            .map(|w| w[1].saturating_duration_since(w[0]))
+            .max()
+            .unwrap_or_default();
+        format!(
+            "{} duplicates{resumed}, longest pause between handlings {:.1} s",
+            times.len().saturating_sub(unique),
+            pause.as_secs_f64()
+        )
     }
 
     /// As [`Recorder::expect_all`], and also fails when a keyed message of `acked` (given in
@@ -449,8 +491,9 @@ impl Recorder {
         }
         let report = (&mut self.task).await??;
         eprintln!(
-            "  {after}: {} acked publishes all handled; runner report {report:?}",
-            acked.len()
+            "  {after}: {} acked publishes all handled, {}; runner report {report:?}",
+            acked.len(),
+            self.summary()
         );
         Ok(())
     }

@@ -291,6 +291,7 @@ async fn node_restart(root: String, how: Stop) -> TestResult {
                 Err(_) => return Err("a publish while the node was down hung for 30 s".into()),
             }
             node.boot().await?;
+            recorder.broker_back();
         }
     }
     for i in 0..100 {

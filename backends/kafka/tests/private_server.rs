@@ -292,6 +292,7 @@ async fn restart_mid_stream(how: Stop) -> TestResult {
                 Err(_) => {}
             }
             broker.boot().await?;
+            recorder.broker_back();
         }
     }
     let result = recorder

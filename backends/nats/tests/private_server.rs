@@ -136,6 +136,7 @@ async fn restart_mid_stream(bin: String, how: Stop) -> TestResult {
                 }
             }
             server.spawn().await?;
+            recorder.broker_back();
         }
     }
     for i in 0..200 {

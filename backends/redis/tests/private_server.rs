@@ -136,6 +136,7 @@ async fn restart_mid_stream(how: Stop) -> TestResult {
                 }
             }
             server.spawn().await?;
+            recorder.broker_back();
         }
     }
     // After the restart: publishing resumes and everything arrives.

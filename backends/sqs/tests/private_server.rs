@@ -196,6 +196,7 @@ async fn restart_mid_stream(how: Stop) -> TestResult {
                 Err(_) => return Err("a publish while the endpoint was down hung for 60 s".into()),
             }
             endpoint.boot().await?;
+            recorder.broker_back();
         }
     }
     let result = recorder
