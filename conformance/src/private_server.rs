@@ -315,6 +315,108 @@ pub async fn publish_retrying(
     }
 }
 
+/// A private broker a restart test takes down and brings back on its data.
+#[async_trait::async_trait]
+pub trait Restartable: Send {
+    /// Takes the broker down (`how`) and waits until its process is gone.
+    async fn take_down(&mut self, how: Stop) -> TestResult;
+    /// Starts it again on the same port and data; returns once it accepts clients.
+    async fn bring_back(&mut self) -> TestResult;
+}
+
+/// The shape of a [`restart_mid_stream`] run.
+#[derive(Debug, Clone)]
+pub struct RestartPlan {
+    /// Messages published before the restart is over (10 keys, round robin).
+    pub before: usize,
+    /// The broker goes down right after this publish.
+    pub at: usize,
+    /// Publishes tried while it is down (each must fail retryably, or succeed).
+    pub while_down: usize,
+    /// How long one publish while down may take.
+    pub down_wait: Duration,
+    /// Messages published after the loop.
+    pub after: usize,
+    /// How long each publish may be retried ([`publish_retrying`]).
+    pub publish_limit: Duration,
+    /// The recorder's ack timeout.
+    pub ack_timeout: Duration,
+    /// Every acked publish must be handled within this, after the last publish.
+    pub handled_within: Duration,
+}
+
+impl Default for RestartPlan {
+    fn default() -> Self {
+        Self {
+            before: 300,
+            at: 150,
+            while_down: 1,
+            down_wait: Duration::from_secs(60),
+            after: 100,
+            publish_limit: Duration::from_secs(120),
+            ack_timeout: Duration::from_secs(5),
+            handled_within: Duration::from_secs(120),
+        }
+    }
+}
+
+/// The broker goes down (`how`) mid-stream and comes back on its data, while a consumer of
+/// the group `"g"` (made already) reads `topic` and publishes go on: every publish that
+/// returned Ok is handled, each key's messages are first handled in publish order, a publish
+/// while the broker is down fails retryably (or succeeds), never hangs or fails for good, and
+/// publisher and consumer recover by themselves. Prints duplicates and the recovery.
+pub async fn restart_mid_stream(
+    bus: Arc<dyn EventBus>,
+    topic: &str,
+    broker: &mut dyn Restartable,
+    how: Stop,
+    plan: &RestartPlan,
+) -> TestResult {
+    let recorder = Recorder::start(bus.clone(), topic, "g", plan.ack_timeout);
+    let mut acked = Vec::new();
+    for i in 0..plan.before {
+        let m = Message::new(format!("before-{i}")).with_key(format!("k{}", i % 10));
+        acked.push(m.id.clone());
+        publish_retrying(bus.as_ref(), topic, m, plan.publish_limit).await?;
+        if i != plan.at {
+            continue;
+        }
+        broker.take_down(how).await?;
+        for j in 0..plan.while_down {
+            let m = Message::new(format!("down-{j}")).with_key("k0");
+            let id = m.id.clone();
+            let options = PublishOptions::default();
+            let publish = bus.publish(topic, m, &options);
+            match tokio::time::timeout(plan.down_wait, publish).await {
+                Ok(Ok(())) => acked.push(id),
+                Ok(Err(e)) if e.is_retryable() => {}
+                Ok(Err(e)) => return Err(format!("publish while down: {e}").into()),
+                Err(_) => {
+                    return Err(format!(
+                        "a publish while the broker was down hung for {:?}",
+                        plan.down_wait
+                    )
+                    .into())
+                }
+            }
+        }
+        broker.bring_back().await?;
+        recorder.broker_back();
+    }
+    for i in 0..plan.after {
+        let m = Message::new(format!("after-{i}")).with_key(format!("k{}", i % 10));
+        acked.push(m.id.clone());
+        publish_retrying(bus.as_ref(), topic, m, plan.publish_limit).await?;
+    }
+    recorder
+        .expect_all_in_key_order(
+            &acked,
+            plan.handled_within,
+            &format!("{} restart", how.word()),
+        )
+        .await
+}
+
 /// A consumer runner that records the ids it handled (and, per key, the order in which each
 /// was first handled), for tests that disrupt the broker while it consumes.
 #[derive(Debug)]

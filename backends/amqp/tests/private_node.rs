@@ -20,7 +20,8 @@ use std::time::{Duration, Instant};
 
 use busbar_amqp::AmqpBus;
 use busbar_conformance::private_server::{
-    free_port, publish_retrying, stop_process, Failed, Recorder, Stop, TestResult,
+    free_port, restart_mid_stream as restart, stop_process, Failed, RestartPlan, Restartable, Stop,
+    TestResult,
 };
 use busbar_conformance::tls::{
     capture_logs, expect_no_secret, expect_refusals, round_trip, TestCerts,
@@ -265,45 +266,25 @@ async fn node_restart(root: String, how: Stop) -> TestResult {
         node.stop(Stop::Clean).await?;
         node.boot().await?;
     }
-    let recorder = Recorder::start(shared, topic, "g", Duration::from_secs(5));
-    let mut acked = Vec::new();
-    for i in 0..300 {
-        let m = Message::new(format!("before-{i}")).with_key(format!("k{}", i % 10));
-        let id = m.id.clone();
-        match bus.publish(topic, m, &PublishOptions::default()).await {
-            Ok(()) => acked.push(id),
-            Err(e) if e.is_retryable() => {}
-            Err(e) => return Err(format!("publish {i}: {e}").into()),
-        }
-        if i == 150 {
-            node.stop(how).await?;
-            let m = Message::new("while-down").with_key("k0");
-            let id = m.id.clone();
-            match tokio::time::timeout(
-                Duration::from_secs(30),
-                bus.publish(topic, m, &PublishOptions::default()),
-            )
-            .await
-            {
-                Ok(Ok(())) => acked.push(id),
-                Ok(Err(e)) if e.is_retryable() => {}
-                Ok(Err(e)) => return Err(format!("publish while down: {e}").into()),
-                Err(_) => return Err("a publish while the node was down hung for 30 s".into()),
-            }
-            node.boot().await?;
-            recorder.broker_back();
-        }
-    }
-    for i in 0..100 {
-        let m = Message::new(format!("after-{i}")).with_key(format!("k{}", i % 10));
-        acked.push(m.id.clone());
-        publish_retrying(&bus, topic, m, Duration::from_secs(60)).await?;
-    }
-    recorder
-        .expect_all_in_key_order(&acked, Duration::from_secs(120), how.word())
-        .await?;
+    let plan = RestartPlan {
+        down_wait: Duration::from_secs(30),
+        publish_limit: Duration::from_secs(60),
+        ..RestartPlan::default()
+    };
+    restart(shared, topic, &mut node, how, &plan).await?;
     let _ = bus.close().await;
     node.stop(Stop::Clean).await
+}
+
+#[async_trait::async_trait]
+impl Restartable for Node {
+    async fn take_down(&mut self, how: Stop) -> TestResult {
+        self.stop(how).await
+    }
+
+    async fn bring_back(&mut self) -> TestResult {
+        self.boot().await
+    }
 }
 
 /// With `delivery_limit=1`, a message handed back twice by members that closed without

@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use busbar_conformance::private_server::{
-    expect_config_errors, expect_connection_error, free_port, publish_retrying, stop_process,
-    Failed, Recorder, Stop, TestResult,
+    expect_config_errors, expect_connection_error, free_port, restart_mid_stream as restart,
+    stop_process, Failed, RestartPlan, Restartable, Stop, TestResult,
 };
 use busbar_core::{
     Delivery, ErrorKind, EventBus, Message, PublishOptions, SubscribeOptions, Subscriber,
@@ -101,6 +101,17 @@ impl Drop for Server {
     }
 }
 
+#[async_trait::async_trait]
+impl Restartable for Server {
+    async fn take_down(&mut self, how: Stop) -> TestResult {
+        self.stop(how).await
+    }
+
+    async fn bring_back(&mut self) -> TestResult {
+        self.spawn().await
+    }
+}
+
 /// The server goes down (`how`) and comes back on the same store mid-stream, while a consumer
 /// reads and publishes go on: every publish that returned Ok is handled, each key's messages
 /// first handled in publish order.
@@ -111,42 +122,15 @@ async fn restart_mid_stream(bin: String, how: Stop) -> TestResult {
     let opts = SubscribeOptions::new("g").ack_timeout(Duration::from_secs(3));
     bus.provision(topic, &opts).await?;
     let shared: Arc<dyn EventBus> = Arc::new(bus.clone());
-    let recorder = Recorder::start(shared, topic, "g", Duration::from_secs(3));
-    let mut acked = Vec::new();
-    for i in 0..300 {
-        let m = Message::new(format!("before-{i}")).with_key(format!("k{}", i % 10));
-        let id = m.id.clone();
-        if bus
-            .publish(topic, m, &PublishOptions::default())
-            .await
-            .is_ok()
-        {
-            acked.push(id);
-        }
-        if i == 150 {
-            // Mid-stream, while the consumer is reading.
-            server.stop(how).await?;
-            for j in 0..3 {
-                let m = Message::new(format!("down-{j}"));
-                let id = m.id.clone();
-                match bus.publish(topic, m, &PublishOptions::default()).await {
-                    Ok(()) => acked.push(id),
-                    Err(e) if e.is_retryable() => {}
-                    Err(e) => return Err(format!("publish while down: {e}").into()),
-                }
-            }
-            server.spawn().await?;
-            recorder.broker_back();
-        }
-    }
-    for i in 0..200 {
-        let m = Message::new(format!("after-{i}")).with_key(format!("k{}", i % 10));
-        acked.push(m.id.clone());
-        publish_retrying(&bus, topic, m, Duration::from_secs(30)).await?;
-    }
-    recorder
-        .expect_all_in_key_order(&acked, Duration::from_secs(90), how.word())
-        .await?;
+    let plan = RestartPlan {
+        while_down: 3,
+        after: 200,
+        publish_limit: Duration::from_secs(30),
+        ack_timeout: Duration::from_secs(3),
+        handled_within: Duration::from_secs(90),
+        ..RestartPlan::default()
+    };
+    restart(shared, topic, &mut server, how, &plan).await?;
     Ok(())
 }
 

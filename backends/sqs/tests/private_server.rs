@@ -19,8 +19,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use busbar_conformance::private_server::{
-    expect_config_errors, expect_connection_error, free_port, publish_retrying, stop_process,
-    Failed, Proxy, Recorder, Stop, TestResult,
+    expect_config_errors, expect_connection_error, free_port, publish_retrying,
+    restart_mid_stream as restart, stop_process, Failed, Proxy, Recorder, RestartPlan, Restartable,
+    Stop, TestResult,
 };
 use busbar_conformance::tls::{
     capture_logs, expect_auth_error, expect_no_secret, round_trip, TestCerts,
@@ -173,41 +174,24 @@ async fn restart_mid_stream(how: Stop) -> TestResult {
     let topic = "restart";
     let shared: Arc<dyn EventBus> = Arc::new(bus.clone());
     shared.provision(topic, &SubscribeOptions::new("g")).await?;
-    let recorder = Recorder::start(shared, topic, "g", Duration::from_secs(5));
-    let mut acked = Vec::new();
-    for i in 0..300 {
-        let m = Message::new(format!("before-{i}")).with_key(format!("k{}", i % 10));
-        acked.push(m.id.clone());
-        publish_retrying(&bus, topic, m, Duration::from_secs(120)).await?;
-        if i == 150 {
-            // Mid-stream, while the consumer is reading.
-            endpoint.stop(how).await?;
-            let m = Message::new("while-down").with_key("k0");
-            let id = m.id.clone();
-            match tokio::time::timeout(
-                Duration::from_secs(60),
-                bus.publish(topic, m, &PublishOptions::default()),
-            )
-            .await
-            {
-                Ok(Ok(())) => acked.push(id),
-                Ok(Err(e)) if e.is_retryable() => {}
-                Ok(Err(e)) => return Err(format!("publish while down: {e}").into()),
-                Err(_) => return Err("a publish while the endpoint was down hung for 60 s".into()),
-            }
-            endpoint.boot().await?;
-            recorder.broker_back();
-        }
-    }
-    let result = recorder
-        .expect_all_in_key_order(
-            &acked,
-            Duration::from_secs(120),
-            &format!("{how:?} restart"),
-        )
-        .await;
+    let plan = RestartPlan {
+        after: 0,
+        ..RestartPlan::default()
+    };
+    let result = restart(shared, topic, &mut endpoint, how, &plan).await;
     let _ = bus.close().await;
     result
+}
+
+#[async_trait::async_trait]
+impl Restartable for PersistentEndpoint {
+    async fn take_down(&mut self, how: Stop) -> TestResult {
+        self.stop(how).await
+    }
+
+    async fn bring_back(&mut self) -> TestResult {
+        self.boot().await
+    }
 }
 
 async fn killed_endpoint_restart_loses_nothing_and_keeps_key_order() -> TestResult {
