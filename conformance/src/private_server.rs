@@ -580,8 +580,13 @@ impl Recorder {
                 .into());
             }
             if Instant::now() > deadline {
+                let h = self.handled.lock().map_err(|_| "lock")?;
+                let positions: Vec<usize> = (0..acked.len())
+                    .filter(|i| !h.contains(&acked[*i]))
+                    .take(20)
+                    .collect();
                 return Err(format!(
-                    "{missing} of {} acked messages never arrived after the {after}",
+                    "{missing} of {} acked messages never arrived after the {after} (publishes #{positions:?}…)",
                     acked.len()
                 )
                 .into());

@@ -5,7 +5,6 @@ pub mod config;
 mod error;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
-mod progress;
 mod subscriber;
 
 use std::collections::HashSet;

@@ -1,3 +1,6 @@
+//! Acked progress goes to Kafka as commits: the lowest unacked offset of each owned
+//! partition, with a note in the commit's metadata.
+//!
 //! The note busbar stores in a Kafka commit's metadata, so the next owner of a partition
 //! knows what the committed offset alone cannot say (the idea of Confluent's Parallel
 //! Consumer): which records past the committed offset were acked already, and how many times
@@ -11,15 +14,20 @@
 //! rest (those records are then handed out again, or with a lower attempt: at-least-once, never
 //! a loss). A note that does not parse (another client's metadata) is ignored.
 
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::{Offset, TopicPartitionList};
+
+use super::membership::MemberContext;
+use super::Shared;
 use busbar_core::raw::inflight::Progress;
 
 const TAG: &str = "busbar1";
 
 /// The longest note written (the broker's default limit is 4096 bytes).
-pub(crate) const MAX_NOTE: usize = 4000;
+pub(super) const MAX_NOTE: usize = 4000;
 
 /// The note for `p` (empty when there is nothing to say), at most `max` bytes.
-pub(crate) fn encode(p: &Progress, max: usize) -> String {
+pub(super) fn encode(p: &Progress, max: usize) -> String {
     if p.acked.is_empty() && p.seen.is_empty() {
         return String::new();
     }
@@ -66,7 +74,7 @@ pub(crate) fn encode(p: &Progress, max: usize) -> String {
 
 /// The progress a note says, for a partition committed at `commit`; `None` for an empty or
 /// foreign note.
-pub(crate) fn decode(commit: i64, note: &str) -> Option<Progress> {
+pub(super) fn decode(commit: i64, note: &str) -> Option<Progress> {
     let mut parts = note.split(';');
     if parts.next()? != TAG {
         return None;
@@ -98,6 +106,49 @@ pub(crate) fn decode(commit: i64, note: &str) -> Option<Progress> {
         }
     }
     Some(p)
+}
+
+/// Commits the acked progress of the owned partitions (or of `only`), synchronously: the
+/// lowest unacked offset, with a note of what lies past it (see the module documentation).
+pub(super) fn commit(
+    consumer: &BaseConsumer<MemberContext>,
+    shared: &Shared,
+    only: Option<&[i32]>,
+) {
+    let points: Vec<_> = shared
+        .state()
+        .progress_to_commit()
+        .into_iter()
+        .filter(|(p, _, _)| only.is_none_or(|o| o.contains(p)))
+        .collect();
+    if points.is_empty() {
+        return;
+    }
+    let mut tpl = TopicPartitionList::new();
+    for (p, progress, _) in &points {
+        match tpl.add_partition_offset(&shared.topic, *p, Offset::Offset(progress.commit)) {
+            Ok(()) => {
+                if let Some(mut e) = tpl.find_partition(&shared.topic, *p) {
+                    e.set_metadata(encode(progress, MAX_NOTE));
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "kafka: bad commit offset");
+                return;
+            }
+        }
+    }
+    match consumer.commit(&tpl, CommitMode::Sync) {
+        Ok(()) => {
+            let mut st = shared.state();
+            for (p, progress, changes) in points {
+                st.committed_progress(p, &progress, changes);
+            }
+        }
+        Err(e) => {
+            tracing::warn!(group = %shared.options.group, error = %e, "kafka: commit failed; retrying later")
+        }
+    }
 }
 
 #[cfg(test)]
