@@ -94,13 +94,35 @@ pub fn main(binary: &str, tests: &[(&'static str, bool, TestFn)]) -> ! {
 /// Like [`main`], for a broker whose binary cannot be probed with `--version` (it would start
 /// a server): `have_binary` says whether it is there, `hint` how to get it.
 pub fn main_when(have_binary: bool, hint: &str, tests: &[(&'static str, bool, TestFn)]) -> ! {
-    let trials = tests
+    main_with_known_issues(have_binary, hint, tests, &[])
+}
+
+/// Like [`main_when`], plus `known` tests (name, the open defect, body) that show a known,
+/// not yet fixed defect intermittently: IGNORED in every run (with the defect printed, even
+/// with `BUSBAR_REQUIRE_BROKERS=1`) and run by `-- --ignored`, so the defect stays visible
+/// and reproducible without failing CI at random.
+pub fn main_with_known_issues(
+    have_binary: bool,
+    hint: &str,
+    tests: &[(&'static str, bool, TestFn)],
+    known: &[(&'static str, &'static str, TestFn)],
+) -> ! {
+    let mut trials: Vec<Planned> = tests
         .iter()
         .map(|&(name, needs_binary, test)| {
             let missing = (needs_binary && !have_binary).then(|| hint.to_owned());
-            (name.to_owned(), missing, Box::new(test) as Body)
+            (name.to_owned(), missing, None, Box::new(test) as Body)
         })
         .collect();
+    trials.extend(known.iter().map(|&(name, defect, test)| {
+        let missing = (!have_binary).then(|| hint.to_owned());
+        (
+            name.to_owned(),
+            missing,
+            Some(defect),
+            Box::new(test) as Body,
+        )
+    }));
     run_trials(trials)
 }
 
@@ -128,7 +150,7 @@ pub fn main_matrix(
     once: &[(&'static str, TestFn)],
 ) -> ! {
     let several = servers.len() > 1;
-    let mut trials: Vec<(String, Option<String>, Body)> = Vec::new();
+    let mut trials: Vec<Planned> = Vec::new();
     for &(name, test) in matrix {
         for server in servers {
             let full = if several {
@@ -140,31 +162,37 @@ pub fn main_matrix(
             trials.push((
                 full,
                 server.missing.clone(),
+                None,
                 Box::new(move || test(param.clone())),
             ));
         }
     }
     for &(name, test) in once {
-        trials.push((name.to_owned(), None, Box::new(test)));
+        trials.push((name.to_owned(), None, None, Box::new(test)));
     }
     run_trials(trials)
 }
 
 type Body = Box<dyn Fn() -> Pin<Box<dyn Future<Output = TestResult> + Send>> + Send + Sync>;
 
+/// A test to run: its name, why it cannot run (if so), the known defect it shows (if so).
+type Planned = (String, Option<String>, Option<&'static str>, Body);
+
 /// Runs named test bodies (each with a 180 s limit; `Some(why)` = cannot run) and exits.
-fn run_trials(tests: Vec<(String, Option<String>, Body)>) -> ! {
+fn run_trials(tests: Vec<Planned>) -> ! {
     crate::init_test_log();
     let args = libtest_mimic::Arguments::from_args();
     let required = crate::Harness::brokers_required();
     let runtime = crate::test_runtime();
     let trials = tests
         .into_iter()
-        .map(|(name, missing, test)| {
+        .map(|(name, missing, known, test)| {
             let rt = runtime.clone();
-            let ignore = missing.is_some() && !required;
+            let ignore = (missing.is_some() && !required) || known.is_some();
             if let (true, Some(why)) = (ignore, &missing) {
                 eprintln!("IGNORED {name}: {why}");
+            } else if let Some(defect) = known {
+                eprintln!("IGNORED {name} (known defect, run it with -- --ignored): {defect}");
             }
             let trial = libtest_mimic::Trial::test(name, move || {
                 if let Some(why) = &missing {
