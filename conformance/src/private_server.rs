@@ -77,6 +77,19 @@ pub fn free_port() -> std::io::Result<u16> {
         .port())
 }
 
+/// Waits until something accepts connections on 127.0.0.1:`port` (a private server just
+/// started), polling every 50 ms; fails with "`what` did not listen within `limit`".
+pub async fn wait_until_listening(port: u16, limit: Duration, what: &str) -> TestResult {
+    let deadline = Instant::now() + limit;
+    while TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+        if Instant::now() > deadline {
+            return Err(format!("{what} did not listen within {limit:?}").into());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
+}
+
 /// Runs `tests` (name, whether it needs `binary`, body) as a libtest-style binary, each with
 /// a 180 s limit, and exits with the result.
 pub fn main(binary: &str, tests: &[(&'static str, bool, TestFn)]) -> ! {

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 use busbar_conformance::private_server::{
     expect_config_errors, expect_connection_error, free_port, restart_mid_stream as restart,
-    stop_process, Failed, RestartPlan, Restartable, Stop, TestResult,
+    stop_process, wait_until_listening, Failed, RestartPlan, Restartable, Stop, TestResult,
 };
 use busbar_core::{
     Delivery, ErrorKind, EventBus, Message, PublishOptions, SubscribeOptions, Subscriber,
@@ -66,16 +66,7 @@ impl Server {
             cmd.spawn()
                 .map_err(|e| format!("cannot start nats-server: {e}"))?,
         );
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while tokio::net::TcpStream::connect(("127.0.0.1", self.port))
-            .await
-            .is_err()
-        {
-            if Instant::now() > deadline {
-                return Err("nats-server did not listen within 10 s".into());
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        wait_until_listening(self.port, Duration::from_secs(10), "nats-server").await?;
         Ok(())
     }
 

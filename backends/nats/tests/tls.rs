@@ -7,9 +7,9 @@
 //! `private_server.rs`).
 
 use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use busbar_conformance::private_server::{free_port, Failed, TestResult};
+use busbar_conformance::private_server::{free_port, wait_until_listening, Failed, TestResult};
 use busbar_conformance::tls::{
     capture_logs, expect_no_secret, expect_refusals, round_trip, TestCerts,
 };
@@ -45,16 +45,7 @@ impl TlsServer {
             .kill_on_drop(true)
             .spawn()
             .map_err(|e| format!("cannot start nats-server: {e}"))?;
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .is_err()
-        {
-            if Instant::now() > deadline {
-                return Err("nats-server did not listen within 10 s".into());
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        wait_until_listening(port, Duration::from_secs(10), "nats-server").await?;
         Ok(Self {
             port,
             _child: child,

@@ -6,11 +6,11 @@
 
 use std::process::Stdio;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use busbar_conformance::private_server::{
     expect_config_errors, expect_connection_error, free_port, restart_mid_stream as restart,
-    stop_process, Failed, RestartPlan, Restartable, Stop, TestResult,
+    stop_process, wait_until_listening, Failed, RestartPlan, Restartable, Stop, TestResult,
 };
 use busbar_core::{ErrorKind, EventBus, Message, PublishOptions, SubscribeOptions};
 use busbar_redis::RedisBus;
@@ -63,16 +63,7 @@ impl Server {
             cmd.spawn()
                 .map_err(|e| format!("cannot start redis-server: {e}"))?,
         );
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while tokio::net::TcpStream::connect(("127.0.0.1", self.port))
-            .await
-            .is_err()
-        {
-            if Instant::now() > deadline {
-                return Err("redis-server did not listen within 10 s".into());
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        wait_until_listening(self.port, Duration::from_secs(10), "redis-server").await?;
         Ok(())
     }
 

@@ -5,9 +5,9 @@
 //! appears in an error, a `Debug` text or any log line at TRACE level.
 
 use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use busbar_conformance::private_server::{free_port, Failed, TestResult};
+use busbar_conformance::private_server::{free_port, wait_until_listening, Failed, TestResult};
 use busbar_conformance::tls::{
     capture_logs, expect_no_secret, expect_refusals, round_trip, TestCerts,
 };
@@ -44,18 +44,12 @@ impl TlsServer {
             .kill_on_drop(true)
             .spawn()
             .map_err(|e| format!("cannot start redis-server: {e}"))?;
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .is_err()
-        {
-            if Instant::now() > deadline {
-                return Err(
-                    "redis-server did not listen for TLS within 10 s (built without TLS?)".into(),
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        wait_until_listening(
+            port,
+            Duration::from_secs(10),
+            "redis-server (TLS; built without TLS?)",
+        )
+        .await?;
         Ok(Self {
             port,
             _child: child,

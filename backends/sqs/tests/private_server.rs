@@ -20,15 +20,14 @@ use std::time::{Duration, Instant};
 
 use busbar_conformance::private_server::{
     expect_config_errors, expect_connection_error, free_port, publish_retrying,
-    restart_mid_stream as restart, stop_process, Failed, Proxy, Recorder, RestartPlan, Restartable,
-    Stop, TestResult,
+    restart_mid_stream as restart, stop_process, wait_until_listening, Failed, Proxy, Recorder,
+    RestartPlan, Restartable, Stop, TestResult,
 };
 use busbar_conformance::tls::{
     capture_logs, expect_auth_error, expect_no_secret, round_trip, TestCerts,
 };
 use busbar_core::{ErrorKind, EventBus, Message, NackAction, PublishOptions, SubscribeOptions};
 use busbar_sqs::SqsBus;
-use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
 
 fn start_script() -> PathBuf {
@@ -62,13 +61,7 @@ impl Endpoint {
             .kill_on_drop(true)
             .spawn()
             .map_err(|e| format!("cannot start fauxqs: {e}"))?;
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while TcpStream::connect(("127.0.0.1", port)).await.is_err() {
-            if Instant::now() > deadline {
-                return Err("fauxqs did not listen within 15 s".into());
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        wait_until_listening(port, Duration::from_secs(15), "fauxqs").await?;
         Ok(Self {
             proxy,
             _child: child,
@@ -130,13 +123,7 @@ impl PersistentEndpoint {
             .spawn()
             .map_err(|e| format!("cannot start fauxqs 2: {e}"))?;
         self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while TcpStream::connect(("127.0.0.1", self.port)).await.is_err() {
-            if Instant::now() > deadline {
-                return Err("fauxqs 2 did not listen within 15 s".into());
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        wait_until_listening(self.port, Duration::from_secs(15), "fauxqs 2").await?;
         Ok(())
     }
 
@@ -387,13 +374,7 @@ tls.createServer({ key: fs.readFileSync(env.KEY), cert: fs.readFileSync(env.CERT
         .kill_on_drop(true)
         .spawn()
         .map_err(|e| format!("cannot start node: {e}"))?;
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while TcpStream::connect(("127.0.0.1", port)).await.is_err() {
-        if Instant::now() > deadline {
-            return Err("the TLS terminator did not listen within 15 s".into());
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_until_listening(port, Duration::from_secs(15), "the TLS terminator").await?;
     Ok(child)
 }
 
