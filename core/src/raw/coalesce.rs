@@ -16,9 +16,13 @@ use std::hash::Hash;
 use futures::future::join_all;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::{Error, Result};
+use std::sync::Arc;
+
+use crate::{Error, ErrorKind, Result};
 
 type Waiter = oneshot::Sender<Result<()>>;
+/// Items of one flush call and who waits for each.
+type Batch<T> = (Vec<T>, Vec<Waiter>);
 
 /// Batches concurrent settlements of items `T` per group `K` (a partition, a queue) into one
 /// flush call per group. Cloning gives another handle to the same task; the task ends when
@@ -47,14 +51,41 @@ where
     T: Send + 'static,
 {
     /// Starts the task (on the current tokio runtime). `flush(group, items)` settles at most
-    /// `max_batch` items of one group; flushes of different groups run concurrently.
+    /// `max_batch` items of one group with one result for all; flushes of different groups run
+    /// concurrently.
     pub fn spawn<F, Fut>(max_batch: usize, flush: F) -> Self
     where
         F: Fn(K, Vec<T>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<()>> + Send + 'static,
     {
+        let flush = Arc::new(flush);
+        Self::spawn_per_entry(max_batch, 1, move |k, items: Vec<T>| {
+            let n = items.len();
+            let call = flush(k, items);
+            async move {
+                match call.await {
+                    Ok(()) => (0..n).map(|_| Ok(())).collect(),
+                    Err(e) => (0..n).map(|_| Err(shared_error(&e))).collect(),
+                }
+            }
+        })
+    }
+
+    /// Starts the task for a broker that answers each entry of a batch (SQS
+    /// `DeleteMessageBatch`): `flush(group, items)` settles at most `max_batch` items and
+    /// returns one result per item, in order (a missing one fails its waiter). Up to
+    /// `calls_per_group` flushes of one group run at once.
+    pub fn spawn_per_entry<F, Fut>(max_batch: usize, calls_per_group: usize, flush: F) -> Self
+    where
+        F: Fn(K, Vec<T>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Vec<Result<()>>> + Send + 'static,
+    {
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(run(rx, max_batch.max(1), flush));
+        let limits = Limits {
+            max_batch: max_batch.max(1),
+            calls_per_group: calls_per_group.max(1),
+        };
+        tokio::spawn(run(rx, limits, flush));
         Self { tx }
     }
 
@@ -70,14 +101,20 @@ where
     }
 }
 
+#[derive(Clone, Copy)]
+struct Limits {
+    max_batch: usize,
+    calls_per_group: usize,
+}
+
 async fn run<K, T, F, Fut>(
     mut rx: mpsc::UnboundedReceiver<(K, T, Waiter)>,
-    max_batch: usize,
+    limits: Limits,
     flush: F,
 ) where
     K: Eq + Hash + Clone,
     F: Fn(K, Vec<T>) -> Fut,
-    Fut: Future<Output = Result<()>>,
+    Fut: Future<Output = Vec<Result<()>>>,
 {
     let mut queued: Vec<(K, T, Waiter)> = Vec::new();
     loop {
@@ -90,32 +127,50 @@ async fn run<K, T, F, Fut>(
         while let Ok(more) = rx.try_recv() {
             queued.push(more);
         }
-        // Group in arrival order; at most `max_batch` per group per round (the rest waits).
-        let mut groups: HashMap<K, (Vec<T>, Vec<Waiter>)> = HashMap::new();
+        // Group in arrival order; at most `calls_per_group` batches of `max_batch` per group
+        // per round (the rest waits for the next round).
+        let mut groups: HashMap<K, Vec<Batch<T>>> = HashMap::new();
         let mut left = Vec::new();
         for (k, item, waiter) in queued.drain(..) {
-            let entry = groups.entry(k.clone()).or_default();
-            if entry.0.len() < max_batch {
-                entry.0.push(item);
-                entry.1.push(waiter);
-            } else {
+            let batches = groups.entry(k.clone()).or_default();
+            let open = batches
+                .last()
+                .is_some_and(|(items, _)| items.len() < limits.max_batch);
+            if !open && batches.len() == limits.calls_per_group {
                 left.push((k, item, waiter));
+                continue;
+            }
+            if !open {
+                batches.push((Vec::new(), Vec::new()));
+            }
+            if let Some((items, waiters)) = batches.last_mut() {
+                items.push(item);
+                waiters.push(waiter);
             }
         }
         queued = left;
-        join_all(groups.into_iter().map(|(k, (items, waiters))| {
-            let call = flush(k, items);
-            async move {
-                let result = call.await;
-                for w in waiters {
-                    let _ = w.send(match &result {
-                        Ok(()) => Ok(()),
-                        Err(e) => Err(shared_error(e)),
-                    });
-                }
+        let mut calls = Vec::new();
+        for (k, batches) in groups {
+            for (items, waiters) in batches {
+                let call = flush(k.clone(), items);
+                calls.push(async move { answer(waiters, call.await) });
             }
-        }))
-        .await;
+        }
+        join_all(calls).await;
+    }
+}
+
+/// Answers each waiter with its entry's result.
+fn answer(waiters: Vec<Waiter>, results: Vec<Result<()>>) {
+    let mut results = results.into_iter();
+    for w in waiters {
+        let r = results.next().unwrap_or_else(|| {
+            Err(Error::new(
+                ErrorKind::Broker,
+                "the broker's answer to a batch left this entry out",
+            ))
+        });
+        let _ = w.send(r);
     }
 }
 
@@ -131,8 +186,7 @@ fn shared_error(e: &Error) -> Error {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ErrorKind;
-    use std::sync::{Arc, Mutex};
+    use std::sync::Mutex;
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn concurrent_submits_share_flushes_per_group() {
@@ -201,5 +255,61 @@ mod tests {
             ErrorKind::Closed
         );
         assert!(coalescer.submit(0, 0).await.is_ok());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn per_entry_results_reach_their_own_waiters_with_parallel_calls_per_group() {
+        let calls: Arc<Mutex<Vec<usize>>> = Arc::default();
+        let in_flight = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let most = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (c, f, m) = (calls.clone(), in_flight.clone(), most.clone());
+        let coalescer = Coalescer::spawn_per_entry(10, 4, move |_: u8, items: Vec<u32>| {
+            let (c, f, m) = (c.clone(), f.clone(), m.clone());
+            async move {
+                use std::sync::atomic::Ordering::SeqCst;
+                let now = f.fetch_add(1, SeqCst) + 1;
+                m.fetch_max(now, SeqCst);
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+                f.fetch_sub(1, SeqCst);
+                c.lock().expect("calls").push(items.len());
+                // Odd items are refused, even ones settled; the last entry gets no answer.
+                let mut results: Vec<Result<()>> = items
+                    .iter()
+                    .map(|i| match i % 2 {
+                        0 => Ok(()),
+                        _ => Err(Error::new(ErrorKind::Broker, format!("refused {i}"))),
+                    })
+                    .collect();
+                if items.contains(&999) {
+                    results.pop();
+                }
+                results
+            }
+        });
+        let submits = (0..200u32).map(|i| {
+            let co = coalescer.clone();
+            async move { (i, co.submit(0, i).await) }
+        });
+        for (i, r) in join_all(submits).await {
+            match (i % 2, r) {
+                (0, Ok(())) => {}
+                (1, Err(e)) => assert_eq!(e.message(), format!("refused {i}")),
+                (_, r) => panic!("item {i} got {r:?}"),
+            }
+        }
+        let calls = calls.lock().expect("calls").clone();
+        assert!(
+            calls.iter().all(|n| *n <= 10),
+            "batches of at most 10: {calls:?}"
+        );
+        assert!(
+            calls.len() < 200,
+            "200 acks coalesced into {} calls",
+            calls.len()
+        );
+        let most = most.load(std::sync::atomic::Ordering::SeqCst);
+        assert!((2..=4).contains(&most), "{most} calls of one group at once");
+        let e = coalescer.submit(0, 999).await.expect_err("left out");
+        assert!(e.message().contains("left this entry out"), "{e}");
     }
 }
