@@ -147,33 +147,10 @@ impl Inner {
         topic: &str,
         options: &busbar_core::BrowseOptions,
     ) -> Result<Vec<Message>> {
-        use async_nats::jetstream::context::GetStreamErrorKind;
-        use async_nats::jetstream::ErrorCode;
         use futures::StreamExt as _;
-        let name = config::stream_name(topic);
-        let mut stream = match self.js.get_stream(&name).await {
-            Ok(s) => s,
-            Err(e) => match e.kind() {
-                GetStreamErrorKind::JetStream(j)
-                    if j.error_code() == ErrorCode::STREAM_NOT_FOUND =>
-                {
-                    return Ok(Vec::new())
-                }
-                _ => {
-                    let kind = error::request_kind(&e);
-                    return Err(error::map(kind, e, "reading the topic stream"));
-                }
-            },
-        };
-        let state = stream
-            .info()
-            .await
-            .map_err(|e| error::map(error::request_kind(&e), e, "reading the topic stream"))?
-            .state
-            .clone();
-        if state.messages == 0 {
+        let Some((stream, last_sequence)) = self.stored_stream(topic).await? else {
             return Ok(Vec::new());
-        }
+        };
         let deliver_policy = match options.from {
             busbar_core::BrowseFrom::Time(t) => consumer::DeliverPolicy::ByStartTime {
                 start_time: time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(
@@ -213,7 +190,7 @@ impl Inner {
             let (seq, pending) = msg
                 .info()
                 .map(|i| (i.stream_sequence, i.pending))
-                .unwrap_or((state.last_sequence, 0));
+                .unwrap_or((last_sequence, 0));
             let partition_subject = msg
                 .subject
                 .strip_prefix(prefix.as_str())
@@ -227,11 +204,46 @@ impl Inner {
                     Message::new(msg.payload.clone()).with_id(format!("nats-{topic}-{seq}"))
                 }));
             }
-            if seq >= state.last_sequence || pending == 0 {
+            if seq >= last_sequence || pending == 0 {
                 break;
             }
         }
         Ok(out)
+    }
+
+    /// The stream of `topic` and its last sequence; `None` when the topic has no stream or
+    /// no message stored.
+    async fn stored_stream(
+        &self,
+        topic: &str,
+    ) -> Result<Option<(async_nats::jetstream::stream::Stream, u64)>> {
+        use async_nats::jetstream::context::GetStreamErrorKind;
+        use async_nats::jetstream::ErrorCode;
+        let name = config::stream_name(topic);
+        let mut stream = match self.js.get_stream(&name).await {
+            Ok(s) => s,
+            Err(e) => match e.kind() {
+                GetStreamErrorKind::JetStream(j)
+                    if j.error_code() == ErrorCode::STREAM_NOT_FOUND =>
+                {
+                    return Ok(None)
+                }
+                _ => {
+                    let kind = error::request_kind(&e);
+                    return Err(error::map(kind, e, "reading the topic stream"));
+                }
+            },
+        };
+        let state = stream
+            .info()
+            .await
+            .map_err(|e| error::map(error::request_kind(&e), e, "reading the topic stream"))?
+            .state
+            .clone();
+        if state.messages == 0 {
+            return Ok(None);
+        }
+        Ok(Some((stream, state.last_sequence)))
     }
 
     fn cached_partitions(&self, topic: &str) -> Option<u32> {

@@ -129,9 +129,32 @@ pub(crate) fn encode(m: &Message) -> Result<Encoded> {
     if let Some(enc) = encoding {
         attributes.push((ENCODING.to_owned(), enc.to_owned()));
     }
-    // Headers: extension attributes first, then the user's, one attribute each while there
-    // is room; what does not fit (or cannot be an attribute) shares `busbar_headers`.
-    let mut native = extensions;
+    add_headers(m, extensions, &mut attributes)?;
+    if let Some((name, _)) = attributes.iter().find(|(_, v)| !is_sqs_text(v)) {
+        return Err(invalid(format!(
+            "message {}: the {name} attribute holds characters SQS does not accept",
+            m.id
+        )));
+    }
+    let size = sns_size(m, &body, &attributes, encoding == Some("base64"))?;
+    let (dedup_id, group_id) = dedup_and_group(m);
+    Ok(Encoded {
+        body,
+        attributes,
+        size,
+        group_id,
+        dedup_id,
+    })
+}
+
+/// Adds the headers to `attributes`: extension attributes first, then the user's, one
+/// attribute each while there is room; what does not fit (or cannot be an attribute) shares
+/// `busbar_headers` (JSON).
+fn add_headers(
+    m: &Message,
+    mut native: Vec<(String, String)>,
+    attributes: &mut Vec<(String, String)>,
+) -> Result<()> {
     let mut overflow: Vec<(&str, &str)> = Vec::new();
     for (name, value) in m
         .headers
@@ -168,12 +191,16 @@ pub(crate) fn encode(m: &Message) -> Result<Encoded> {
             .map_err(|e| invalid(format!("cannot encode the headers as JSON: {e}")))?;
         attributes.push((HEADERS.to_owned(), json));
     }
-    if let Some((name, _)) = attributes.iter().find(|(_, v)| !is_sqs_text(v)) {
-        return Err(invalid(format!(
-            "message {}: the {name} attribute holds characters SQS does not accept",
-            m.id
-        )));
-    }
+    Ok(())
+}
+
+/// The size SNS counts (body and attributes); `PayloadTooLarge` over its limit.
+fn sns_size(
+    m: &Message,
+    body: &str,
+    attributes: &[(String, String)],
+    base64: bool,
+) -> Result<usize> {
     let size = body.len()
         + attributes
             .iter()
@@ -185,11 +212,17 @@ pub(crate) fn encode(m: &Message) -> Result<Encoded> {
             format!(
                 "message {} is {size} bytes as an SNS message (body{} and attributes); SNS accepts {SNS_MAX_BYTES}",
                 m.id,
-                if encoding == Some("base64") { " in base64" } else { "" }
+                if base64 { " in base64" } else { "" }
             ),
         )
         .with_backend(BACKEND));
     }
+    Ok(size)
+}
+
+/// The FIFO deduplication id (from the id and headers: a retried publish is deduplicated,
+/// another message is not) and `MessageGroupId` (the key).
+fn dedup_and_group(m: &Message) -> (String, String) {
     let mut dedup_source = m.id.clone().into_bytes();
     for (n, v) in m.headers.iter() {
         dedup_source.extend(
@@ -213,13 +246,7 @@ pub(crate) fn encode(m: &Message) -> Result<Encoded> {
         Some(k) => uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, k.as_bytes()).to_string(),
         None => format!("{KEYLESS}{dedup_id}"),
     };
-    Ok(Encoded {
-        body,
-        attributes,
-        size,
-        group_id,
-        dedup_id,
-    })
+    (dedup_id, group_id)
 }
 
 /// The attributes of `e` as SNS wants them.

@@ -95,20 +95,7 @@ impl SqsConfig {
                 redact_url(url)
             )));
         }
-        let user = busbar_core::raw::decode_userinfo(parsed.username());
-        let credentials = match (user.is_empty(), parsed.password()) {
-            (true, None) => Credentials::DefaultChain,
-            (false, Some(secret)) => Credentials::Static {
-                access_key_id: user,
-                secret_access_key: busbar_core::raw::decode_userinfo(secret),
-            },
-            _ => {
-                return Err(config_error(format!(
-                    "the SQS URL {} must carry both KEY and SECRET (KEY:SECRET@) or neither",
-                    redact_url(url)
-                )))
-            }
-        };
+        let credentials = credentials_of(&parsed, url)?;
         let mut cfg = Self {
             endpoint: None,
             region: None,
@@ -121,47 +108,7 @@ impl SqsConfig {
             retention: Duration::from_secs(4 * 24 * 3600),
             tls_files: TlsFiles::default(),
         };
-        let mut tls = true;
-        const KNOWN: [&str; 9] = [
-            "tls_ca",
-            "region",
-            "tls",
-            "fifo",
-            "prefix",
-            "max_receive_count",
-            "receivers",
-            "wait_seconds",
-            "retention_seconds",
-        ];
-        let options = UrlOptions::parse("SQS", BACKEND, parsed.query());
-        for o in options.clone() {
-            if cfg.tls_files.take(&o)? {
-                continue;
-            }
-            match o.key() {
-                "region" if !o.value().is_empty() => cfg.region = Some(o.value().to_owned()),
-                "region" => {}
-                "tls" => tls = o.flag()?,
-                "fifo" => cfg.fifo = o.flag()?,
-                "prefix" => {
-                    if !o
-                        .value()
-                        .chars()
-                        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-                    {
-                        return Err(o.invalid("may hold only ASCII letters, digits, '-' and '_'"));
-                    }
-                    cfg.prefix = o.value().to_owned();
-                }
-                "max_receive_count" => {
-                    cfg.max_receive_count = Some(o.number_as(0..=1000)?).filter(|n| *n > 0)
-                }
-                "receivers" => cfg.receivers = o.number_as(1..=64)?,
-                "wait_seconds" => cfg.wait = o.secs(1..=20)?,
-                "retention_seconds" => cfg.retention = o.secs(60..=1_209_600)?,
-                _ => return Err(options.unknown(&o, &KNOWN)),
-            }
-        }
+        let tls = cfg.apply(parsed.query())?;
         cfg.tls_files
             .check(tls, "SQS", "sqs://host?tls=true", BACKEND)?;
         if cfg.tls_files.cert.is_some() || cfg.tls_files.key.is_some() {
@@ -177,6 +124,52 @@ impl SqsConfig {
             });
         }
         Ok(cfg)
+    }
+
+    /// Applies the URL's query options (typed, in range); returns whether to use TLS.
+    fn apply(&mut self, query: Option<&str>) -> Result<bool> {
+        let mut tls = true;
+        const KNOWN: [&str; 9] = [
+            "tls_ca",
+            "region",
+            "tls",
+            "fifo",
+            "prefix",
+            "max_receive_count",
+            "receivers",
+            "wait_seconds",
+            "retention_seconds",
+        ];
+        let options = UrlOptions::parse("SQS", BACKEND, query);
+        for o in options.clone() {
+            if self.tls_files.take(&o)? {
+                continue;
+            }
+            match o.key() {
+                "region" if !o.value().is_empty() => self.region = Some(o.value().to_owned()),
+                "region" => {}
+                "tls" => tls = o.flag()?,
+                "fifo" => self.fifo = o.flag()?,
+                "prefix" => {
+                    if !o
+                        .value()
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+                    {
+                        return Err(o.invalid("may hold only ASCII letters, digits, '-' and '_'"));
+                    }
+                    self.prefix = o.value().to_owned();
+                }
+                "max_receive_count" => {
+                    self.max_receive_count = Some(o.number_as(0..=1000)?).filter(|n| *n > 0)
+                }
+                "receivers" => self.receivers = o.number_as(1..=64)?,
+                "wait_seconds" => self.wait = o.secs(1..=20)?,
+                "retention_seconds" => self.retention = o.secs(60..=1_209_600)?,
+                _ => return Err(options.unknown(&o, &KNOWN)),
+            }
+        }
+        Ok(tls)
     }
 
     /// The SNS topic name of a busbar topic (`.fifo` appended in FIFO mode).
@@ -228,6 +221,23 @@ fn escape(name: &str) -> String {
         }
     }
     out
+}
+
+/// The credentials of a URL: `KEY:SECRET@` (percent-decoded), or none for the SDK's default
+/// chain; one without the other is a `Config` error.
+fn credentials_of(parsed: &url::Url, url: &str) -> Result<Credentials> {
+    let user = busbar_core::raw::decode_userinfo(parsed.username());
+    match (user.is_empty(), parsed.password()) {
+        (true, None) => Ok(Credentials::DefaultChain),
+        (false, Some(secret)) => Ok(Credentials::Static {
+            access_key_id: user,
+            secret_access_key: busbar_core::raw::decode_userinfo(secret),
+        }),
+        _ => Err(config_error(format!(
+            "the SQS URL {} must carry both KEY and SECRET (KEY:SECRET@) or neither",
+            redact_url(url)
+        ))),
+    }
 }
 
 #[cfg(test)]

@@ -494,57 +494,13 @@ impl SubShared {
                 .map(|part| part.puller_done.clone())
                 .collect()
         };
-        // Let the pullers finish their current pull; keep what they forward, in order.
-        let mut forwarded = Vec::new();
-        let deadline = Instant::now() + Duration::from_secs(3);
-        loop {
-            while let Ok((p, q, m)) = rx.try_recv() {
-                q.fetch_sub(1, AtomicOrdering::AcqRel);
-                forwarded.push((p, m));
-            }
-            if stops.iter().all(|d| d.load(AtomicOrdering::Acquire)) || Instant::now() > deadline {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        while let Ok((p, q, m)) = rx.try_recv() {
-            q.fetch_sub(1, AtomicOrdering::AcqRel);
-            forwarded.push((p, m));
-        }
-        let (clean, held, returned, mut unseen) = {
-            let mut st = self.lock();
-            // Clean only when the puller finished and was not waiting for the previous
-            // owner's unacked deliveries.
-            let clean: BTreeMap<u32, bool> = st
-                .parts
-                .iter()
-                .map(|(p, part)| {
-                    (
-                        *p,
-                        part.puller_done.load(AtomicOrdering::Acquire)
-                            && !part.recovering.load(AtomicOrdering::Acquire),
-                    )
-                })
-                .collect();
-            let returned: Vec<(u32, JsMessage)> = st
-                .parts
-                .iter_mut()
-                .flat_map(|(p, part)| {
-                    std::mem::take(&mut part.returned)
-                        .into_iter()
-                        .map(|m| (*p, m))
-                })
-                .collect();
-            let unseen: BTreeMap<u32, Unseen> = st
-                .parts
-                .iter_mut()
-                .map(|(p, part)| (*p, std::mem::take(&mut part.unseen)))
-                .collect();
-            st.parts.clear();
-            // In hand-out order, so that a key's deliveries come back in their order.
-            let held: Vec<Held> = std::mem::take(&mut st.inflight).into_values().collect();
-            (clean, held, returned, unseen)
-        };
+        let forwarded = wait_for_pullers(rx, &stops).await;
+        let Leaving {
+            clean,
+            held,
+            returned,
+            mut unseen,
+        } = self.take_all();
         // Oldest first: deliveries the application still holds (or released), then what was
         // stashed, then what the pullers forwarded last. Only the first ones were seen.
         let client = self.inner.js.client();
@@ -574,6 +530,121 @@ impl SubShared {
         };
         if let Err(e) = self.ownership.leave(self, how).await {
             tracing::debug!(error = %e, "nats: leaving the member list failed; it expires by itself");
+        }
+    }
+
+    /// Takes everything out of the member's state when it leaves.
+    fn take_all(&self) -> Leaving {
+        let mut st = self.lock();
+        // Clean only when the puller finished and was not waiting for the previous
+        // owner's unacked deliveries.
+        let clean: BTreeMap<u32, bool> = st
+            .parts
+            .iter()
+            .map(|(p, part)| {
+                (
+                    *p,
+                    part.puller_done.load(AtomicOrdering::Acquire)
+                        && !part.recovering.load(AtomicOrdering::Acquire),
+                )
+            })
+            .collect();
+        let returned: Vec<(u32, JsMessage)> = st
+            .parts
+            .iter_mut()
+            .flat_map(|(p, part)| {
+                std::mem::take(&mut part.returned)
+                    .into_iter()
+                    .map(|m| (*p, m))
+            })
+            .collect();
+        let unseen: BTreeMap<u32, Unseen> = st
+            .parts
+            .iter_mut()
+            .map(|(p, part)| (*p, std::mem::take(&mut part.unseen)))
+            .collect();
+        st.parts.clear();
+        // In hand-out order, so that a key's deliveries come back in their order.
+        let held: Vec<Held> = std::mem::take(&mut st.inflight).into_values().collect();
+        Leaving {
+            clean,
+            held,
+            returned,
+            unseen,
+        }
+    }
+
+    /// Fencing: only partitions this member owns, with a fresh lease, that are not being
+    /// handed over are delivered: the message back with its attempt. A message of a
+    /// partition being handed over is kept to be nacked in arrival order (so JetStream
+    /// redelivers it first) and the partition drains; one of a partition this member no longer
+    /// owns is left unacked (its new owner waits for JetStream's redelivery, the lease was not
+    /// released cleanly).
+    fn fence(
+        &self,
+        p: u32,
+        queued: &AtomicUsize,
+        msg: JsMessage,
+        tag: u64,
+        seq: u64,
+    ) -> Option<(JsMessage, u32)> {
+        let delivered = msg.info().map(|i| i.delivered.max(0) as u64).unwrap_or(1);
+        let mut st = self.lock();
+        match st.parts.get(&p) {
+            Some(part) if !part.draining && self.ownership.serving(p, Instant::now()) => {
+                queued.fetch_sub(1, AtomicOrdering::AcqRel);
+                let reply = msg
+                    .reply
+                    .as_ref()
+                    .map(|r| r.to_string())
+                    .unwrap_or_default();
+                let attempt = part.unseen.attempt(seq, delivered);
+                // A released delivery came back (its ack wait ran out): the old hand-out is
+                // gone.
+                st.inflight
+                    .retain(|_, h| !(h.released && h.partition == p && h.seq == seq));
+                st.inflight.insert(
+                    tag,
+                    Held {
+                        partition: p,
+                        reply,
+                        seq,
+                        released: false,
+                    },
+                );
+                Some((msg, attempt))
+            }
+            Some(_) => {
+                st.drain(p);
+                self.ownership.drain(p);
+                if let Some(part) = st.parts.get_mut(&p) {
+                    part.returned.push(msg);
+                }
+                queued.fetch_sub(1, AtomicOrdering::AcqRel);
+                self.wake_bg.notify_one();
+                None
+            }
+            None => {
+                queued.fetch_sub(1, AtomicOrdering::AcqRel);
+                None
+            }
+        }
+    }
+
+    /// The busbar message in `msg`. Published by another program: delivered with what can be
+    /// read, under an id from its place in the stream (the same on every delivery). Not
+    /// decodable as busbar's: its raw payload and subject, with the reason (the bus in front
+    /// dead-letters it).
+    fn decode(&self, msg: &JsMessage, seq: u64) -> (Message, Option<String>) {
+        let id = || format!("nats-{}-{seq}", self.topic);
+        match codec::decode_message(msg.headers.as_ref(), msg.payload.clone(), id) {
+            Ok(m) => (m, None),
+            Err(e) => {
+                let mut raw = Message::new(msg.payload.clone()).with_id(id());
+                raw.headers
+                    .insert("busbar-nats-subject", msg.subject.to_string());
+                (raw, Some(e.to_string()))
+            }
         }
     }
 }
@@ -679,6 +750,43 @@ impl NatsSubscriber {
     }
 }
 
+/// What a leaving member held, taken out of its state ([`SubShared::take_all`]).
+struct Leaving {
+    /// Per partition: a clean hand-over (its puller finished and was not waiting for the
+    /// previous owner's unacked deliveries).
+    clean: BTreeMap<u32, bool>,
+    /// Handed out and not settled, in hand-out order.
+    held: Vec<Held>,
+    /// Pulled and stashed to be nacked in order.
+    returned: Vec<(u32, JsMessage)>,
+    unseen: BTreeMap<u32, Unseen>,
+}
+
+/// Lets the pullers finish their current pull (up to 3 s) and keeps what they forward, in
+/// order.
+async fn wait_for_pullers(
+    rx: &mut mpsc::Receiver<Forwarded>,
+    stops: &[Arc<AtomicBool>],
+) -> Vec<(u32, JsMessage)> {
+    let mut forwarded = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        while let Ok((p, q, m)) = rx.try_recv() {
+            q.fetch_sub(1, AtomicOrdering::AcqRel);
+            forwarded.push((p, m));
+        }
+        if stops.iter().all(|d| d.load(AtomicOrdering::Acquire)) || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    while let Ok((p, q, m)) = rx.try_recv() {
+        q.fetch_sub(1, AtomicOrdering::AcqRel);
+        forwarded.push((p, m));
+    }
+    forwarded
+}
+
 #[async_trait]
 impl Subscriber for NatsSubscriber {
     async fn next(&mut self) -> Result<Option<Delivery>> {
@@ -706,75 +814,10 @@ impl Subscriber for NatsSubscriber {
             };
             let tag = shared.tags.fetch_add(1, AtomicOrdering::Relaxed);
             let seq = stream_seq(&msg);
-            let delivered = msg.info().map(|i| i.delivered.max(0) as u64).unwrap_or(1);
-            let deliverable = {
-                let mut st = shared.lock();
-                let now = Instant::now();
-                // Fencing: only partitions we own, with a fresh lease, that are not being
-                // handed over are delivered. Anything else is nacked in arrival order (so
-                // JetStream redelivers it first) and a lapsed partition is handed over.
-                match st.parts.get(&p) {
-                    Some(part) if !part.draining && shared.ownership.serving(p, now) => {
-                        queued.fetch_sub(1, AtomicOrdering::AcqRel);
-                        let reply = msg
-                            .reply
-                            .as_ref()
-                            .map(|r| r.to_string())
-                            .unwrap_or_default();
-                        let attempt = part.unseen.attempt(seq, delivered);
-                        // A released delivery came back (its ack wait ran out): the old
-                        // hand-out is gone.
-                        st.inflight
-                            .retain(|_, h| !(h.released && h.partition == p && h.seq == seq));
-                        st.inflight.insert(
-                            tag,
-                            Held {
-                                partition: p,
-                                reply,
-                                seq,
-                                released: false,
-                            },
-                        );
-                        Some(attempt)
-                    }
-                    Some(_) => {
-                        st.drain(p);
-                        shared.ownership.drain(p);
-                        if let Some(part) = st.parts.get_mut(&p) {
-                            part.returned.push(msg);
-                        }
-                        queued.fetch_sub(1, AtomicOrdering::AcqRel);
-                        self.shared.wake_bg.notify_one();
-                        continue;
-                    }
-                    None => {
-                        queued.fetch_sub(1, AtomicOrdering::AcqRel);
-                        None
-                    }
-                }
-            };
-            let Some(attempt) = deliverable else {
-                // A partition we no longer own: its new owner waits for JetStream's
-                // redelivery (the lease was not released cleanly), so leave it unacked.
+            let Some((msg, attempt)) = shared.fence(p, &queued, msg, tag, seq) else {
                 continue;
             };
-            // Published by another program: delivered with what can be read, under an id
-            // from its place in the stream (the same on every delivery).
-            let decoded = codec::decode_message(msg.headers.as_ref(), msg.payload.clone(), || {
-                format!("nats-{}-{seq}", shared.topic)
-            });
-            // Not decodable as busbar's: handed over with its raw payload and subject, and
-            // the bus in front dead-letters it.
-            let (message, undecodable) = match decoded {
-                Ok(m) => (m, None),
-                Err(e) => {
-                    let mut raw = Message::new(msg.payload.clone())
-                        .with_id(format!("nats-{}-{seq}", shared.topic));
-                    raw.headers
-                        .insert("busbar-nats-subject", msg.subject.to_string());
-                    (raw, Some(e.to_string()))
-                }
-            };
+            let (message, undecodable) = shared.decode(&msg, seq);
             let message = Arc::new(message);
             let event = Event::from_shared(shared.topic.clone(), message.clone(), attempt);
             let acker = Box::new(NatsAck {

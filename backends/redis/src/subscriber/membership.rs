@@ -60,68 +60,12 @@ impl SubShared {
             .await
             .map_err(|e| map(e, "renewing partition leases"))?;
         let valid_until = ownership::trusted_until(started, ttl);
-        let mut acquired = Vec::new();
-        let mut to_release = Vec::new();
-        let mut unseen: Vec<Entry> = Vec::new();
-        let mut soon = false;
-        {
-            let mut st = self.lock();
-            let now = Instant::now();
-            for (p, status) in statuses.iter().enumerate() {
-                let p = p as u32;
-                let local = st.parts.contains_key(&p);
-                match (status.as_str(), local) {
-                    ("own" | "acquired", true)
-                        if st
-                            .parts
-                            .get(&p)
-                            .is_some_and(|part| part.draining_since.is_none()) =>
-                    {
-                        if let Some(part) = st.parts.get_mut(&p) {
-                            part.lease_valid_until = valid_until;
-                        }
-                    }
-                    ("own" | "acquired", false) => acquired.push(p),
-                    // A partition being handed over finishes its hand-over even if it is
-                    // assigned back to us meanwhile: its buffer was dropped, so it must be
-                    // released and acquired again, which recovers its pending entries in order.
-                    ("release" | "own" | "acquired", true) => {
-                        let drain = st.parts.get_mut(&p).and_then(|part| {
-                            part.lease_valid_until = valid_until;
-                            if part.draining_since.is_none() {
-                                part.draining_since = Some(now);
-                                // Buffered entries stay pending in Redis; the next owner
-                                // recovers them (no handler saw them: recounted below).
-                                unseen.extend(part.buffer.drain(..));
-                            }
-                            part.draining_since
-                        });
-                        unseen.extend(st.take_retries(p));
-                        // The next owner recovers what is pending in ID order either way:
-                        // any verdict releases (Redis has no hold to pass on).
-                        let activity = Activity {
-                            in_flight: st.inflight_in(p),
-                            reading: st.reading.contains(&p),
-                            recovering: false,
-                        };
-                        let draining_for = drain.map_or(Duration::ZERO, |d| now - d);
-                        if ownership::verdict(activity, draining_for, self.options.ack_timeout)
-                            .is_some()
-                        {
-                            to_release.push(p);
-                        }
-                    }
-                    ("release", false) => to_release.push(p),
-                    (other, true) => {
-                        tracing::warn!(topic = %self.topic, partition = p, status = other, "redis: partition lease lost; no longer delivering from it");
-                        st.drop_partition(p);
-                        soon = true;
-                    }
-                    ("wait", false) => soon = true,
-                    _ => {}
-                }
-            }
-        }
+        let Verdicts {
+            acquired,
+            to_release,
+            unseen,
+            soon,
+        } = self.judge(&statuses, valid_until);
         self.recount(unseen).await;
         for p in &acquired {
             let recovered = self.recover(*p).await?;
@@ -150,6 +94,69 @@ impl SubShared {
         Ok(soon || !acquired.is_empty())
     }
 
+    /// What the leases script said about each partition, applied to the member's state:
+    /// leases renewed, partitions to take, to release (drained, or lost), entries to recount.
+    fn judge(&self, statuses: &[String], valid_until: Instant) -> Verdicts {
+        let mut v = Verdicts::default();
+        let mut st = self.lock();
+        let now = Instant::now();
+        for (p, status) in statuses.iter().enumerate() {
+            let p = p as u32;
+            let local = st.parts.contains_key(&p);
+            match (status.as_str(), local) {
+                ("own" | "acquired", true)
+                    if st
+                        .parts
+                        .get(&p)
+                        .is_some_and(|part| part.draining_since.is_none()) =>
+                {
+                    if let Some(part) = st.parts.get_mut(&p) {
+                        part.lease_valid_until = valid_until;
+                    }
+                }
+                ("own" | "acquired", false) => v.acquired.push(p),
+                // A partition being handed over finishes its hand-over even if it is
+                // assigned back to us meanwhile: its buffer was dropped, so it must be
+                // released and acquired again, which recovers its pending entries in order.
+                ("release" | "own" | "acquired", true) => {
+                    let drain = st.parts.get_mut(&p).and_then(|part| {
+                        part.lease_valid_until = valid_until;
+                        if part.draining_since.is_none() {
+                            part.draining_since = Some(now);
+                            // Buffered entries stay pending in Redis; the next owner
+                            // recovers them (no handler saw them: recounted below).
+                            v.unseen.extend(part.buffer.drain(..));
+                        }
+                        part.draining_since
+                    });
+                    v.unseen.extend(st.take_retries(p));
+                    // The next owner recovers what is pending in ID order either way:
+                    // any verdict releases (Redis has no hold to pass on).
+                    let activity = Activity {
+                        in_flight: st.inflight_in(p),
+                        reading: st.reading.contains(&p),
+                        recovering: false,
+                    };
+                    let draining_for = drain.map_or(Duration::ZERO, |d| now - d);
+                    if ownership::verdict(activity, draining_for, self.options.ack_timeout)
+                        .is_some()
+                    {
+                        v.to_release.push(p);
+                    }
+                }
+                ("release", false) => v.to_release.push(p),
+                (other, true) => {
+                    tracing::warn!(topic = %self.topic, partition = p, status = other, "redis: partition lease lost; no longer delivering from it");
+                    st.drop_partition(p);
+                    v.soon = true;
+                }
+                ("wait", false) => v.soon = true,
+                _ => {}
+            }
+        }
+        v
+    }
+
     pub(super) async fn release(&self, partitions: &[u32], leave: bool) -> Result<()> {
         let mut inv = RELEASE.prepare_invoke();
         if leave {
@@ -165,4 +172,15 @@ impl SubShared {
             .map(|_| ())
             .map_err(|e| map(e, "releasing partition leases"))
     }
+}
+
+/// The outcome of one heartbeat's lease statuses ([`SubShared::judge`]).
+#[derive(Default)]
+struct Verdicts {
+    acquired: Vec<u32>,
+    to_release: Vec<u32>,
+    /// Buffered or retried entries no handler saw: their delivery counts are put back.
+    unseen: Vec<Entry>,
+    /// The next heartbeat should come soon.
+    soon: bool,
 }
