@@ -94,27 +94,7 @@ impl KafkaConfig {
         let (scheme, rest) = url
             .split_once("://")
             .ok_or_else(|| config_error(format!("invalid Kafka URL {shown}: no scheme")))?;
-        let tls = match scheme {
-            "kafka" => false,
-            "kafkas" => true,
-            other => {
-                // Echoed only when it is a scheme: the text before "://" of a malformed URL
-                // can hold user info.
-                let valid = other.len() <= 32
-                    && other.starts_with(|c: char| c.is_ascii_alphabetic())
-                    && other
-                        .chars()
-                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'));
-                let got = if valid {
-                    format!("scheme {other:?}")
-                } else {
-                    "text that is not a URL scheme".to_owned()
-                };
-                return Err(config_error(format!(
-                    "expected a kafka:// or kafkas:// URL, got {got} before \"://\""
-                )));
-            }
-        };
+        let tls = scheme_is_tls(scheme)?;
         let (authority, query) = match rest.split_once('?') {
             Some((a, q)) => (a, Some(q)),
             None => (rest, None),
@@ -124,23 +104,8 @@ impl KafkaConfig {
             Some((u, h)) => (Some(u), h),
             None => (None, authority),
         };
-        let mut servers = Vec::new();
-        for host in hosts.split(',') {
-            let host = host.trim();
-            if host.is_empty() {
-                return Err(config_error(format!("the Kafka URL {shown} names no host")));
-            }
-            // Checks the host and port with the URL parser (IPv6 in brackets works too).
-            let parsed = url::Url::parse(&format!("kafka://{host}")).map_err(|e| {
-                config_error(format!("invalid broker address {host:?} in {shown}: {e}"))
-            })?;
-            let name = parsed.host_str().filter(|h| !h.is_empty()).ok_or_else(|| {
-                config_error(format!("invalid broker address {host:?} in {shown}"))
-            })?;
-            servers.push(format!("{name}:{}", parsed.port().unwrap_or(9092)));
-        }
         let mut cfg = Self {
-            bootstrap_servers: servers.join(","),
+            bootstrap_servers: bootstrap_servers(hosts, &shown)?,
             partitions: 8,
             replication: 1,
             max_message_bytes: 1_000_000,
@@ -172,6 +137,13 @@ impl KafkaConfig {
         };
         cfg.client
             .insert("security.protocol".into(), protocol.into());
+        cfg.apply(query)?;
+        cfg.tls.check(tls, "Kafka", "kafkas://", BACKEND)?;
+        Ok(cfg)
+    }
+
+    /// Applies the URL's query options (typed, in range; librdkafka settings pass through).
+    fn apply(&mut self, query: Option<&str>) -> Result<()> {
         const KNOWN: [&str; 9] = [
             "partitions",
             "replication",
@@ -185,17 +157,19 @@ impl KafkaConfig {
         ];
         let options = UrlOptions::parse("Kafka", BACKEND, query);
         for o in options.clone() {
-            if cfg.tls.take(&o)? {
+            if self.tls.take(&o)? {
                 continue;
             }
             match o.key() {
-                "partitions" => cfg.partitions = o.number_as(1..=10_000)?,
-                "replication" => cfg.replication = o.number_as(1..=100)?,
-                "max_message_bytes" => cfg.max_message_bytes = o.number_as(1024..=1_000_000_000)?,
-                "commit_interval_ms" => cfg.commit_interval = o.millis(10..=60_000)?,
-                "session_timeout_ms" => cfg.session_timeout = o.millis(1_000..=3_600_000)?,
+                "partitions" => self.partitions = o.number_as(1..=10_000)?,
+                "replication" => self.replication = o.number_as(1..=100)?,
+                "max_message_bytes" => {
+                    self.max_message_bytes = o.number_as(1024..=1_000_000_000)?
+                }
+                "commit_interval_ms" => self.commit_interval = o.millis(10..=60_000)?,
+                "session_timeout_ms" => self.session_timeout = o.millis(1_000..=3_600_000)?,
                 "partitioner" => {
-                    cfg.partitioner = o
+                    self.partitioner = o
                         .one_of(&[
                             "murmur2_random",
                             "murmur2",
@@ -208,13 +182,12 @@ impl KafkaConfig {
                 }
                 key if key.contains('.') => {
                     let (k, v) = o.into_pair();
-                    cfg.client.insert(k, v);
+                    self.client.insert(k, v);
                 }
                 _ => return Err(options.unknown(&o, &KNOWN)),
             }
         }
-        cfg.tls.check(tls, "Kafka", "kafkas://", BACKEND)?;
-        Ok(cfg)
+        Ok(())
     }
 
     /// The librdkafka settings shared by producer, consumer and admin client.
@@ -244,6 +217,53 @@ impl KafkaConfig {
         }
         c
     }
+}
+
+/// Whether a Kafka URL's scheme asks for TLS: `kafka` no, `kafkas` yes, anything else a
+/// `Config` error that echoes the scheme only when it is one (the text before "://" of a
+/// malformed URL can hold user info).
+fn scheme_is_tls(scheme: &str) -> Result<bool> {
+    match scheme {
+        "kafka" => Ok(false),
+        "kafkas" => Ok(true),
+        other => {
+            let valid = other.len() <= 32
+                && other.starts_with(|c: char| c.is_ascii_alphabetic())
+                && other
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'));
+            let got = if valid {
+                format!("scheme {other:?}")
+            } else {
+                "text that is not a URL scheme".to_owned()
+            };
+            Err(config_error(format!(
+                "expected a kafka:// or kafkas:// URL, got {got} before \"://\""
+            )))
+        }
+    }
+}
+
+/// The `bootstrap.servers` list of a URL's hosts (`host[:port]`, comma separated, default port
+/// 9092), each checked by the URL parser (IPv6 in brackets works too).
+fn bootstrap_servers(hosts: &str, shown: &str) -> Result<String> {
+    let mut servers = Vec::new();
+    for host in hosts.split(',') {
+        let host = host.trim();
+        if host.is_empty() {
+            return Err(config_error(format!("the Kafka URL {shown} names no host")));
+        }
+        // Checks the host and port with the URL parser (IPv6 in brackets works too).
+        let parsed = url::Url::parse(&format!("kafka://{host}")).map_err(|e| {
+            config_error(format!("invalid broker address {host:?} in {shown}: {e}"))
+        })?;
+        let name = parsed
+            .host_str()
+            .filter(|h| !h.is_empty())
+            .ok_or_else(|| config_error(format!("invalid broker address {host:?} in {shown}")))?;
+        servers.push(format!("{name}:{}", parsed.port().unwrap_or(9092)));
+    }
+    Ok(servers.join(","))
 }
 
 #[cfg(test)]

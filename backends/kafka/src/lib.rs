@@ -282,50 +282,12 @@ impl Inner {
         let client = self.group_client("busbar-browse")?;
         let (topic, options) = (topic.to_owned(), *options);
         blocking(move || {
-            let meta = client
-                .fetch_metadata(Some(&topic), REQUEST_TIMEOUT)
-                .map_err(|e| error::map(e, "reading the topic's partitions"))?;
-            let ids: Vec<i32> = meta
-                .topics()
+            let (assign, ends) = browse_plan(&client, &topic, &options)?;
+            let mut parts: std::collections::BTreeMap<i32, Vec<Message>> = assign
+                .elements()
                 .iter()
-                .filter(|t| t.name() == topic)
-                .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+                .map(|e| (e.partition(), Vec::new()))
                 .collect();
-            let mut wanted = TopicPartitionList::new();
-            let mut ends = std::collections::BTreeMap::new();
-            for &p in &ids {
-                let (low, high) = watermarks(&client, &topic, p)?;
-                if high > low {
-                    let at = match options.from {
-                        busbar_core::BrowseFrom::Time(t) => Offset::Offset(t.timestamp_millis()),
-                        _ => Offset::Offset(low),
-                    };
-                    wanted
-                        .add_partition_offset(&topic, p, at)
-                        .map_err(|e| error::map(e, "building the partitions to browse"))?;
-                    ends.insert(p, high);
-                }
-            }
-            if let busbar_core::BrowseFrom::Time(_) = options.from {
-                if wanted.count() > 0 {
-                    wanted = client
-                        .offsets_for_times(wanted, REQUEST_TIMEOUT)
-                        .map_err(|e| error::map(e, "finding the offsets of the time"))?;
-                }
-            }
-            let mut assign = TopicPartitionList::new();
-            let mut parts: std::collections::BTreeMap<i32, Vec<Message>> = Default::default();
-            for e in wanted.elements() {
-                let Offset::Offset(at) = e.offset() else {
-                    continue; // past the end (no record at or after the time)
-                };
-                if ends.get(&e.partition()).is_some_and(|end| at < *end) {
-                    assign
-                        .add_partition_offset(&topic, e.partition(), Offset::Offset(at))
-                        .map_err(|e| error::map(e, "building the partitions to browse"))?;
-                    parts.insert(e.partition(), Vec::new());
-                }
-            }
             if assign.count() == 0 {
                 return Ok(Vec::new());
             }
@@ -434,6 +396,58 @@ fn committed_offsets(client: &BaseConsumer, topic: &str) -> Result<Option<TopicP
     })
     .map(Some)
     .map_err(|e| error::map(e, "reading the group's committed offsets"))
+}
+
+/// Where browsing starts: the partitions of `topic` that hold records (from their low
+/// watermark, or the offset of the time) and, per partition, the high watermark to stop at.
+fn browse_plan(
+    client: &BaseConsumer,
+    topic: &str,
+    options: &busbar_core::BrowseOptions,
+) -> Result<(TopicPartitionList, std::collections::BTreeMap<i32, i64>)> {
+    let meta = client
+        .fetch_metadata(Some(topic), REQUEST_TIMEOUT)
+        .map_err(|e| error::map(e, "reading the topic's partitions"))?;
+    let ids: Vec<i32> = meta
+        .topics()
+        .iter()
+        .filter(|t| t.name() == topic)
+        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+        .collect();
+    let mut wanted = TopicPartitionList::new();
+    let mut ends = std::collections::BTreeMap::new();
+    for &p in &ids {
+        let (low, high) = watermarks(client, topic, p)?;
+        if high > low {
+            let at = match options.from {
+                busbar_core::BrowseFrom::Time(t) => Offset::Offset(t.timestamp_millis()),
+                _ => Offset::Offset(low),
+            };
+            wanted
+                .add_partition_offset(topic, p, at)
+                .map_err(|e| error::map(e, "building the partitions to browse"))?;
+            ends.insert(p, high);
+        }
+    }
+    if let busbar_core::BrowseFrom::Time(_) = options.from {
+        if wanted.count() > 0 {
+            wanted = client
+                .offsets_for_times(wanted, REQUEST_TIMEOUT)
+                .map_err(|e| error::map(e, "finding the offsets of the time"))?;
+        }
+    }
+    let mut assign = TopicPartitionList::new();
+    for e in wanted.elements() {
+        let Offset::Offset(at) = e.offset() else {
+            continue; // past the end (no record at or after the time)
+        };
+        if ends.get(&e.partition()).is_some_and(|end| at < *end) {
+            assign
+                .add_partition_offset(topic, e.partition(), Offset::Offset(at))
+                .map_err(|e| error::map(e, "building the partitions to browse"))?;
+        }
+    }
+    Ok((assign, ends))
 }
 
 /// The low and high watermarks of a partition. Blocking.
