@@ -16,8 +16,6 @@ use std::hash::Hash;
 use futures::future::join_all;
 use tokio::sync::{mpsc, oneshot};
 
-use std::sync::Arc;
-
 use crate::{Error, ErrorKind, Result};
 
 type Waiter = oneshot::Sender<Result<()>>;
@@ -58,7 +56,6 @@ where
         F: Fn(K, Vec<T>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<()>> + Send + 'static,
     {
-        let flush = Arc::new(flush);
         Self::spawn_per_entry(max_batch, 1, move |k, items: Vec<T>| {
             let n = items.len();
             let call = flush(k, items);
@@ -186,7 +183,7 @@ fn shared_error(e: &Error) -> Error {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Mutex;
+    use std::sync::{Arc, Mutex};
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn concurrent_submits_share_flushes_per_group() {

@@ -205,18 +205,15 @@ impl Shared {
         if !release.is_empty() {
             self.release(release).await;
         }
-        let taken = {
-            let mut st = self.lock();
-            if let Some(e) = st.errors.pop_front() {
-                return Err(e);
-            }
-            match st.hand_out(self.visibility) {
-                Some(taken) => taken,
-                None if st.closed || self.inner.is_closed() => return Ok(Handout::Closed),
-                None => return Ok(Handout::Wait(next_deadline)),
-            }
-        };
-        Ok(Handout::Taken(taken))
+        let mut st = self.lock();
+        if let Some(e) = st.errors.pop_front() {
+            return Err(e);
+        }
+        Ok(match st.hand_out(self.visibility) {
+            Some((r, token)) => Handout::Taken(r, token),
+            None if st.closed || self.inner.is_closed() => Handout::Closed,
+            None => Handout::Wait(next_deadline),
+        })
     }
 
     /// Whether a message taken from `ready` may still be handed out: one that waited behind
@@ -243,7 +240,7 @@ impl Shared {
 // Returned and matched at once, never stored: boxing would cost an allocation per delivery.
 #[allow(clippy::large_enum_variant)]
 enum Handout {
-    Taken((Received, u64)),
+    Taken(Received, u64),
     /// Nothing ready: wait for a wake-up, or until this instant (an expiry to check).
     Wait(Option<Instant>),
     Closed,
@@ -380,7 +377,7 @@ impl Subscriber for SqsSubscriber {
         loop {
             let woken = shared.ready.notified();
             let (r, token) = match shared.hand_out().await? {
-                Handout::Taken(taken) => taken,
+                Handout::Taken(r, token) => (r, token),
                 Handout::Closed => return Ok(None),
                 Handout::Wait(Some(at)) => {
                     let _ = tokio::time::timeout_at(at.into(), woken).await;
