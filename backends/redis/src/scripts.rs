@@ -1,67 +1,104 @@
-//! Lua scripts: every lease decision runs atomically inside Redis, on Redis's clock.
+//! Lua scripts: the group's lease store (members, and a compare-and-set lease per partition,
+//! atomic inside Redis, on Redis's clock) that core's ownership engine drives, and moving due
+//! delayed messages.
 
 use std::sync::LazyLock;
 
 use redis::Script;
 
-/// Heartbeat and rebalance for one member of a group.
+/// Refreshes (or, with ARGV[3] = 1, removes) a member of a group and returns the live ones.
 ///
-/// KEYS[1] members sorted set, KEYS[2] membership generation counter. ARGV: member id, lease
-/// TTL ms, partition count, lease key prefix.
-/// Refreshes the member, drops members whose heartbeat expired (a change of membership bumps
-/// the generation, which the other members poll to rebalance quickly), assigns partition `p` to the
-/// `p mod m`-th live member (members sorted by id) and returns, per partition:
-/// `own` (ours and assigned to us; lease renewed), `release` (ours but assigned to another:
-/// lease renewed until we hand it over), `acquired` (was free and assigned to us: now ours),
-/// `wait` (assigned to us but another member still holds it), `free`, `other`.
-pub(crate) static REBALANCE: LazyLock<Script> = LazyLock::new(|| {
+/// KEYS[1] members sorted set (scored by heartbeat expiry, Redis `TIME`), KEYS[2] membership
+/// generation counter. ARGV: member id, lease TTL ms, leave (0 or 1). Drops members whose
+/// heartbeat expired; a change of membership bumps the generation, which the other members
+/// poll to rebalance quickly.
+pub(crate) static MEMBERS: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local me, ttl, n, prefix = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
-local added = redis.call('ZADD', KEYS[1], now + ttl, me)
-local removed = redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-if added + removed > 0 then redis.call('INCR', KEYS[2]) end
+local me, ttl, leave = ARGV[1], tonumber(ARGV[2]), ARGV[3] == '1'
+local changed
+if leave then
+  changed = redis.call('ZREM', KEYS[1], me)
+else
+  changed = redis.call('ZADD', KEYS[1], now + ttl, me)
+end
+changed = changed + redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if changed > 0 then redis.call('INCR', KEYS[2]) end
 redis.call('PEXPIRE', KEYS[1], ttl * 10)
 redis.call('PEXPIRE', KEYS[2], ttl * 10)
-local members = redis.call('ZRANGE', KEYS[1], 0, -1)
-table.sort(members)
-local m = #members
-local out = {}
-for p = 0, n - 1 do
-  local lease = prefix .. p
-  local desired = members[(p % m) + 1]
-  local owner = redis.call('GET', lease)
-  if owner == me then
-    redis.call('PEXPIRE', lease, ttl)
-    if desired == me then out[p + 1] = 'own' else out[p + 1] = 'release' end
-  elseif not owner then
-    if desired == me then
-      redis.call('SET', lease, me, 'PX', ttl)
-      out[p + 1] = 'acquired'
-    else
-      out[p + 1] = 'free'
-    end
-  else
-    if desired == me then out[p + 1] = 'wait' else out[p + 1] = 'other' end
-  end
-end
-return out
+return redis.call('ZRANGE', KEYS[1], 0, -1)
 ",
     )
 });
 
-/// Releases the leases given in ARGV[2..] if `ARGV[1]` holds them; with KEYS[1] (members)
-/// and KEYS[2] (generation) set, also leaves the group.
-pub(crate) static RELEASE: LazyLock<Script> = LazyLock::new(|| {
+/// A partition's lease: `{owner, revision, after}`.
+///
+/// KEYS[1] lease (the owner's id, `PX` lease TTL), KEYS[2] revision counter, KEYS[3] how the
+/// last owner gave it up (`clean`; missing after a hold, an expiry or never). `owner` is empty
+/// when the lease is free.
+pub(crate) static LEASE_READ: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
-local me = ARGV[1]
-for i = 2, #ARGV do
-  if redis.call('GET', ARGV[i]) == me then redis.call('DEL', ARGV[i]) end
+local owner = redis.call('GET', KEYS[1]) or ''
+local rev = tonumber(redis.call('GET', KEYS[2]) or '0')
+local after = redis.call('GET', KEYS[3]) or 'hold'
+return {owner, rev, after}
+",
+    )
+});
+
+/// Takes a free lease at the expected revision: returns the new revision, or -1 when the
+/// lease is held or another write came first. KEYS as [`LEASE_READ`]; ARGV: member id,
+/// expected revision, lease TTL ms.
+pub(crate) static LEASE_TAKE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local me, expected, ttl = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+if redis.call('EXISTS', KEYS[1]) == 1 then return -1 end
+if tonumber(redis.call('GET', KEYS[2]) or '0') ~= expected then return -1 end
+local rev = redis.call('INCR', KEYS[2])
+redis.call('PEXPIRE', KEYS[2], ttl * 10)
+redis.call('SET', KEYS[1], me, 'PX', ttl)
+redis.call('DEL', KEYS[3])
+return rev
+",
+    )
+});
+
+/// Renews a lease its owner holds at the expected revision: returns the revision, or -1 when
+/// the lease was lost (expired, or taken by another member). KEYS as [`LEASE_READ`]; ARGV:
+/// member id, expected revision, lease TTL ms.
+pub(crate) static LEASE_RENEW: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local me, expected, ttl = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+if redis.call('GET', KEYS[1]) ~= me then return -1 end
+if tonumber(redis.call('GET', KEYS[2]) or '0') ~= expected then return -1 end
+redis.call('PEXPIRE', KEYS[1], ttl)
+redis.call('PEXPIRE', KEYS[2], ttl * 10)
+return expected
+",
+    )
+});
+
+/// Gives a lease up at the expected revision, saying how (ARGV[2]: `clean` or `hold`);
+/// nothing when another write came first. KEYS as [`LEASE_READ`]; ARGV: expected revision,
+/// how, lease TTL ms.
+pub(crate) static LEASE_RELEASE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local expected, how, ttl = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3])
+if tonumber(redis.call('GET', KEYS[2]) or '0') ~= expected then return 0 end
+redis.call('DEL', KEYS[1])
+redis.call('INCR', KEYS[2])
+redis.call('PEXPIRE', KEYS[2], ttl * 10)
+if how == 'clean' then
+  redis.call('SET', KEYS[3], 'clean', 'PX', ttl * 10)
+else
+  redis.call('DEL', KEYS[3])
 end
-if KEYS[1] and redis.call('ZREM', KEYS[1], me) > 0 then redis.call('INCR', KEYS[2]) end
 return 1
 ",
     )

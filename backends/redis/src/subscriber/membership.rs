@@ -1,8 +1,12 @@
-//! The member's side of the group: its heartbeat, which renews its partition leases and takes
-//! and hands over partitions in one Lua script (`REBALANCE`; the hand-over verdict is core's
-//! ownership rule), and leaving.
+//! The Redis side of partition ownership: the lease store core's engine drives (the group's
+//! members sorted set and a compare-and-set lease per partition, in the Lua scripts of
+//! [`crate::scripts`], on Redis's clock), and what taking, stopping and giving up a partition
+//! means here. The rules themselves are `busbar_core::raw::ownership`'s.
+
+use busbar_core::raw::ownership::{Activity, Lease, LeaseStore, Partitions};
 
 use super::*;
+use crate::scripts::{LEASE_READ, LEASE_RELEASE, LEASE_RENEW, LEASE_TAKE, MEMBERS};
 
 impl SubShared {
     pub(super) fn lease_key(&self, p: u32) -> String {
@@ -40,147 +44,187 @@ impl SubShared {
         self.inner.config.lease_ttl
     }
 
-    /// Heartbeat + rebalance. Returns whether the next one should come soon (a partition we
-    /// should own is still held by another member, or one was just taken).
-    pub(super) async fn heartbeat(&self) -> Result<bool> {
-        let started = Instant::now();
-        let ttl = self.lease_ttl();
-        let statuses: Vec<String> = REBALANCE
-            .key(self.members_key())
-            .key(self.generation_key())
-            .arg(&self.member)
-            .arg(ttl.as_millis() as u64)
-            .arg(self.partitions)
-            .arg(
-                self.inner
-                    .config
-                    .lease_prefix(&self.topic, &self.options.group),
-            )
-            .invoke_async(&mut self.conn())
+    /// Heartbeat and rebalance: one round of core's ownership engine. Returns whether the
+    /// next one should come soon (a hand-over is under way on either side).
+    pub(super) async fn heartbeat(self: &Arc<Self>) -> Result<bool> {
+        self.ownership
+            .round(self.as_ref(), &Member(self.clone()))
             .await
-            .map_err(|e| map(e, "renewing partition leases"))?;
-        let valid_until = ownership::trusted_until(started, ttl);
-        let Verdicts {
-            acquired,
-            to_release,
-            unseen,
-            soon,
-        } = self.judge(&statuses, valid_until);
-        self.recount(unseen).await;
-        for p in &acquired {
-            let recovered = self.recover(*p).await?;
-            let count = recovered.len();
-            let mut st = self.lock();
-            st.parts.insert(
-                *p,
-                Part {
-                    buffer: recovered.into(),
-                    lease_valid_until: valid_until,
-                    draining_since: None,
-                },
-            );
-            tracing::debug!(topic = %self.topic, partition = p, recovered = count, "redis: partition acquired");
-        }
-        if !to_release.is_empty() {
-            self.release(&to_release, false).await?;
-            let mut st = self.lock();
-            for p in &to_release {
-                st.drop_partition(*p);
-            }
-        }
-        if !acquired.is_empty() {
-            self.wake.notify_waiters();
-        }
-        Ok(soon || !acquired.is_empty())
     }
 
-    /// What the leases script said about each partition, applied to the member's state:
-    /// leases renewed, partitions to take, to release (drained, or lost), entries to recount.
-    fn judge(&self, statuses: &[String], valid_until: Instant) -> Verdicts {
-        let mut v = Verdicts::default();
-        let mut st = self.lock();
-        let now = Instant::now();
-        for (p, status) in statuses.iter().enumerate() {
-            let p = p as u32;
-            let local = st.parts.contains_key(&p);
-            match (status.as_str(), local) {
-                ("own" | "acquired", true)
-                    if st
-                        .parts
-                        .get(&p)
-                        .is_some_and(|part| part.draining_since.is_none()) =>
-                {
-                    if let Some(part) = st.parts.get_mut(&p) {
-                        part.lease_valid_until = valid_until;
-                    }
-                }
-                ("own" | "acquired", false) => v.acquired.push(p),
-                // A partition being handed over finishes its hand-over even if it is
-                // assigned back to us meanwhile: its buffer was dropped, so it must be
-                // released and acquired again, which recovers its pending entries in order.
-                ("release" | "own" | "acquired", true) => {
-                    let drain = st.parts.get_mut(&p).and_then(|part| {
-                        part.lease_valid_until = valid_until;
-                        if part.draining_since.is_none() {
-                            part.draining_since = Some(now);
-                            // Buffered entries stay pending in Redis; the next owner
-                            // recovers them (no handler saw them: recounted below).
-                            v.unseen.extend(part.buffer.drain(..));
-                        }
-                        part.draining_since
-                    });
-                    v.unseen.extend(st.take_retries(p));
-                    // The next owner recovers what is pending in ID order either way:
-                    // any verdict releases (Redis has no hold to pass on).
-                    let activity = Activity {
-                        in_flight: st.inflight_in(p),
-                        reading: st.reading.contains(&p),
-                        recovering: false,
-                    };
-                    let draining_for = drain.map_or(Duration::ZERO, |d| now - d);
-                    if ownership::verdict(activity, draining_for, self.options.ack_timeout)
-                        .is_some()
-                    {
-                        v.to_release.push(p);
-                    }
-                }
-                ("release", false) => v.to_release.push(p),
-                (other, true) => {
-                    tracing::warn!(topic = %self.topic, partition = p, status = other, "redis: partition lease lost; no longer delivering from it");
-                    st.drop_partition(p);
-                    v.soon = true;
-                }
-                ("wait", false) => v.soon = true,
-                _ => {}
-            }
-        }
-        v
+    /// The three keys of partition `p`'s lease: owner, revision, how it was last given up.
+    fn lease_keys(&self, p: u32) -> [String; 3] {
+        let lease = self.lease_key(p);
+        [format!("{lease}:rev"), format!("{lease}:after"), lease]
     }
 
-    pub(super) async fn release(&self, partitions: &[u32], leave: bool) -> Result<()> {
-        let mut inv = RELEASE.prepare_invoke();
-        if leave {
-            inv.key(self.members_key());
-            inv.key(self.generation_key());
+    fn ttl_ms(&self) -> u64 {
+        self.lease_ttl().as_millis() as u64
+    }
+
+    /// Runs a lease script on partition `p`'s keys with `args`.
+    async fn lease_call<T: redis::FromRedisValue>(
+        &self,
+        script: &redis::Script,
+        p: u32,
+        args: &[String],
+        what: &str,
+    ) -> Result<T> {
+        let [rev, after, lease] = self.lease_keys(p);
+        let mut inv = script.prepare_invoke();
+        inv.key(lease).key(rev).key(after);
+        for a in args {
+            inv.arg(a);
         }
-        inv.arg(&self.member);
-        for p in partitions {
-            inv.arg(self.lease_key(*p));
-        }
-        inv.invoke_async::<i64>(&mut self.conn())
+        inv.invoke_async(&mut self.conn())
             .await
-            .map(|_| ())
-            .map_err(|e| map(e, "releasing partition leases"))
+            .map_err(|e| map(e, what))
     }
 }
 
-/// The outcome of one heartbeat's lease statuses ([`SubShared::judge`]).
-#[derive(Default)]
-struct Verdicts {
-    acquired: Vec<u32>,
-    to_release: Vec<u32>,
-    /// Buffered or retried entries no handler saw: their delivery counts are put back.
-    unseen: Vec<Entry>,
-    /// The next heartbeat should come soon.
-    soon: bool,
+#[async_trait]
+impl LeaseStore for SubShared {
+    type Revision = i64;
+
+    async fn members(&self, me: &str, leave: bool) -> Result<Vec<String>> {
+        MEMBERS
+            .key(self.members_key())
+            .key(self.generation_key())
+            .arg(me)
+            .arg(self.ttl_ms())
+            .arg(u8::from(leave))
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(|e| map(e, "updating the group members"))
+    }
+
+    async fn read(&self, partition: u32) -> Result<Lease<i64>> {
+        let (owner, revision, after): (String, i64, String) = self
+            .lease_call(&LEASE_READ, partition, &[], "reading a partition lease")
+            .await?;
+        Ok(if !owner.is_empty() {
+            Lease::Held { owner }
+        } else {
+            Lease::Free {
+                after: if after == "clean" {
+                    HandOver::Clean
+                } else {
+                    HandOver::Hold
+                },
+                revision,
+            }
+        })
+    }
+
+    async fn take(&self, partition: u32, me: &str, revision: &i64) -> Result<Option<i64>> {
+        let args = [
+            me.to_owned(),
+            revision.to_string(),
+            self.ttl_ms().to_string(),
+        ];
+        let rev: i64 = self
+            .lease_call(&LEASE_TAKE, partition, &args, "taking a partition lease")
+            .await?;
+        Ok((rev >= 0).then_some(rev))
+    }
+
+    async fn renew(&self, partition: u32, me: &str, revision: &i64) -> Result<Option<i64>> {
+        let args = [
+            me.to_owned(),
+            revision.to_string(),
+            self.ttl_ms().to_string(),
+        ];
+        let rev: i64 = self
+            .lease_call(&LEASE_RENEW, partition, &args, "renewing a partition lease")
+            .await?;
+        Ok((rev >= 0).then_some(rev))
+    }
+
+    async fn release(&self, partition: u32, revision: &i64, how: HandOver) -> Result<()> {
+        let how = match how {
+            HandOver::Clean => "clean",
+            HandOver::Hold => "hold",
+        };
+        let args = [
+            revision.to_string(),
+            how.to_owned(),
+            self.ttl_ms().to_string(),
+        ];
+        self.lease_call::<i64>(
+            &LEASE_RELEASE,
+            partition,
+            &args,
+            "releasing a partition lease",
+        )
+        .await
+        .map(|_| ())
+    }
+}
+
+/// The member's partitions, as core's ownership engine sees them.
+pub(super) struct Member(pub(super) Arc<SubShared>);
+
+#[async_trait]
+impl Partitions for Member {
+    fn activity(&self, partition: u32) -> Activity {
+        let st = self.0.lock();
+        Activity {
+            in_flight: st.inflight_in(partition),
+            reading: st.reading.contains(&partition),
+            // Recovery (XPENDING + XCLAIM) finishes inside `start`.
+            recovering: false,
+        }
+    }
+
+    /// Recovers what is pending in the partition (XPENDING + XCLAIM, in ID order, before any
+    /// new entry), whatever `after` says: the previous owner's unsettled deliveries are
+    /// claimed at once, so Redis has no hold to wait out.
+    async fn start(&self, partition: u32, _after: HandOver) -> Result<()> {
+        let recovered = self.0.recover(partition).await?;
+        let count = recovered.len();
+        self.0.lock().parts.insert(
+            partition,
+            Part {
+                buffer: recovered.into(),
+                draining: false,
+            },
+        );
+        tracing::debug!(topic = %self.0.topic, partition, recovered = count, "redis: partition acquired");
+        self.0.wake.notify_waiters();
+        Ok(())
+    }
+
+    /// Stops reading and handing out; buffered entries stay pending in Redis for the next
+    /// owner (no handler saw them: recounted when the partition is given up).
+    fn stop(&self, partition: u32) {
+        let mut st = self.0.lock();
+        let buffered: Vec<Entry> = match st.parts.get_mut(&partition) {
+            Some(part) => {
+                part.draining = true;
+                part.buffer.drain(..).collect()
+            }
+            None => Vec::new(),
+        };
+        st.unseen.extend(buffered);
+    }
+
+    async fn give_up(&self, partition: u32, _how: HandOver) {
+        let unseen: Vec<Entry> = {
+            let mut st = self.0.lock();
+            let mut unseen: Vec<Entry> = st
+                .unseen
+                .iter()
+                .filter(|e| e.partition == partition)
+                .cloned()
+                .collect();
+            unseen.extend(st.take_retries(partition));
+            st.drop_partition(partition);
+            unseen
+        };
+        self.0.recount(unseen).await;
+    }
+
+    fn lost(&self, partition: u32) {
+        self.0.lock().drop_partition(partition);
+    }
 }

@@ -1,7 +1,8 @@
 //! A member of a consumer group: partition leases, recovery, reads, acks and redelivery.
 //!
-//! A background task heartbeats the member, takes and hands over partition leases
-//! ([`crate::scripts::REBALANCE`]), recovers the pending entries of a newly owned partition
+//! A background task heartbeats the member — core's ownership engine
+//! (`busbar_core::raw::ownership`) over the lease store of [`membership`] takes and hands over
+//! partitions — recovers the pending entries of a newly owned partition
 //! (XPENDING + XCLAIM, in ID order, before any new entry), redelivers deliveries whose ack
 //! timeout expired (XPENDING IDLE + XCLAIM) and moves due delayed messages. `next()` hands
 //! out redeliveries first, then buffered entries of owned partitions, and reads new entries
@@ -13,7 +14,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use busbar_core::raw::ownership::{self, Activity};
+use busbar_core::raw::ownership::{HandOver, Ownership};
 use busbar_core::raw::{self, coalesce::Coalescer, Ack};
 use busbar_core::{
     Delivery, Error, ErrorKind, Event, Message, Result, SubscribeOptions, Subscriber,
@@ -29,7 +30,7 @@ mod pending;
 
 use crate::codec::{array_of, entries_of, int_of, string_of, RawEntry};
 use crate::error::{decode, map};
-use crate::scripts::{MOVE_DUE, REBALANCE, RELEASE};
+use crate::scripts::MOVE_DUE;
 use crate::{Inner, BACKEND};
 
 #[derive(Clone)]
@@ -45,14 +46,8 @@ pub(crate) struct Entry {
 
 struct Part {
     buffer: VecDeque<Entry>,
-    lease_valid_until: Instant,
-    draining_since: Option<Instant>,
-}
-
-impl Part {
-    fn active(&self, now: Instant) -> bool {
-        self.draining_since.is_none() && self.lease_valid_until > now
-    }
+    /// Being handed over: nothing more is read or handed out from it.
+    draining: bool,
 }
 
 #[derive(Default)]
@@ -67,6 +62,9 @@ struct State {
     /// this member after the next owner recovered the partition, and that owner would read
     /// newer entries of the key first.
     reading: Vec<u32>,
+    /// Entries read ahead of partitions being handed over, never handed out: their delivery
+    /// counts are put back when the partition is given up.
+    unseen: Vec<Entry>,
     seq: u64,
     cursor: usize,
 }
@@ -107,6 +105,7 @@ impl State {
     fn drop_partition(&mut self, p: u32) {
         self.parts.remove(&p);
         self.retry.retain(|_, e| e.partition != p);
+        self.unseen.retain(|e| e.partition != p);
     }
 
     fn inflight_in(&self, p: u32) -> usize {
@@ -117,9 +116,9 @@ impl State {
         self.parts.values().map(|p| p.buffer.len()).sum::<usize>() + self.retry.len()
     }
 
-    /// The next delivery to hand out: a due redelivery, else the first buffered entry of an
-    /// owned partition whose key is not held back by a pending redelivery.
-    fn pick(&mut self, now: Instant) -> Option<Entry> {
+    /// The next delivery to hand out: a due redelivery, else the first buffered entry of a
+    /// `serving` partition whose key is not held back by a pending redelivery.
+    fn pick(&mut self, now: Instant, serving: &HashSet<u32>) -> Option<Entry> {
         let held: HashSet<String> = self
             .retry
             .iter()
@@ -129,9 +128,7 @@ impl State {
         let due = self
             .retry
             .iter()
-            .find(|((due, _), e)| {
-                *due <= now && self.parts.get(&e.partition).is_some_and(|p| p.active(now))
-            })
+            .find(|((due, _), e)| *due <= now && serving.contains(&e.partition))
             .map(|(k, _)| *k);
         if let Some(k) = due {
             return self.retry.remove(&k);
@@ -139,7 +136,7 @@ impl State {
         let owned: Vec<u32> = self
             .parts
             .iter()
-            .filter(|(_, p)| p.active(now) && !p.buffer.is_empty())
+            .filter(|(n, p)| serving.contains(n) && !p.buffer.is_empty())
             .map(|(n, _)| *n)
             .collect();
         for i in 0..owned.len() {
@@ -165,13 +162,14 @@ pub(crate) struct SubShared {
     topic: Arc<str>,
     options: SubscribeOptions,
     member: String,
-    partitions: u32,
     state: Mutex<State>,
     closed: AtomicBool,
     wake: Notify,
     wake_bg: Notify,
     /// Acks of concurrently finishing handlers, sent as one XACK per partition.
     acks: Coalescer<u32, String>,
+    /// Which partitions this member owns: core's engine over [`membership`]'s lease store.
+    ownership: Ownership<i64>,
 }
 
 impl SubShared {
@@ -199,14 +197,23 @@ impl SubShared {
         (self.options.ack_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(1))
     }
 
+    /// The partitions deliveries may be handed out from now (owned, not being handed over,
+    /// lease trusted).
+    fn serving(&self, now: Instant) -> HashSet<u32> {
+        self.ownership
+            .owned()
+            .into_iter()
+            .filter(|p| self.ownership.serving(*p, now))
+            .collect()
+    }
+
     /// `next()`'s read returned: a partition it held back from a hand-over may go now.
     fn read_done(&self) {
         let mut st = self.lock();
-        let draining = st.reading.iter().any(|p| {
-            st.parts
-                .get(p)
-                .is_some_and(|part| part.draining_since.is_some())
-        });
+        let draining = st
+            .reading
+            .iter()
+            .any(|p| st.parts.get(p).is_some_and(|part| part.draining));
         st.reading.clear();
         drop(st);
         if draining {
@@ -219,10 +226,7 @@ impl SubShared {
         let mut st = self.lock();
         st.inflight
             .remove(&(entry.partition, entry.stream_id.clone()));
-        let draining = st
-            .parts
-            .get(&entry.partition)
-            .is_some_and(|p| p.draining_since.is_some());
+        let draining = st.parts.get(&entry.partition).is_some_and(|p| p.draining);
         if draining && st.inflight_in(entry.partition) == 0 {
             self.wake_bg.notify_one();
         }
@@ -317,13 +321,22 @@ impl RedisSubscriber {
     ) -> Result<Self> {
         let read_conn = inner.dedicated_connection().await?;
         let acks = xack_coalescer(inner.clone(), topic.clone(), options.group.clone());
+        let member = uuid::Uuid::new_v4().simple().to_string();
+        // A drain that outlasts the ack timeout is handed over anyway (the next owner claims
+        // what is still pending).
+        let ownership = Ownership::new(
+            member.clone(),
+            partitions,
+            inner.config.lease_ttl,
+            options.ack_timeout,
+        );
         let shared = Arc::new(SubShared {
             acks,
+            ownership,
             inner,
             topic: topic.into(),
             options,
-            member: uuid::Uuid::new_v4().simple().to_string(),
-            partitions,
+            member,
             state: Mutex::new(State::default()),
             closed: AtomicBool::new(false),
             wake: Notify::new(),
@@ -409,12 +422,13 @@ impl Subscriber for RedisSubscriber {
             tokio::pin!(notified);
             notified.as_mut().enable();
             let max = self.shared.options.max_in_flight;
+            let now = Instant::now();
+            let serving = self.shared.serving(now);
             let (picked, plan, next_due) = {
                 let mut st = self.shared.lock();
-                let now = Instant::now();
                 let mut picked = None;
                 if st.inflight.len() < max {
-                    if let Some(e) = st.pick(now) {
+                    if let Some(e) = st.pick(now, &serving) {
                         st.inflight.insert(
                             (e.partition, e.stream_id.clone()),
                             now + self.shared.options.ack_timeout,
@@ -426,7 +440,9 @@ impl Subscriber for RedisSubscriber {
                 let plan: Vec<u32> = if picked.is_none() && room > 0 {
                     st.parts
                         .iter()
-                        .filter(|(_, part)| part.active(now) && part.buffer.is_empty())
+                        .filter(|(p, part)| {
+                            !part.draining && serving.contains(p) && part.buffer.is_empty()
+                        })
                         .map(|(p, _)| *p)
                         .collect()
                 } else {
@@ -455,12 +471,15 @@ impl Subscriber for RedisSubscriber {
                     .map(|(p, raw)| to_entry(p, raw, 1))
                     .collect();
                 {
+                    let serving = self.shared.serving(Instant::now());
                     let mut st = self.shared.lock();
-                    let now = Instant::now();
                     for e in decoded {
                         // Entries of a partition being handed over stay pending for its next
                         // owner, which recovers them (the partition is released only now).
-                        if let Some(part) = st.parts.get_mut(&e.partition).filter(|p| p.active(now))
+                        if let Some(part) = st
+                            .parts
+                            .get_mut(&e.partition)
+                            .filter(|p| !p.draining && serving.contains(&e.partition))
                         {
                             part.buffer.push_back(e);
                         }
@@ -495,7 +514,8 @@ impl Subscriber for RedisSubscriber {
         let (owned, unseen) = {
             let st = self.shared.lock();
             let owned: Vec<u32> = st.parts.keys().copied().collect();
-            let unseen = st.waiting_in(&owned);
+            let mut unseen = st.waiting_in(&owned);
+            unseen.extend(st.unseen.iter().cloned());
             (owned, unseen)
         };
         // Unacked deliveries stay pending in Redis; the next owner of each partition claims
@@ -505,7 +525,13 @@ impl Subscriber for RedisSubscriber {
             let lost = self.shared.lost_reads(&owned).await;
             self.shared.set_counts(lost).await;
         }
-        let result = self.shared.release(&owned, true).await;
+        // The next owners claim whatever is still pending at once (Redis has no hold to
+        // pass on), so every lease goes as a hold.
+        let result = self
+            .shared
+            .ownership
+            .leave(self.shared.as_ref(), |_| HandOver::Hold)
+            .await;
         self.shared.lock().parts.clear();
         self.shared.wake.notify_waiters();
         result
@@ -532,10 +558,7 @@ impl RedisAck {
         let p = self.entry.partition;
         let mut st = self.shared.lock();
         st.inflight.remove(&(p, self.entry.stream_id.clone()));
-        let owned = st
-            .parts
-            .get(&p)
-            .is_some_and(|part| part.draining_since.is_none());
+        let owned = st.parts.get(&p).is_some_and(|part| !part.draining);
         if owned && queue {
             let seq = st.next_seq();
             st.retry.insert((at, seq), entry);

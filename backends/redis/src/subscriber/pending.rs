@@ -196,10 +196,7 @@ impl SubShared {
                 for (id, _) in &expired {
                     st.inflight.remove(&(p, id.clone()));
                 }
-                let draining = st
-                    .parts
-                    .get(&p)
-                    .is_none_or(|part| part.draining_since.is_some());
+                let draining = st.parts.get(&p).is_none_or(|part| part.draining);
                 (expired, draining)
             };
             if draining || expired.is_empty() {
@@ -219,11 +216,7 @@ impl SubShared {
             }
             entries.sort_by_key(|e| stream_id_order(&e.stream_id));
             let mut st = self.lock();
-            if st
-                .parts
-                .get(&p)
-                .is_some_and(|part| part.draining_since.is_none())
-            {
+            if st.parts.get(&p).is_some_and(|part| !part.draining) {
                 for e in entries {
                     tracing::debug!(topic = %self.topic, stream_id = %e.stream_id, attempt = e.attempt, "redis: ack timeout expired, redelivering");
                     let seq = st.next_seq();
