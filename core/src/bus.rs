@@ -108,6 +108,19 @@ pub trait Subscriber: Send {
     /// ack. Errors: `Connection`, `Broker`, `Decode` (the message stays unacked).
     async fn next(&mut self) -> Result<Option<Delivery>>;
 
+    /// Waits for the next deliveries: at least one and at most `max` (a `max` of 0 counts
+    /// as 1), in the order [`Subscriber::next`] would hand them out, so each key's order
+    /// holds within and across batches. An empty batch means the subscription ended.
+    ///
+    /// Backends answer with what they can hand out without waiting once the first is there
+    /// (what one broker read returned, what is already buffered), within `max_in_flight`.
+    /// Cancel-safe as `next` is: a call dropped before it returns hands nothing out. The
+    /// default takes one delivery from `next`.
+    async fn next_batch(&mut self, max: usize) -> Result<Vec<Delivery>> {
+        let _ = max;
+        Ok(self.next().await?.into_iter().collect())
+    }
+
     /// Leaves the group. Unacked deliveries are handed back for redelivery; acking them
     /// afterwards fails with `Closed` or has no effect.
     async fn close(&mut self) -> Result<()>;

@@ -204,6 +204,7 @@ impl<B: Backend> EventBus for Bus<B> {
         Ok(Box::new(FrontSubscriber {
             inner,
             dead_letters,
+            over: std::collections::VecDeque::new(),
         }))
     }
 
@@ -303,30 +304,99 @@ impl DeadLetters {
 struct FrontSubscriber {
     inner: Box<dyn Subscriber>,
     dead_letters: Arc<DeadLetters>,
+    /// What a backend's batch held beyond the `max` asked for: handed out first next time.
+    over: std::collections::VecDeque<Delivery>,
+}
+
+impl FrontSubscriber {
+    /// Attaches the subscription's dead-letter path to a delivery from the backend; hands
+    /// back (as `Err`) one the backend could not decode, with the reason.
+    fn admit(&self, delivery: Delivery) -> std::result::Result<Delivery, (Delivery, String)> {
+        let delivery = delivery.with_dead_letters(self.dead_letters.clone());
+        match delivery.undecodable_error().map(str::to_owned) {
+            None => Ok(delivery),
+            Some(error) => Err((delivery, error)),
+        }
+    }
+
+    /// Dead-letters an undecodable message at once: it never reaches the application.
+    async fn reject(delivery: Delivery, error: String) {
+        tracing::error!(topic = %delivery.topic(), id = delivery.id(), %error, "busbar: undecodable message; dead-lettering it");
+        if let Err(e) = delivery.dead_letter(&error, delivery.attempt()).await {
+            // Left unacked: the broker hands it out again after the ack timeout.
+            tracing::error!(topic = %delivery.topic(), id = delivery.id(), error = %e, "busbar: dead-lettering an undecodable message failed; it stays unacked");
+        }
+    }
 }
 
 #[async_trait]
 impl Subscriber for FrontSubscriber {
     async fn next(&mut self) -> Result<Option<Delivery>> {
+        if let Some(delivery) = self.over.pop_front() {
+            return Ok(Some(delivery));
+        }
         loop {
             let Some(delivery) = self.inner.next().await? else {
                 return Ok(None);
             };
-            let delivery = delivery.with_dead_letters(self.dead_letters.clone());
-            let Some(error) = delivery.undecodable_error() else {
-                self.dead_letters.metrics.consumed.increment(1);
-                return Ok(Some(delivery));
-            };
-            let error = error.to_owned();
-            tracing::error!(topic = %delivery.topic(), id = delivery.id(), %error, "busbar: undecodable message; dead-lettering it");
-            if let Err(e) = delivery.dead_letter(&error, delivery.attempt()).await {
-                // Left unacked: the broker hands it out again after the ack timeout.
-                tracing::error!(topic = %delivery.topic(), id = delivery.id(), error = %e, "busbar: dead-lettering an undecodable message failed; it stays unacked");
+            match self.admit(delivery) {
+                Ok(delivery) => {
+                    self.dead_letters.metrics.consumed.increment(1);
+                    return Ok(Some(delivery));
+                }
+                Err((delivery, error)) => Self::reject(delivery, error).await,
+            }
+        }
+    }
+
+    async fn next_batch(&mut self, max: usize) -> Result<Vec<Delivery>> {
+        let max = max.max(1);
+        loop {
+            if !self.over.is_empty() {
+                let n = max.min(self.over.len());
+                return Ok(self.over.drain(..n).collect());
+            }
+            let batch = self.inner.next_batch(max).await?;
+            if batch.is_empty() {
+                return Ok(batch);
+            }
+            if batch.len() <= max && batch.iter().all(|d| d.undecodable_error().is_none()) {
+                self.dead_letters
+                    .metrics
+                    .consumed
+                    .increment(batch.len() as u64);
+                let dead_letters = &self.dead_letters;
+                return Ok(batch
+                    .into_iter()
+                    .map(|d| d.with_dead_letters(dead_letters.clone()))
+                    .collect());
+            }
+            let mut rejected = Vec::new();
+            let mut admitted = 0;
+            for delivery in batch {
+                match self.admit(delivery) {
+                    Ok(delivery) => {
+                        admitted += 1;
+                        // Kept here until returned, so a call cancelled while an undecodable
+                        // message is dead-lettered loses none of them; beyond `max` (the
+                        // contract's bound) they wait for the next call, in order.
+                        self.over.push_back(delivery);
+                    }
+                    Err(bad) => rejected.push(bad),
+                }
+            }
+            self.dead_letters.metrics.consumed.increment(admitted);
+            for (delivery, error) in rejected {
+                Self::reject(delivery, error).await;
             }
         }
     }
 
     async fn close(&mut self) -> Result<()> {
+        // Deliveries held here were never handed out: back to the broker, uncounted.
+        for delivery in self.over.drain(..) {
+            let _ = delivery.release().await;
+        }
         self.inner.close().await
     }
 }

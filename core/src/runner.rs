@@ -16,6 +16,7 @@
 //!   says how many of each;
 //! - at most `max_in_flight` deliveries are held (running, retrying or queued behind their key).
 
+use std::collections::hash_map::Entry;
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::future::Future;
@@ -35,6 +36,7 @@ use crate::options::{StartPosition, SubscribeOptions};
 use crate::policy::{DeadLetterPolicy, RetryDecision, RetryPolicy};
 use crate::Message;
 
+mod batch;
 mod chain;
 
 pub(crate) use chain::inherit;
@@ -142,8 +144,9 @@ impl Consumer {
 
     /// Makes the consumer idempotent: a message the group already processed successfully
     /// (recorded in `store` less than `ttl` ago) is acked without calling the handler, and
-    /// each success is recorded before its ack. A store that cannot answer hands the
-    /// delivery back for later (never handled unchecked); a record that fails is logged
+    /// each success is recorded before its ack. A store that cannot answer is asked again
+    /// after a pause while the delivery and its key wait (never handled unchecked, never
+    /// overtaken by the next message of its key); a record that fails is logged
     /// (that message would be handled again if redelivered). See [`crate::idempotency`].
     pub fn idempotent(mut self, store: Arc<dyn IdempotencyStore>, ttl: Duration) -> Self {
         self.idempotency = Some(Idempotency { store, ttl });
@@ -261,6 +264,104 @@ impl Consumer {
         E: fmt::Display + Send + 'static,
         S: Future<Output = ()> + Send,
     {
+        let handler: BoxedHandler =
+            Arc::new(move |e: Event| handler(e).map(|r| r.map_err(Failure::of)).boxed());
+        self.launch(Mode::Each(handler), shutdown).await
+    }
+
+    /// Runs a batch handler until the subscription ends (the bus closes) or a fatal error:
+    /// see [`Consumer::run_batches_until`].
+    pub async fn run_batches<H, Fut, E>(
+        self,
+        max_batch: usize,
+        handler: H,
+    ) -> Result<ConsumerReport>
+    where
+        H: Fn(Vec<Event>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Vec<std::result::Result<(), E>>> + Send + 'static,
+        E: fmt::Display + Send + 'static,
+    {
+        self.run_batches_until(max_batch, handler, futures::future::pending())
+            .await
+    }
+
+    /// Runs a batch handler until `shutdown` completes, the subscription ends or a fatal
+    /// error, then drains.
+    ///
+    /// The handler gets up to `max_batch` events at once, **at most one per key**, and
+    /// returns one outcome per event, in the events' order. Successes are acked; a failed
+    /// event is retried after the retry policy's backoff in a later batch (its key waits
+    /// meanwhile, so each key's events are still handled one after another, in order), and
+    /// dead-lettered when the policy gives up or the error is [`Permanent`]. Missing outcomes
+    /// count as failures, and a handler that panics fails every event of its batch. Up to
+    /// `concurrency` batches run at once. Upcasters, idempotency, the retry and dead-letter
+    /// policies, `max_in_flight` and shutdown work as with [`Consumer::run_until`]; what a
+    /// batch handler publishes does not join an event chain (a batch has no single cause).
+    ///
+    /// ```
+    /// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+    /// use std::sync::Arc;
+    /// use busbar_core::{memory::MemoryBus, Consumer, Event, EventBus, Message, PublishOptions};
+    /// let bus: Arc<dyn EventBus> = Arc::new(MemoryBus::new());
+    /// let consumer = Consumer::new(bus.clone(), "clicks").group("stats");
+    /// bus.provision("clicks", &consumer.subscribe_options()).await?;
+    /// for page in ["a", "b", "a"] {
+    ///     bus.publish("clicks", Message::new(page).with_key(page), &PublishOptions::default()).await?;
+    /// }
+    /// let report = consumer
+    ///     .run_batches_until(
+    ///         100,
+    ///         |events: Vec<Event>| async move {
+    ///             // e.g. one INSERT for the whole batch, then one outcome per event
+    ///             events.iter().map(|_| Ok::<(), std::io::Error>(())).collect::<Vec<_>>()
+    ///         },
+    ///         tokio::time::sleep(std::time::Duration::from_millis(200)),
+    ///     )
+    ///     .await?;
+    /// assert_eq!(report.processed, 3);
+    /// # Ok::<(), busbar_core::Error>(())
+    /// # }).unwrap();
+    /// ```
+    ///
+    /// Errors (before anything is consumed): a `max_batch` of 0, invalid options or a failed
+    /// subscribe.
+    pub async fn run_batches_until<H, Fut, E, S>(
+        self,
+        max_batch: usize,
+        handler: H,
+        shutdown: S,
+    ) -> Result<ConsumerReport>
+    where
+        H: Fn(Vec<Event>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Vec<std::result::Result<(), E>>> + Send + 'static,
+        E: fmt::Display + Send + 'static,
+        S: Future<Output = ()> + Send,
+    {
+        if max_batch == 0 {
+            return Err(Error::new(
+                ErrorKind::InvalidInput,
+                "a batch holds at least one event: max_batch must be at least 1",
+            ));
+        }
+        let handler: batch::BoxedBatchHandler = Arc::new(move |events: Vec<Event>| {
+            handler(events)
+                .map(|outcomes| {
+                    outcomes
+                        .into_iter()
+                        .map(|r| r.map_err(Failure::of))
+                        .collect()
+                })
+                .boxed()
+        });
+        let batches = batch::Batches::new(handler, max_batch);
+        self.launch(Mode::Batches(batches), shutdown).await
+    }
+
+    /// Checks the settings, subscribes, and runs `mode` until `shutdown`.
+    async fn launch<S>(self, mode: Mode, shutdown: S) -> Result<ConsumerReport>
+    where
+        S: Future<Output = ()> + Send,
+    {
         if self.concurrency == 0 {
             return Err(Error::new(
                 ErrorKind::InvalidInput,
@@ -285,8 +386,6 @@ impl Consumer {
                 }
             }))
         });
-        let handler: BoxedHandler =
-            Arc::new(move |e: Event| handler(e).map(|r| r.map_err(Failure::of)).boxed());
         let run = Run {
             shared: Arc::new(RunShared {
                 retry: self.retry,
@@ -296,22 +395,32 @@ impl Consumer {
                     .ack_deadline_can_extend
                     .then_some(self.options.ack_timeout),
                 concurrency: Arc::new(Semaphore::new(self.concurrency)),
-                lanes: Mutex::new(HashMap::new()),
+                lanes: Mutex::new(HashMap::default()),
+                hasher: foldhash::fast::RandomState::default(),
                 stopping: AtomicBool::new(false),
                 stop: Notify::new(),
                 stats: Stats::default(),
-                handler,
+                mode,
                 upcasters: self.upcasters,
                 idempotency: self.idempotency,
                 group: self.options.group.clone(),
             }),
             in_flight: Arc::new(Semaphore::new(self.options.max_in_flight)),
             tasks: JoinSet::new(),
+            workers: self.concurrency,
         };
         let report = run.run(subscriber, shutdown, self.drain_timeout).await;
         drop(lag);
         Ok(report)
     }
+}
+
+/// How the runner hands events to the application.
+enum Mode {
+    /// One event per call, per-key lanes ([`Consumer::run_until`]).
+    Each(BoxedHandler),
+    /// Batches ([`Consumer::run_batches_until`]).
+    Batches(batch::Batches),
 }
 
 /// What the idempotency store said of a delivery (`Settled`: nothing left to do).
@@ -320,7 +429,7 @@ enum Seen {
     Fresh(String),
 }
 
-/// How long a delivery waits before it is handed back when the idempotency store fails.
+/// How long a delivery waits before the idempotency store is asked again after a failure.
 const STORE_RETRY_PAUSE: Duration = Duration::from_secs(1);
 
 /// A task that ends with its handle.
@@ -408,7 +517,8 @@ impl Failure {
 /// A delivery and the in-flight permit it holds until it is settled or dropped.
 struct Held {
     delivery: Delivery,
-    _permit: OwnedSemaphorePermit,
+    /// `None` only if the subscriber answered with more than it was asked for.
+    _permit: Option<OwnedSemaphorePermit>,
 }
 
 #[derive(Default)]
@@ -424,13 +534,14 @@ struct RunShared {
     retry: RetryPolicy,
     extend_by: Option<Duration>,
     concurrency: Arc<Semaphore>,
-    /// Deliveries waiting behind the running message of their key. A key present here has a
-    /// lane task running.
-    lanes: Mutex<HashMap<String, VecDeque<Held>>>,
+    /// Deliveries waiting behind the running message of their key's lane ([`lane_of`]). A
+    /// lane present here has a task running.
+    lanes: Mutex<HashMap<u64, VecDeque<Held>, foldhash::fast::RandomState>>,
+    hasher: foldhash::fast::RandomState,
     stopping: AtomicBool,
     stop: Notify,
     stats: Stats,
-    handler: BoxedHandler,
+    mode: Mode,
     upcasters: Upcasters,
     idempotency: Option<Idempotency>,
     group: String,
@@ -440,62 +551,128 @@ struct Run {
     shared: Arc<RunShared>,
     in_flight: Arc<Semaphore>,
     tasks: JoinSet<()>,
+    /// Batch workers to start (batch mode).
+    workers: usize,
 }
 
-impl Run {
-    async fn run<S: Future<Output = ()> + Send>(
-        mut self,
-        mut subscriber: Box<dyn Subscriber>,
-        shutdown: S,
-        drain_timeout: Duration,
-    ) -> ConsumerReport {
-        tokio::pin!(shutdown);
-        let mut error = None;
-        let mut failures = 0u32;
+/// The most deliveries the runner asks a subscriber for at once.
+const PULL_MAX: usize = 256;
+
+/// What one pull of the runner got.
+enum Pulled {
+    /// Deliveries, each holding an in-flight permit.
+    Batch(Vec<Held>),
+    /// Shutdown was requested.
+    Stop,
+    /// The subscription ended.
+    Ended,
+    /// Receiving failed for good.
+    Failed(Error),
+}
+
+/// Pulls deliveries within `max_in_flight`: waits for one free in-flight permit, takes as
+/// many more as are free (up to [`PULL_MAX`]) and asks the subscriber for that many at once;
+/// retries failed receives with backoff (20 in a row end the run).
+struct Puller {
+    subscriber: Box<dyn Subscriber>,
+    in_flight: Arc<Semaphore>,
+    failures: u32,
+}
+
+impl Puller {
+    async fn pull<S: Future<Output = ()>>(
+        &mut self,
+        mut shutdown: std::pin::Pin<&mut S>,
+    ) -> Pulled {
         loop {
-            while self.tasks.try_join_next().is_some() {}
-            let permit = tokio::select! {
+            let mut permits = tokio::select! {
                 biased;
-                _ = &mut shutdown => break,
+                _ = &mut shutdown => return Pulled::Stop,
                 p = self.in_flight.clone().acquire_owned() => match p {
                     Ok(p) => p,
-                    Err(_) => break,
+                    Err(_) => return Pulled::Stop,
                 },
             };
+            let more = self.in_flight.available_permits().min(PULL_MAX - 1);
+            if more > 0 {
+                if let Ok(extra) = self.in_flight.clone().try_acquire_many_owned(more as u32) {
+                    permits.merge(extra);
+                }
+            }
             let next = tokio::select! {
                 biased;
-                _ = &mut shutdown => break,
-                n = subscriber.next() => n,
+                _ = &mut shutdown => return Pulled::Stop,
+                n = self.subscriber.next_batch(permits.num_permits()) => n,
             };
             match next {
-                Ok(Some(delivery)) => {
-                    failures = 0;
-                    self.shared
-                        .stats
-                        .received
-                        .fetch_add(1, AtomicOrdering::Relaxed);
-                    self.dispatch(Held {
-                        delivery,
-                        _permit: permit,
-                    });
+                Ok(batch) if batch.is_empty() => return Pulled::Ended,
+                Ok(batch) => {
+                    self.failures = 0;
+                    // One permit per delivery; the rest go back to the semaphore.
+                    let held = batch
+                        .into_iter()
+                        .map(|delivery| Held {
+                            delivery,
+                            _permit: permits.split(1),
+                        })
+                        .collect();
+                    return Pulled::Batch(held);
                 }
-                Ok(None) => break,
-                Err(e) if e.is_retryable() && failures < 20 => {
-                    failures += 1;
-                    let wait = RetryPolicy::default().backoff(failures);
+                Err(e) if e.is_retryable() && self.failures < 20 => {
+                    self.failures += 1;
+                    let wait = RetryPolicy::default().backoff(self.failures);
                     tracing::warn!(error = %e, ?wait, "busbar consumer: receive failed, retrying");
                     tokio::select! {
-                        _ = &mut shutdown => break,
+                        _ = &mut shutdown => return Pulled::Stop,
                         _ = tokio::time::sleep(wait) => {}
                     }
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "busbar consumer: receive failed, stopping");
-                    error = Some(e);
-                    break;
+                    return Pulled::Failed(e);
                 }
             }
         }
+    }
+}
+
+impl Run {
+    async fn run<S: Future<Output = ()> + Send>(
+        mut self,
+        subscriber: Box<dyn Subscriber>,
+        shutdown: S,
+        drain_timeout: Duration,
+    ) -> ConsumerReport {
+        tokio::pin!(shutdown);
+        let mut puller = Puller {
+            subscriber,
+            in_flight: self.in_flight.clone(),
+            failures: 0,
+        };
+        if matches!(self.shared.mode, Mode::Batches(_)) {
+            for _ in 0..self.workers {
+                let shared = self.shared.clone();
+                self.tasks.spawn(async move {
+                    if let Mode::Batches(batches) = &shared.mode {
+                        batches.work(&shared).await;
+                    }
+                });
+            }
+        }
+        let error = loop {
+            while self.tasks.try_join_next().is_some() {}
+            match puller.pull(shutdown.as_mut()).await {
+                Pulled::Batch(batch) => {
+                    self.shared
+                        .stats
+                        .received
+                        .fetch_add(batch.len() as u64, AtomicOrdering::Relaxed);
+                    self.dispatch(batch);
+                }
+                Pulled::Stop | Pulled::Ended => break None,
+                Pulled::Failed(e) => break Some(e),
+            }
+        };
         self.shared.stopping.store(true, AtomicOrdering::Release);
         self.shared.stop.notify_waiters();
         let drained = tokio::time::timeout(drain_timeout, async {
@@ -512,77 +689,125 @@ impl Run {
         }
         // Whatever is still queued behind a key was never handed to the handler: released
         // (uncounted), key by key in delivery order.
-        let queued: Vec<VecDeque<Held>> = self
-            .shared
-            .lanes
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .drain()
-            .map(|(_, q)| q)
-            .collect();
-        for held in queued.into_iter().flatten() {
-            if let Err(e) = held.delivery.release().await {
-                tracing::debug!(id = held.delivery.id(), error = %e, "busbar consumer: releasing an unhandled delivery failed; it comes back after its ack timeout");
+        let queued: Vec<Held> = match &self.shared.mode {
+            Mode::Each(_) => self
+                .shared
+                .lanes
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .drain()
+                .flat_map(|(_, q)| q)
+                .collect(),
+            Mode::Batches(batches) => batches.unhandled(),
+        };
+        release_unhandled(queued).await;
+        close_subscriber(puller.subscriber).await;
+        self.shared.stats.report(error)
+    }
+
+    /// Starts a task per delivery without a key and per key not running yet; deliveries of a
+    /// key already running queue behind it (one lock for the whole batch).
+    fn dispatch(&mut self, batch: Vec<Held>) {
+        if let Mode::Batches(batches) = &self.shared.mode {
+            batches.admit(&self.shared, batch);
+            return;
+        }
+        let mut start = Vec::new();
+        {
+            let mut lanes = self
+                .shared
+                .lanes
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            for held in batch {
+                let Some(lane) = held.delivery.key().map(|k| lane_of(&self.shared.hasher, k))
+                else {
+                    start.push((None, held));
+                    continue;
+                };
+                match lanes.entry(lane) {
+                    Entry::Occupied(mut queue) => queue.get_mut().push_back(held),
+                    Entry::Vacant(v) => {
+                        v.insert(VecDeque::new());
+                        start.push((Some(lane), held));
+                    }
+                }
             }
         }
-        if let Err(e) = subscriber.close().await {
-            tracing::warn!(error = %e, "busbar consumer: closing the subscriber failed");
+        for (lane, held) in start {
+            let shared = self.shared.clone();
+            match lane {
+                None => self.tasks.spawn(async move { shared.process(held).await }),
+                Some(lane) => self
+                    .tasks
+                    .spawn(async move { shared.run_lane(lane, held).await }),
+            };
         }
-        let s = &self.shared.stats;
-        let received = s.received.load(AtomicOrdering::Acquire);
-        let processed = s.processed.load(AtomicOrdering::Acquire);
-        let dead_lettered = s.dead_lettered.load(AtomicOrdering::Acquire);
-        let skipped = s.skipped.load(AtomicOrdering::Acquire);
+    }
+}
+
+/// The lane of a key: messages of one key always share a lane, so they run one after
+/// another; two keys whose hashes collide share one too (still in order, less concurrent).
+fn lane_of(hasher: &foldhash::fast::RandomState, key: &str) -> u64 {
+    std::hash::BuildHasher::hash_one(hasher, key)
+}
+
+/// Hands deliveries no handler received back to the broker, uncounted.
+async fn release_unhandled(queued: Vec<Held>) {
+    for held in queued {
+        if let Err(e) = held.delivery.release().await {
+            tracing::debug!(id = held.delivery.id(), error = %e, "busbar consumer: releasing an unhandled delivery failed; it comes back after its ack timeout");
+        }
+    }
+}
+
+async fn close_subscriber(mut subscriber: Box<dyn Subscriber>) {
+    if let Err(e) = subscriber.close().await {
+        tracing::warn!(error = %e, "busbar consumer: closing the subscriber failed");
+    }
+}
+
+impl Stats {
+    fn report(&self, error: Option<Error>) -> ConsumerReport {
+        let received = self.received.load(AtomicOrdering::Acquire);
+        let processed = self.processed.load(AtomicOrdering::Acquire);
+        let dead_lettered = self.dead_lettered.load(AtomicOrdering::Acquire);
+        let skipped = self.skipped.load(AtomicOrdering::Acquire);
         ConsumerReport {
             received,
             processed,
-            retried: s.retried.load(AtomicOrdering::Acquire),
+            retried: self.retried.load(AtomicOrdering::Acquire),
             dead_lettered,
             left_unacked: received.saturating_sub(processed + dead_lettered + skipped),
             skipped,
             error,
         }
     }
-
-    /// Starts a task for the delivery, or queues it behind the running message of its key.
-    fn dispatch(&mut self, held: Held) {
-        let shared = self.shared.clone();
-        let Some(key) = held.delivery.key().map(str::to_owned) else {
-            self.tasks.spawn(async move { shared.process(held).await });
-            return;
-        };
-        {
-            let mut lanes = shared.lanes.lock().unwrap_or_else(PoisonError::into_inner);
-            if let Some(queue) = lanes.get_mut(&key) {
-                queue.push_back(held);
-                return;
-            }
-            lanes.insert(key.clone(), VecDeque::new());
-        }
-        self.tasks.spawn(async move {
-            let mut current = Some(held);
-            while let Some(held) = current {
-                shared.process(held).await;
-                let mut lanes = shared.lanes.lock().unwrap_or_else(PoisonError::into_inner);
-                if shared.stopping.load(AtomicOrdering::Acquire) {
-                    // What waits behind this key is released when the run ends.
-                    return;
-                }
-                current = match lanes.get_mut(&key).and_then(VecDeque::pop_front) {
-                    Some(next) => Some(next),
-                    None => {
-                        lanes.remove(&key);
-                        None
-                    }
-                };
-            }
-        });
-    }
 }
 
 impl RunShared {
     fn stopping(&self) -> bool {
         self.stopping.load(AtomicOrdering::Acquire)
+    }
+
+    /// Handles `first` and then what queues behind it in its lane, one after another, until
+    /// the lane is empty (then it is removed) or the run stops (what waits is released then).
+    async fn run_lane(&self, lane: u64, first: Held) {
+        let mut current = first;
+        loop {
+            self.process(current).await;
+            let mut lanes = self.lanes.lock().unwrap_or_else(PoisonError::into_inner);
+            if self.stopping() {
+                return;
+            }
+            match lanes.get_mut(&lane).and_then(VecDeque::pop_front) {
+                Some(next) => current = next,
+                None => {
+                    lanes.remove(&lane);
+                    return;
+                }
+            }
+        }
     }
 
     /// Handles one delivery to the end: success + ack, or retries, or dead-letter + ack, or
@@ -620,7 +845,10 @@ impl RunShared {
                     return;
                 };
                 let event = event.with_attempt(attempt);
-                let handler = self.handler.clone();
+                let Mode::Each(handler) = &self.mode else {
+                    return;
+                };
+                let handler = handler.clone();
                 handled = true;
                 let span = tracing::info_span!(
                     "busbar.process",
@@ -649,14 +877,9 @@ impl RunShared {
             };
             let error = match outcome {
                 Ok(()) => {
-                    if let (Some(key), Some(idem)) = (&record_key, &self.idempotency) {
-                        if let Err(e) = idem.store.record(key, idem.ttl).await {
-                            tracing::warn!(id = delivery.id(), error = %e, "busbar consumer: recording the processed message failed; a redelivery would be handled again");
-                        }
-                    }
-                    if settle(delivery.ack().instrument(handler_span.clone()).await, "ack") {
-                        self.stats.processed.fetch_add(1, AtomicOrdering::Relaxed);
-                    }
+                    self.succeeded(delivery, record_key.as_deref())
+                        .instrument(handler_span)
+                        .await;
                     return;
                 }
                 Err(e) => e,
@@ -672,14 +895,7 @@ impl RunShared {
             match self.retry.decide(attempt) {
                 RetryDecision::RetryAfter(backoff) => {
                     tracing::debug!(id = delivery.id(), attempt, error = %error, ?backoff, "busbar consumer: handler failed, retrying");
-                    self.stats.retried.fetch_add(1, AtomicOrdering::Relaxed);
-                    if let Some(m) = delivery.metrics() {
-                        m.retried.increment(1);
-                    }
-                    if let Some(by) = self.extend_by {
-                        // Keep the delivery ours while it waits; failure only risks a duplicate.
-                        let _ = delivery.extend_deadline(by + backoff).await;
-                    }
+                    self.count_retry(delivery, backoff).await;
                     let stop = self.stop.notified();
                     tokio::pin!(stop);
                     stop.as_mut().enable();
@@ -702,37 +918,67 @@ impl RunShared {
         }
     }
 
-    /// With an idempotency store: `Seen::Settled` when the delivery was processed before (it is
-    /// acked here, or handed back when the store cannot answer), else its record key.
+    /// A handling succeeded: recorded in the idempotency store (if any), then acked.
+    async fn succeeded(&self, delivery: &Delivery, record_key: Option<&str>) {
+        if let (Some(key), Some(idem)) = (record_key, &self.idempotency) {
+            if let Err(e) = idem.store.record(key, idem.ttl).await {
+                tracing::warn!(id = delivery.id(), error = %e, "busbar consumer: recording the processed message failed; a redelivery would be handled again");
+            }
+        }
+        if settle(delivery.ack().await, "ack") {
+            self.stats.processed.fetch_add(1, AtomicOrdering::Relaxed);
+        }
+    }
+
+    /// A failed handling will be retried after `backoff`: counted, and the delivery's ack
+    /// deadline pushed past the wait where the backend can.
+    async fn count_retry(&self, delivery: &Delivery, backoff: Duration) {
+        self.stats.retried.fetch_add(1, AtomicOrdering::Relaxed);
+        if let Some(m) = delivery.metrics() {
+            m.retried.increment(1);
+        }
+        if let Some(by) = self.extend_by {
+            // Keep the delivery ours while it waits; failure only risks a duplicate.
+            let _ = delivery.extend_deadline(by + backoff).await;
+        }
+    }
+
+    /// With an idempotency store: `Seen::Settled` when the delivery was processed before (it
+    /// is acked here), else its record key. A store that cannot answer is asked again after
+    /// a pause while the delivery (and so its key) waits: never handled unchecked, never
+    /// overtaken by the next message of its key. At shutdown it is released (`Settled`).
     async fn already_processed(&self, delivery: &Delivery) -> Option<Seen> {
         let idem = self.idempotency.as_ref()?;
         let key = crate::idempotency::key(&self.group, delivery.topic(), delivery.id());
-        match idem.store.contains(&key).await {
-            Ok(false) => Some(Seen::Fresh(key)),
-            Ok(true) => {
-                tracing::debug!(
-                    id = delivery.id(),
-                    "busbar consumer: processed before, acking without the handler"
-                );
-                if settle(delivery.ack().await, "ack") {
-                    self.stats.skipped.fetch_add(1, AtomicOrdering::Relaxed);
+        loop {
+            match idem.store.contains(&key).await {
+                Ok(false) => return Some(Seen::Fresh(key)),
+                Ok(true) => {
+                    tracing::debug!(
+                        id = delivery.id(),
+                        "busbar consumer: processed before, acking without the handler"
+                    );
+                    if settle(delivery.ack().await, "ack") {
+                        self.stats.skipped.fetch_add(1, AtomicOrdering::Relaxed);
+                    }
+                    return Some(Seen::Settled);
                 }
-                Some(Seen::Settled)
-            }
-            Err(e) => {
-                tracing::warn!(id = delivery.id(), error = %e, "busbar consumer: the idempotency store did not answer; handing the delivery back");
-                // Not in a hot loop: the delivery comes back after a pause.
-                let stop = self.stop.notified();
-                tokio::pin!(stop);
-                stop.as_mut().enable();
-                if !self.stopping() {
-                    tokio::select! {
-                        _ = stop => {}
-                        _ = tokio::time::sleep(STORE_RETRY_PAUSE) => {}
+                Err(e) => {
+                    tracing::warn!(id = delivery.id(), error = %e, ?STORE_RETRY_PAUSE, "busbar consumer: the idempotency store did not answer; asking again after a pause");
+                    let stop = self.stop.notified();
+                    tokio::pin!(stop);
+                    stop.as_mut().enable();
+                    if !self.stopping() {
+                        tokio::select! {
+                            _ = stop => {}
+                            _ = tokio::time::sleep(STORE_RETRY_PAUSE) => {}
+                        }
+                    }
+                    if self.stopping() {
+                        let _ = delivery.release().await;
+                        return Some(Seen::Settled);
                     }
                 }
-                let _ = delivery.release().await;
-                Some(Seen::Settled)
             }
         }
     }

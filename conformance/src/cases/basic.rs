@@ -197,3 +197,109 @@ pub async fn concurrent_publishers(ctx: Ctx) -> Result<Outcome> {
         expected.len()
     )))
 }
+
+/// `next_batch` hands out batches within `max_in_flight` (a call at the bound waits and can
+/// be dropped without losing anything), and brings every message, each key in order.
+pub async fn next_batch(ctx: Ctx) -> Result<Outcome> {
+    const LIMIT: usize = 10;
+    const KEYS: usize = 4;
+    const PER_KEY: usize = 4;
+    const ASK: usize = 16;
+    let topic = ctx.topic("t");
+    let group = ctx.group("g");
+    let bus = &ctx.bus;
+    // An ack timeout longer than the whole case: nothing may come back by a timeout, so a
+    // delivery a dropped call lost would be missing, not redelivered.
+    let options = latest(&group)
+        .max_in_flight(LIMIT)
+        .ack_timeout(Duration::from_secs(300));
+    bus.provision(&topic, &options).await?;
+    let mut sub = bus.subscribe(&topic, options).await?;
+    let sent: Vec<Message> = (0..KEYS * PER_KEY)
+        .map(|i| keyed(&format!("k{}", i % KEYS), i / KEYS))
+        .collect();
+    let expected: HashSet<String> = sent.iter().map(|m| m.id.clone()).collect();
+    bus.publish_batch(&topic, sent, &PublishOptions::default())
+        .await
+        .context("publish_batch")?;
+    let mut arrivals: Vec<(String, String)> = Vec::new();
+    let mut largest = 0;
+    let mut record = |batch: &[busbar_core::Delivery], arrivals: &mut Vec<(String, String)>| {
+        largest = largest.max(batch.len());
+        for d in batch {
+            arrivals.push((d.id().to_owned(), crate::support::body(d)));
+        }
+    };
+    // Nothing acked: batches until a call finds nothing more within 3 s (dropped then).
+    let mut held = Vec::new();
+    loop {
+        let wait = if held.is_empty() {
+            READ
+        } else {
+            Duration::from_secs(3)
+        };
+        let Ok(batch) = tokio::time::timeout(wait, sub.next_batch(ASK)).await else {
+            ensure!(!held.is_empty(), "nothing arrived within {READ:?}");
+            break;
+        };
+        let batch = batch.context("next_batch")?;
+        ensure!(!batch.is_empty(), "the subscription ended early");
+        ensure!(
+            batch.len() <= ASK,
+            "a batch of {} where at most {ASK} were asked for",
+            batch.len()
+        );
+        record(&batch, &mut arrivals);
+        held.extend(batch);
+        ensure!(
+            held.len() <= LIMIT,
+            "{} unacked deliveries handed out; max_in_flight is {LIMIT}",
+            held.len()
+        );
+    }
+    let most_held = held.len();
+    for d in held {
+        d.ack().await.context("ack")?;
+    }
+    // Then the rest, each batch acked.
+    let deadline = tokio::time::Instant::now() + READ;
+    let arrived = |a: &[(String, String)]| a.iter().map(|(id, _)| id).collect::<HashSet<_>>().len();
+    while arrived(&arrivals) < expected.len() {
+        let batch = tokio::time::timeout_at(deadline, sub.next_batch(ASK))
+            .await
+            .map_err(|_| {
+                anyhow::anyhow!(
+                    "lost messages: {} of {} never arrived (a dropped next_batch call must hand out nothing)",
+                    expected.len() - arrived(&arrivals),
+                    expected.len()
+                )
+            })?
+            .context("next_batch")?;
+        ensure!(!batch.is_empty(), "the subscription ended early");
+        ensure!(batch.len() <= ASK, "a batch of {}", batch.len());
+        record(&batch, &mut arrivals);
+        for d in batch {
+            d.ack().await.context("ack")?;
+        }
+    }
+    sub.close().await?;
+    let unexpected: Vec<&String> = arrivals
+        .iter()
+        .map(|(id, _)| id)
+        .filter(|id| !expected.contains(*id))
+        .collect();
+    ensure!(unexpected.is_empty(), "unexpected messages {unexpected:?}");
+    let duplicates = (arrivals.len() - expected.len()) as u64;
+    if bus.capabilities().ordering == busbar_core::Ordering::PerKey {
+        let mut last: HashMap<String, usize> = HashMap::new();
+        for (_, body) in &arrivals {
+            let (k, seq) = crate::support::parse_keyed(body.as_bytes())?;
+            if let Some(prev) = last.insert(k.clone(), seq) {
+                ensure!(seq > prev, "key {k}: {seq} arrived after {prev}");
+            }
+        }
+    }
+    Ok(Outcome::with_duplicates(duplicates).note(format!(
+        "largest batch {largest}; {most_held} held unacked at the bound (max_in_flight {LIMIT})"
+    )))
+}

@@ -111,6 +111,12 @@ pub fn all() -> Vec<Case> {
             "a published batch arrives whole, in order per key where ordering is PerKey"
         ),
         case!(
+            basic::next_batch,
+            needs_groups,
+            120,
+            "next_batch: batches within max_in_flight, a call at the bound waits and is dropped without loss, every message arrives, each key in order"
+        ),
+        case!(
             basic::topic_isolation,
             needs_groups,
             60,

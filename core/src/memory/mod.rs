@@ -33,7 +33,7 @@ use crate::message::Message;
 use crate::options::{PublishOptions, StartPosition, SubscribeOptions};
 use crate::raw::{known, Backend, Identity};
 
-use state::{Dispatch, State};
+use state::{Handout, State};
 
 const BACKEND: &str = known::MEMORY.name;
 
@@ -298,6 +298,7 @@ impl Backend for Memory {
         Ok(Box::new(MemorySubscriber {
             bus: self.clone(),
             topic: topic.into(),
+            group: options.group.as_str().into(),
             options,
             member,
             notify,
@@ -336,6 +337,8 @@ impl Backend for Memory {
 struct MemorySubscriber {
     bus: Memory,
     topic: Arc<str>,
+    /// `options.group`, shared by the deliveries' ackers.
+    group: Arc<str>,
     options: SubscribeOptions,
     member: u64,
     notify: Arc<tokio::sync::Notify>,
@@ -345,57 +348,40 @@ struct MemorySubscriber {
 #[async_trait]
 impl Subscriber for MemorySubscriber {
     async fn next(&mut self) -> Result<Option<Delivery>> {
+        Ok(self.next_batch(1).await?.pop())
+    }
+
+    async fn next_batch(&mut self, max: usize) -> Result<Vec<Delivery>> {
+        let max = max.max(1);
+        let mut handed = Vec::new();
         loop {
             if self.closed.load(AtomicOrdering::Acquire)
                 || self.bus.closed.load(AtomicOrdering::Acquire)
             {
-                return Ok(None);
+                return Ok(Vec::new());
             }
             let notified = self.notify.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
             let now = Instant::now();
-            let outcome = {
+            let wait = {
                 let mut state = self.bus.shared.lock();
                 let retention = self.bus.shared.config.retention;
                 let t = state.topic_mut(&self.topic);
                 t.promote_due(now, retention);
-                t.dispatch(
-                    &self.options.group,
-                    self.options.start,
-                    self.member,
-                    now,
-                    self.options.ack_timeout,
-                )
+                t.dispatch(&self.options, self.member, now, max, &mut handed)
             };
-            match outcome {
-                Dispatch::Deliver {
-                    message,
-                    offset,
-                    tag,
-                    attempt,
-                } => {
-                    let event =
-                        crate::bus::Event::from_shared(self.topic.clone(), message, attempt);
-                    let acker = MemoryAck {
-                        bus: self.bus.clone(),
-                        topic: self.topic.clone(),
-                        group: self.options.group.clone(),
-                        offset,
-                        tag,
-                        subscriber_closed: self.closed.clone(),
-                    };
-                    return Ok(Some(crate::raw::delivery(event, Box::new(acker))));
-                }
-                Dispatch::Wait(until) => match until {
-                    Some(at) => {
-                        tokio::select! {
-                            _ = notified => {}
-                            _ = tokio::time::sleep_until(at) => {}
-                        }
+            if !handed.is_empty() {
+                return Ok(handed.drain(..).map(|h| self.delivery(h)).collect());
+            }
+            match wait {
+                Some(at) => {
+                    tokio::select! {
+                        _ = notified => {}
+                        _ = tokio::time::sleep_until(at) => {}
                     }
-                    None => notified.await,
-                },
+                }
+                None => notified.await,
             }
         }
     }
@@ -422,6 +408,19 @@ impl Drop for MemorySubscriber {
 }
 
 impl MemorySubscriber {
+    fn delivery(&self, h: Handout) -> Delivery {
+        let event = crate::bus::Event::from_shared(self.topic.clone(), h.message, h.attempt);
+        let acker = MemoryAck {
+            bus: self.bus.clone(),
+            topic: self.topic.clone(),
+            group: self.group.clone(),
+            offset: h.offset,
+            tag: h.tag,
+            subscriber_closed: self.closed.clone(),
+        };
+        crate::raw::delivery(event, Box::new(acker))
+    }
+
     fn leave(&self, release: bool) {
         let notify = {
             let mut state = self.bus.shared.lock();
@@ -437,7 +436,7 @@ impl MemorySubscriber {
 struct MemoryAck {
     bus: Memory,
     topic: Arc<str>,
-    group: String,
+    group: Arc<str>,
     offset: u64,
     tag: u64,
     subscriber_closed: Arc<AtomicBool>,

@@ -8,7 +8,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::message::Message;
-use crate::options::StartPosition;
+use crate::options::{StartPosition, SubscribeOptions};
 
 /// How many blocked new messages one dispatch call moves aside before giving up the scan.
 const MAX_SKIPPED_PER_DISPATCH: usize = 4096;
@@ -128,27 +128,35 @@ impl Topic {
         self.groups.get_mut(name).expect("group inserted above")
     }
 
-    /// Hands the next deliverable message of group `name` to `member`, or says how long to
-    /// wait at most before trying again.
+    /// Hands up to `max` deliverable messages of group `options.group` to `member` (into
+    /// `out`, in the order single hand-outs would take), and says how long to wait at most
+    /// before trying again when there was nothing to hand out.
     pub(super) fn dispatch(
         &mut self,
-        name: &str,
-        start: StartPosition,
+        options: &SubscribeOptions,
         member: u64,
         now: Instant,
-        ack_timeout: Duration,
-    ) -> Dispatch {
-        self.group_mut(name, start);
+        max: usize,
+        out: &mut Vec<Handout>,
+    ) -> Option<Instant> {
+        let (name, ack_timeout) = (options.group.as_str(), options.ack_timeout);
+        self.group_mut(name, options.start);
         let next_scheduled = self.scheduled.keys().next().map(|k| k.0);
         let (base, log) = (self.base, &self.log);
         let Some(g) = self.groups.get_mut(name) else {
-            return Dispatch::Wait(next_scheduled);
+            return next_scheduled;
         };
-        let mut out = g.dispatch(member, now, ack_timeout, base, log);
-        if let Dispatch::Wait(w) = &mut out {
-            *w = min_instant(*w, next_scheduled);
+        let mut wake = None;
+        while out.len() < max {
+            match g.dispatch(member, now, ack_timeout, base, log) {
+                Dispatch::Deliver(handout) => out.push(handout),
+                Dispatch::Wait(w) => {
+                    wake = w;
+                    break;
+                }
+            }
         }
-        out
+        min_instant(wake, next_scheduled)
     }
 }
 
@@ -159,15 +167,18 @@ fn min_instant(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
     }
 }
 
-/// The outcome of [`Topic::dispatch`].
-pub(super) enum Dispatch {
+/// One message handed to a member.
+pub(super) struct Handout {
+    pub(super) message: Arc<Message>,
+    pub(super) offset: u64,
+    pub(super) tag: u64,
+    pub(super) attempt: u32,
+}
+
+/// The outcome of one [`Group::dispatch`].
+enum Dispatch {
     /// Deliver this message.
-    Deliver {
-        message: Arc<Message>,
-        offset: u64,
-        tag: u64,
-        attempt: u32,
-    },
+    Deliver(Handout),
     /// Nothing deliverable now; try again when notified or at the instant, if any.
     Wait(Option<Instant>),
 }
@@ -443,12 +454,12 @@ impl Group {
                 attempts: attempt,
             },
         );
-        Dispatch::Deliver {
+        Dispatch::Deliver(Handout {
             message,
             offset,
             tag,
             attempt,
-        }
+        })
     }
 
     fn holds(&self, offset: u64, tag: u64) -> bool {

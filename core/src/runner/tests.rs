@@ -630,8 +630,8 @@ impl IdempotencyStore for FlakyStore {
 
 /// The same message delivered three times (published again with its id, as a redelivery
 /// after a crash arrives) is handled once; a message whose handler failed first is recorded
-/// only after it succeeded; a store that fails hands the delivery back, and it is handled
-/// once the store answers.
+/// only after it succeeded; a store that fails is asked again, and the delivery is handled
+/// once it answers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idempotent_consumer_handles_a_message_once() {
     let bus = setup("t", "g").await;
@@ -700,4 +700,257 @@ async fn idempotent_consumer_handles_a_message_once() {
         .contains(&crate::idempotency::key("g", "t", &flaky.id))
         .await
         .expect("store"));
+}
+
+/// A store that cannot answer for the first message of a key holds the key: the messages
+/// behind it wait, so the key's order holds (the first message used to be handed back while
+/// the next one of its key was handled).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_idempotency_store_keeps_the_key_in_order() {
+    let bus = setup("t", "g").await;
+    for n in 0..3 {
+        publish(&bus, "t", Some("a"), format!("a-{n}")).await;
+    }
+    let store = Arc::new(FlakyStore {
+        failures: AtomicUsize::new(2),
+        ..FlakyStore::default()
+    });
+    let seen: Arc<Mutex<Vec<usize>>> = Arc::default();
+    let (s, done) = (seen.clone(), seen.clone());
+    let report = Consumer::new(bus.clone(), "t")
+        .group("g")
+        .idempotent(store, Duration::from_secs(60))
+        .run_until(
+            move |e: Event| {
+                let s = s.clone();
+                async move {
+                    s.lock().expect("seen").push(seq_of(&e).1);
+                    Ok::<(), String>(())
+                }
+            },
+            until(Duration::from_secs(10), move || {
+                done.lock().expect("seen").len() >= 3
+            }),
+        )
+        .await
+        .expect("run");
+    assert_eq!(*seen.lock().expect("seen"), vec![0, 1, 2], "{report:?}");
+    assert_eq!(report.processed, 3, "{report:?}");
+}
+
+/// Batch mode: no batch holds two events of one key, each key's events succeed in order,
+/// only what failed is handled again (after its backoff, in a later batch), a permanent
+/// failure is dead-lettered at once, and events of several keys share batches.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_keep_per_key_order_and_retry_only_what_failed() {
+    const KEYS: usize = 8;
+    const PER_KEY: usize = 20;
+    let bus = setup("t", "g").await;
+    bus.provision("t.dlq", &SubscribeOptions::new("inspect"))
+        .await
+        .expect("provision dlq");
+    for n in 0..PER_KEY {
+        for k in 0..KEYS {
+            publish(&bus, "t", Some(&format!("k{k}")), format!("k{k}-{n}")).await;
+        }
+    }
+    // (key, n, attempt) per handling, and the size of every batch.
+    let handled: Arc<Mutex<Vec<(String, usize, u32)>>> = Arc::default();
+    let succeeded: Arc<Mutex<HashMap<String, Vec<usize>>>> = Arc::default();
+    let sizes: Arc<Mutex<Vec<usize>>> = Arc::default();
+    let twice_in_a_batch = Arc::new(AtomicUsize::new(0));
+    let (h, s, z, t) = (
+        handled.clone(),
+        succeeded.clone(),
+        sizes.clone(),
+        twice_in_a_batch.clone(),
+    );
+    let done = succeeded.clone();
+    let total = KEYS * PER_KEY;
+    let report = Consumer::new(bus.clone(), "t")
+        .group("g")
+        .concurrency(2)
+        .retry(fast_retry(3))
+        .run_batches_until(
+            16,
+            move |events: Vec<Event>| {
+                let (h, s, z, t) = (h.clone(), s.clone(), z.clone(), t.clone());
+                async move {
+                    z.lock().expect("sizes").push(events.len());
+                    let mut keys: Vec<String> = events.iter().map(|e| seq_of(e).0).collect();
+                    keys.sort();
+                    keys.dedup();
+                    if keys.len() != events.len() {
+                        t.fetch_add(1, AtomicOrdering::SeqCst);
+                    }
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                    events
+                        .iter()
+                        .map(|e| {
+                            let (key, n) = seq_of(e);
+                            h.lock()
+                                .expect("handled")
+                                .push((key.clone(), n, e.attempt()));
+                            if n == 7 && key == "k3" {
+                                return Err(Box::new(Permanent::new("k3-7 is invalid"))
+                                    as Box<dyn std::error::Error + Send + Sync>);
+                            }
+                            if n % 5 == 2 && e.attempt() == 1 {
+                                return Err("fails once".into());
+                            }
+                            s.lock().expect("ok").entry(key).or_default().push(n);
+                            Ok(())
+                        })
+                        .collect::<Vec<_>>()
+                }
+            },
+            until(Duration::from_secs(20), move || {
+                done.lock()
+                    .expect("ok")
+                    .values()
+                    .map(Vec::len)
+                    .sum::<usize>()
+                    >= total - 1
+            }),
+        )
+        .await
+        .expect("run");
+    assert_eq!(
+        twice_in_a_batch.load(AtomicOrdering::SeqCst),
+        0,
+        "a batch held one key twice"
+    );
+    for k in 0..KEYS {
+        let key = format!("k{k}");
+        let expected: Vec<usize> = (0..PER_KEY).filter(|n| !(k == 3 && *n == 7)).collect();
+        assert_eq!(
+            succeeded.lock().expect("ok").get(&key),
+            Some(&expected),
+            "order of {key}"
+        );
+    }
+    let handled = handled.lock().expect("handled").clone();
+    // Per key, the handlings are in order: n never goes back, and a retry of n comes right
+    // after its first try (nothing of the key in between).
+    for k in 0..KEYS {
+        let key = format!("k{k}");
+        let mine: Vec<(usize, u32)> = handled
+            .iter()
+            .filter(|(x, _, _)| *x == key)
+            .map(|(_, n, a)| (*n, *a))
+            .collect();
+        for w in mine.windows(2) {
+            let ((n0, a0), (n1, a1)) = (w[0], w[1]);
+            assert!(
+                n1 == n0 + 1 && a1 == 1 || (n1 == n0 && a1 == a0 + 1),
+                "{key}: {:?} then {:?}",
+                (n0, a0),
+                (n1, a1)
+            );
+        }
+    }
+    // k3-7 would fail once too, but it is dead-lettered at its first failure.
+    let failing_once = (0..PER_KEY).filter(|n| n % 5 == 2).count() * KEYS - 1;
+    assert_eq!(report.retried as usize, failing_once, "{report:?}");
+    assert_eq!(report.dead_lettered, 1, "{report:?}");
+    assert_eq!(report.processed as usize, total - 1, "{report:?}");
+    assert!(
+        sizes.lock().expect("sizes").iter().any(|n| *n > 1),
+        "events were never batched: {:?}",
+        sizes.lock().expect("sizes")
+    );
+    let mut dlq = bus
+        .subscribe("t.dlq", SubscribeOptions::new("inspect"))
+        .await
+        .expect("sub");
+    let dead = tokio::time::timeout(Duration::from_secs(2), dlq.next())
+        .await
+        .expect("dead letter arrives")
+        .expect("ok")
+        .expect("some");
+    assert_eq!(&dead.payload()[..], b"k3-7");
+}
+
+/// A batch handler that panics fails every event of its batch, one that answers with fewer
+/// outcomes than events fails the ones it left out; both are retried, nothing is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_handler_that_panics_or_answers_short_fails_its_events() {
+    let bus = setup("t", "g").await;
+    for k in 0..4 {
+        publish(&bus, "t", Some(&format!("k{k}")), format!("k{k}-0")).await;
+    }
+    // (key, attempt) of each event, per batch.
+    type Batch = Vec<(String, u32)>;
+    let batches: Arc<Mutex<Vec<Batch>>> = Arc::default();
+    let ok: Arc<Mutex<Vec<(String, u32)>>> = Arc::default();
+    let (b, o, done) = (batches.clone(), ok.clone(), ok.clone());
+    let report = Consumer::new(bus.clone(), "t")
+        .group("g")
+        .concurrency(1)
+        .retry(fast_retry(5))
+        .run_batches_until(
+            4,
+            move |events: Vec<Event>| {
+                let (b, o) = (b.clone(), o.clone());
+                async move {
+                    let seen: Vec<(String, u32)> =
+                        events.iter().map(|e| (seq_of(e).0, e.attempt())).collect();
+                    let call = {
+                        let mut b = b.lock().expect("batches");
+                        b.push(seen.clone());
+                        b.len()
+                    };
+                    match call {
+                        1 => panic!("the first batch panics"),
+                        // The second answers for its first event only.
+                        2 => return vec![Ok::<(), String>(())],
+                        _ => {}
+                    }
+                    o.lock().expect("ok").extend(seen);
+                    events.iter().map(|_| Ok(())).collect()
+                }
+            },
+            until(Duration::from_secs(10), move || {
+                done.lock().expect("ok").len() + 1 >= 4
+            }),
+        )
+        .await
+        .expect("run");
+    let batches = batches.lock().expect("batches").clone();
+    assert_eq!(
+        batches[0].len(),
+        4,
+        "the first batch takes all four: {batches:?}"
+    );
+    assert!(batches[0].iter().all(|(_, a)| *a == 1), "{batches:?}");
+    assert!(batches[1].iter().all(|(_, a)| *a == 2), "{batches:?}");
+    // 4 failed by the panic, all but the first of the second batch by the short answer.
+    let short = batches[1].len() - 1;
+    assert_eq!(report.retried as usize, 4 + short, "{report:?} {batches:?}");
+    assert_eq!(report.processed, 4, "{report:?}");
+    let ok = ok.lock().expect("ok").clone();
+    assert_eq!(ok.len(), 3, "{batches:?}");
+    for (key, attempt) in &ok {
+        let expected = if batches[1][1..].iter().any(|(k, _)| k == key) {
+            3
+        } else {
+            2
+        };
+        assert_eq!(*attempt, expected, "{key}: {batches:?}");
+    }
+}
+
+#[tokio::test]
+async fn run_batches_refuses_a_batch_of_zero() {
+    let bus = setup("t", "g").await;
+    let e = Consumer::new(bus, "t")
+        .run_batches(0, |events: Vec<Event>| async move {
+            events
+                .iter()
+                .map(|_| Ok::<(), String>(()))
+                .collect::<Vec<_>>()
+        })
+        .await
+        .expect_err("max_batch 0");
+    assert_eq!(e.kind(), ErrorKind::InvalidInput);
 }
