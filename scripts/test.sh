@@ -53,6 +53,7 @@ scripts/compat-table "$BUSBAR_CONFORMANCE_REPORT" --versions target/broker-versi
 # After the tests: the benches create (and leave to expire) RabbitMQ quorum queues and load
 # every broker; the tests should not run under that load on a 2-core machine.
 step "benchmarks, smoke mode (each workload once, small counts; speed is never asserted)"
+eval "$(scripts/watermill-bench)"
 BUSBAR_BENCH_QUICK=1 cargo test -p busbar-benches --benches
 
 step "fuzz smoke (every cargo-fuzz target of fuzz/ for 5 s; scripts/fuzz.sh 600 is a real run)"

@@ -1,13 +1,15 @@
-//! Criterion throughput benches: `<backend>/publish`, `<backend>/publish_batch100` and
-//! `<backend>/e2e`, each with `busbar`, `raw` (the client crate directly) and the peer crates
-//! where they support the broker (`omniqueue`: memory, Redis; `ruststream`: NATS, Redis, Kafka). Brokers come from `BUSBAR_<BACKEND>_URL` (defaults on
-//! 127.0.0.1); a backend whose broker is unreachable is skipped with a message.
+//! Criterion throughput benches: `<backend>/<workload>` for every workload of
+//! [`busbar_benches::WORKLOADS`], each with `busbar`, `raw` (the client crate directly) and the
+//! peers where they support the broker and the workload (`omniqueue`: memory, Redis;
+//! `ruststream`: NATS, Redis, Kafka; `watermill` (Go): Redis, NATS, Kafka, RabbitMQ). Brokers
+//! come from `BUSBAR_<BACKEND>_URL` (defaults on 127.0.0.1); a backend whose broker is
+//! unreachable is skipped with a message.
 //! `BUSBAR_BENCH_QUICK=1` (CI's smoke run) uses small message counts.
 #![allow(missing_docs, clippy::panic)]
 
 use std::time::Duration;
 
-use busbar_benches::{end_to_end, publish, subjects_for, Subject, BACKENDS};
+use busbar_benches::{run_workload, subjects_for, BACKENDS, WORKLOADS};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 
 fn quick() -> bool {
@@ -45,17 +47,13 @@ fn bench(c: &mut Criterion) {
             }
         };
         let (n_publish, n_e2e) = counts(backend);
-        type Workload =
-            fn(&Subject, usize) -> futures::future::BoxFuture<'_, anyhow::Result<Duration>>;
-        let workloads: [(&str, usize, Workload); 3] = [
-            ("publish", n_publish, |s, n| Box::pin(publish(s, n, None))),
-            ("publish_batch100", n_publish, |s, n| {
-                Box::pin(publish(s, n, Some(100)))
-            }),
-            ("e2e", n_e2e, |s, n| Box::pin(end_to_end(s, n))),
-        ];
-        for (name, n, work) in workloads {
-            let mut group = c.benchmark_group(format!("{backend}/{name}"));
+        for workload in WORKLOADS {
+            let n = if workload.starts_with("e2e") {
+                n_e2e
+            } else {
+                n_publish
+            };
+            let mut group = c.benchmark_group(format!("{backend}/{workload}"));
             group.throughput(Throughput::Elements(n as u64));
             group.sample_size(10);
             if quick() {
@@ -65,13 +63,16 @@ fn bench(c: &mut Criterion) {
                 group.warm_up_time(Duration::from_secs(1));
                 group.measurement_time(Duration::from_secs(8));
             }
-            for subject in &subjects {
+            for subject in subjects.iter().filter(|s| s.runs(workload)) {
                 group.bench_function(subject.label(), |b| {
                     b.iter_custom(|iters| {
                         rt.block_on(async {
                             let mut total = Duration::ZERO;
                             for _ in 0..iters {
-                                total += work(subject, n).await.expect("workload failed");
+                                total += run_workload(subject, workload, n)
+                                    .await
+                                    .expect("workload failed")
+                                    .expect("a workload the subject runs");
                             }
                             total
                         })

@@ -12,6 +12,7 @@ mod raw_amqp;
 mod raw_sqs;
 pub mod report;
 mod ruststream_peer;
+mod watermill_peer;
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering as AtomicOrdering};
 use std::sync::{Arc, Mutex};
@@ -27,6 +28,7 @@ pub use raw::{OmniQueue, RawKafka, RawNats, RawRedis};
 pub use raw_amqp::RawAmqp;
 pub use raw_sqs::RawSqs;
 pub use ruststream_peer::RustStreamPeer;
+pub use watermill_peer::WatermillPeer;
 
 /// The backends benchmarked: name, URL variable, default URL. A new backend adds a line.
 pub const BACKENDS: &[(&str, &str, &str)] = &[
@@ -81,6 +83,8 @@ pub enum Subject {
     Omni(OmniQueue),
     /// The ruststream framework (NATS, Redis, Kafka).
     RustStream(RustStreamPeer),
+    /// The watermill library, in Go (Redis, NATS, Kafka, RabbitMQ).
+    Watermill(WatermillPeer),
 }
 
 impl Subject {
@@ -95,6 +99,42 @@ impl Subject {
             | Subject::RawSqs(_) => "raw",
             Subject::Omni(_) => "omniqueue",
             Subject::RustStream(_) => "ruststream",
+            Subject::Watermill(_) => "watermill",
+        }
+    }
+}
+
+/// The workloads, by name: each runs `n` messages and returns the measured time, `None` where
+/// the subject has no such workload (see [`Subject::runs`]).
+pub async fn run_workload(subject: &Subject, workload: &str, n: usize) -> Result<Option<Duration>> {
+    match workload {
+        "publish" => publish(subject, n, None).await.map(Some),
+        "publish_batch100" => publish(subject, n, Some(100)).await.map(Some),
+        "publish_concurrent16" => publish_concurrent(subject, n, 16).await,
+        "e2e" => end_to_end(subject, n).await.map(Some),
+        "e2e_batches100" => end_to_end_batches(subject, n, 100).await,
+        other => anyhow::bail!("unknown workload {other}"),
+    }
+}
+
+/// Every workload, in report order.
+pub const WORKLOADS: [&str; 5] = [
+    "publish",
+    "publish_batch100",
+    "publish_concurrent16",
+    "e2e",
+    "e2e_batches100",
+];
+
+impl Subject {
+    /// Whether this side has `workload`: concurrent publishers are measured for busbar and
+    /// watermill (the raw clients' and ruststream's single publishes are `publish`), the batch
+    /// handler API is busbar's own.
+    pub fn runs(&self, workload: &str) -> bool {
+        match workload {
+            "publish_concurrent16" => matches!(self, Subject::Busbar(_) | Subject::Watermill(_)),
+            "e2e_batches100" => matches!(self, Subject::Busbar(_)),
+            _ => true,
         }
     }
 }
@@ -127,6 +167,16 @@ pub async fn subjects_for(url: &str) -> Result<Vec<Subject>> {
         "amqp" | "amqps" => out.push(Subject::RawAmqp(RawAmqp::connect(url).await?)),
         "sqs" => out.push(Subject::RawSqs(RawSqs::connect(url).await?)),
         _ => {}
+    }
+    match WatermillPeer::for_url(url) {
+        Ok(peer) => out.push(Subject::Watermill(peer)),
+        Err(e) if url.starts_with("memory") || url.starts_with("sqs") || url.starts_with("tls") => {
+            let _ = e;
+        }
+        Err(e) => eprintln!(
+            "no watermill side for {}: {e:#}",
+            busbar_core::raw::redact_url(url)
+        ),
     }
     Ok(out)
 }
@@ -194,7 +244,123 @@ pub async fn publish(subject: &Subject, n: usize, batch: Option<usize>) -> Resul
         Subject::RawSqs(r) => return r.publish(&topic, n, batch.unwrap_or(1), payload).await,
         Subject::Omni(o) => return o.publish(&topic, n, batch, payload).await,
         Subject::RustStream(r) => return r.publish(&topic, n, batch, payload).await,
+        Subject::Watermill(w) => {
+            let workload = match batch {
+                None => "publish".to_owned(),
+                Some(b) => format!("publish_batch{b}"),
+            };
+            return w.run(&workload, n).await;
+        }
     }
+    Ok(started.elapsed())
+}
+
+/// Publishes `n` messages from `tasks` concurrent publishers, each awaiting its own publishes
+/// one at a time (what a service handling concurrent requests does): publishes that do not
+/// wait for each other may share broker round trips. busbar and watermill only (`Ok(None)`
+/// for other sides: their single-publish APIs are measured by `publish`).
+pub async fn publish_concurrent(
+    subject: &Subject,
+    n: usize,
+    tasks: usize,
+) -> Result<Option<Duration>> {
+    let topic = fresh_topic("publish-concurrent");
+    let bus = match subject {
+        Subject::Busbar(bus) => bus.clone(),
+        Subject::Watermill(w) => {
+            return w
+                .run(&format!("publish_concurrent{tasks}"), n)
+                .await
+                .map(Some)
+        }
+        _ => return Ok(None),
+    };
+    bus.provision(&topic, &SubscribeOptions::new("bench"))
+        .await?;
+    let started = Instant::now();
+    let mut set = tokio::task::JoinSet::new();
+    for t in 0..tasks {
+        let (bus, topic) = (bus.clone(), topic.clone());
+        set.spawn(async move {
+            for i in (t..n).step_by(tasks) {
+                bus.publish(&topic, message(i), &PublishOptions::default())
+                    .await?;
+            }
+            Ok::<(), busbar::Error>(())
+        });
+    }
+    while let Some(r) = set.join_next().await {
+        r.context("publisher task")??;
+    }
+    Ok(Some(started.elapsed()))
+}
+
+/// As [`end_to_end`], busbar only, through the batch handler API
+/// ([`Consumer::run_batches_until`], batches of up to `max_batch`, concurrency 16, at most one
+/// event per key per batch); `Ok(None)` for other sides.
+pub async fn end_to_end_batches(
+    subject: &Subject,
+    n: usize,
+    max_batch: usize,
+) -> Result<Option<Duration>> {
+    let Subject::Busbar(bus) = subject else {
+        return Ok(None);
+    };
+    let topic = fresh_topic("e2e-batches");
+    let consumer = busbar_consumer(bus, &topic);
+    bus.provision(&topic, &consumer.subscribe_options()).await?;
+    let done = Arc::new(AtomicUsize::new(0));
+    let finished = Arc::new(tokio::sync::Notify::new());
+    let (d, f) = (done.clone(), finished.clone());
+    let run = tokio::spawn(consumer.run_batches_until(
+        max_batch,
+        move |events: Vec<Event>| {
+            let (d, f) = (d.clone(), f.clone());
+            async move {
+                if d.fetch_add(events.len(), AtomicOrdering::AcqRel) + events.len() > n {
+                    f.notify_one();
+                }
+                events
+                    .iter()
+                    .map(|_| Ok::<(), std::convert::Infallible>(()))
+                    .collect::<Vec<_>>()
+            }
+        },
+        wait_all(done.clone(), finished.clone(), n + 1),
+    ));
+    let elapsed = publish_and_wait(bus, &topic, n, &done, &finished).await?;
+    run.await??;
+    Ok(Some(elapsed))
+}
+
+/// The consumer of the end-to-end workloads.
+fn busbar_consumer(bus: &Arc<dyn EventBus>, topic: &str) -> Consumer {
+    Consumer::new(bus.clone(), topic)
+        .group("bench")
+        .start(StartPosition::Latest)
+        .concurrency(CONCURRENCY)
+        .max_in_flight(1024)
+}
+
+/// The timed part of a busbar end-to-end run: a probe through first (untimed), then `n`
+/// messages published in batches of 100, until the handlers saw them all.
+async fn publish_and_wait(
+    bus: &Arc<dyn EventBus>,
+    topic: &str,
+    n: usize,
+    done: &Arc<AtomicUsize>,
+    finished: &Arc<tokio::sync::Notify>,
+) -> Result<Duration> {
+    bus.publish(topic, message(0), &PublishOptions::default())
+        .await?;
+    wait_seen(done, 1, PROBE_LIMIT).await?;
+    let started = Instant::now();
+    for chunk in (0..n).collect::<Vec<_>>().chunks(100) {
+        let msgs = chunk.iter().map(|i| message(*i)).collect();
+        bus.publish_batch(topic, msgs, &PublishOptions::default())
+            .await?;
+    }
+    wait_all(done.clone(), finished.clone(), n + 1).await;
     Ok(started.elapsed())
 }
 
@@ -206,12 +372,7 @@ pub async fn end_to_end(subject: &Subject, n: usize) -> Result<Duration> {
     let topic = fresh_topic("e2e");
     match subject {
         Subject::Busbar(bus) => {
-            let group = "bench";
-            let consumer = Consumer::new(bus.clone(), &topic)
-                .group(group)
-                .start(StartPosition::Latest)
-                .concurrency(CONCURRENCY)
-                .max_in_flight(1024);
+            let consumer = busbar_consumer(bus, &topic);
             bus.provision(&topic, &consumer.subscribe_options()).await?;
             let done = Arc::new(AtomicUsize::new(0));
             let finished = Arc::new(tokio::sync::Notify::new());
@@ -229,17 +390,7 @@ pub async fn end_to_end(subject: &Subject, n: usize) -> Result<Duration> {
                 },
                 wait_all(done.clone(), finished.clone(), n + 1),
             ));
-            bus.publish(&topic, message(0), &PublishOptions::default())
-                .await?;
-            wait_seen(&done, 1, PROBE_LIMIT).await?;
-            let started = Instant::now();
-            for chunk in (0..n).collect::<Vec<_>>().chunks(100) {
-                let msgs = chunk.iter().map(|i| message(*i)).collect();
-                bus.publish_batch(&topic, msgs, &PublishOptions::default())
-                    .await?;
-            }
-            wait_all(done, finished, n + 1).await;
-            let elapsed = started.elapsed();
+            let elapsed = publish_and_wait(bus, &topic, n, &done, &finished).await?;
             run.await??;
             Ok(elapsed)
         }
@@ -250,6 +401,7 @@ pub async fn end_to_end(subject: &Subject, n: usize) -> Result<Duration> {
         Subject::RawSqs(r) => r.end_to_end(&topic, n, payload).await,
         Subject::Omni(o) => o.end_to_end(&topic, n, payload).await,
         Subject::RustStream(r) => r.end_to_end(&topic, n, payload).await,
+        Subject::Watermill(w) => w.run("e2e", n).await,
     }
 }
 

@@ -24,7 +24,7 @@ pub struct Row {
 }
 
 /// The peer crates compared, in column order.
-pub const PEERS: [&str; 2] = ["omniqueue", "ruststream"];
+pub const PEERS: [&str; 3] = ["omniqueue", "ruststream", "watermill"];
 
 /// Reads every `<group>/<function>/new/{benchmark,estimates}.json` under criterion's output
 /// directory (normally `target/criterion`).
@@ -146,7 +146,13 @@ pub fn markdown(
          consumer, one ack per message), omniqueue = its own \
          consumer, one ack per message; ruststream = an app with one `#[subscriber]` on 16 lanes \
          keyed by the partition key (`workers(16, by_key)`), its publisher in rounds of 100 \
-         concurrent publishes.\n",
+         concurrent publishes; watermill = the Go library's pub/sub for the broker \
+         (redisstream, the JetStream pub/sub of watermill-nats, watermill-kafka over sarama, \
+         watermill-amqp with publisher confirms), its subscription's messages acked as they \
+         come, `Publish` with 100 messages per call for batches. `publish_concurrent16`: 16 \
+         tasks (goroutines) each awaiting its own publishes, one message at a time. \
+         `e2e_batches100`: `e2e` through busbar's batch handler API (`Consumer::run_batches`, \
+         up to 100 events per call, at most one per key).\n",
         machine_info()
     );
     let _ = writeln!(out, "![msgs/s per backend]({chart})\n");
@@ -228,12 +234,13 @@ pub fn chart(rows: &[Row], path: &Path) -> Result<()> {
         .map(|r| (r.backend.clone(), r.workload.clone()))
         .collect();
     groups.dedup();
-    let subjects = ["busbar", "raw", PEERS[0], PEERS[1]];
+    let subjects = ["busbar", "raw", PEERS[0], PEERS[1], PEERS[2]];
     let colors = [
         RGBColor(31, 119, 180),
         RGBColor(255, 127, 14),
         RGBColor(44, 160, 44),
         RGBColor(148, 103, 189),
+        RGBColor(140, 86, 75),
     ];
     let bar = 0.8 / subjects.len() as f64;
     let max = rows.iter().map(|r| r.msgs_per_s).fold(10.0, f64::max);
@@ -318,7 +325,7 @@ mod tests {
         ];
         let md = markdown(&rows, &BTreeMap::new(), "today", "chart.svg");
         assert!(
-            md.contains("| redis | e2e | 40.0 k | 80.0 k | – | 20.0 k | 0.50 | – | 2.00 |"),
+            md.contains("| redis | e2e | 40.0 k | 80.0 k | – | 20.0 k | – | 0.50 | – | 2.00 | – |"),
             "{md}"
         );
         assert!(md.contains("| memory | 2 relays | 47.2 k |"), "{md}");

@@ -339,9 +339,9 @@ async fn bench(_url: &str, _n: usize, _rate: u32) -> anyhow::Result<()> {
 
 #[cfg(feature = "bench")]
 async fn bench(url: &str, n: usize, rate: u32) -> anyhow::Result<()> {
-    use busbar_benches::{end_to_end, latency, publish, rate as per_second, subjects_for, Subject};
+    use busbar_benches::{latency, rate as per_second, run_workload, subjects_for, Subject};
     let subjects = subjects_for(url).await?;
-    let workloads = ["publish", "publish_batch100", "e2e"];
+    let workloads = busbar_benches::WORKLOADS;
     let bar = indicatif::ProgressBar::new((subjects.len() * workloads.len() + 1) as u64);
     bar.set_style(
         indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} {msg}")
@@ -352,17 +352,18 @@ async fn bench(url: &str, n: usize, rate: u32) -> anyhow::Result<()> {
         let mut row = Vec::new();
         for s in &subjects {
             bar.set_message(format!("{w} / {}", s.label()));
-            // A discarded warm-up round, then the measured one.
-            let mut elapsed = std::time::Duration::ZERO;
-            for _ in 0..2 {
-                elapsed = match w {
-                    "publish" => publish(s, n, None).await?,
-                    "publish_batch100" => publish(s, n, Some(100)).await?,
-                    _ => end_to_end(s, n).await?,
-                };
-            }
-            row.push((s.label().to_owned(), per_second(n, elapsed)));
             bar.inc(1);
+            if !s.runs(w) {
+                continue;
+            }
+            // A discarded warm-up round, then the measured one.
+            let mut elapsed = None;
+            for _ in 0..2 {
+                elapsed = run_workload(s, w, n).await?;
+            }
+            if let Some(elapsed) = elapsed {
+                row.push((s.label().to_owned(), per_second(n, elapsed)));
+            }
         }
         table.push((w.to_owned(), row));
     }
@@ -383,7 +384,7 @@ async fn bench(url: &str, n: usize, rate: u32) -> anyhow::Result<()> {
         .filter(|p| table.iter().any(|(_, row)| get(row, p).is_some()))
         .collect();
     let mut header = format!(
-        "{:<18} {:>14} {:>14}",
+        "{:<22} {:>14} {:>14}",
         "workload", "busbar msg/s", "raw msg/s"
     );
     for p in &peers {
@@ -402,7 +403,7 @@ async fn bench(url: &str, n: usize, rate: u32) -> anyhow::Result<()> {
     for (w, row) in &table {
         let b = get(row, "busbar");
         let r = get(row, "raw");
-        let mut line = format!("{w:<18} {:>14} {:>14}", f(b), f(r));
+        let mut line = format!("{w:<22} {:>14} {:>14}", f(b), f(r));
         for p in &peers {
             line.push_str(&format!(" {:>14}", f(get(row, p))));
         }

@@ -1,10 +1,10 @@
 //! `workload URL SUBJECT WORKLOAD [N] [REPEAT]`: runs one workload on one side, for profiling
 //! (`perf record -g target/release/workload nats://127.0.0.1:4222 busbar e2e 100000`).
-//! SUBJECT is `busbar`, `raw` or a peer; WORKLOAD is `publish`, `publish_batch100` or `e2e`.
+//! SUBJECT is `busbar`, `raw` or a peer; WORKLOAD one of `busbar_benches::WORKLOADS`.
 #![allow(clippy::print_stdout)]
 
 use anyhow::{anyhow, Context};
-use busbar_benches::{end_to_end, publish, rate, subjects_for};
+use busbar_benches::{rate, run_workload, subjects_for};
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
@@ -23,12 +23,9 @@ async fn main() -> anyhow::Result<()> {
         .find(|s| s.label() == who)
         .ok_or_else(|| anyhow!("no subject {who} for {url}"))?;
     for _ in 0..repeat {
-        let elapsed = match workload.as_str() {
-            "publish" => publish(&subject, n, None).await?,
-            "publish_batch100" => publish(&subject, n, Some(100)).await?,
-            "e2e" => end_to_end(&subject, n).await?,
-            other => return Err(anyhow!("unknown workload {other}")),
-        };
+        let elapsed = run_workload(&subject, workload, n)
+            .await?
+            .ok_or_else(|| anyhow!("{who} has no workload {workload}"))?;
         println!(
             "{who} {workload} {n}: {elapsed:?}, {:.0} msgs/s",
             rate(n, elapsed)

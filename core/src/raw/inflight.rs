@@ -134,6 +134,17 @@ pub struct Token {
 }
 
 impl Handed {
+    /// The delivery of this hand-out on `topic`, settled through `acker` (which holds
+    /// [`Handed::token`]).
+    pub fn into_delivery(
+        self,
+        topic: Arc<str>,
+        acker: Box<dyn crate::raw::Ack>,
+    ) -> crate::Delivery {
+        let event = crate::Event::from_shared(topic, self.message, self.attempt);
+        crate::raw::delivery(event, acker)
+    }
+
     /// The token that settles this hand-out.
     pub fn token(&self) -> Token {
         Token {
@@ -647,22 +658,45 @@ pub async fn next_handed(
     wake: &Notify,
     mut ended: impl FnMut() -> Option<Result<Option<Handed>>>,
 ) -> Result<Option<Handed>> {
+    let batch = next_handed_batch(state, wake, 1, || {
+        ended().map(|r| r.map(|h| h.into_iter().collect()))
+    })
+    .await?;
+    Ok(batch.into_iter().next())
+}
+
+/// The `Subscriber::next_batch` loop of a backend built on [`State`]: hands out up to `max`
+/// eligible records at once (under one lock), or waits as [`next_handed`] does. `ended`'s
+/// `Some(Ok(vec![]))` ends the subscription. Nothing is awaited once records are taken, so a
+/// dropped call hands out nothing.
+pub async fn next_handed_batch(
+    state: &Mutex<State>,
+    wake: &Notify,
+    max: usize,
+    mut ended: impl FnMut() -> Option<Result<Vec<Handed>>>,
+) -> Result<Vec<Handed>> {
     loop {
+        // Registered before looking, so a wake-up between the look and the wait is kept.
+        let woken = wake.notified();
+        tokio::pin!(woken);
+        woken.as_mut().enable();
         if let Some(result) = ended() {
             return result;
         }
         let now = Instant::now();
         let (handed, wake_at) = {
             let mut st = state.lock().unwrap_or_else(PoisonError::into_inner);
-            let h = st.take(now);
-            (h, st.next_wake())
+            let handed: Vec<Handed> = std::iter::from_fn(|| st.take(now))
+                .take(max.max(1))
+                .collect();
+            (handed, st.next_wake())
         };
-        if handed.is_some() {
+        if !handed.is_empty() {
             return Ok(handed);
         }
         let until = wake_at.unwrap_or(now + Duration::from_secs(1));
         tokio::select! {
-            _ = wake.notified() => {}
+            _ = woken => {}
             _ = tokio::time::sleep_until(until) => {}
         }
     }

@@ -15,10 +15,10 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use busbar_core::raw::inflight::{next_handed, State, Token};
+use busbar_core::raw::inflight::{next_handed_batch, State, Token};
 use busbar_core::raw::ownership::{self, Activity};
-use busbar_core::raw::{self, Ack};
-use busbar_core::{Delivery, Error, Event, Result, SubscribeOptions, Subscriber};
+use busbar_core::raw::Ack;
+use busbar_core::{Delivery, Error, Result, SubscribeOptions, Subscriber};
 use futures::StreamExt;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, QueueBindOptions,
@@ -232,8 +232,12 @@ impl Drop for AmqpSubscriber {
 #[async_trait]
 impl Subscriber for AmqpSubscriber {
     async fn next(&mut self) -> Result<Option<Delivery>> {
+        Ok(self.next_batch(1).await?.pop())
+    }
+
+    async fn next_batch(&mut self, max: usize) -> Result<Vec<Delivery>> {
         let shared = &self.shared;
-        let handed = next_handed(&shared.state, &shared.wake, || {
+        let handed = next_handed_batch(&shared.state, &shared.wake, max, || {
             let failure = shared
                 .failure
                 .lock()
@@ -241,20 +245,20 @@ impl Subscriber for AmqpSubscriber {
                 .take();
             match failure {
                 Some(e) => Some(Err(e)),
-                None => shared.is_stopped().then_some(Ok(None)),
+                None => shared.is_stopped().then_some(Ok(Vec::new())),
             }
         })
         .await?;
-        Ok(handed.map(|h| {
-            let event = Event::from_shared(shared.topic.clone(), h.message.clone(), h.attempt);
-            raw::delivery(
-                event,
-                Box::new(AmqpAck {
+        Ok(handed
+            .into_iter()
+            .map(|h| {
+                let acker = Box::new(AmqpAck {
                     shared: shared.clone(),
                     token: h.token(),
-                }),
-            )
-        }))
+                });
+                h.into_delivery(shared.topic.clone(), acker)
+            })
+            .collect())
     }
 
     async fn close(&mut self) -> Result<()> {

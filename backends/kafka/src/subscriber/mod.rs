@@ -6,9 +6,9 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use busbar_core::raw::{self, Ack};
+use busbar_core::raw::Ack;
 use busbar_core::{
-    Delivery, Error, ErrorKind, Event, Result, StartPosition, SubscribeOptions, Subscriber,
+    Delivery, Error, ErrorKind, Result, StartPosition, SubscribeOptions, Subscriber,
 };
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::Message as _;
@@ -21,7 +21,7 @@ mod ack;
 mod membership;
 
 use ack::commit;
-use busbar_core::raw::inflight::{next_handed, State, Token};
+use busbar_core::raw::inflight::{next_handed_batch, State, Token};
 use membership::MemberContext;
 
 /// How long `close` waits for the consumer thread to leave the group.
@@ -205,10 +205,14 @@ impl Drop for KafkaSubscriber {
 #[async_trait]
 impl Subscriber for KafkaSubscriber {
     async fn next(&mut self) -> Result<Option<Delivery>> {
+        Ok(self.next_batch(1).await?.pop())
+    }
+
+    async fn next_batch(&mut self, max: usize) -> Result<Vec<Delivery>> {
         let shared = &self.shared;
-        let handed = next_handed(&shared.state, &shared.wake, || {
+        let handed = next_handed_batch(&shared.state, &shared.wake, max, || {
             if shared.is_stopped() {
-                return Some(Ok(None));
+                return Some(Ok(Vec::new()));
             }
             let failure = shared
                 .failure
@@ -218,16 +222,16 @@ impl Subscriber for KafkaSubscriber {
             failure.map(Err)
         })
         .await?;
-        Ok(handed.map(|h| {
-            let event = Event::from_shared(shared.topic.clone(), h.message.clone(), h.attempt);
-            raw::delivery(
-                event,
-                Box::new(KafkaAck {
+        Ok(handed
+            .into_iter()
+            .map(|h| {
+                let acker = Box::new(KafkaAck {
                     shared: shared.clone(),
                     token: h.token(),
-                }),
-            )
-        }))
+                });
+                h.into_delivery(shared.topic.clone(), acker)
+            })
+            .collect())
     }
 
     async fn close(&mut self) -> Result<()> {

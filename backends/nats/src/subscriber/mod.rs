@@ -631,6 +631,31 @@ impl SubShared {
         }
     }
 
+    /// A pulled message as a delivery, if fencing lets it through ([`SubShared::fence`]).
+    fn hand_out(
+        self: &Arc<Self>,
+        p: u32,
+        queued: &AtomicUsize,
+        msg: JsMessage,
+    ) -> Option<Delivery> {
+        let tag = self.tags.fetch_add(1, AtomicOrdering::Relaxed);
+        let seq = stream_seq(&msg);
+        let (msg, attempt) = self.fence(p, queued, msg, tag, seq)?;
+        let (message, undecodable) = self.decode(&msg, seq);
+        let event = Event::from_shared(self.topic.clone(), Arc::new(message), attempt);
+        let acker = Box::new(NatsAck {
+            partition: p,
+            seq,
+            shared: self.clone(),
+            msg,
+            tag,
+        });
+        Some(match undecodable {
+            None => raw::delivery(event, acker),
+            Some(error) => raw::undecodable(event, acker, error),
+        })
+    }
+
     /// The busbar message in `msg`. Published by another program: delivered with what can be
     /// read, under an id from its place in the stream (the same on every delivery). Not
     /// decodable as busbar's: its raw payload and subject, with the reason (the bus in front
@@ -790,15 +815,28 @@ async fn wait_for_pullers(
 #[async_trait]
 impl Subscriber for NatsSubscriber {
     async fn next(&mut self) -> Result<Option<Delivery>> {
+        Ok(self.next_batch(1).await?.pop())
+    }
+
+    /// The first message is awaited; the rest of the batch is what the pullers already
+    /// queued (nothing awaited after the first, so a dropped call hands out nothing).
+    async fn next_batch(&mut self, max: usize) -> Result<Vec<Delivery>> {
+        let mut out = Vec::new();
         loop {
             if self.shared.closed.load(AtomicOrdering::Acquire) || self.shared.inner.is_closed() {
-                return Ok(None);
+                return Ok(out);
             }
             let shared = self.shared.clone();
             let notified = shared.wake.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if shared.lock().holding() >= shared.options.max_in_flight {
+            let room = max.max(1).min(
+                shared
+                    .options
+                    .max_in_flight
+                    .saturating_sub(shared.lock().holding()),
+            );
+            if room == 0 {
                 tokio::select! {
                     _ = &mut notified => {}
                     _ = tokio::time::sleep(Duration::from_millis(500)) => {}
@@ -809,28 +847,21 @@ impl Subscriber for NatsSubscriber {
                 m = self.rx.recv() => m,
                 _ = tokio::time::sleep(Duration::from_millis(500)) => continue,
             };
-            let Some((p, queued, msg)) = received else {
-                return Ok(None);
+            let Some(first) = received else {
+                return Ok(out);
             };
-            let tag = shared.tags.fetch_add(1, AtomicOrdering::Relaxed);
-            let seq = stream_seq(&msg);
-            let Some((msg, attempt)) = shared.fence(p, &queued, msg, tag, seq) else {
-                continue;
-            };
-            let (message, undecodable) = shared.decode(&msg, seq);
-            let message = Arc::new(message);
-            let event = Event::from_shared(shared.topic.clone(), message.clone(), attempt);
-            let acker = Box::new(NatsAck {
-                partition: p,
-                seq,
-                shared: shared.clone(),
-                msg,
-                tag,
-            });
-            return Ok(Some(match undecodable {
-                None => raw::delivery(event, acker),
-                Some(error) => raw::undecodable(event, acker, error),
-            }));
+            let mut next = Some(first);
+            while let Some((p, queued, msg)) = next.take() {
+                if let Some(delivery) = shared.hand_out(p, &queued, msg) {
+                    out.push(delivery);
+                }
+                if out.len() < room {
+                    next = self.rx.try_recv().ok();
+                }
+            }
+            if !out.is_empty() {
+                return Ok(out);
+            }
         }
     }
 

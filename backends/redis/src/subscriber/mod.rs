@@ -116,44 +116,56 @@ impl State {
         self.parts.values().map(|p| p.buffer.len()).sum::<usize>() + self.retry.len()
     }
 
-    /// The next delivery to hand out: a due redelivery, else the first buffered entry of a
-    /// `serving` partition whose key is not held back by a pending redelivery.
-    fn pick(&mut self, now: Instant, serving: &HashSet<u32>) -> Option<Entry> {
-        let held: HashSet<String> = self
-            .retry
-            .iter()
-            .filter(|((due, _), _)| *due > now)
-            .filter_map(|(_, e)| e.message.key.clone())
-            .collect();
-        let due = self
-            .retry
-            .iter()
-            .find(|((due, _), e)| *due <= now && serving.contains(&e.partition))
-            .map(|(k, _)| *k);
-        if let Some(k) = due {
-            return self.retry.remove(&k);
+    /// Up to `max` deliveries to hand out, in order: due redeliveries first, then the first
+    /// buffered entries of `serving` partitions (taken in turn) whose key is not held back by
+    /// a pending redelivery.
+    fn pick(&mut self, now: Instant, serving: &HashSet<u32>, max: usize) -> Vec<Entry> {
+        let mut out = Vec::new();
+        if max == 0 {
+            return out;
         }
+        let due: Vec<(Instant, u64)> = self
+            .retry
+            .iter()
+            .filter(|((due, _), e)| *due <= now && serving.contains(&e.partition))
+            .map(|(k, _)| *k)
+            .take(max)
+            .collect();
+        out.extend(due.iter().filter_map(|k| self.retry.remove(k)));
+        let held: HashSet<&str> = self
+            .retry
+            .values()
+            .filter_map(|e| e.message.key.as_deref())
+            .collect();
         let owned: Vec<u32> = self
             .parts
             .iter()
             .filter(|(n, p)| serving.contains(n) && !p.buffer.is_empty())
             .map(|(n, _)| *n)
             .collect();
-        for i in 0..owned.len() {
+        let mut i = 0;
+        let mut idle = 0;
+        while out.len() < max && !owned.is_empty() && idle < owned.len() {
             let p = owned[(self.cursor + i) % owned.len()];
+            i += 1;
             let Some(part) = self.parts.get_mut(&p) else {
+                idle += 1;
                 continue;
             };
             let pos = part
                 .buffer
                 .iter()
-                .position(|e| e.message.key.as_ref().is_none_or(|k| !held.contains(k)));
-            if let Some(pos) = pos {
-                self.cursor = self.cursor.wrapping_add(i + 1);
-                return part.buffer.remove(pos);
+                .position(|e| e.message.key.as_deref().is_none_or(|k| !held.contains(k)));
+            match pos.and_then(|pos| part.buffer.remove(pos)) {
+                Some(e) => {
+                    idle = 0;
+                    out.push(e);
+                }
+                None => idle += 1,
             }
         }
-        None
+        self.cursor = self.cursor.wrapping_add(i);
+        out
     }
 }
 
@@ -413,9 +425,14 @@ impl RedisSubscriber {
 #[async_trait]
 impl Subscriber for RedisSubscriber {
     async fn next(&mut self) -> Result<Option<Delivery>> {
+        Ok(self.next_batch(1).await?.pop())
+    }
+
+    async fn next_batch(&mut self, want: usize) -> Result<Vec<Delivery>> {
+        let want = want.max(1);
         loop {
             if self.shared.closed.load(AtomicOrdering::Acquire) || self.shared.inner.is_closed() {
-                return Ok(None);
+                return Ok(Vec::new());
             }
             let shared = self.shared.clone();
             let notified = shared.wake.notified();
@@ -426,18 +443,15 @@ impl Subscriber for RedisSubscriber {
             let serving = self.shared.serving(now);
             let (picked, plan, next_due) = {
                 let mut st = self.shared.lock();
-                let mut picked = None;
-                if st.inflight.len() < max {
-                    if let Some(e) = st.pick(now, &serving) {
-                        st.inflight.insert(
-                            (e.partition, e.stream_id.clone()),
-                            now + self.shared.options.ack_timeout,
-                        );
-                        picked = Some(e);
-                    }
+                let room = want.min(max.saturating_sub(st.inflight.len()));
+                let picked = st.pick(now, &serving, room);
+                let deadline = now + self.shared.options.ack_timeout;
+                for e in &picked {
+                    st.inflight
+                        .insert((e.partition, e.stream_id.clone()), deadline);
                 }
                 let room = max.saturating_sub(st.inflight.len() + st.buffered());
-                let plan: Vec<u32> = if picked.is_none() && room > 0 {
+                let plan: Vec<u32> = if picked.is_empty() && room > 0 {
                     st.parts
                         .iter()
                         .filter(|(p, part)| {
@@ -452,8 +466,8 @@ impl Subscriber for RedisSubscriber {
                 st.reading.clone_from(&plan);
                 (picked, (plan, room), next_due)
             };
-            if let Some(e) = picked {
-                return Ok(Some(self.deliver(e)));
+            if !picked.is_empty() {
+                return Ok(picked.into_iter().map(|e| self.deliver(e)).collect());
             }
             let (parts, room) = plan;
             if !parts.is_empty() {

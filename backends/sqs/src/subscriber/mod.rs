@@ -236,6 +236,22 @@ impl Shared {
     }
 }
 
+impl Shared {
+    /// A handed-out message as a delivery.
+    fn delivery(self: &Arc<Self>, r: Received, token: u64) -> Delivery {
+        let acker = Box::new(SqsAck {
+            shared: self.clone(),
+            token,
+            receipt: r.receipt,
+        });
+        let event = Event::from_shared(self.topic.clone(), Arc::new(r.message), r.attempt);
+        match r.undecodable {
+            None => raw::delivery(event, acker),
+            Some(error) => raw::undecodable(event, acker, error),
+        }
+    }
+}
+
 /// What [`Shared::hand_out`] found.
 // Returned and matched at once, never stored: boxing would cost an allocation per delivery.
 #[allow(clippy::large_enum_variant)]
@@ -373,12 +389,19 @@ async fn receive_loop(shared: Arc<Shared>) {
 #[async_trait]
 impl Subscriber for SqsSubscriber {
     async fn next(&mut self) -> Result<Option<Delivery>> {
+        Ok(self.next_batch(1).await?.pop())
+    }
+
+    /// The first delivery is awaited (it may need a visibility call); the rest of the batch
+    /// is what is ready and young enough to need none (nothing awaited after the first, so a
+    /// dropped call hands out nothing more).
+    async fn next_batch(&mut self, max: usize) -> Result<Vec<Delivery>> {
         let shared = &self.shared;
         loop {
             let woken = shared.ready.notified();
             let (r, token) = match shared.hand_out().await? {
                 Handout::Taken(r, token) => (r, token),
-                Handout::Closed => return Ok(None),
+                Handout::Closed => return Ok(Vec::new()),
                 Handout::Wait(Some(at)) => {
                     let _ = tokio::time::timeout_at(at.into(), woken).await;
                     continue;
@@ -397,17 +420,16 @@ impl Subscriber for SqsSubscriber {
                 shared.release(receipts).await;
                 continue;
             }
-            let message = Arc::new(r.message);
-            let acker = Box::new(SqsAck {
-                shared: shared.clone(),
-                token,
-                receipt: r.receipt,
-            });
-            let event = Event::from_shared(shared.topic.clone(), message, r.attempt);
-            return Ok(Some(match r.undecodable {
-                None => raw::delivery(event, acker),
-                Some(error) => raw::undecodable(event, acker, error),
-            }));
+            let mut out = vec![shared.delivery(r, token)];
+            let now = Instant::now();
+            let mut st = shared.lock();
+            while out.len() < max {
+                let Some((r, token)) = st.hand_out_young(shared.visibility, now) else {
+                    break;
+                };
+                out.push(shared.delivery(r, token));
+            }
+            return Ok(out);
         }
     }
 

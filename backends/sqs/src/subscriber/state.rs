@@ -82,6 +82,24 @@ impl State {
         Some((r, token))
     }
 
+    /// Hands the next ready message out only if it needs no SQS call first: received at most
+    /// half its visibility ago (see `still_fresh` in `mod.rs`).
+    pub(super) fn hand_out_young(
+        &mut self,
+        visibility: Duration,
+        now: Instant,
+    ) -> Option<(Received, u64)> {
+        let young = self
+            .ready
+            .front()
+            .is_some_and(|r| now.saturating_duration_since(r.received_at) <= visibility / 2);
+        if young {
+            self.hand_out(visibility)
+        } else {
+            None
+        }
+    }
+
     /// Whether `token` is handed out and not settled or expired.
     pub(super) fn is_handed(&self, token: u64) -> bool {
         self.handed.contains_key(&token)
@@ -219,6 +237,28 @@ mod tests {
         assert!(st.hand_out(VISIBILITY).is_none(), "a3 waits behind a2");
         st.settle(t2, false);
         assert_eq!(st.outstanding, 2);
+    }
+
+    #[test]
+    fn only_young_messages_join_a_batch_without_a_call() {
+        let (mut st, now) = (State::default(), Instant::now());
+        received(&mut st, "young", None, now);
+        received(
+            &mut st,
+            "old",
+            None,
+            now - VISIBILITY / 2 - Duration::from_millis(1),
+        );
+        received(&mut st, "after", None, now);
+        let (young, _) = st.hand_out_young(VISIBILITY, now).expect("young");
+        assert_eq!(young.receipt, "young");
+        assert!(
+            st.hand_out_young(VISIBILITY, now).is_none(),
+            "past half its visibility: needs a visibility call first"
+        );
+        let (old, _) = st.hand_out(VISIBILITY).expect("through the awaited path");
+        assert_eq!(old.receipt, "old");
+        assert!(st.hand_out_young(VISIBILITY, now).is_some());
     }
 
     #[test]
