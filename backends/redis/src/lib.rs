@@ -287,7 +287,10 @@ impl Inner {
     ) -> Result<()> {
         let n = self.partitions(topic).await?;
         let mut pipe = redis::pipe();
-        pipe.atomic();
+        // All or nothing (MULTI/EXEC) for a batch; one XADD is atomic on its own.
+        if messages.len() > 1 || delay.is_some_and(|d| !d.is_zero()) {
+            pipe.atomic();
+        }
         match delay.filter(|d| !d.is_zero()) {
             None => {
                 for m in messages {

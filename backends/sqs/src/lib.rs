@@ -17,6 +17,7 @@ use async_trait::async_trait;
 use aws_sdk_sns::types::PublishBatchRequestEntry;
 use aws_sdk_sqs::error::ProvideErrorMetadata;
 use aws_sdk_sqs::types::QueueAttributeName;
+use busbar_core::raw::coalesce::Coalescer;
 use busbar_core::raw::{known, Backend, Connect, Identity};
 use busbar_core::{
     Bus, Capabilities, Error, ErrorKind, Message, Ordering, PublishOptions, Result,
@@ -62,6 +63,8 @@ pub(crate) struct Inner {
     groups: Mutex<HashMap<(String, String), GroupQueue>>,
     /// Queue ARN → queue URL, for delayed publishes.
     queue_urls: Mutex<HashMap<String, String>>,
+    /// Single publishes, coalesced per topic ARN ([`publish_coalescer`]).
+    singles: Coalescer<String, codec::Encoded>,
 }
 
 impl Inner {
@@ -370,92 +373,174 @@ impl Inner {
         Ok(())
     }
 
-    /// Publishes in order, in `PublishBatch` calls of at most 10 entries and 256 KiB.
+    /// Publishes in order, in `PublishBatch` calls of at most 10 entries and 256 KiB. A
+    /// single message joins the single messages other tasks publish at the same moment to
+    /// the same topic ([`publish_coalescer`]): one call for up to 10 of them.
     pub(crate) async fn publish_many(&self, topic: &str, messages: &[Message]) -> Result<()> {
         let encoded = messages
             .iter()
             .map(codec::encode)
             .collect::<Result<Vec<_>>>()?;
         let arn = self.topic_arn(topic).await?;
-        if let [one] = encoded.as_slice() {
-            let mut req = self
-                .sns
-                .publish()
-                .topic_arn(&arn)
-                .message(&one.body)
-                .set_message_attributes(Some(codec::sns_attributes(one)?));
-            if self.config.fifo {
-                req = req
-                    .message_group_id(&one.group_id)
-                    .message_deduplication_id(&one.dedup_id);
-            }
-            req.send()
-                .await
-                .map_err(|e| error::map(e, "publishing to SNS"))?;
-            return Ok(());
+        if encoded.len() == 1 {
+            let one = encoded.into_iter().next().ok_or_else(|| {
+                Error::new(ErrorKind::InvalidInput, "nothing to publish").with_backend(BACKEND)
+            })?;
+            return self.singles.submit(arn, one).await;
         }
-        let mut start = 0;
-        while start < encoded.len() {
-            let mut end = start;
-            let mut bytes = 0;
-            while end < encoded.len()
-                && end - start < SNS_BATCH_MAX
-                && (end == start || bytes + encoded[end].size <= codec::SNS_MAX_BYTES)
-            {
-                bytes += encoded[end].size;
-                end += 1;
-            }
-            let entries = encoded[start..end]
-                .iter()
+        let mut published = 0;
+        for chunk in sns_chunks(&encoded) {
+            let entries = &encoded[chunk.clone()];
+            let outcomes = publish_batch(&self.sns, self.config.fifo, &arn, entries).await?;
+            if let Some((i, failed)) = outcomes
+                .into_iter()
                 .enumerate()
-                .map(|(i, e)| {
-                    let mut b = PublishBatchRequestEntry::builder()
-                        .id(i.to_string())
-                        .message(&e.body)
-                        .set_message_attributes(Some(codec::sns_attributes(e)?));
-                    if self.config.fifo {
-                        b = b
-                            .message_group_id(&e.group_id)
-                            .message_deduplication_id(&e.dedup_id);
-                    }
-                    b.build().map_err(|err| {
-                        Error::new(ErrorKind::InvalidInput, format!("batch entry {i}: {err}"))
-                            .with_backend(BACKEND)
-                    })
-                })
-                .collect::<Result<Vec<_>>>()?;
-            let out = self
-                .sns
-                .publish_batch()
-                .topic_arn(&arn)
-                .set_publish_batch_request_entries(Some(entries))
-                .send()
-                .await
-                .map_err(|e| error::map(e, "publishing a batch to SNS"))?;
-            if let Some(failed) = out.failed.as_deref().and_then(<[_]>::first) {
-                let published = start + out.successful.as_deref().map_or(0, <[_]>::len);
+                .find_map(|(i, o)| o.err().map(|e| (i, e)))
+            {
+                let entry = chunk.start + i;
                 return Err(Error::new(
-                    if failed.sender_fault {
-                        ErrorKind::Broker
-                    } else {
-                        ErrorKind::Connection
-                    },
+                    failed.kind(),
                     format!(
-                        "SNS refused batch entry {} [{}]: {} ({} of {} messages published; publishing the batch again is safe{})",
-                        start + failed.id.parse::<usize>().unwrap_or(0),
-                        failed.code,
-                        failed.message.as_deref().unwrap_or("no message"),
-                        published,
+                        "{} (batch entry {entry}; {} of {} messages published; publishing the batch again is safe{})",
+                        failed.message(),
+                        published + i,
                         messages.len(),
                         if self.config.fifo { ": FIFO de-duplication drops the repeats" } else { " but may duplicate" },
                     ),
                 )
                 .with_backend(BACKEND));
             }
-            start = end;
+            published += entries.len();
         }
         Ok(())
     }
+}
+
+/// `PublishBatch` calls in flight at once per topic for coalesced single publishes.
+const PUBLISHES_IN_FLIGHT: usize = 4;
+
+/// Single publishes through core's [`Coalescer`]: what concurrent publishers send to one
+/// topic while a call is in flight goes together, up to 10 per `PublishBatch` and
+/// [`PUBLISHES_IN_FLIGHT`] calls at once; a lone publish goes out at once, and each publisher
+/// gets its own entry's outcome. A publisher awaiting each publish still sends one at a time,
+/// so its messages keep their order.
+fn publish_coalescer(sns: aws_sdk_sns::Client, fifo: bool) -> Coalescer<String, codec::Encoded> {
+    Coalescer::spawn_per_entry(
+        SNS_BATCH_MAX,
+        PUBLISHES_IN_FLIGHT,
+        move |arn: String, items| {
+            let sns = sns.clone();
+            async move {
+                let mut out = Vec::with_capacity(items.len());
+                for chunk in sns_chunks(&items) {
+                    let n = chunk.len();
+                    match publish_batch(&sns, fifo, &arn, &items[chunk]).await {
+                        Ok(outcomes) => out.extend(outcomes),
+                        Err(e) => out.extend((0..n).map(|_| Err(error::copy(&e)))),
+                    }
+                }
+                out
+            }
+        },
+    )
+}
+
+/// The `PublishBatch` calls of `encoded`, in order: at most 10 entries and
+/// [`codec::SNS_MAX_BYTES`] each (a message alone may use the whole limit).
+fn sns_chunks(encoded: &[codec::Encoded]) -> Vec<std::ops::Range<usize>> {
+    let mut chunks = Vec::new();
+    let mut start = 0;
+    while start < encoded.len() {
+        let mut end = start;
+        let mut bytes = 0;
+        while end < encoded.len()
+            && end - start < SNS_BATCH_MAX
+            && (end == start || bytes + encoded[end].size <= codec::SNS_MAX_BYTES)
+        {
+            bytes += encoded[end].size;
+            end += 1;
+        }
+        chunks.push(start..end);
+        start = end;
+    }
+    chunks
+}
+
+/// One `PublishBatch` call: `Err` when the call failed, else each entry's outcome, in order.
+async fn publish_batch(
+    sns: &aws_sdk_sns::Client,
+    fifo: bool,
+    arn: &str,
+    entries: &[codec::Encoded],
+) -> Result<Vec<Result<()>>> {
+    let requests = entries
+        .iter()
+        .enumerate()
+        .map(|(i, e)| {
+            let mut b = PublishBatchRequestEntry::builder()
+                .id(i.to_string())
+                .message(&e.body)
+                .set_message_attributes(Some(codec::sns_attributes(e)?));
+            if fifo {
+                b = b
+                    .message_group_id(&e.group_id)
+                    .message_deduplication_id(&e.dedup_id);
+            }
+            b.build().map_err(|err| {
+                Error::new(ErrorKind::InvalidInput, format!("batch entry {i}: {err}"))
+                    .with_backend(BACKEND)
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let out = sns
+        .publish_batch()
+        .topic_arn(arn)
+        .set_publish_batch_request_entries(Some(requests))
+        .send()
+        .await
+        .map_err(|e| error::map(e, "publishing to SNS"))?;
+    let mut outcomes: Vec<Result<()>> = entries
+        .iter()
+        .map(|_| {
+            Err(Error::new(
+                ErrorKind::Broker,
+                "SNS answered neither success nor failure for this entry",
+            )
+            .with_backend(BACKEND))
+        })
+        .collect();
+    for ok in out.successful.unwrap_or_default() {
+        if let Some(slot) = ok
+            .id
+            .and_then(|id| id.parse::<usize>().ok())
+            .and_then(|i| outcomes.get_mut(i))
+        {
+            *slot = Ok(());
+        }
+    }
+    for failed in out.failed.unwrap_or_default() {
+        if let Some(slot) = failed
+            .id
+            .parse::<usize>()
+            .ok()
+            .and_then(|i| outcomes.get_mut(i))
+        {
+            *slot = Err(Error::new(
+                if failed.sender_fault {
+                    ErrorKind::Broker
+                } else {
+                    ErrorKind::Connection
+                },
+                format!(
+                    "SNS refused the message [{}]: {}",
+                    failed.code,
+                    failed.message.as_deref().unwrap_or("no message")
+                ),
+            )
+            .with_backend(BACKEND));
+        }
+    }
+    Ok(outcomes)
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -595,6 +680,7 @@ impl Connect for Sqs {
         let (closing, _) = tokio::sync::watch::channel(false);
         Ok(Self {
             inner: Arc::new(Inner {
+                singles: publish_coalescer(sns.clone(), config.fifo),
                 config,
                 sqs,
                 sns,
