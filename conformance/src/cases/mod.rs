@@ -189,6 +189,12 @@ pub fn all() -> Vec<Case> {
             "per-key order holds through the runner with 3 consumers, a crash, a join and retries"
         ),
         case!(
+            ordering::batches_keep_per_key_order,
+            needs_per_key,
+            180,
+            "the batch handler API (run_batches): 16 keys x 50 messages, batches of up to 32, some events failing once: one event per key per batch, each key in order across batches and retries, nothing lost"
+        ),
+        case!(
             ordering::consumer_crash,
             needs_groups,
             120,

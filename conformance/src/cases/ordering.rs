@@ -311,3 +311,98 @@ pub async fn consumer_crash(ctx: Ctx) -> Result<Outcome> {
     Ok(Outcome::with_duplicates(got.duplicates)
         .note(format!("{take} held by the crashed consumer")))
 }
+
+/// The batch handler API on the broker: 16 keys x 50 messages through `run_batches` (batches
+/// of up to 32, 4 at once, about 1 in 16 events failing once): no batch holds two events of a
+/// key, each key is handled in order across batches and retries, nothing is lost.
+pub async fn batches_keep_per_key_order(ctx: Ctx) -> Result<Outcome> {
+    const MAX_BATCH: usize = 32;
+    let per_key = ctx.count(50);
+    let keys: Vec<String> = (0..16).map(|k| format!("key{k}")).collect();
+    let topic = ctx.topic("t");
+    let group = ctx.group("g");
+    let consumer = Consumer::new(ctx.bus.clone(), &topic)
+        .group(&group)
+        .start(StartPosition::Latest)
+        .concurrency(4)
+        .max_in_flight(128)
+        .retry(
+            RetryPolicy::builder()
+                .max_attempts(10)
+                .initial_delay(Duration::from_millis(5))
+                .max_delay(Duration::from_millis(50))
+                .build()
+                .unwrap_or_default(),
+        );
+    ctx.bus
+        .provision(&topic, &consumer.subscribe_options())
+        .await?;
+    let tracker = Arc::new(OrderTracker::default());
+    let shared_keys = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let largest = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (t, twice, big) = (tracker.clone(), shared_keys.clone(), largest.clone());
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let run = tokio::spawn(consumer.run_batches_until(
+        MAX_BATCH,
+        move |events: Vec<Event>| {
+            let (t, twice, big) = (t.clone(), twice.clone(), big.clone());
+            async move {
+                big.fetch_max(events.len(), std::sync::atomic::Ordering::AcqRel);
+                let parsed: Vec<Option<(String, usize)>> = events
+                    .iter()
+                    .map(|e| parse_keyed(e.payload()).ok())
+                    .collect();
+                let distinct: HashSet<&String> = parsed.iter().flatten().map(|(k, _)| k).collect();
+                if distinct.len() != parsed.iter().flatten().count() {
+                    twice.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+                }
+                for (e, p) in events.iter().zip(&parsed) {
+                    if let Some((k, n)) = p {
+                        t.start_by(k, *n, "batch", e.attempt());
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+                events
+                    .iter()
+                    .zip(parsed)
+                    .map(|(e, p)| {
+                        let (k, n) = p.ok_or_else(|| format!("not <key>/<n>: {}", e.id()))?;
+                        if injected_failure(e) {
+                            t.failed_by(&k, n, "batch");
+                            return Err(format!("injected failure of {k}/{n}"));
+                        }
+                        t.done_by(&k, n, "batch");
+                        Ok(())
+                    })
+                    .collect::<Vec<_>>()
+            }
+        },
+        async move {
+            let _ = stop_rx.await;
+        },
+    ));
+    publish_keys(&ctx.bus, &topic, &keys, 0..per_key).await?;
+    let total = keys.len() * per_key;
+    let waited = wait_for(Duration::from_secs(120), "every message handled", || {
+        tracker.handled() >= total
+    })
+    .await;
+    let _ = stop_tx.send(());
+    let report = run
+        .await
+        .map_err(|e| anyhow!("the consumer task failed: {e}"))??;
+    waited.map_err(|e| anyhow!("{e}: {}", tracker.progress(&keys, per_key)))?;
+    tracker.verify(&keys, per_key)?;
+    let twice = shared_keys.load(std::sync::atomic::Ordering::Acquire);
+    ensure!(twice == 0, "{twice} batches held two events of one key");
+    ensure!(
+        report.error.is_none(),
+        "the run ended with {:?}",
+        report.error
+    );
+    Ok(Outcome::with_duplicates(tracker.duplicates()).note(format!(
+        "{total} messages, largest batch {}, {} retried",
+        largest.load(std::sync::atomic::Ordering::Acquire),
+        report.retried
+    )))
+}
