@@ -21,6 +21,7 @@
 //! message is a CloudEvent). Messages of busbar before 0.2 (`Busbar-Id`, `Busbar-Headers`)
 //! still decode.
 
+use async_nats::header::{HeaderName, IntoHeaderName};
 use async_nats::HeaderMap;
 use busbar_core::raw::cloudevents::{self, percent_decode, percent_encode};
 use busbar_core::{Message, Result};
@@ -86,11 +87,29 @@ fn escaped_name(name: &str) -> bool {
         || lower == "content-type"
 }
 
+/// The `ce-` header of a CloudEvents attribute: static for every attribute busbar writes, so
+/// a publish allocates no header names.
+fn ce_header(attribute: &str) -> HeaderName {
+    match attribute {
+        "specversion" => HeaderName::from_static("ce-specversion"),
+        "id" => HeaderName::from_static("ce-id"),
+        "source" => HeaderName::from_static("ce-source"),
+        "type" => HeaderName::from_static("ce-type"),
+        "time" => HeaderName::from_static("ce-time"),
+        "datacontenttype" => HeaderName::from_static("ce-datacontenttype"),
+        "partitionkey" => HeaderName::from_static("ce-partitionkey"),
+        "correlationid" => HeaderName::from_static("ce-correlationid"),
+        "causationid" => HeaderName::from_static("ce-causationid"),
+        "dataversion" => HeaderName::from_static("ce-dataversion"),
+        other => format!("{CE}{other}").into_header_name(),
+    }
+}
+
 /// The NATS headers of `m`.
 pub(crate) fn encode(m: &Message) -> HeaderMap {
     let mut h = HeaderMap::new();
     for (name, value) in cloudevents::attributes(m) {
-        h.insert(format!("{CE}{name}"), percent_encode(&value).as_ref());
+        h.insert(ce_header(name), percent_encode(&value).as_ref());
     }
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
     for (n, v) in m.headers.iter() {
@@ -100,8 +119,8 @@ pub(crate) fn encode(m: &Message) -> HeaderMap {
         }
     }
     h.insert(
-        DEDUP_ID,
-        format!("{}/{hash:016x}", percent_encode(&m.id)).as_str(),
+        HeaderName::from_static(DEDUP_ID),
+        format!("{}/{hash:016x}", percent_encode(&m.id)),
     );
     for (name, value) in m
         .headers

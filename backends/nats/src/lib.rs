@@ -34,7 +34,8 @@ pub(crate) struct Inner {
     pub(crate) js: jetstream::Context,
     closed: AtomicBool,
     max_payload: usize,
-    topics: Mutex<HashMap<String, u32>>,
+    /// Per topic whose stream was read: its partition subjects.
+    topics: Mutex<HashMap<String, Arc<[async_nats::Subject]>>>,
     leases: tokio::sync::OnceCell<leases::LeaseStore>,
     unseen: tokio::sync::OnceCell<leases::LeaseStore>,
     round_robin: AtomicU32,
@@ -79,8 +80,8 @@ impl Inner {
             let kind = error::request_kind(&e);
             error::map(kind, e, "creating the topic stream")
         })?;
-        if let Some(n) = self.cached_partitions(topic) {
-            return Ok((stream, n));
+        if let Some(subjects) = self.cached_subjects(topic) {
+            return Ok((stream, subjects.len() as u32));
         }
         let info = stream.info().await.map_err(|e| {
             let kind = error::request_kind(&e);
@@ -96,10 +97,13 @@ impl Inner {
             }
         }
         let n = partitions_of(&info.config, &name)?;
+        let subjects: Arc<[async_nats::Subject]> = (0..n)
+            .map(|p| async_nats::Subject::from(config::subject(topic, p)))
+            .collect();
         self.topics
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .insert(topic.to_owned(), n);
+            .insert(topic.to_owned(), subjects);
         Ok((stream, n))
     }
 
@@ -246,12 +250,14 @@ impl Inner {
         Ok(Some((stream, state.last_sequence)))
     }
 
-    fn cached_partitions(&self, topic: &str) -> Option<u32> {
+    /// The partition subjects of `topic`, once its stream was read (their number is its
+    /// partition count).
+    fn cached_subjects(&self, topic: &str) -> Option<Arc<[async_nats::Subject]>> {
         self.topics
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .get(topic)
-            .copied()
+            .cloned()
     }
 
     /// Creates the group's durable consumer on every partition (existing ones are kept).
@@ -325,20 +331,30 @@ impl Inner {
     ) -> Result<()> {
         let due = delay.map(codec::schedule_at).transpose()?;
         // The stream is created (and its partition count read) once per topic and process.
-        let n = match self.cached_partitions(topic) {
-            Some(n) => n,
-            None => self.topic(topic).await?.1,
+        let subjects = match self.cached_subjects(topic) {
+            Some(s) => s,
+            None => {
+                self.topic(topic).await?;
+                self.cached_subjects(topic).ok_or_else(|| {
+                    Error::new(ErrorKind::Broker, "the topic stream was not read")
+                        .with_backend(BACKEND)
+                })?
+            }
         };
+        let n = subjects.len() as u32;
         // Every message is encoded and checked before the first is sent: a batch holding one
         // the server would refuse publishes nothing.
         let mut encoded = Vec::with_capacity(messages.len());
         for m in messages {
             let mut headers = codec::encode(m);
-            let mut subject = config::subject(topic, self.partition_of(m, n));
+            let p = self.partition_of(m, n) as usize;
+            let mut subject = subjects.get(p).cloned().ok_or_else(|| {
+                Error::new(ErrorKind::Broker, format!("partition {p} of {n}")).with_backend(BACKEND)
+            })?;
             if let Some(due) = &due {
                 headers.insert(codec::SCHEDULE, due.as_str());
                 headers.insert(codec::SCHEDULE_TARGET, subject.as_str());
-                subject = config::schedule_subject(topic);
+                subject = config::schedule_subject(topic).into();
             }
             let header_len = codec::wire_len(&headers);
             let size = header_len + m.payload.len();
@@ -518,10 +534,11 @@ fn partitions_of(config: &stream::Config, name: &str) -> Result<u32> {
         .as_deref()
         .and_then(|d| d.rsplit_once("partitions="))
         .and_then(|(_, n)| n.trim().parse::<u32>().ok())
-        .filter(|n| *n > 0)
+        // The range busbar creates topics with (`partitions` of the URL).
+        .filter(|n| (1..=1024).contains(n))
         .ok_or_else(|| {
             error::decode(format!(
-                "stream {name} exists but was not created by busbar (no partition count)"
+                "stream {name} exists but was not created by busbar (no partition count of 1 to 1024)"
             ))
         })
 }

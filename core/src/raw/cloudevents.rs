@@ -45,10 +45,7 @@ pub fn attributes(m: &Message) -> Vec<(&'static str, Cow<'_, str>)> {
         "type",
         Cow::Borrowed(m.event_type.as_deref().unwrap_or(DEFAULT_TYPE)),
     ));
-    out.push((
-        "time",
-        Cow::Owned(m.time.to_rfc3339_opts(SecondsFormat::Nanos, true)),
-    ));
+    out.push(("time", Cow::Owned(rfc3339_nanos(&m.time))));
     if let Some(c) = &m.content_type {
         out.push(("datacontenttype", Cow::Borrowed(c.as_str())));
     }
@@ -61,6 +58,45 @@ pub fn attributes(m: &Message) -> Vec<(&'static str, Cow<'_, str>)> {
         }
     }
     out
+}
+
+/// `t` as RFC 3339 in UTC with nanoseconds (`2026-12-07T19:30:22.123456789Z`), exactly as
+/// chrono's `to_rfc3339_opts(SecondsFormat::Nanos, true)` writes it, without the formatting
+/// machinery for the years 0 to 9999 (every publish writes one; chrono writes the rest and
+/// leap seconds).
+pub fn rfc3339_nanos(t: &DateTime<Utc>) -> String {
+    use chrono::{Datelike, Timelike};
+    let nanos = t.nanosecond();
+    if !(0..=9999).contains(&t.year()) || nanos >= 1_000_000_000 {
+        return t.to_rfc3339_opts(SecondsFormat::Nanos, true);
+    }
+    let mut out = [0u8; 30];
+    let mut put = |at: usize, width: usize, mut v: u32| {
+        for i in (0..width).rev() {
+            out[at + i] = b'0' + (v % 10) as u8;
+            v /= 10;
+        }
+    };
+    put(0, 4, t.year() as u32);
+    put(5, 2, t.month());
+    put(8, 2, t.day());
+    put(11, 2, t.hour());
+    put(14, 2, t.minute());
+    put(17, 2, t.second());
+    put(20, 9, nanos);
+    for (at, c) in [
+        (4, b'-'),
+        (7, b'-'),
+        (10, b'T'),
+        (13, b':'),
+        (16, b':'),
+        (19, b'.'),
+        (29, b'Z'),
+    ] {
+        out[at] = c;
+    }
+    String::from_utf8(out.to_vec())
+        .unwrap_or_else(|_| t.to_rfc3339_opts(SecondsFormat::Nanos, true))
 }
 
 /// Applies attribute `name` (without the binding's prefix, lower case) read off the wire to
@@ -122,6 +158,39 @@ pub fn percent_decode(v: &str) -> Result<Cow<'_, str>, String> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn rfc3339_nanos_writes_what_chrono_writes() {
+        use chrono::TimeZone;
+        let mut times = vec![
+            Utc.timestamp_opt(0, 0).single(),
+            Utc.timestamp_opt(1_700_000_000, 123_456_789).single(),
+            Utc.with_ymd_and_hms(0, 1, 1, 0, 0, 0).single(),
+            Utc.with_ymd_and_hms(9999, 12, 31, 23, 59, 59).single(),
+            Utc.with_ymd_and_hms(10000, 1, 1, 0, 0, 0).single(),
+            Utc.with_ymd_and_hms(-1, 6, 1, 12, 0, 0).single(),
+            // A leap second: chrono keeps it in the nanoseconds.
+            Utc.timestamp_opt(1_483_228_799, 1_500_000_000).single(),
+        ];
+        let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
+        for _ in 0..2000 {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            let secs = (seed % 253_402_300_799) as i64;
+            times.push(
+                Utc.timestamp_opt(secs, (seed >> 32) as u32 % 1_000_000_000)
+                    .single(),
+            );
+        }
+        for t in times.into_iter().flatten() {
+            assert_eq!(
+                rfc3339_nanos(&t),
+                t.to_rfc3339_opts(SecondsFormat::Nanos, true),
+                "{t:?}"
+            );
+        }
+    }
+
     use super::*;
 
     #[test]
