@@ -521,6 +521,104 @@ pub async fn latency(bus: &Arc<dyn EventBus>, rate: u32, count: usize) -> Result
     })
 }
 
+/// How a raw side's measured publishes go out: all in batches, or one at a time at a rate.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Pace {
+    /// `n` messages, this many per round trip.
+    Batches(usize),
+    /// One message at a time, this many per second.
+    Rate(u32),
+}
+
+/// Called with the payload of every message a raw side's consumer receives.
+pub(crate) type Observe = Arc<dyn Fn(&[u8]) + Send + Sync>;
+
+/// An [`Observe`] that looks at nothing (the throughput workloads).
+pub(crate) fn ignore() -> Observe {
+    Arc::new(|_| {})
+}
+
+/// Sends the measured part of a raw run: `publish(count, batch)` once for all `n` messages
+/// in batches, or `n` times one message at the pace's rate.
+pub(crate) async fn paced<F, Fut, T>(n: usize, pace: Pace, mut publish: F) -> Result<()>
+where
+    F: FnMut(usize, usize) -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    match pace {
+        Pace::Batches(batch) => publish(n, batch).await.map(|_| ()),
+        Pace::Rate(rate) => {
+            let gap = Duration::from_secs_f64(1.0 / f64::from(rate.max(1)));
+            let mut next = tokio::time::Instant::now();
+            for _ in 0..n {
+                tokio::time::sleep_until(next).await;
+                next += gap;
+                publish(1, 1).await?;
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Microseconds since the Unix epoch (the send time a latency payload carries; sender and
+/// receiver share this machine's clock).
+fn now_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
+/// A latency payload: the send time ([`now_us`], 20 digits), padded to [`PAYLOAD_BYTES`].
+fn stamped(_: usize) -> Vec<u8> {
+    let mut p = format!("{:020}", now_us()).into_bytes();
+    p.resize(PAYLOAD_BYTES, b'x');
+    p
+}
+
+/// The raw client's publish-to-consumer latency at `rate` msgs/s, one message at a time
+/// (after an unmeasured probe), like [`latency`] measures busbar's through the runner;
+/// `Ok(None)` for sides that are not a raw client.
+pub async fn raw_latency(subject: &Subject, rate: u32, count: usize) -> Result<Option<Latency>> {
+    let topic = fresh_topic("latency");
+    let hist = Arc::new(Mutex::new(
+        hdrhistogram::Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)
+            .context("histogram bounds")?,
+    ));
+    let probe_seen = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let h = hist.clone();
+    let observe: Observe = Arc::new(move |payload: &[u8]| {
+        // The first message a run receives is its probe, sent before the measured part.
+        if !probe_seen.swap(true, AtomicOrdering::AcqRel) {
+            return;
+        }
+        let sent: u64 = std::str::from_utf8(&payload[..20.min(payload.len())])
+            .ok()
+            .and_then(|t| t.parse().ok())
+            .unwrap_or(0);
+        if let Ok(mut h) = h.lock() {
+            let _ = h.record(now_us().saturating_sub(sent).max(1));
+        }
+    });
+    let pace = Pace::Rate(rate);
+    match subject {
+        Subject::RawRedis(r) => r.run(&topic, count, stamped, pace, observe).await?,
+        Subject::RawNats(r) => r.run(&topic, count, stamped, pace, observe).await?,
+        Subject::RawKafka(r) => r.run(&topic, count, stamped, pace, observe).await?,
+        Subject::RawAmqp(r) => r.run(&topic, count, stamped, pace, observe).await?,
+        Subject::RawSqs(r) => r.run(&topic, count, stamped, pace, observe).await?,
+        _ => return Ok(None),
+    };
+    let h = hist
+        .lock()
+        .map_err(|_| anyhow::anyhow!("histogram lock poisoned"))?;
+    Ok(Some(Latency {
+        p50_us: h.value_at_quantile(0.5),
+        p99_us: h.value_at_quantile(0.99),
+        p999_us: h.value_at_quantile(0.999),
+        count: h.len(),
+    }))
+}
+
 /// Messages per second.
 pub fn rate(n: usize, d: Duration) -> f64 {
     n as f64 / d.as_secs_f64().max(1e-9)

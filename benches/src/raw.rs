@@ -64,6 +64,26 @@ impl RawRedis {
         n: usize,
         payload: fn(usize) -> Vec<u8>,
     ) -> Result<Duration> {
+        self.run(
+            topic,
+            n,
+            payload,
+            crate::Pace::Batches(100),
+            crate::ignore(),
+        )
+        .await
+    }
+
+    /// The consumer of [`RawRedis::end_to_end`] against `n` messages sent at `pace`, each
+    /// payload shown to `observe`; the time from the first measured publish to the last ack.
+    pub(crate) async fn run(
+        &self,
+        topic: &str,
+        n: usize,
+        payload: fn(usize) -> Vec<u8>,
+        pace: crate::Pace,
+        observe: crate::Observe,
+    ) -> Result<Duration> {
         let key = format!("raw:{topic}");
         let mut conn = self.conn.clone();
         redis::cmd("XGROUP")
@@ -93,10 +113,14 @@ impl RawRedis {
                     .arg(">")
                     .query_async(&mut reader)
                     .await?;
-                let ids = stream_ids(reply);
-                if ids.is_empty() {
+                let entries = stream_entries(reply);
+                if entries.is_empty() {
                     continue;
                 }
+                for (_, d) in &entries {
+                    observe(d);
+                }
+                let ids: Vec<&String> = entries.iter().map(|(id, _)| id).collect();
                 redis::cmd("XACK")
                     .arg(&k)
                     .arg("g")
@@ -110,30 +134,43 @@ impl RawRedis {
         self.publish(topic, 1, 1, payload).await?;
         crate::wait_seen(&seen, 1, crate::PROBE_LIMIT).await?;
         let started = Instant::now();
-        self.publish(topic, n, 100, payload).await?;
+        crate::paced(n, pace, |count, batch| {
+            self.publish(topic, count, batch, payload)
+        })
+        .await?;
         consumer.await??;
         Ok(started.elapsed())
     }
 }
 
-fn stream_ids(v: redis::Value) -> Vec<String> {
+/// The entries of an XREADGROUP reply: id and the `d` field (the payload).
+fn stream_entries(v: redis::Value) -> Vec<(String, Vec<u8>)> {
     use redis::Value::{Array, BulkString};
     let mut out = Vec::new();
-    if let Array(streams) = v {
-        for s in streams {
-            if let Array(mut parts) = s {
-                if let Some(Array(entries)) = parts.pop() {
-                    for e in entries {
-                        if let Array(mut f) = e {
-                            if !f.is_empty() {
-                                if let BulkString(id) = f.swap_remove(0) {
-                                    out.push(String::from_utf8_lossy(&id).into_owned());
-                                }
-                            }
-                        }
+    let Array(streams) = v else {
+        return out;
+    };
+    for s in streams {
+        let Array(mut parts) = s else { continue };
+        let Some(Array(entries)) = parts.pop() else {
+            continue;
+        };
+        for e in entries {
+            let Array(f) = e else { continue };
+            let mut f = f.into_iter();
+            let (Some(BulkString(id)), Some(Array(fields))) = (f.next(), f.next()) else {
+                continue;
+            };
+            let mut payload = Vec::new();
+            let mut fields = fields.into_iter();
+            while let (Some(name), Some(value)) = (fields.next(), fields.next()) {
+                if let (BulkString(name), BulkString(value)) = (name, value) {
+                    if name == b"d" {
+                        payload = value;
                     }
                 }
             }
+            out.push((String::from_utf8_lossy(&id).into_owned(), payload));
         }
     }
     out
@@ -231,6 +268,26 @@ impl RawNats {
         n: usize,
         payload: fn(usize) -> Vec<u8>,
     ) -> Result<Duration> {
+        self.run(
+            topic,
+            n,
+            payload,
+            crate::Pace::Batches(100),
+            crate::ignore(),
+        )
+        .await
+    }
+
+    /// The consumer of [`RawNats::end_to_end`] against `n` messages sent at `pace`, each
+    /// payload shown to `observe`.
+    pub(crate) async fn run(
+        &self,
+        topic: &str,
+        n: usize,
+        payload: fn(usize) -> Vec<u8>,
+        pace: crate::Pace,
+        observe: crate::Observe,
+    ) -> Result<Duration> {
         let (stream, subject) = self.stream(topic).await?;
         let consumer = stream
             .get_or_create_consumer::<async_nats::jetstream::consumer::pull::Config>(
@@ -258,6 +315,7 @@ impl RawNats {
                     .await
                     .ok_or_else(|| anyhow!("pull ended"))?
                     .map_err(|e| anyhow!("pull: {e}"))?;
+                observe(&m.payload);
                 m.ack().await.map_err(|e| anyhow!("ack: {e}"))?;
                 s.fetch_add(1, AtomicOrdering::AcqRel);
             }
@@ -266,7 +324,10 @@ impl RawNats {
         self.publish_on(&subject, 1, 1, payload).await?;
         crate::wait_seen(&seen, 1, crate::PROBE_LIMIT).await?;
         let started = Instant::now();
-        self.publish_on(&subject, n, 100, payload).await?;
+        crate::paced(n, pace, |count, batch| {
+            self.publish_on(&subject, count, batch, payload)
+        })
+        .await?;
         reader.await??;
         Ok(started.elapsed())
     }
@@ -375,7 +436,28 @@ impl RawKafka {
         n: usize,
         payload: fn(usize) -> Vec<u8>,
     ) -> Result<Duration> {
+        self.run(
+            topic,
+            n,
+            payload,
+            crate::Pace::Batches(100),
+            crate::ignore(),
+        )
+        .await
+    }
+
+    /// The consumer of [`RawKafka::end_to_end`] against `n` messages sent at `pace`, each
+    /// payload shown to `observe`.
+    pub(crate) async fn run(
+        &self,
+        topic: &str,
+        n: usize,
+        payload: fn(usize) -> Vec<u8>,
+        pace: crate::Pace,
+        observe: crate::Observe,
+    ) -> Result<Duration> {
         use rdkafka::consumer::{Consumer, StreamConsumer};
+        use rdkafka::Message as _;
         self.create_topic(topic).await?;
         let consumer: StreamConsumer = rdkafka::ClientConfig::new()
             .set("bootstrap.servers", &self.servers)
@@ -390,6 +472,7 @@ impl RawKafka {
         let reader = tokio::spawn(async move {
             while s.load(AtomicOrdering::Acquire) < n + 1 {
                 let m = consumer.recv().await?;
+                observe(m.payload().unwrap_or_default());
                 consumer.store_offset_from_message(&m)?;
                 s.fetch_add(1, AtomicOrdering::AcqRel);
             }
@@ -400,7 +483,10 @@ impl RawKafka {
         self.publish_on(topic, 1, 1, payload).await?;
         crate::wait_seen(&seen, 1, crate::PROBE_LIMIT).await?;
         let started = Instant::now();
-        self.publish_on(topic, n, 100, payload).await?;
+        crate::paced(n, pace, |count, batch| {
+            self.publish_on(topic, count, batch, payload)
+        })
+        .await?;
         reader.await??;
         Ok(started.elapsed())
     }

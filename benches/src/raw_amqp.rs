@@ -147,6 +147,26 @@ impl RawAmqp {
         n: usize,
         payload: fn(usize) -> Vec<u8>,
     ) -> Result<Duration> {
+        self.run(
+            topic,
+            n,
+            payload,
+            crate::Pace::Batches(100),
+            crate::ignore(),
+        )
+        .await
+    }
+
+    /// The consumers of [`RawAmqp::end_to_end`] against `n` messages sent at `pace`, each
+    /// payload shown to `observe`.
+    pub(crate) async fn run(
+        &self,
+        topic: &str,
+        n: usize,
+        payload: fn(usize) -> Vec<u8>,
+        pace: crate::Pace,
+        observe: crate::Observe,
+    ) -> Result<Duration> {
         let (conn, exchange, queues) = self.declare(topic).await?;
         let seen = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let done = std::sync::Arc::new(tokio::sync::Notify::new());
@@ -162,10 +182,11 @@ impl RawAmqp {
                     FieldTable::default(),
                 )
                 .await?;
-            let (seen, done) = (seen.clone(), done.clone());
+            let (seen, done, observe) = (seen.clone(), done.clone(), observe.clone());
             readers.push(tokio::spawn(async move {
                 while let Some(d) = consumer.next().await {
                     let d = d?;
+                    observe(&d.data);
                     d.ack(BasicAckOptions::default()).await?;
                     if seen.fetch_add(1, std::sync::atomic::Ordering::AcqRel) >= n {
                         done.notify_one();
@@ -177,7 +198,10 @@ impl RawAmqp {
         Self::publish_on(&conn, &exchange, 1, 1, payload).await?;
         crate::wait_seen(&seen, 1, crate::PROBE_LIMIT).await?;
         let started = Instant::now();
-        Self::publish_on(&conn, &exchange, n, 100, payload).await?;
+        crate::paced(n, pace, |count, batch| {
+            Self::publish_on(&conn, &exchange, count, batch, payload)
+        })
+        .await?;
         tokio::time::timeout(Duration::from_secs(300), async {
             while seen.load(std::sync::atomic::Ordering::Acquire) < n + 1 {
                 let _ = tokio::time::timeout(Duration::from_millis(50), done.notified()).await;

@@ -146,11 +146,26 @@ impl RawSqs {
         n: usize,
         payload: fn(usize) -> Vec<u8>,
     ) -> Result<Duration> {
+        self.run(topic, n, payload, crate::Pace::Batches(10), crate::ignore())
+            .await
+    }
+
+    /// The receivers of [`RawSqs::end_to_end`] against `n` messages sent at `pace`, each
+    /// payload shown to `observe`.
+    pub(crate) async fn run(
+        &self,
+        topic: &str,
+        n: usize,
+        payload: fn(usize) -> Vec<u8>,
+        pace: crate::Pace,
+        observe: crate::Observe,
+    ) -> Result<Duration> {
         let (arn, url) = self.topic_and_queue(topic).await?;
         let seen = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let readers: Vec<_> = (0..2)
             .map(|_| {
-                let (sqs, url, seen) = (self.sqs.clone(), url.clone(), seen.clone());
+                let (sqs, url, seen, observe) =
+                    (self.sqs.clone(), url.clone(), seen.clone(), observe.clone());
                 tokio::spawn(async move {
                     use std::sync::atomic::Ordering;
                     while seen.load(Ordering::Acquire) < n + 1 {
@@ -166,6 +181,9 @@ impl RawSqs {
                             .unwrap_or_default();
                         if got.is_empty() {
                             continue;
+                        }
+                        for m in &got {
+                            observe(m.body.as_deref().unwrap_or_default().as_bytes());
                         }
                         let entries = got
                             .iter()
@@ -193,7 +211,10 @@ impl RawSqs {
         self.publish_on(&arn, 1, 1, payload).await?;
         crate::wait_seen(&seen, 1, crate::PROBE_LIMIT).await?;
         let started = Instant::now();
-        self.publish_on(&arn, n, 10, payload).await?;
+        crate::paced(n, pace, |count, batch| {
+            self.publish_on(&arn, count, batch, payload)
+        })
+        .await?;
         // The clock stops at the last delete, not when the other receiver's long poll ends.
         let all = crate::wait_seen(&seen, n + 1, Duration::from_secs(300)).await;
         let elapsed = started.elapsed();

@@ -117,10 +117,19 @@ pub fn machine_info() -> String {
     format!("{cpu}, {cores} cores, {mem} RAM; {rustc}; brokers and benchmark on the same machine, loopback")
 }
 
+/// The latencies measured on one backend: busbar through its runner, and the raw client.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Latencies {
+    /// busbar, publish to handler through the consumer runner.
+    pub busbar: Option<Latency>,
+    /// The raw client, publish to its own consumer.
+    pub raw: Option<Latency>,
+}
+
 /// Writes the markdown report.
 pub fn markdown(
     rows: &[Row],
-    latencies: &BTreeMap<String, Latency>,
+    latencies: &BTreeMap<String, Latencies>,
     date: &str,
     chart: &str,
 ) -> String {
@@ -189,15 +198,33 @@ pub fn markdown(
     if !latencies.is_empty() {
         let _ = writeln!(
             out,
-            "\n## Latency, publish to handler through the consumer runner (µs)\n"
+            "\n## Latency at 500 msgs/s, publish to handler (µs)\n\nbusbar: through the consumer \
+             runner; raw: the raw client's own consumer (as in `e2e`). One message at a time, \
+             3,000 messages after an unmeasured probe.\n"
         );
-        let _ = writeln!(out, "| backend | p50 | p99 | p99.9 | messages |");
-        let _ = writeln!(out, "|---|---|---|---|---|");
+        let _ = writeln!(
+            out,
+            "| backend | busbar p50 | busbar p99 | busbar p99.9 | raw p50 | raw p99 | raw p99.9 | busbar p99 − raw p99 | messages |"
+        );
+        let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|");
+        let us = |l: Option<Latency>, f: fn(&Latency) -> u64| {
+            l.map_or("–".to_owned(), |l| f(&l).to_string())
+        };
         for (backend, l) in latencies {
+            let gap = match (l.busbar, l.raw) {
+                (Some(b), Some(r)) => format!("{:+}", b.p99_us as i64 - r.p99_us as i64),
+                _ => "–".to_owned(),
+            };
             let _ = writeln!(
                 out,
-                "| {backend} | {} | {} | {} | {} |",
-                l.p50_us, l.p99_us, l.p999_us, l.count
+                "| {backend} | {} | {} | {} | {} | {} | {} | {gap} | {} |",
+                us(l.busbar, |l| l.p50_us),
+                us(l.busbar, |l| l.p99_us),
+                us(l.busbar, |l| l.p999_us),
+                us(l.raw, |l| l.p50_us),
+                us(l.raw, |l| l.p99_us),
+                us(l.raw, |l| l.p999_us),
+                l.busbar.map_or(0, |l| l.count),
             );
         }
     }

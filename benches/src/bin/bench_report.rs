@@ -1,5 +1,6 @@
 //! `bench-report [CRITERION_DIR] [OUT_MD] [OUT_SVG]`: reads criterion's results, measures
-//! publish-to-handler latency on every reachable backend, and writes BENCHMARKS.md and the
+//! publish-to-handler latency on every reachable backend (busbar through its runner, and the
+//! raw client's own consumer), and writes BENCHMARKS.md and the
 //! chart (plus `docs/benchmarks-notes.md`, the hand-written reading notes, at the end). Run by
 //! `scripts/bench-report` after `cargo bench -p busbar-benches`.
 #![allow(clippy::print_stdout)]
@@ -7,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use busbar_benches::{latency, report, BACKENDS};
+use busbar_benches::{latency, raw_latency, report, subjects_for, Subject, BACKENDS};
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
@@ -24,17 +25,33 @@ async fn main() -> anyhow::Result<()> {
     let mut latencies = BTreeMap::new();
     for (backend, var, default) in BACKENDS {
         let url = busbar_benches::url_from_env(var, default);
-        match busbar::connect(&url).await {
-            Ok(bus) => {
-                let l = latency(&bus, 500, 3000).await?;
-                println!(
-                    "{backend}: latency p50 {} µs, p99 {} µs, p99.9 {} µs",
-                    l.p50_us, l.p99_us, l.p999_us
-                );
-                latencies.insert((*backend).to_owned(), l);
+        let subjects = match subjects_for(&url).await {
+            Ok(s) => s,
+            Err(e) => {
+                println!("{backend}: skipped ({e:#})");
+                continue;
             }
-            Err(e) => println!("{backend}: skipped ({e})"),
+        };
+        let mut row = report::Latencies::default();
+        for subject in &subjects {
+            let l = match subject {
+                Subject::Busbar(bus) => Some(latency(bus, 500, 3000).await?),
+                other => raw_latency(other, 500, 3000).await?,
+            };
+            let Some(l) = l else { continue };
+            println!(
+                "{backend} {}: latency p50 {} µs, p99 {} µs, p99.9 {} µs",
+                subject.label(),
+                l.p50_us,
+                l.p99_us,
+                l.p999_us
+            );
+            match subject {
+                Subject::Busbar(_) => row.busbar = Some(l),
+                _ => row.raw = Some(l),
+            }
         }
+        latencies.insert((*backend).to_owned(), row);
     }
     let date = std::process::Command::new("date")
         .args(["-u", "+%Y-%m-%d %H:%M UTC"])
