@@ -214,29 +214,8 @@ fn message(i: usize) -> Message {
 /// Publishes `n` messages one at a time (`batch` = None) or in batches; returns the time.
 pub async fn publish(subject: &Subject, n: usize, batch: Option<usize>) -> Result<Duration> {
     let topic = fresh_topic("publish");
-    if let Subject::Busbar(bus) = subject {
-        // A group to receive: RabbitMQ refuses messages no group would keep.
-        bus.provision(&topic, &SubscribeOptions::new("bench"))
-            .await?;
-    }
-    // Each side's setup (topics, queues, groups) stays out of the timed region.
-    let started = Instant::now();
-    match subject {
-        Subject::Busbar(bus) => match batch {
-            None => {
-                for i in 0..n {
-                    bus.publish(&topic, message(i), &PublishOptions::default())
-                        .await?;
-                }
-            }
-            Some(b) => {
-                for chunk in (0..n).collect::<Vec<_>>().chunks(b) {
-                    let msgs = chunk.iter().map(|i| message(*i)).collect();
-                    bus.publish_batch(&topic, msgs, &PublishOptions::default())
-                        .await?;
-                }
-            }
-        },
+    let bus = match subject {
+        Subject::Busbar(bus) => run_bus(bus).await?,
         Subject::RawRedis(r) => return r.publish(&topic, n, batch.unwrap_or(1), payload).await,
         Subject::RawNats(r) => return r.publish(&topic, n, batch.unwrap_or(1), payload).await,
         Subject::RawKafka(r) => return r.publish(&topic, n, batch.unwrap_or(1), payload).await,
@@ -251,8 +230,39 @@ pub async fn publish(subject: &Subject, n: usize, batch: Option<usize>) -> Resul
             };
             return w.run(&workload, n).await;
         }
+    };
+    // A group to receive (RabbitMQ refuses messages no group would keep); each side's setup
+    // (topics, queues, groups) stays out of the timed region.
+    bus.provision(&topic, &SubscribeOptions::new("bench"))
+        .await?;
+    let started = Instant::now();
+    match batch {
+        None => {
+            for i in 0..n {
+                bus.publish(&topic, message(i), &PublishOptions::default())
+                    .await?;
+            }
+        }
+        Some(b) => {
+            for chunk in (0..n).collect::<Vec<_>>().chunks(b) {
+                let msgs = chunk.iter().map(|i| message(*i)).collect();
+                bus.publish_batch(&topic, msgs, &PublishOptions::default())
+                    .await?;
+            }
+        }
     }
     Ok(started.elapsed())
+}
+
+/// The bus a busbar run uses: on the memory backend a fresh one per run (as the omniqueue
+/// side gets a fresh in-memory queue per run: a bus that kept every earlier run's messages —
+/// millions, retained — measured page faults and allocator growth, not the bus), the shared
+/// connection otherwise.
+async fn run_bus(bus: &Arc<dyn EventBus>) -> Result<Arc<dyn EventBus>> {
+    if bus.backend() == "memory" {
+        return Ok(busbar::connect("memory://").await?);
+    }
+    Ok(bus.clone())
 }
 
 /// Publishes `n` messages from `tasks` concurrent publishers, each awaiting its own publishes
@@ -306,6 +316,7 @@ pub async fn end_to_end_batches(
     let Subject::Busbar(bus) = subject else {
         return Ok(None);
     };
+    let bus = &run_bus(bus).await?;
     let topic = fresh_topic("e2e-batches");
     let consumer = busbar_consumer(bus, &topic);
     bus.provision(&topic, &consumer.subscribe_options()).await?;
@@ -318,7 +329,8 @@ pub async fn end_to_end_batches(
             let (d, f) = (d.clone(), f.clone());
             async move {
                 if d.fetch_add(events.len(), AtomicOrdering::AcqRel) + events.len() > n {
-                    f.notify_one();
+                    // Both waiters (the runner's shutdown and the clock) must wake.
+                    f.notify_waiters();
                 }
                 events
                     .iter()
@@ -372,6 +384,7 @@ pub async fn end_to_end(subject: &Subject, n: usize) -> Result<Duration> {
     let topic = fresh_topic("e2e");
     match subject {
         Subject::Busbar(bus) => {
+            let bus = &run_bus(bus).await?;
             let consumer = busbar_consumer(bus, &topic);
             bus.provision(&topic, &consumer.subscribe_options()).await?;
             let done = Arc::new(AtomicUsize::new(0));
@@ -383,7 +396,10 @@ pub async fn end_to_end(subject: &Subject, n: usize) -> Result<Duration> {
                     async move {
                         // n measured messages after the probe
                         if d.fetch_add(1, AtomicOrdering::AcqRel) >= n {
-                            f.notify_one();
+                            // Both waiters (the runner's shutdown and the clock) must wake:
+                            // notify_one woke one of them, and the clock then stopped only at
+                            // its next 50 ms poll.
+                            f.notify_waiters();
                         }
                         Ok::<(), std::convert::Infallible>(())
                     }
