@@ -30,7 +30,7 @@ use crate::capabilities::{Capabilities, Ordering};
 use crate::error::{Error, ErrorKind, Result};
 use crate::front::Bus;
 use crate::message::Message;
-use crate::options::{PublishOptions, StartPosition, SubscribeOptions};
+use crate::options::{PublishOptions, SubscribeOptions};
 use crate::raw::{known, Backend, Identity};
 
 use state::{Handout, State};
@@ -287,18 +287,18 @@ impl Backend for Memory {
         topic: &str,
         options: SubscribeOptions,
     ) -> Result<Box<dyn Subscriber>> {
-        let (member, notify) = {
+        let (member, notify, group) = {
             let mut state = self.shared.lock();
             let member = state.next_id();
             let t = state.topic_mut(topic);
-            let g = t.group_mut(&options.group, options.start);
-            g.join(member, options.max_in_flight);
-            (member, t.notify.clone())
+            let group = t.group(&options.group, options.start);
+            state::lock(&group).join(member, options.max_in_flight);
+            (member, t.notify.clone(), group)
         };
         Ok(Box::new(MemorySubscriber {
             bus: self.clone(),
             topic: topic.into(),
-            group: options.group.as_str().into(),
+            group,
             options,
             member,
             notify,
@@ -308,9 +308,7 @@ impl Backend for Memory {
 
     async fn provision(&self, topic: &str, options: &SubscribeOptions) -> Result<()> {
         let mut state = self.shared.lock();
-        state
-            .topic_mut(topic)
-            .group_mut(&options.group, options.start);
+        state.topic_mut(topic).group(&options.group, options.start);
         Ok(())
     }
 
@@ -337,8 +335,8 @@ impl Backend for Memory {
 struct MemorySubscriber {
     bus: Memory,
     topic: Arc<str>,
-    /// `options.group`, shared by the deliveries' ackers.
-    group: Arc<str>,
+    /// The group's state, shared with the deliveries' ackers.
+    group: state::SharedGroup,
     options: SubscribeOptions,
     member: u64,
     notify: Arc<tokio::sync::Notify>,
@@ -369,7 +367,8 @@ impl Subscriber for MemorySubscriber {
                 let retention = self.bus.shared.config.retention;
                 let t = state.topic_mut(&self.topic);
                 t.promote_due(now, retention);
-                t.dispatch(&self.options, self.member, now, max, &mut handed)
+                let ack_timeout = self.options.ack_timeout;
+                t.dispatch(&self.group, self.member, now, ack_timeout, max, &mut handed)
             };
             if !handed.is_empty() {
                 return Ok(handed.drain(..).map(|h| self.delivery(h)).collect());
@@ -412,8 +411,8 @@ impl MemorySubscriber {
         let event = crate::bus::Event::from_shared(self.topic.clone(), h.message, h.attempt);
         let acker = MemoryAck {
             bus: self.bus.clone(),
-            topic: self.topic.clone(),
             group: self.group.clone(),
+            notify: self.notify.clone(),
             offset: h.offset,
             tag: h.tag,
             subscriber_closed: self.closed.clone(),
@@ -422,21 +421,16 @@ impl MemorySubscriber {
     }
 
     fn leave(&self, release: bool) {
-        let notify = {
-            let mut state = self.bus.shared.lock();
-            let t = state.topic_mut(&self.topic);
-            t.group_mut(&self.options.group, self.options.start)
-                .leave(self.member, release);
-            t.notify.clone()
-        };
-        notify.notify_waiters();
+        state::lock(&self.group).leave(self.member, release);
+        self.notify.notify_waiters();
     }
 }
 
 struct MemoryAck {
     bus: Memory,
-    topic: Arc<str>,
-    group: Arc<str>,
+    group: state::SharedGroup,
+    /// The topic's wake-up for waiting subscribers.
+    notify: Arc<tokio::sync::Notify>,
     offset: u64,
     tag: u64,
     subscriber_closed: Arc<AtomicBool>,
@@ -451,16 +445,13 @@ impl MemoryAck {
         Ok(())
     }
 
+    /// Runs `f` on the group under its own lock; wakes the topic's waiting subscribers when
+    /// `f` says so.
     fn with_group<T>(&self, f: impl FnOnce(&mut state::Group, &mut bool) -> T) -> T {
-        let (out, notify) = {
-            let mut state = self.bus.shared.lock();
-            let t = state.topic_mut(&self.topic);
-            let mut wake = false;
-            let out = f(t.group_mut(&self.group, StartPosition::Latest), &mut wake);
-            (out, wake.then(|| t.notify.clone()))
-        };
-        if let Some(n) = notify {
-            n.notify_waiters();
+        let mut wake = false;
+        let out = f(&mut state::lock(&self.group), &mut wake);
+        if wake {
+            self.notify.notify_waiters();
         }
         out
     }

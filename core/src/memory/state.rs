@@ -1,14 +1,14 @@
 //! The data structures of the memory backend, without any locking or async.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::message::Message;
-use crate::options::{StartPosition, SubscribeOptions};
+use crate::options::StartPosition;
 
 /// The state's hash maps: keys, topic and group names hashed with foldhash (SipHash was a
 /// tenth of the memory bus's time under load).
@@ -43,6 +43,7 @@ impl State {
             return 0;
         };
         t.groups.get(group).map_or(0, |g| {
+            let g = lock(g);
             t.end().saturating_sub(g.cursor.max(t.base)) + g.waiting.len() as u64
         })
     }
@@ -77,8 +78,19 @@ pub(super) struct Topic {
     /// Messages published with a delay, by due time and publish sequence.
     scheduled: BTreeMap<(Instant, u64), Message>,
     scheduled_seq: u64,
-    groups: HashMap<String, Group>,
+    /// Each group behind a lock of its own: acks take only their group's lock (no topic or
+    /// group lookup, no wait for publishers); whoever needs the topic too takes the state's
+    /// lock first, then the group's.
+    groups: HashMap<String, SharedGroup>,
     pub(super) notify: Arc<Notify>,
+}
+
+/// A consumer group, shared by the topic and the acks of its deliveries.
+pub(super) type SharedGroup = Arc<Mutex<Group>>;
+
+/// Locks a group (a poisoned lock is taken over: the state stays consistent between calls).
+pub(super) fn lock(g: &SharedGroup) -> MutexGuard<'_, Group> {
+    g.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl Topic {
@@ -93,7 +105,8 @@ impl Topic {
             self.base += 1;
         }
         let base = self.base;
-        for (name, g) in &mut self.groups {
+        for (name, g) in &self.groups {
+            let mut g = lock(g);
             if g.cursor < base {
                 tracing::warn!(
                     group = %name,
@@ -121,35 +134,35 @@ impl Topic {
         }
     }
 
-    pub(super) fn group_mut(&mut self, name: &str, start: StartPosition) -> &mut Group {
-        if !self.groups.contains_key(name) {
-            let cursor = match start {
-                StartPosition::Earliest => self.base,
-                StartPosition::Latest => self.end(),
-            };
-            self.groups.insert(name.to_owned(), Group::new(cursor));
+    /// Group `name` of the topic, created at `start` if new.
+    pub(super) fn group(&mut self, name: &str, start: StartPosition) -> SharedGroup {
+        if let Some(g) = self.groups.get(name) {
+            return g.clone();
         }
-        self.groups.get_mut(name).expect("group inserted above")
+        let cursor = match start {
+            StartPosition::Earliest => self.base,
+            StartPosition::Latest => self.end(),
+        };
+        let g = Arc::new(Mutex::new(Group::new(cursor)));
+        self.groups.insert(name.to_owned(), g.clone());
+        g
     }
 
-    /// Hands up to `max` deliverable messages of group `options.group` to `member` (into
-    /// `out`, in the order single hand-outs would take), and says how long to wait at most
-    /// before trying again when there was nothing to hand out.
+    /// Hands up to `max` deliverable messages of `group` (options.group of this topic) to
+    /// `member` (into `out`, in the order single hand-outs would take), and says how long to
+    /// wait at most before trying again when there was nothing to hand out.
     pub(super) fn dispatch(
-        &mut self,
-        options: &SubscribeOptions,
+        &self,
+        group: &SharedGroup,
         member: u64,
         now: Instant,
+        ack_timeout: Duration,
         max: usize,
         out: &mut Vec<Handout>,
     ) -> Option<Instant> {
-        let (name, ack_timeout) = (options.group.as_str(), options.ack_timeout);
-        self.group_mut(name, options.start);
         let next_scheduled = self.scheduled.keys().next().map(|k| k.0);
         let (base, log) = (self.base, &self.log);
-        let Some(g) = self.groups.get_mut(name) else {
-            return next_scheduled;
-        };
+        let mut g = lock(group);
         let mut wake = None;
         while out.len() < max {
             match g.dispatch(member, now, ack_timeout, base, log) {

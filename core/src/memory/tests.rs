@@ -1,5 +1,6 @@
 use super::*;
 use crate::bus::{EventBus, NackAction};
+use crate::options::StartPosition;
 use std::time::Duration;
 
 fn opts(group: &str) -> SubscribeOptions {
