@@ -100,9 +100,8 @@ func main() {
 		fail(err)
 	}
 	fmt.Printf("elapsed_ns=%d\n", elapsed.Nanoseconds())
-	// The process ends here without closing the pub/sub: watermill-nats 2.1.3's JetStream
-	// subscriber panics ("send on closed channel") when closed with deliveries in flight, and
-	// nothing after the measurement needs a clean close (a fresh topic per run).
+	// The process ends here without closing the pub/sub (see publish): nothing after the
+	// measurement needs a clean close, every run has a fresh topic.
 	os.Exit(0)
 }
 
@@ -135,9 +134,10 @@ func count(workload, prefix string) (int, error) {
 func publish(s *side, topic string, n, batch, tasks int) (time.Duration, error) {
 	// A group to receive, created before the clock starts (RabbitMQ keeps nothing for a
 	// topic without a queue; the other brokers create the topic).
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	if _, err := s.subscribe(ctx, topic); err != nil {
+	// The subscription's context is never cancelled: watermill-nats 2.1.3's JetStream
+	// subscriber panics ("send on closed channel") when it is cancelled with deliveries in
+	// flight; the process ends after the measurement instead.
+	if _, err := s.subscribe(context.Background(), topic); err != nil {
 		return 0, err
 	}
 	started := time.Now()
@@ -169,9 +169,7 @@ func publish(s *side, topic string, n, batch, tasks int) (time.Duration, error) 
 // endToEnd publishes n messages in batches of 100 and consumes + acks all of them; timed
 // from the first publish to the last message handled (after an unmeasured probe).
 func endToEnd(s *side, topic string, n int) (time.Duration, error) {
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	messages, err := s.subscribe(ctx, topic)
+	messages, err := s.subscribe(context.Background(), topic)
 	if err != nil {
 		return 0, err
 	}
@@ -220,6 +218,10 @@ func open(backend, rawURL, topic string) (*side, error) {
 		return nil, fmt.Errorf("URL: %w", err)
 	}
 	logger := watermill.NopLogger{}
+	// A group of its own per run: the process ends without leaving it (see main), and a
+	// dead member in a shared group would hold up the next member's join (a Kafka rebalance
+	// waits for every member it knows; a busbar side once waited past its 120 s probe limit).
+	group := "wm-" + topic
 	switch backend {
 	case "redis":
 		client := redis.NewClient(&redis.Options{Addr: u.Host})
@@ -229,7 +231,7 @@ func open(backend, rawURL, topic string) (*side, error) {
 		}
 		sub, err := redisstream.NewSubscriber(redisstream.SubscriberConfig{
 			Client:        client,
-			ConsumerGroup: "bench",
+			ConsumerGroup: group,
 			// Only what is published after the group exists, as every side does.
 			OldestId: "$",
 		}, logger)
@@ -246,7 +248,7 @@ func open(backend, rawURL, topic string) (*side, error) {
 		sub, err := wjs.NewSubscriber(wjs.SubscriberConfig{
 			URL:                 natsURL,
 			Logger:              logger,
-			ResourceInitializer: wjs.GroupedConsumer("bench"),
+			ResourceInitializer: wjs.GroupedConsumer(group),
 		})
 		if err != nil {
 			return nil, err
@@ -268,7 +270,7 @@ func open(backend, rawURL, topic string) (*side, error) {
 		sub, err := wkafka.NewSubscriber(wkafka.SubscriberConfig{
 			Brokers:               brokers,
 			Unmarshaler:           marshaler,
-			ConsumerGroup:         "bench",
+			ConsumerGroup:         group,
 			OverwriteSaramaConfig: config,
 			InitializeTopicDetails: &sarama.TopicDetail{
 				NumPartitions:     4,
@@ -282,7 +284,7 @@ func open(backend, rawURL, topic string) (*side, error) {
 	case "amqp":
 		amqpURL := *u
 		amqpURL.RawQuery = ""
-		config := wamqp.NewDurablePubSubConfig(amqpURL.String(), wamqp.GenerateQueueNameTopicNameWithSuffix("bench"))
+		config := wamqp.NewDurablePubSubConfig(amqpURL.String(), wamqp.GenerateQueueNameTopicNameWithSuffix(group))
 		// Publish returns once RabbitMQ confirmed, as busbar's and the raw client's do.
 		config.Publish.ConfirmDelivery = true
 		pub, err := wamqp.NewPublisher(config, logger)
