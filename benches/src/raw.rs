@@ -363,7 +363,7 @@ impl RawKafka {
             .set("bootstrap.servers", &servers)
             .set("enable.idempotence", "true")
             .set("acks", "all")
-            .set("linger.ms", "2")
+            .set("linger.ms", "0")
             .set("enable.metrics.push", "false")
             .create()?;
         Ok(Self { servers, producer })

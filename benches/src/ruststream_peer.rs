@@ -193,7 +193,7 @@ impl RustStreamPeer {
                 let broker = ruststream_rdkafka::KafkaBroker::new([servers.as_str()])
                     .producer_config("enable.idempotence", "true")
                     .producer_config("acks", "all")
-                    .producer_config("linger.ms", "2")
+                    .producer_config("linger.ms", "0")
                     .config("enable.metrics.push", "false");
                 let publish = ruststream_rdkafka::KafkaPublish::default();
                 let (running, p) = start_app!(broker, publish, on_kafka, consume);

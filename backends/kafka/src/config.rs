@@ -27,7 +27,11 @@ use crate::BACKEND;
 /// instead of the system's), `tls_cert` and `tls_key` (a client certificate and its key,
 /// for brokers that require one), as on every busbar URL.
 /// Any option containing a dot (`security.protocol`, `sasl.mechanism`, `ssl.ca.location`,
-/// `client.id`, ...) is passed to librdkafka unchanged, for producers and consumers alike.
+/// `client.id`, `linger.ms`, ...) is passed to librdkafka unchanged, for producers and
+/// consumers alike; it wins over busbar's tuning defaults (the producer's `linger.ms` 0 and
+/// `message.timeout.ms` 30,000), never over the settings busbar's guarantees rest on (the
+/// producer's `enable.idempotence` and `acks=all`; the consumer's group, manual commits and
+/// start position).
 #[derive(Clone, PartialEq, Eq)]
 pub struct KafkaConfig {
     /// `bootstrap.servers`: comma-separated `host:port` list.
@@ -144,6 +148,18 @@ impl KafkaConfig {
 
     /// Applies the URL's query options (typed, in range; librdkafka settings pass through).
     fn apply(&mut self, query: Option<&str>) -> Result<()> {
+        /// librdkafka settings busbar's guarantees rest on: the idempotent, acks=all producer
+        /// and the consumer that joins the subscription's group, commits only what was acked
+        /// and starts where the subscription says.
+        const BUSBARS_OWN: [&str; 7] = [
+            "enable.idempotence",
+            "request.required.acks",
+            "group.id",
+            "enable.auto.commit",
+            "enable.auto.offset.store",
+            "auto.offset.reset",
+            "enable.partition.eof",
+        ];
         const KNOWN: [&str; 9] = [
             "partitions",
             "replication",
@@ -180,6 +196,16 @@ impl KafkaConfig {
                         ])?
                         .to_owned()
                 }
+                key if BUSBARS_OWN.contains(&key) => {
+                    return Err(Error::new(
+                        ErrorKind::Config,
+                        format!(
+                            "the librdkafka setting {key} is set by busbar (its delivery, \
+                             ordering and commit guarantees rest on it); remove it from the URL"
+                        ),
+                    )
+                    .with_backend(BACKEND))
+                }
                 key if key.contains('.') => {
                     let (k, v) = o.into_pair();
                     self.client.insert(k, v);
@@ -190,9 +216,33 @@ impl KafkaConfig {
         Ok(())
     }
 
+    /// The producer's settings: the idempotent producer (acks from all in-sync replicas) with
+    /// the configured partitioner (the Java client's by default), no linger and a 30 s
+    /// delivery timeout unless the URL sets `linger.ms` / `message.timeout.ms`. No linger:
+    /// every busbar publish awaits its delivery report, so a linger only delays it — records
+    /// that queue up while a request is out still go together in the next one (on this
+    /// machine `linger.ms` 2 → 0: awaited single publishes 390 → 3,600 msgs/s, batches of 100
+    /// 24 k → 58 k, 16 concurrent publishers 5 k → 12–19 k, `e2e` 17–21 k → 27–35 k).
+    pub(crate) fn producer_config(&self) -> rdkafka::ClientConfig {
+        let mut c = self.base_with(&[("linger.ms", "0"), ("message.timeout.ms", "30000")]);
+        c.set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("partitioner", &self.partitioner);
+        c
+    }
+
     /// The librdkafka settings shared by producer, consumer and admin client.
     pub(crate) fn base(&self) -> rdkafka::ClientConfig {
+        self.base_with(&[])
+    }
+
+    /// [`KafkaConfig::base`] with tuning `defaults` that a librdkafka setting of the URL
+    /// overrides.
+    pub(crate) fn base_with(&self, defaults: &[(&str, &str)]) -> rdkafka::ClientConfig {
         let mut c = rdkafka::ClientConfig::new();
+        for (k, v) in defaults {
+            c.set(*k, *v);
+        }
         c.set("bootstrap.servers", &self.bootstrap_servers)
             .set(
                 "message.max.bytes",
@@ -295,6 +345,32 @@ mod tests {
         assert_eq!(librdkafka.partitioner, "consistent_random");
         let tls = KafkaConfig::from_url("kafkas://h:9093").expect("tls");
         assert_eq!(tls.client["security.protocol"], "ssl");
+    }
+
+    #[test]
+    fn the_urls_librdkafka_settings_win_over_tuning_defaults_only() {
+        let c = KafkaConfig::from_url("kafka://h?linger.ms=5&message.timeout.ms=5000").expect("ok");
+        let p = c.producer_config();
+        assert_eq!(p.get("linger.ms"), Some("5"));
+        assert_eq!(p.get("message.timeout.ms"), Some("5000"));
+        assert_eq!(p.get("enable.idempotence"), Some("true"));
+        assert_eq!(p.get("acks"), Some("all"));
+        for own in [
+            "enable.idempotence=false",
+            "request.required.acks=1",
+            "group.id=other",
+            "enable.auto.commit=true",
+            "auto.offset.reset=earliest",
+        ] {
+            let e = KafkaConfig::from_url(&format!("kafka://h?{own}")).expect_err(own);
+            assert_eq!(e.kind(), ErrorKind::Config, "{own}");
+            assert!(e.to_string().contains("set by busbar"), "{own}: {e}");
+        }
+        let defaults = KafkaConfig::from_url("kafka://h")
+            .expect("ok")
+            .producer_config();
+        assert_eq!(defaults.get("linger.ms"), Some("0"));
+        assert_eq!(defaults.get("message.timeout.ms"), Some("30000"));
     }
 
     #[test]

@@ -462,12 +462,7 @@ fn watermarks(client: &BaseConsumer, topic: &str, partition: i32) -> Result<(i64
 /// Java client's by default).
 fn new_producer(config: &KafkaConfig) -> Result<FutureProducer> {
     config
-        .base()
-        .set("enable.idempotence", "true")
-        .set("acks", "all")
-        .set("partitioner", &config.partitioner)
-        .set("linger.ms", "2")
-        .set("message.timeout.ms", "30000")
+        .producer_config()
         .create()
         .map_err(|e| error::map(e, "creating the Kafka producer"))
 }
