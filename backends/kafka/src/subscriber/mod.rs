@@ -70,6 +70,9 @@ impl Shared {
     }
 }
 
+/// How long the consumer thread waits in a poll while fetching is paused.
+const PAUSED_POLL: Duration = Duration::from_millis(2);
+
 /// The consumer thread: poll, route records into the state, commit periodically, apply
 /// back-pressure, and leave the group when asked.
 fn run(consumer: BaseConsumer<MemberContext>, shared: Arc<Shared>, done: oneshot::Sender<()>) {
@@ -77,7 +80,14 @@ fn run(consumer: BaseConsumer<MemberContext>, shared: Arc<Shared>, done: oneshot
     let high_water = (shared.options.max_in_flight * 4).max(1024);
     let mut next_commit = Instant::now() + interval;
     while !shared.is_stopped() {
-        match consumer.poll(Duration::from_millis(100)) {
+        // Paused, a poll returns nothing: look at the buffer again soon, or fetching resumes
+        // up to a whole poll (100 ms) late.
+        let wait = if shared.paused.load(AtomicOrdering::Acquire) {
+            PAUSED_POLL
+        } else {
+            Duration::from_millis(100)
+        };
+        match consumer.poll(wait) {
             Some(Ok(record)) => {
                 let message = codec::decode(&record);
                 let (p, o) = (record.partition(), record.offset());
