@@ -197,14 +197,10 @@ impl KafkaConfig {
                         .to_owned()
                 }
                 key if BUSBARS_OWN.contains(&key) => {
-                    return Err(Error::new(
-                        ErrorKind::Config,
-                        format!(
-                            "the librdkafka setting {key} is set by busbar (its delivery, \
-                             ordering and commit guarantees rest on it); remove it from the URL"
-                        ),
-                    )
-                    .with_backend(BACKEND))
+                    return Err(config_error(format!(
+                        "the librdkafka setting {key} is set by busbar (its delivery, \
+                         ordering and commit guarantees rest on it); remove it from the URL"
+                    )))
                 }
                 key if key.contains('.') => {
                     let (k, v) = o.into_pair();
